@@ -1,0 +1,8 @@
+"""lightning-compress: model compression for PyTorch Lightning, measured."""
+
+from lightning_compress.analysis import Report, profile_model
+from lightning_compress.callbacks import CompressionReport
+from lightning_compress.models import ClassificationModule
+
+__all__ = ["ClassificationModule", "CompressionReport", "Report", "profile_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,35 @@
+"""Measurement in plain PyTorch: size, sparsity, MACs, latency, accuracy, and the report built from them."""
+
+from lightning_compress.analysis.latency import LatencyResult, measure_latency
+from lightning_compress.analysis.measure import (
+    WEIGHT_LAYER_TYPES,
+    SparsityStats,
+    count_macs,
+    count_nonzero_parameters,
+    count_parameters,
+    global_sparsity,
+    layer_sparsity,
+    size_on_disk,
+    weight_layers,
+)
+from lightning_compress.analysis.profile import ModelProfile, evaluate_accuracy, profile_model
+from lightning_compress.analysis.report import Report, ReportEntry
+
+__all__ = [
+    "WEIGHT_LAYER_TYPES",
+    "LatencyResult",
+    "ModelProfile",
+    "Report",
+    "ReportEntry",
+    "SparsityStats",
+    "count_macs",
+    "count_nonzero_parameters",
+    "count_parameters",
+    "evaluate_accuracy",
+    "global_sparsity",
+    "layer_sparsity",
+    "measure_latency",
+    "profile_model",
+    "size_on_disk",
+    "weight_layers",
+]

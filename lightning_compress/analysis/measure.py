@@ -1,0 +1,102 @@
+"""Size and sparsity of a model, in plain PyTorch: parameters, non-zeros, bytes on disk, MACs.
+
+Every function here works on any ``nn.Module`` without a Trainer::
+
+    >>> import torch.nn as nn
+    >>> layer = nn.Linear(4, 2)
+    >>> count_parameters(layer)
+    10
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+#: Layers whose ``weight`` the sparsity statistics (and the compression methods) look at.
+WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+@dataclass(frozen=True)
+class SparsityStats:
+    """Zeros among a number of weights.
+
+    Example:
+        >>> SparsityStats(zeros=3, total=4).sparsity
+        0.75
+    """
+
+    zeros: int
+    total: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.total if self.total else 0.0
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters; a parameter shared by several modules counts once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero_parameters(model: nn.Module) -> int:
+    """Number of parameter elements that are not exactly zero; shared parameters count once."""
+    return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
+
+
+def weight_layers(model: nn.Module, layer_types: tuple[type[nn.Module], ...] = WEIGHT_LAYER_TYPES) -> Iterator[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs of ``layer_types`` with a weight, each weight tensor once.
+
+    A weight shared by two layers (tied embeddings, a reused block) is yielded under the first name only.
+    """
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, layer_types) and isinstance(weight, torch.Tensor) and id(weight) not in seen:
+            seen.add(id(weight))
+            yield name, module
+
+
+def layer_sparsity(model: nn.Module, layer_types: tuple[type[nn.Module], ...] = WEIGHT_LAYER_TYPES) -> dict[str, SparsityStats]:
+    """Zeros in the weight of each layer of ``layer_types`` (Conv and Linear by default), by module name."""
+    return {
+        name: SparsityStats(zeros=int((module.weight == 0).sum()), total=module.weight.numel())
+        for name, module in weight_layers(model, layer_types)
+    }
+
+
+def global_sparsity(model: nn.Module, layer_types: tuple[type[nn.Module], ...] = WEIGHT_LAYER_TYPES) -> SparsityStats:
+    """Zeros over all weights of ``layer_types`` together, each weight tensor counted once."""
+    per_layer = layer_sparsity(model, layer_types).values()
+    return SparsityStats(zeros=sum(s.zeros for s in per_layer), total=sum(s.total for s in per_layer))
+
+
+def size_on_disk(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())`` written to a file: what a checkpoint of the weights costs."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "state_dict.pt")
+        torch.save(model.state_dict(), path)
+        return os.path.getsize(path)
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``example_input`` (the whole batch it holds).
+
+    Counted by torch's own ``FlopCounterMode`` (matrix products and convolutions, one MAC = two FLOPs);
+    the model runs once in eval mode and is put back in the mode it had.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(example_input)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2

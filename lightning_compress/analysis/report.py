@@ -1,0 +1,156 @@
+"""The compression report: one row per measured stage of a model, written as JSON, Markdown and a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from lightning_compress.analysis.profile import ModelProfile
+
+
+@dataclass
+class ReportEntry:
+    """A named stage of a model (``"before"``, ``"after"``, ``"pruned"``...) with its accuracy and profile."""
+
+    name: str
+    profile: ModelProfile
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy, **self.profile.to_dict()}
+
+
+@dataclass
+class Report:
+    """Stages of one model measured side by side; the first entry is the reference for ratios.
+
+    Example:
+        >>> import torch
+        >>> from lightning_compress.analysis import profile_model
+        >>> report = Report(metadata={"model": "linear"})
+        >>> report.add("before", profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=()))
+        >>> [row["parameters"] for row in report.rows()]
+        ['10']
+    """
+
+    entries: list[ReportEntry] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, profile: ModelProfile, val_accuracy: float | None = None) -> None:
+        """Add a stage, replacing an earlier one of the same name."""
+        self.entries = [entry for entry in self.entries if entry.name != name]
+        self.entries.append(ReportEntry(name=name, profile=profile, val_accuracy=val_accuracy))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """Rebuild a report from :meth:`to_dict` output, as stored in a checkpoint or ``report.json``."""
+        entries = [
+            ReportEntry(
+                name=stage["name"],
+                profile=ModelProfile.from_dict(stage),
+                val_accuracy=stage["val_accuracy"],
+                test_accuracy=stage["test_accuracy"],
+            )
+            for stage in data["stages"]
+        ]
+        return cls(entries=entries, metadata=dict(data["metadata"]))
+
+    def entry(self, name: str) -> ReportEntry:
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"the report has no stage {name!r}; it has {[entry.name for entry in self.entries]}")
+
+    def latency_batch_sizes(self) -> list[int]:
+        return sorted({batch for entry in self.entries for batch in entry.profile.latency})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metadata": self.metadata, "stages": [entry.to_dict() for entry in self.entries]}
+
+    def rows(self) -> list[dict[str, str]]:
+        """Each stage as formatted cells; after the first stage, each size column carries its ratio to the first."""
+        reference = self.entries[0].profile if self.entries else None
+        rows = []
+        for entry in self.entries:
+            profile = entry.profile
+            row = {
+                "stage": entry.name,
+                "val acc": _percent(entry.val_accuracy),
+                "test acc": _percent(entry.test_accuracy),
+                "parameters": _with_ratio(profile.parameters, reference.parameters, entry, self, "{:,}"),
+                "non-zeros": _with_ratio(profile.nonzero_parameters, reference.nonzero_parameters, entry, self, "{:,}"),
+                "weight sparsity": f"{100 * profile.weight_sparsity.sparsity:.1f}%",
+                "size (KiB)": _with_ratio(profile.size_bytes / 1024, reference.size_bytes / 1024, entry, self, "{:,.1f}"),
+                "MACs": _with_ratio(profile.macs, reference.macs, entry, self, "{:,}"),
+            }
+            for batch in self.latency_batch_sizes():
+                here, there = profile.latency.get(batch), reference.latency.get(batch)
+                row[f"latency b{batch} (ms)"] = (
+                    "–" if here is None else _with_ratio(here.median_ms, there.median_ms if there else None, entry, self, "{:.3f}")
+                )
+            rows.append(row)
+        return rows
+
+    def to_markdown(self) -> str:
+        rows = self.rows()
+        if not rows:
+            return "_no stage measured_\n"
+        header = list(rows[0])
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row[column] for column in header) + " |" for row in rows]
+        notes = ", ".join(f"{key}: {value}" for key, value in self.metadata.items())
+        return "\n".join(lines) + ("\n\n" + notes if notes else "") + "\n"
+
+    def to_rich_table(self) -> Table:
+        """The same cells as :meth:`rows`, one column per stage so the table fits a terminal."""
+        table = Table(title="Compression report")
+        rows = self.rows()
+        table.add_column("metric", justify="left", no_wrap=True)
+        for row in rows:
+            table.add_column(row["stage"], justify="right", no_wrap=True)
+        for metric in list(rows[0])[1:] if rows else []:
+            table.add_row(metric, *(row[metric] for row in rows))
+        return table
+
+    def write(self, directory: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write ``report.json``, ``report.md`` and ``report.png`` into ``directory``, each atomically."""
+        from lightning_compress.analysis.plots import plot_report
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = {"json": directory / "report.json", "markdown": directory / "report.md", "plot": directory / "report.png"}
+        _write_atomically(paths["json"], lambda path: path.write_text(json.dumps(self.to_dict(), indent=2) + "\n"))
+        _write_atomically(paths["markdown"], lambda path: path.write_text(self.to_markdown()))
+        _write_atomically(paths["plot"], lambda path: plot_report(self, path))
+        return paths
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
+
+
+def _with_ratio(value: float, reference: float | None, entry: ReportEntry, report: Report, fmt: str) -> str:
+    text = fmt.format(value)
+    if entry is report.entries[0] or not reference:
+        return text
+    return f"{text} ({value / reference:.2f}x)"
+
+
+def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write`` on a temporary file beside ``path`` and move it into place, so readers never see half a file."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,88 @@
+"""A LightningDataModule over image tensors held in memory: split, normalization and loaders in one place."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+
+class InMemoryImageDataModule(L.LightningDataModule, ABC):
+    """Subclasses load ``(train_x, train_y, test_x, test_y)``; this class does the rest.
+
+    Images are float tensors ``(N, C, H, W)``, labels int64. A seeded fraction of the training images
+    becomes the validation set, and every split is normalized per channel with the training split's
+    mean and standard deviation. Training batches are shuffled from ``split_seed`` and the epoch
+    number alone (Lightning calls the sampler's ``set_epoch``), not from the global random state, so a
+    run resumed from a checkpoint sees the same batches as one that never stopped.
+
+    Example:
+        >>> from lightning_compress.data import DigitsDataModule
+        >>> datamodule = DigitsDataModule(batch_size=32)
+        >>> datamodule.setup("fit")
+        >>> next(iter(datamodule.train_dataloader()))[0].shape
+        torch.Size([32, 1, 8, 8])
+    """
+
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.1, num_workers: int = 0, split_seed: int = 0) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.num_workers = num_workers
+        self.split_seed = split_seed
+        self._splits: dict[str, TensorDataset] = {}
+
+    @abstractmethod
+    def load_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return ``(train_images, train_labels, test_images, test_labels)``; images as ``(N, C, H, W)`` floats."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits:
+            return
+        train_x, train_y, test_x, test_y = self.load_tensors()
+        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = max(1, round(self.val_fraction * len(train_x)))
+        val_index, train_index = order[:n_val], order[n_val:]
+        mean = train_x[train_index].mean(dim=(0, 2, 3), keepdim=True)
+        std = train_x[train_index].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
+
+        def split(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
+            return TensorDataset((images - mean) / std, labels.long())
+
+        self._splits = {
+            "train": split(train_x[train_index], train_y[train_index]),
+            "val": split(train_x[val_index], train_y[val_index]),
+            "test": split(test_x, test_y),
+        }
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if not self._splits:
+            raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for the {split} dataloader")
+        dataset = self._splits[split]
+        # A one-replica DistributedSampler is a seeded shuffle with set_epoch; under DDP Lightning shards it.
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=self.split_seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,88 @@
+"""A LightningModule that trains any ``nn.Module`` classifier with cross-entropy and reports accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics.classification import MulticlassAccuracy
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+SchedulerFactory = Callable[[Optimizer], LRScheduler]
+
+
+class ClassificationModule(L.LightningModule):
+    """Wraps a classifier: cross-entropy loss, top-1 accuracy (torchmetrics) for train, val and test.
+
+    ``optimizer`` and ``scheduler`` are factories (``functools.partial`` or Hydra ``_partial_: true``),
+    called with the parameters and the optimizer in :meth:`configure_optimizers`. Logged metrics:
+    ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
+    The checkpoint stores the wrapped model's weights under ``model.``; load it back with
+    ``ClassificationModule.load_from_checkpoint(path, model=SmallCNN(...))``.
+
+    Example:
+        >>> from lightning_compress.models import SmallCNN
+        >>> module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10, input_shape=(1, 8, 8))
+        >>> module(module.example_input_array).shape
+        torch.Size([1, 10])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        input_shape: Sequence[int] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        # Plain ints, so the hyperparameters in a checkpoint load with torch.load(weights_only=True).
+        input_shape = None if input_shape is None else [int(size) for size in input_shape]
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"], logger=False)
+        self.model = model
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
+        self.scheduler_factory = scheduler
+        self.label_smoothing = label_smoothing
+        if input_shape is not None:
+            self.example_input_array = torch.zeros(1, *input_shape)
+        self.train_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.model(*args, **kwargs)
+
+    def _step(self, batch: Sequence[torch.Tensor], stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+        inputs, targets = batch[0], batch[1]
+        logits = self(inputs)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        accuracy(logits, targets)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train", self.train_accuracy)
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val", self.val_accuracy)
+
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test", self.test_accuracy)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}

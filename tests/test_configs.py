@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import importlib.util
+from importlib.resources import files
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
+
+from lightning_compress import ClassificationModule
+from lightning_compress.data import InMemoryImageDataModule
+
+CONFIG_DIR = Path(str(files("lightning_compress.configs")))
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml") if path.stem != "default" or group == "callbacks")
+
+
+def test_every_group_has_its_options() -> None:
+    assert options("data") == ["cifar10", "digits", "fashion_mnist"]
+    assert {"small_cnn", "mlp", "resnet18", "resnet50"} <= set(options("model"))
+    assert options("trainer") == ["cpu", "ddp", "gpu"]
+    assert options("logger") == ["csv", "none", "tensorboard"]
+    assert (CONFIG_DIR / "compression").is_dir() and (CONFIG_DIR / "hydra" / "default.yaml").is_file()
+
+
+@pytest.mark.parametrize("data", options("data"))
+@pytest.mark.parametrize("model", options("model"))
+def test_every_data_and_model_pair_composes_and_builds(compose_config, tmp_path, data: str, model: str) -> None:
+    cfg = compose_config(f"data={data}", f"model={model}", f"output_dir={tmp_path}")
+    datamodule = instantiate(cfg.data)
+    module = instantiate(cfg.model)
+    assert isinstance(datamodule, InMemoryImageDataModule)
+    assert isinstance(module, ClassificationModule)
+    assert list(cfg.dataset.input_shape) == list(datamodule.input_shape)
+    assert module.eval()(module.example_input_array).shape == (1, datamodule.num_classes)
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_every_trainer_config_composes(compose_config, tmp_path, trainer: str) -> None:
+    cfg = compose_config(f"trainer={trainer}", f"output_dir={tmp_path}")
+    expected = {"cpu": ("cpu", None), "gpu": ("gpu", None), "ddp": ("auto", "ddp")}[trainer]
+    assert (cfg.trainer.accelerator, cfg.trainer.get("strategy")) == expected
+    if trainer == "cpu":
+        assert isinstance(instantiate(cfg.trainer, logger=False), L.Trainer)
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_every_logger_config_builds(compose_config, tmp_path, logger: str) -> None:
+    cfg = compose_config(f"logger={logger}", f"output_dir={tmp_path}")
+    if logger == "tensorboard" and not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
+        assert cfg.logger.tensorboard.save_dir == str(tmp_path)
+        return
+    built = [instantiate(entry) for entry in (cfg.logger or {}).values()]
+    assert len(built) == (0 if logger == "none" else 1)
+
+
+@pytest.mark.parametrize("callbacks", options("callbacks"))
+def test_every_callbacks_config_builds(compose_config, tmp_path, callbacks: str) -> None:
+    cfg = compose_config(f"callbacks={callbacks}", f"output_dir={tmp_path}")
+    built = [instantiate(entry) for entry in (cfg.callbacks or {}).values()]
+    assert [type(c).__name__ for c in built] == ([] if callbacks == "none" else ["CompressionReport", "ModelCheckpoint"])
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_builds(compose_config, tmp_path, experiment: str) -> None:
+    cfg = compose_config(f"experiment={experiment}", f"output_dir={tmp_path}")
+    module = instantiate(cfg.model)
+    assert module.eval()(module.example_input_array).shape == (1, cfg.dataset.num_classes)
+
+
+def test_command_line_overrides_reach_the_objects(compose_config, tmp_path) -> None:
+    cfg = compose_config("data.batch_size=7", "model.optimizer.lr=0.5", "trainer.max_epochs=3", f"output_dir={tmp_path}")
+    assert instantiate(cfg.data).batch_size == 7
+    assert instantiate(cfg.model).configure_optimizers().param_groups[0]["lr"] == 0.5
+    assert instantiate(cfg.trainer, logger=False).max_epochs == 3
+
+
+def test_a_typo_in_a_key_or_a_group_is_hydras_error(compose_config) -> None:
+    with pytest.raises(ConfigCompositionException, match="Could not override 'trainer.max_epoch'"):
+        compose_config("trainer.max_epoch=3")
+    with pytest.raises(MissingConfigException, match="Could not find 'data/digitz'"):
+        compose_config("data=digitz")

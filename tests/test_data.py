@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_compress.data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule
+from lightning_compress.data.fashion_mnist import DEBIAN_IDX_DIR
+
+
+def test_digits_splits_are_disjoint_deterministic_and_normalized() -> None:
+    datamodule = DigitsDataModule(batch_size=50)
+    datamodule.setup()
+    sizes = {split: len(dataset) for split, dataset in datamodule._splits.items()}
+    assert sizes == {"train": 1294, "val": 144, "test": 359}  # 1797 images: 20% test, 10% of the rest val
+    train_images = datamodule._splits["train"].tensors[0]
+    assert train_images.shape[1:] == (1, 8, 8)
+    assert train_images.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert train_images.std().item() == pytest.approx(1.0, abs=1e-3)
+
+    again = DigitsDataModule(batch_size=50)
+    again.setup()
+    for split in ("train", "val", "test"):
+        assert torch.equal(datamodule._splits[split].tensors[0], again._splits[split].tensors[0])
+
+
+def test_training_order_depends_only_on_the_seed_and_epoch() -> None:
+    def first_labels(epoch: int) -> torch.Tensor:
+        datamodule = DigitsDataModule(batch_size=32)
+        datamodule.setup()
+        loader = datamodule.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(epoch + 123)  # the global random state must not matter
+        return next(iter(loader))[1]
+
+    assert torch.equal(first_labels(0), first_labels(0))
+    assert not torch.equal(first_labels(0), first_labels(1))
+
+
+def test_bad_split_fractions_fail_early() -> None:
+    with pytest.raises(ValueError, match="val_fraction must be in \\(0, 1\\), got 1.5"):
+        DigitsDataModule(val_fraction=1.5)
+    with pytest.raises(ValueError, match="test_fraction"):
+        DigitsDataModule(test_fraction=0.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        DigitsDataModule(batch_size=0)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_mnist_reads_idx_files(tmp_path: Path, fake_fashion_idx, compress: bool) -> None:
+    idx_dir, arrays = fake_fashion_idx(compress)
+    datamodule = FashionMNISTDataModule(root=str(tmp_path / "root"), idx_dir=str(idx_dir), batch_size=4, val_fraction=0.25)
+    datamodule.prepare_data()
+    datamodule.setup()
+    assert {split: len(d) for split, d in datamodule._splits.items()} == {"train": 18, "val": 6, "test": 8}
+    assert torch.equal(datamodule._splits["test"].tensors[1], arrays["t10k-labels-idx1-ubyte"].long())
+    # The test images are the IDX bytes, scaled to [0, 1] and normalized with the training statistics.
+    test_images = datamodule._splits["test"].tensors[0]
+    raw = arrays["t10k-images-idx3-ubyte"].float() / 255
+    correlation = torch.corrcoef(torch.stack([test_images.flatten(), raw.flatten()]))[0, 1]
+    assert correlation.item() == pytest.approx(1.0, abs=1e-6)
+    assert (tmp_path / "root" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+
+
+def test_fashion_mnist_reads_torchvision_layout_without_idx_dir(tmp_path: Path, fake_fashion_idx) -> None:
+    idx_dir, _ = fake_fashion_idx(False)
+    FashionMNISTDataModule(root=str(tmp_path / "root"), idx_dir=str(idx_dir)).prepare_data()
+    datamodule = FashionMNISTDataModule(root=str(tmp_path / "root"), idx_dir=str(tmp_path / "nowhere"), val_fraction=0.25)
+    datamodule.setup()
+    assert len(datamodule._splits["test"]) == 8
+
+
+def test_missing_fashion_mnist_says_where_it_looked_and_how_to_get_it(tmp_path: Path) -> None:
+    datamodule = FashionMNISTDataModule(root=str(tmp_path / "root"), idx_dir=str(tmp_path / "idx"))
+    with pytest.raises(FileNotFoundError) as error:
+        datamodule.setup()
+    message = str(error.value)
+    assert str((tmp_path / "root" / "FashionMNIST" / "raw").resolve()) in message
+    assert str(tmp_path / "idx") in message
+    assert "apt-get install dataset-fashion-mnist" in message
+
+
+@pytest.mark.skipif(not Path(DEBIAN_IDX_DIR).is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_from_the_debian_package(tmp_path: Path) -> None:
+    datamodule = FashionMNISTDataModule(root=str(tmp_path))
+    datamodule.prepare_data()
+    datamodule.setup()
+    assert {split: len(d) for split, d in datamodule._splits.items()} == {"train": 55000, "val": 5000, "test": 10000}
+    assert torch.bincount(datamodule._splits["test"].tensors[1]).tolist() == [1000] * 10
+
+
+def test_missing_cifar10_fails_with_a_message_instead_of_downloading(tmp_path: Path) -> None:
+    datamodule = CIFAR10DataModule(root=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 not found in .*cifar-10-batches-py.*download=True"):
+        datamodule.prepare_data()

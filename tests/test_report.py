@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_compress import ClassificationModule, CompressionReport
+from lightning_compress.analysis import Report, count_nonzero_parameters, count_parameters, profile_model, size_on_disk
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.models import SmallCNN
+
+
+def half_zero_model() -> nn.Module:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0, 0.0, 2.0, 0.0]] * 4))
+    return model
+
+
+def test_report_rows_show_ratios_to_the_first_stage() -> None:
+    report = Report()
+    report.add("before", profile_model(nn.Sequential(nn.Flatten(), nn.Linear(4, 4, bias=False)), (4,), latency_batch_sizes=()), 0.5)
+    report.add("after", profile_model(half_zero_model(), (4,), latency_batch_sizes=()), 0.75)
+    before, after = report.rows()
+    assert before["non-zeros"] == "16" and after["non-zeros"] == "8 (0.50x)"
+    assert after["weight sparsity"] == "50.0%"
+    assert after["val acc"] == "75.00%" and after["test acc"] == "–"
+    assert "| after | 75.00% |" in report.to_markdown()
+    report.add("after", profile_model(half_zero_model(), (4,), latency_batch_sizes=()), 0.8)
+    assert [entry.name for entry in report.entries] == ["before", "after"]
+
+
+def test_report_files_are_written_and_round_trip(tmp_path) -> None:
+    report = Report(metadata={"model": "linear"})
+    report.add("before", profile_model(half_zero_model(), (4,), latency_batch_sizes=(1,), latency_repeats=2))
+    paths = report.write(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md", "report.png"]
+    assert paths["plot"].read_bytes().startswith(b"\x89PNG")
+    assert Report.from_dict(json.loads(paths["json"].read_text())) == report
+    assert paths["markdown"].read_text() == report.to_markdown()
+
+
+def fit_digits(callbacks: list[L.Callback], tmp_path, max_epochs: int = 1, ckpt_path: str | None = None, **trainer_options):
+    L.seed_everything(0)
+    module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10, input_shape=(1, 8, 8))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **{"logger": False, **trainer_options},
+    )
+    datamodule = DigitsDataModule()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer, module, datamodule
+
+
+def test_callback_measures_before_and_after_and_logs(tmp_path) -> None:
+    callback = CompressionReport(output_dir=tmp_path / "report", latency_batch_sizes=(1, 8), latency_repeats=2, verbose=False)
+    trainer, module, datamodule = fit_digits([callback], tmp_path, logger=CSVLogger(tmp_path, name="csv"))
+    val_accuracy = float(trainer.callback_metrics["val/acc"])
+    test_accuracy = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
+
+    stages = json.loads((tmp_path / "report" / "report.json").read_text())["stages"]
+    before, after = stages
+    assert (before["name"], after["name"]) == ("before", "after")
+    assert before["parameters"] == after["parameters"] == count_parameters(module)
+    assert after["nonzero_parameters"] == count_nonzero_parameters(module)
+    assert after["size_bytes"] == size_on_disk(module)
+    assert after["macs"] == 347_392
+    assert sorted(after["latency"]) == ["1", "8"]
+    assert after["val_accuracy"] == pytest.approx(val_accuracy)
+    assert after["test_accuracy"] == pytest.approx(test_accuracy)
+    assert 0.0 <= before["val_accuracy"] < 0.5 < after["val_accuracy"]  # untrained, then trained
+
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as handle:
+        logged = [row for row in csv.DictReader(handle) if row.get("report/after/parameters")]
+    assert float(logged[-1]["report/after/parameters"]) == count_parameters(module)
+
+
+def test_callback_needs_an_input_shape_before_training(tmp_path) -> None:
+    module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10)  # no input_shape
+    weights = {key: value.clone() for key, value in module.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[CompressionReport()], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="input_shape=\\(C, H, W\\).*ClassificationModule"):
+        trainer.fit(module, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+    assert all(torch.equal(weights[key], value) for key, value in module.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"latency_batch_sizes": (1, 0)}, "latency_batch_sizes must be positive integers, got \\[1, 0\\]"),
+        ({"latency_repeats": 0}, "latency_repeats must be >= 1"),
+        ({"num_threads": 0}, "num_threads must be a positive integer or None, got 0"),
+    ],
+)
+def test_callback_rejects_bad_arguments(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CompressionReport(**options)
+
+
+def test_resumed_run_keeps_the_before_stage(tmp_path) -> None:
+    options = {"latency_batch_sizes": (1,), "latency_repeats": 2, "verbose": False}
+    first = CompressionReport(output_dir=tmp_path / "first", **options)
+    fit_digits([first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], tmp_path, max_epochs=1)
+    resumed = CompressionReport(output_dir=tmp_path / "resumed", **options)
+    trainer, _, _ = fit_digits([resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], tmp_path, max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.current_epoch == 2
+    assert resumed.report.entry("before") == first.report.entry("before")
+    assert [entry.name for entry in resumed.report.entries] == ["before", "after"]
