@@ -18,11 +18,15 @@ def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
     """Two panels: each stage's size metrics relative to the first stage, and the per-layer weight sparsity.
 
     Example:
-        >>> import torch
+        >>> import tempfile, torch
+        >>> from pathlib import Path
         >>> from lightning_compress.analysis import Report, profile_model
         >>> report = Report()
         >>> report.add("before", profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=()))
-        >>> plot_report(report, "/tmp/report.png")
+        >>> path = Path(tempfile.mkdtemp()) / "report.png"
+        >>> plot_report(report, path)
+        >>> path.read_bytes()[:4]
+        b'\x89PNG'
     """
     figure, (relative_axes, sparsity_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     reference = report.entries[0].profile

@@ -29,7 +29,10 @@ class CompressionReport(L.Callback):
     Example:
         >>> import lightning as L
         >>> from lightning_compress import CompressionReport
-        >>> trainer = L.Trainer(callbacks=[CompressionReport(output_dir="outputs", latency_batch_sizes=(1, 64))])
+        >>> report = CompressionReport(output_dir="outputs/report", latency_batch_sizes=(1, 64))
+        >>> trainer = L.Trainer(accelerator="cpu", max_epochs=5, logger=False, callbacks=[report])
+        >>> trainer.fit(module, datamodule=datamodule)  # doctest: +SKIP
+        >>> report.report.entry("after").profile.macs  # doctest: +SKIP
     """
 
     def __init__(
