@@ -47,7 +47,7 @@ class EpochTimer(L.Callback):
 
 def run(model_name: str, seed: int, epochs: int, data_root: str) -> dict:
     L.seed_everything(seed)
-    datamodule = FashionMNISTDataModule(root=data_root, batch_size=128, split_seed=seed)
+    datamodule = FashionMNISTDataModule(root=data_root, batch_size=128, seed=seed)
     module = ClassificationModule(MODELS[model_name](), num_classes=10, input_shape=(1, 28, 28))
     timer = EpochTimer()
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[timer])

@@ -52,3 +52,18 @@ def test_python_dash_m_reports_a_typo_as_hydras_error(tmp_path) -> None:
     assert done.returncode == 1
     assert "Could not override 'trainer.max_epoch'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_ddp_config_trains_with_two_cpu_processes(tmp_path) -> None:
+    done = run_command(
+        "lightning-compress",
+        "trainer=ddp",
+        "trainer.fast_dev_run=true",
+        "callbacks.compression_report.latency_repeats=2",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stdout + done.stderr
+    stages = json.loads((tmp_path / "run" / "report.json").read_text())["stages"]
+    assert [stage["name"] for stage in stages] == ["before", "after"]

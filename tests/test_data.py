@@ -1,15 +1,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lightning_compress.data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule
+from lightning_compress.data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule, InMemoryImageDataModule
 from lightning_compress.data.fashion_mnist import DEBIAN_IDX_DIR
 
 
-def test_digits_splits_are_disjoint_deterministic_and_normalized() -> None:
+def test_digits_splits_are_sized_deterministic_and_normalized() -> None:
     datamodule = DigitsDataModule(batch_size=50)
     datamodule.setup()
     sizes = {split: len(dataset) for split, dataset in datamodule._splits.items()}
@@ -25,17 +26,52 @@ def test_digits_splits_are_disjoint_deterministic_and_normalized() -> None:
         assert torch.equal(datamodule._splits[split].tensors[0], again._splits[split].tensors[0])
 
 
+class NumberedImages(InMemoryImageDataModule):
+    """Image i is filled with the value i, so every split tells which images it holds."""
+
+    num_classes = 2
+    input_shape = (1, 2, 2)
+
+    def load_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = torch.arange(40, dtype=torch.float32).view(40, 1, 1, 1).expand(40, 1, 2, 2)
+        return images[:30], torch.zeros(30), images[30:], torch.ones(10)
+
+
+def test_splits_are_disjoint_and_cover_the_training_images() -> None:
+    datamodule = NumberedImages(batch_size=4, val_fraction=0.2, seed=3)
+    datamodule.setup()
+    numbers = {split: datamodule._splits[split].tensors[0][:, 0, 0, 0] for split in ("train", "val", "test")}
+    # Normalization is one affine map for all splits, so the order of the values is that of the image numbers.
+    train_val = torch.cat([numbers["train"], numbers["val"]])
+    assert len(numbers["train"]) == 24 and len(numbers["val"]) == 6 and len(numbers["test"]) == 10
+    assert len(torch.unique(train_val)) == 30  # no image in both train and val
+    assert numbers["test"].min() > train_val.max()  # the test images are the last ten, untouched by the split
+
+
 def test_training_order_depends_only_on_the_seed_and_epoch() -> None:
-    def first_labels(epoch: int) -> torch.Tensor:
+    def first_labels(epoch: int, global_seed: int) -> torch.Tensor:
         datamodule = DigitsDataModule(batch_size=32)
         datamodule.setup()
         loader = datamodule.train_dataloader()
         loader.sampler.set_epoch(epoch)
-        torch.manual_seed(epoch + 123)  # the global random state must not matter
+        torch.manual_seed(global_seed)  # the global random state must not matter
         return next(iter(loader))[1]
 
-    assert torch.equal(first_labels(0), first_labels(0))
-    assert not torch.equal(first_labels(0), first_labels(1))
+    assert torch.equal(first_labels(0, global_seed=1), first_labels(0, global_seed=2))
+    assert not torch.equal(first_labels(0, global_seed=1), first_labels(1, global_seed=1))
+
+
+def test_each_distributed_rank_gets_its_own_shard() -> None:
+    shards = []
+    for rank in (0, 1):
+        datamodule = NumberedImages(batch_size=4, val_fraction=0.2)
+        datamodule.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        datamodule.setup()
+        loader = datamodule.train_dataloader()
+        loader.sampler.set_epoch(0)
+        shards.append(torch.cat([images[:, 0, 0, 0] for images, _ in loader]))
+    assert len(shards[0]) == len(shards[1]) == 12
+    assert len(torch.unique(torch.cat(shards))) == 24  # together, every training image exactly once
 
 
 def test_bad_split_fractions_fail_early() -> None:

@@ -11,6 +11,7 @@ from lightning_compress.analysis import (
     count_macs,
     count_nonzero_parameters,
     count_parameters,
+    eval_mode,
     evaluate_accuracy,
     global_sparsity,
     layer_sparsity,
@@ -117,3 +118,28 @@ def test_evaluate_accuracy_counts_correct_predictions() -> None:
     assert evaluate_accuracy(model, [(logits[:2], targets[:2]), (logits[2:], targets[2:])]) == 0.75
     with pytest.raises(ValueError, match="no batches"):
         evaluate_accuracy(model, [])
+
+
+def test_measurements_give_each_submodule_its_own_mode_back() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
+    model[1].eval()  # a deliberately frozen part
+    count_macs(model, torch.randn(2, 4))
+    measure_latency(model, torch.randn(2, 4), warmup=0, repeats=1)
+    evaluate_accuracy(model, [(torch.randn(2, 4), torch.tensor([0, 1]))])
+    with eval_mode(model):
+        assert not any(module.training for module in model.modules())
+    assert [module.training for module in model.modules()] == [True, True, False, True]
+
+
+def test_evaluate_accuracy_casts_inputs_to_a_half_precision_model() -> None:
+    model = nn.Linear(2, 2, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+    inputs, targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), torch.tensor([0, 1, 1])
+    assert evaluate_accuracy(model, [(inputs, targets)]) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("options, message", [({"latency_batch_sizes": (0,)}, "got \\[0\\]"), ({"num_threads": 0}, "got 0")])
+def test_profile_rejects_bad_latency_options(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        profile_model(nn.Linear(2, 2), (2,), **options)

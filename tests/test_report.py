@@ -99,8 +99,8 @@ def test_callback_needs_an_input_shape_before_training(tmp_path) -> None:
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"latency_batch_sizes": (1, 0)}, "latency_batch_sizes must be positive integers, got \\[1, 0\\]"),
-        ({"latency_repeats": 0}, "latency_repeats must be >= 1"),
+        ({"latency_batch_sizes": (1, 0)}, "latency batch sizes must be positive integers, got \\[1, 0\\]"),
+        ({"latency_repeats": 0}, "latency needs warmup >= 0 and repeats >= 1"),
         ({"num_threads": 0}, "num_threads must be a positive integer or None, got 0"),
     ],
 )
@@ -118,3 +118,41 @@ def test_resumed_run_keeps_the_before_stage(tmp_path) -> None:
     assert trainer.current_epoch == 2
     assert resumed.report.entry("before") == first.report.entry("before")
     assert [entry.name for entry in resumed.report.entries] == ["before", "after"]
+
+
+def test_fit_twice_keeps_before_and_remeasures_after(tmp_path) -> None:
+    callback = CompressionReport(output_dir=tmp_path, latency_batch_sizes=(1,), latency_repeats=2, verbose=False)
+    trainer, module, datamodule = fit_digits([callback], tmp_path, max_epochs=1)
+    before, first_after = callback.report.entry("before"), callback.report.entry("after")
+    with torch.no_grad():
+        module.model.classifier[1].weight[:10] = 0.0  # change the model between the two fits
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(module, datamodule=datamodule)
+    assert callback.report.entry("before") is before
+    assert [entry.name for entry in callback.report.entries] == ["before", "after"]
+    assert callback.report.entry("after").val_accuracy is not None
+    assert callback.report.entry("after") is not first_after
+
+
+def test_test_accuracy_of_another_checkpoint_is_not_put_on_the_fitted_model(tmp_path) -> None:
+    callback = CompressionReport(output_dir=tmp_path, latency_batch_sizes=(1,), latency_repeats=2, verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer, module, datamodule = fit_digits([callback, checkpoint], tmp_path, max_epochs=1)
+    with pytest.warns(UserWarning, match="not on the fitted model"):
+        trainer.test(module, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)
+    assert callback.report.entry("after").test_accuracy is None
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    assert callback.report.entry("after").test_accuracy == pytest.approx(float(trainer.callback_metrics["test/acc"]))
+
+
+def test_a_misspelt_metric_name_warns_with_the_logged_names(tmp_path) -> None:
+    callback = CompressionReport(output_dir=tmp_path, latency_batch_sizes=(1,), latency_repeats=2, verbose=False, test_metric="test/accuracy")
+    trainer, module, datamodule = fit_digits([callback], tmp_path, max_epochs=1)
+    with pytest.warns(UserWarning, match="no metric 'test/accuracy'.*'test/acc'"):
+        trainer.test(module, datamodule=datamodule, verbose=False)
+
+
+def test_validate_and_test_alone_need_no_input_shape(tmp_path) -> None:
+    module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10)
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[CompressionReport()], enable_progress_bar=False, default_root_dir=tmp_path)
+    assert trainer.test(module, datamodule=DigitsDataModule(), verbose=False)[0]["test/acc"] >= 0.0

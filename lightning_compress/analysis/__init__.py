@@ -1,12 +1,13 @@
 """Measurement in plain PyTorch: size, sparsity, MACs, latency, accuracy, and the report built from them."""
 
-from lightning_compress.analysis.latency import LatencyResult, measure_latency
+from lightning_compress.analysis.latency import LatencyResult, check_latency_options, measure_latency
 from lightning_compress.analysis.measure import (
     WEIGHT_LAYER_TYPES,
     SparsityStats,
     count_macs,
     count_nonzero_parameters,
     count_parameters,
+    eval_mode,
     global_sparsity,
     layer_sparsity,
     size_on_disk,
@@ -22,9 +23,11 @@ __all__ = [
     "Report",
     "ReportEntry",
     "SparsityStats",
+    "check_latency_options",
     "count_macs",
     "count_nonzero_parameters",
     "count_parameters",
+    "eval_mode",
     "evaluate_accuracy",
     "global_sparsity",
     "layer_sparsity",

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from lightning_compress.analysis.measure import eval_mode
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,19 @@ class LatencyResult:
         return self.batch_size / (self.median_ms / 1000.0)
 
 
+def check_latency_options(
+    batch_sizes: Iterable[int] = (1,), warmup: int = 5, repeats: int = 30, num_threads: int | None = None
+) -> None:
+    """Raise ``ValueError`` naming the bad value when a latency setting is out of range."""
+    batch_sizes = list(batch_sizes)
+    if any(batch < 1 for batch in batch_sizes):
+        raise ValueError(f"latency batch sizes must be positive integers, got {batch_sizes}")
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"latency needs warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads must be a positive integer or None, got {num_threads}")
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -54,28 +70,25 @@ def measure_latency(
     ``num_threads`` sets torch's intra-op threads for the measurement only (the previous count is restored);
     the count used is recorded in the result, since latency on CPU depends on it.
     """
-    if warmup < 0 or repeats < 1:
-        raise ValueError(f"measure_latency needs warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    check_latency_options(example_input.shape[:1], warmup, repeats, num_threads)
     previous_threads = torch.get_num_threads()
-    was_training = model.training
     device = example_input.device
-    model.eval()
-    try:
-        if num_threads is not None:
-            torch.set_num_threads(num_threads)
-        for _ in range(warmup):
-            model(example_input)
-        _synchronize(device)
-        timings_ms = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(example_input)
+    with eval_mode(model):
+        try:
+            if num_threads is not None:
+                torch.set_num_threads(num_threads)
+            for _ in range(warmup):
+                model(example_input)
             _synchronize(device)
-            timings_ms.append((time.perf_counter() - start) * 1000.0)
-        threads_used = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous_threads)
-        model.train(was_training)
+            timings_ms = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(example_input)
+                _synchronize(device)
+                timings_ms.append((time.perf_counter() - start) * 1000.0)
+            threads_used = torch.get_num_threads()
+        finally:
+            torch.set_num_threads(previous_threads)
     return LatencyResult(
         batch_size=example_input.shape[0],
         median_ms=statistics.median(timings_ms),

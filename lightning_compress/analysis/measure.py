@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,18 @@ class SparsityStats:
     @property
     def sparsity(self) -> float:
         return self.zeros / self.total if self.total else 0.0
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode and give every submodule back the mode it had (a frozen part stays frozen)."""
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -90,13 +103,8 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass on ``example_input`` (the whole batch it holds).
 
     Counted by torch's own ``FlopCounterMode`` (matrix products and convolutions, one MAC = two FLOPs);
-    the model runs once in eval mode and is put back in the mode it had.
+    the model runs once in eval mode and every submodule is put back in the mode it had.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(example_input)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), FlopCounterMode(display=False) as counter:
+        model(example_input)
     return counter.get_total_flops() // 2

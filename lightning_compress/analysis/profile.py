@@ -9,19 +9,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.analysis.latency import LatencyResult, measure_latency
+from lightning_compress.analysis.latency import LatencyResult, check_latency_options, measure_latency
 from lightning_compress.analysis.measure import (
     SparsityStats,
     count_macs,
     count_nonzero_parameters,
     count_parameters,
+    eval_mode,
     global_sparsity,
     layer_sparsity,
     size_on_disk,
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelProfile:
     """Parameters, non-zeros, sparsity, bytes on disk, MACs and latency of one model.
 
@@ -89,6 +90,8 @@ def profile_model(
     MACs are per sample (batch of one); latency is measured at each of ``latency_batch_sizes`` on the
     device the model's parameters are on.
     """
+    latency_batch_sizes = list(latency_batch_sizes)
+    check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads)
     device, dtype = _device_and_dtype(model)
     shape = tuple(input_shape)
     generator = torch.Generator().manual_seed(0)
@@ -112,18 +115,18 @@ def profile_model(
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]]) -> float:
-    """Top-1 accuracy of ``model`` over ``(inputs, targets)`` batches, in eval mode (the mode is restored)."""
-    device, _ = _device_and_dtype(model)
-    was_training = model.training
-    model.eval()
+    """Top-1 accuracy of ``model`` over ``(inputs, targets)`` batches, in eval mode (modes are restored).
+
+    Inputs are moved to the device of the model's parameters, and floating inputs to their dtype.
+    """
+    device, dtype = _device_and_dtype(model)
     correct = total = 0
-    try:
+    with eval_mode(model):
         for inputs, targets, *_ in batches:
-            predictions = model(inputs.to(device)).argmax(dim=-1)
+            inputs = inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else inputs.dtype)
+            predictions = model(inputs).argmax(dim=-1)
             correct += int((predictions == targets.to(device)).sum())
             total += targets.numel()
-    finally:
-        model.train(was_training)
     if total == 0:
         raise ValueError("evaluate_accuracy got no batches to evaluate")
     return correct / total

@@ -17,7 +17,15 @@ from lightning_compress.analysis.profile import ModelProfile
 
 @dataclass
 class ReportEntry:
-    """A named stage of a model (``"before"``, ``"after"``, ``"pruned"``...) with its accuracy and profile."""
+    """A named stage of a model (``"before"``, ``"after"``, ``"pruned"``...) with its accuracy and profile.
+
+    Example:
+        >>> import torch
+        >>> from lightning_compress.analysis import profile_model
+        >>> entry = ReportEntry("after", profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=()), val_accuracy=0.9)
+        >>> entry.to_dict()["val_accuracy"], entry.to_dict()["parameters"]
+        (0.9, 10)
+    """
 
     name: str
     profile: ModelProfile

@@ -8,10 +8,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from rich.console import Console
 
-from lightning_compress.analysis import Report, evaluate_accuracy, profile_model
+from lightning_compress.analysis import ModelProfile, Report, check_latency_options, evaluate_accuracy, profile_model
 
 
 class CompressionReport(L.Callback):
@@ -19,20 +19,24 @@ class CompressionReport(L.Callback):
 
     Each profile holds parameters, non-zero parameters, weight sparsity (global and per layer), bytes of
     the saved state dict, MACs per sample and the median latency at each of ``latency_batch_sizes``.
-    The ``"before"`` stage gets the validation accuracy of the untouched model (when the trainer has a
-    datamodule); the ``"after"`` stage takes ``val_metric`` from the trainer's metrics and, after
-    ``trainer.test``, ``test_metric``. ``report.json``, ``report.md`` and ``report.png`` are written to
-    ``output_dir`` (the trainer's log dir by default), and the numbers are logged to every logger as
-    ``report/<stage>/<metric>``. The report lives in the callback's checkpoint state, so a resumed run
-    keeps its ``"before"`` stage.
+    Both stages, ``"before"`` and ``"after"``, get the accuracy over the datamodule's whole validation
+    set, measured the same way (without a datamodule, ``"after"`` takes ``val_metric`` from the
+    trainer's metrics). After ``trainer.test`` on the fitted weights, ``"after"`` gets ``test_metric``.
+    ``report.json``, ``report.md`` and ``report.png`` are written to ``output_dir`` (the trainer's log
+    dir by default), and the numbers are logged to every logger as ``report/<stage>/<metric>``. The
+    report is part of the callback's checkpoint state, so a resumed run keeps its ``"before"`` stage.
 
     Example:
         >>> import lightning as L
-        >>> from lightning_compress import CompressionReport
-        >>> report = CompressionReport(output_dir="outputs/report", latency_batch_sizes=(1, 64))
-        >>> trainer = L.Trainer(accelerator="cpu", max_epochs=5, logger=False, callbacks=[report])
-        >>> trainer.fit(module, datamodule=datamodule)  # doctest: +SKIP
+        >>> from lightning_compress import ClassificationModule, CompressionReport
+        >>> from lightning_compress.data import DigitsDataModule
+        >>> from lightning_compress.models import SmallCNN
+        >>> module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10, input_shape=(1, 8, 8))
+        >>> report = CompressionReport(output_dir="outputs/report", latency_batch_sizes=(1, 64), verbose=False)
+        >>> trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, callbacks=[report])
+        >>> trainer.fit(module, datamodule=DigitsDataModule())  # doctest: +SKIP
         >>> report.report.entry("after").profile.macs  # doctest: +SKIP
+        347392
     """
 
     def __init__(
@@ -48,12 +52,7 @@ class CompressionReport(L.Callback):
         evaluate_before: bool = True,
         verbose: bool = True,
     ) -> None:
-        if any(batch < 1 for batch in latency_batch_sizes):
-            raise ValueError(f"latency_batch_sizes must be positive integers, got {list(latency_batch_sizes)}")
-        if latency_repeats < 1 or latency_warmup < 0:
-            raise ValueError(f"latency_repeats must be >= 1 and latency_warmup >= 0, got {latency_repeats} and {latency_warmup}")
-        if num_threads is not None and num_threads < 1:
-            raise ValueError(f"num_threads must be a positive integer or None, got {num_threads}")
+        check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads)
         self.output_dir = output_dir
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.latency_batch_sizes = tuple(latency_batch_sizes)
@@ -66,21 +65,29 @@ class CompressionReport(L.Callback):
         self.verbose = verbose
         self.report = Report()
         self.written: dict[str, Any] = {}
+        self._fit_input_shape: tuple[int, ...] | None = None
+        self._checkpoint_report: Report | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self.input_shape is None:
-            example = getattr(pl_module, "example_input_array", None)
-            if not isinstance(example, torch.Tensor):
-                raise ValueError(
-                    "CompressionReport needs the shape of one input: pass input_shape=(C, H, W) or set "
-                    f"`example_input_array` on {type(pl_module).__name__}"
-                )
-            self.input_shape = tuple(example.shape[1:])
+        # Lightning restores callback state after setup for every entry point; only a resumed fit adopts it.
+        self._checkpoint_report = None
+        if stage != "fit":
+            return
+        example = getattr(pl_module, "example_input_array", None)
+        if self.input_shape is not None:
+            self._fit_input_shape = self.input_shape
+        elif isinstance(example, torch.Tensor):
+            self._fit_input_shape = tuple(example.shape[1:])
+        else:
+            raise ValueError(
+                "CompressionReport needs the shape of one input: pass input_shape=(C, H, W) or set "
+                f"`example_input_array` on {type(pl_module).__name__}"
+            )
 
-    def _profile(self, pl_module: L.LightningModule) -> Any:
+    def _profile(self, pl_module: L.LightningModule) -> ModelProfile:
         return profile_model(
             pl_module,
-            self.input_shape,
+            self._fit_input_shape,
             latency_batch_sizes=self.latency_batch_sizes,
             latency_warmup=self.latency_warmup,
             latency_repeats=self.latency_repeats,
@@ -88,34 +95,52 @@ class CompressionReport(L.Callback):
         )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._checkpoint_report is not None:
+            self.report, self._checkpoint_report = self._checkpoint_report, None
         if not trainer.is_global_zero or any(entry.name == "before" for entry in self.report.entries):
             return
-        accuracy = None
-        if self.evaluate_before and trainer.datamodule is not None:
-            accuracy = evaluate_accuracy(pl_module, trainer.datamodule.val_dataloader())
         self.report.metadata.update(
             model=type(getattr(pl_module, "model", pl_module)).__name__,
             data=type(trainer.datamodule).__name__ if trainer.datamodule is not None else None,
             torch=str(torch.__version__),
-            input_shape=list(self.input_shape),
+            input_shape=list(self._fit_input_shape),
         )
+        accuracy = _validation_accuracy(trainer, pl_module) if self.evaluate_before else None
         self.report.add("before", self._profile(pl_module), val_accuracy=accuracy)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        self.report.add("after", self._profile(pl_module), val_accuracy=_metric(trainer, self.val_metric))
+        accuracy = _validation_accuracy(trainer, pl_module)
+        if accuracy is None:
+            accuracy = self._metric(trainer, self.val_metric)
+        self.report.add("after", self._profile(pl_module), val_accuracy=accuracy)
         self._log(trainer)
         self._write(trainer)
         if self.verbose:
             self.print()
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        accuracy = _metric(trainer, self.test_metric)
-        if not trainer.is_global_zero or accuracy is None or not self.report.entries:
+        if not trainer.is_global_zero or not self.report.entries:
             return
-        self.report.entries[-1].test_accuracy = accuracy
-        self._write(trainer)
+        if trainer.ckpt_path is not None:
+            rank_zero_warn(
+                f"CompressionReport: the test ran on the weights of {trainer.ckpt_path}, not on the fitted model "
+                "the report measured, so its accuracy is not added to the report"
+            )
+            return
+        accuracy = self._metric(trainer, self.test_metric)
+        if accuracy is not None:
+            self.report.entries[-1].test_accuracy = accuracy
+            self._log(trainer)
+            self._write(trainer)
+
+    def _metric(self, trainer: L.Trainer, name: str) -> float | None:
+        value = trainer.callback_metrics.get(name)
+        if value is None:
+            rank_zero_warn(f"CompressionReport: no metric {name!r} was logged; the logged ones are {sorted(trainer.callback_metrics)}")
+            return None
+        return float(value)
 
     def _log(self, trainer: L.Trainer) -> None:
         metrics: dict[str, float] = {}
@@ -127,11 +152,11 @@ class CompressionReport(L.Callback):
                 "weight_sparsity": profile.weight_sparsity.sparsity,
                 "size_bytes": profile.size_bytes,
                 "macs": profile.macs,
+                "val_accuracy": entry.val_accuracy,
+                "test_accuracy": entry.test_accuracy,
                 **{f"latency_b{batch}_ms": result.median_ms for batch, result in profile.latency.items()},
             }
-            if entry.val_accuracy is not None:
-                values["val_accuracy"] = entry.val_accuracy
-            metrics.update({f"report/{entry.name}/{key}": float(value) for key, value in values.items()})
+            metrics.update({f"report/{entry.name}/{key}": float(value) for key, value in values.items() if value is not None})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
@@ -149,9 +174,11 @@ class CompressionReport(L.Callback):
         return {"report": self.report.to_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.report = Report.from_dict(state_dict["report"])
+        self._checkpoint_report = Report.from_dict(state_dict["report"])
 
 
-def _metric(trainer: L.Trainer, name: str) -> float | None:
-    value = trainer.callback_metrics.get(name)
-    return None if value is None else float(value)
+def _validation_accuracy(trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
+    """Accuracy over the datamodule's whole validation set, or None without a datamodule."""
+    if trainer.datamodule is None:
+        return None
+    return evaluate_accuracy(pl_module, trainer.datamodule.val_dataloader())

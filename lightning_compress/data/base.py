@@ -12,11 +12,12 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 class InMemoryImageDataModule(L.LightningDataModule, ABC):
     """Subclasses load ``(train_x, train_y, test_x, test_y)``; this class does the rest.
 
-    Images are float tensors ``(N, C, H, W)``, labels int64. A seeded fraction of the training images
-    becomes the validation set, and every split is normalized per channel with the training split's
-    mean and standard deviation. Training batches are shuffled from ``split_seed`` and the epoch
-    number alone (Lightning calls the sampler's ``set_epoch``), not from the global random state, so a
-    run resumed from a checkpoint sees the same batches as one that never stopped.
+    Images are float tensors ``(N, C, H, W)``, labels int64. ``seed`` picks the fraction of the training
+    images that becomes the validation set, and the order of the training batches: that order depends
+    on ``seed`` and the epoch number alone (Lightning calls the sampler's ``set_epoch``), not on the
+    global random state, so a run resumed from a checkpoint sees the same batches as one that never
+    stopped. Under distributed training each process gets its own shard of every epoch. Every split is
+    normalized per channel with the training split's mean and standard deviation.
 
     Example:
         >>> from lightning_compress.data import DigitsDataModule
@@ -29,7 +30,7 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
     num_classes: int
     input_shape: tuple[int, int, int]
 
-    def __init__(self, batch_size: int = 64, val_fraction: float = 0.1, num_workers: int = 0, split_seed: int = 0) -> None:
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.1, num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
@@ -38,7 +39,7 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.num_workers = num_workers
-        self.split_seed = split_seed
+        self.seed = seed
         self._splits: dict[str, TensorDataset] = {}
 
     @abstractmethod
@@ -49,7 +50,7 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
         if self._splits:
             return
         train_x, train_y, test_x, test_y = self.load_tensors()
-        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.split_seed))
+        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.seed))
         n_val = max(1, round(self.val_fraction * len(train_x)))
         val_index, train_index = order[:n_val], order[n_val:]
         mean = train_x[train_index].mean(dim=(0, 2, 3), keepdim=True)
@@ -68,8 +69,13 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
         if not self._splits:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for the {split} dataloader")
         dataset = self._splits[split]
-        # A one-replica DistributedSampler is a seeded shuffle with set_epoch; under DDP Lightning shards it.
-        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=self.split_seed) if shuffle else None
+        sampler = None
+        if shuffle:
+            # Lightning keeps a DistributedSampler as it is and calls its set_epoch; with one replica it is
+            # a shuffle seeded by (seed, epoch), with several it also shards.
+            trainer = self.trainer
+            replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

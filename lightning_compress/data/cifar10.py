@@ -31,9 +31,9 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         batch_size: int = 128,
         val_fraction: float = 0.1,
         num_workers: int = 0,
-        split_seed: int = 0,
+        seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, split_seed=split_seed)
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, seed=seed)
         self.root = Path(root)
         self.download = download
 

@@ -24,8 +24,8 @@ class DigitsDataModule(InMemoryImageDataModule):
     num_classes = 10
     input_shape = (1, 8, 8)
 
-    def __init__(self, batch_size: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.2, num_workers: int = 0, split_seed: int = 0) -> None:
-        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, split_seed=split_seed)
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.2, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, seed=seed)
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.test_fraction = test_fraction
@@ -34,7 +34,7 @@ class DigitsDataModule(InMemoryImageDataModule):
         digits = load_digits()
         images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         labels = torch.as_tensor(digits.target, dtype=torch.long)
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed + 1))
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed + 1))
         n_test = round(self.test_fraction * len(images))
         test, train = order[:n_test], order[n_test:]
         return images[train], labels[train], images[test], labels[test]

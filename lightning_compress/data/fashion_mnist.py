@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -39,9 +41,9 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
         batch_size: int = 128,
         val_fraction: float = 1 / 12,
         num_workers: int = 0,
-        split_seed: int = 0,
+        seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, split_seed=split_seed)
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, seed=seed)
         self.root = Path(root)
         self.idx_dir = Path(idx_dir)
 
@@ -64,11 +66,14 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
                 "downloaded it, or `idx_dir` at a folder holding the four IDX files."
             )
         self.raw_folder.mkdir(parents=True, exist_ok=True)
-        for name, source in sources.items():
-            if source.suffix == ".gz":
-                extract_archive(str(source), str(self.raw_folder))
-            else:
-                shutil.copyfile(source, self.raw_folder / name)
+        # Unpack beside the final place and rename, so an interrupted run leaves no half-written file there.
+        with tempfile.TemporaryDirectory(dir=self.raw_folder) as staging:
+            for name, source in sources.items():
+                if source.suffix == ".gz":
+                    extract_archive(str(source), staging)
+                else:
+                    shutil.copyfile(source, Path(staging) / name)
+                os.replace(Path(staging) / name, self.raw_folder / name)
 
     def _idx_source(self, name: str) -> Path | None:
         for candidate in (self.idx_dir / name, self.idx_dir / f"{name}.gz"):
