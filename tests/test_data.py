@@ -13,9 +13,9 @@ from lightning_compress.data.fashion_mnist import DEBIAN_IDX_DIR
 def test_digits_splits_are_sized_deterministic_and_normalized() -> None:
     datamodule = DigitsDataModule(batch_size=50)
     datamodule.setup()
-    sizes = {split: len(dataset) for split, dataset in datamodule._splits.items()}
+    sizes = {split: len(dataset) for split, dataset in datamodule.splits.items()}
     assert sizes == {"train": 1294, "val": 144, "test": 359}  # 1797 images: 20% test, 10% of the rest val
-    train_images = datamodule._splits["train"].tensors[0]
+    train_images = datamodule.splits["train"].tensors[0]
     assert train_images.shape[1:] == (1, 8, 8)
     assert train_images.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert train_images.std().item() == pytest.approx(1.0, abs=1e-3)
@@ -23,7 +23,7 @@ def test_digits_splits_are_sized_deterministic_and_normalized() -> None:
     again = DigitsDataModule(batch_size=50)
     again.setup()
     for split in ("train", "val", "test"):
-        assert torch.equal(datamodule._splits[split].tensors[0], again._splits[split].tensors[0])
+        assert torch.equal(datamodule.splits[split].tensors[0], again.splits[split].tensors[0])
 
 
 class NumberedImages(InMemoryImageDataModule):
@@ -40,7 +40,7 @@ class NumberedImages(InMemoryImageDataModule):
 def test_splits_are_disjoint_and_cover_the_training_images() -> None:
     datamodule = NumberedImages(batch_size=4, val_fraction=0.2, seed=3)
     datamodule.setup()
-    numbers = {split: datamodule._splits[split].tensors[0][:, 0, 0, 0] for split in ("train", "val", "test")}
+    numbers = {split: datamodule.splits[split].tensors[0][:, 0, 0, 0] for split in ("train", "val", "test")}
     # Normalization is one affine map for all splits, so the order of the values is that of the image numbers.
     train_val = torch.cat([numbers["train"], numbers["val"]])
     assert len(numbers["train"]) == 24 and len(numbers["val"]) == 6 and len(numbers["test"]) == 10
@@ -89,10 +89,10 @@ def test_fashion_mnist_reads_idx_files(tmp_path: Path, fake_fashion_idx, compres
     datamodule = FashionMNISTDataModule(root=str(tmp_path / "root"), idx_dir=str(idx_dir), batch_size=4, val_fraction=0.25)
     datamodule.prepare_data()
     datamodule.setup()
-    assert {split: len(d) for split, d in datamodule._splits.items()} == {"train": 18, "val": 6, "test": 8}
-    assert torch.equal(datamodule._splits["test"].tensors[1], arrays["t10k-labels-idx1-ubyte"].long())
+    assert {split: len(d) for split, d in datamodule.splits.items()} == {"train": 18, "val": 6, "test": 8}
+    assert torch.equal(datamodule.splits["test"].tensors[1], arrays["t10k-labels-idx1-ubyte"].long())
     # The test images are the IDX bytes, scaled to [0, 1] and normalized with the training statistics.
-    test_images = datamodule._splits["test"].tensors[0]
+    test_images = datamodule.splits["test"].tensors[0]
     raw = arrays["t10k-images-idx3-ubyte"].float() / 255
     correlation = torch.corrcoef(torch.stack([test_images.flatten(), raw.flatten()]))[0, 1]
     assert correlation.item() == pytest.approx(1.0, abs=1e-6)
@@ -104,7 +104,7 @@ def test_fashion_mnist_reads_torchvision_layout_without_idx_dir(tmp_path: Path, 
     FashionMNISTDataModule(root=str(tmp_path / "root"), idx_dir=str(idx_dir)).prepare_data()
     datamodule = FashionMNISTDataModule(root=str(tmp_path / "root"), idx_dir=str(tmp_path / "nowhere"), val_fraction=0.25)
     datamodule.setup()
-    assert len(datamodule._splits["test"]) == 8
+    assert len(datamodule.splits["test"]) == 8
 
 
 def test_missing_fashion_mnist_says_where_it_looked_and_how_to_get_it(tmp_path: Path) -> None:
@@ -122,8 +122,8 @@ def test_real_fashion_mnist_from_the_debian_package(tmp_path: Path) -> None:
     datamodule = FashionMNISTDataModule(root=str(tmp_path))
     datamodule.prepare_data()
     datamodule.setup()
-    assert {split: len(d) for split, d in datamodule._splits.items()} == {"train": 55000, "val": 5000, "test": 10000}
-    assert torch.bincount(datamodule._splits["test"].tensors[1]).tolist() == [1000] * 10
+    assert {split: len(d) for split, d in datamodule.splits.items()} == {"train": 55000, "val": 5000, "test": 10000}
+    assert torch.bincount(datamodule.splits["test"].tensors[1]).tolist() == [1000] * 10
 
 
 def test_missing_cifar10_fails_with_a_message_instead_of_downloading(tmp_path: Path) -> None:

@@ -40,14 +40,15 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
         self.val_fraction = val_fraction
         self.num_workers = num_workers
         self.seed = seed
-        self._splits: dict[str, TensorDataset] = {}
+        #: The ``"train"``, ``"val"`` and ``"test"`` datasets, filled by :meth:`setup`.
+        self.splits: dict[str, TensorDataset] = {}
 
     @abstractmethod
     def load_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(train_images, train_labels, test_images, test_labels)``; images as ``(N, C, H, W)`` floats."""
 
     def setup(self, stage: str | None = None) -> None:
-        if self._splits:
+        if self.splits:
             return
         train_x, train_y, test_x, test_y = self.load_tensors()
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.seed))
@@ -59,16 +60,16 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
         def split(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
             return TensorDataset((images - mean) / std, labels.long())
 
-        self._splits = {
+        self.splits = {
             "train": split(train_x[train_index], train_y[train_index]),
             "val": split(train_x[val_index], train_y[val_index]),
             "test": split(test_x, test_y),
         }
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if not self._splits:
+        if not self.splits:
             raise RuntimeError(f"{type(self).__name__}.setup() must run before asking for the {split} dataloader")
-        dataset = self._splits[split]
+        dataset = self.splits[split]
         sampler = None
         if shuffle:
             # Lightning keeps a DistributedSampler as it is and calls its set_epoch; with one replica it is
