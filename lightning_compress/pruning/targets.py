@@ -1,0 +1,63 @@
+"""Which weights a compression method acts on: module types and module-name patterns."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from lightning_compress.analysis.measure import WEIGHT_LAYER_TYPES, weight_layers
+
+TargetSpec = Sequence[type[nn.Module] | str] | type[nn.Module] | str | None
+
+
+def _as_list(spec: TargetSpec) -> list[type[nn.Module] | str]:
+    if spec is None:
+        return []
+    if isinstance(spec, (str, type)):
+        return [spec]
+    return list(spec)
+
+
+def _matches(name: str, module: nn.Module, selector: type[nn.Module] | str) -> bool:
+    if isinstance(selector, type):
+        return isinstance(module, selector)
+    return fnmatch.fnmatchcase(name, selector)
+
+
+def select_layers(model: nn.Module, targets: TargetSpec = None, exclude: TargetSpec = None) -> dict[str, nn.Module]:
+    """The layers whose ``weight`` to compress, by module name, each weight once.
+
+    The candidates are the ``Conv*d`` and ``Linear`` layers plus layers of any type named in
+    ``targets``. ``targets`` and ``exclude`` take module types (``nn.Linear``) and shell-style
+    patterns on module names (``"features.*"``, ``"classifier.4"``); a candidate is selected when it
+    matches any target (every candidate when ``targets`` is None) and no exclusion. A pattern that
+    matches no candidate raises ``ValueError`` listing the closest names, so a typo never silently
+    compresses nothing.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+        >>> list(select_layers(model, exclude=["2"]))
+        ['0']
+    """
+    include, skip = _as_list(targets), _as_list(exclude)
+    candidates = dict(weight_layers(model, (*WEIGHT_LAYER_TYPES, *(s for s in include if isinstance(s, type)))))
+    _check_patterns(candidates, [s for s in [*include, *skip] if isinstance(s, str)])
+    selected = {
+        name: module
+        for name, module in candidates.items()
+        if (not include or any(_matches(name, module, s) for s in include)) and not any(_matches(name, module, s) for s in skip)
+    }
+    if not selected:
+        raise ValueError(f"targets={include or 'Conv/Linear'} with exclude={skip} leave no layer to compress in {type(model).__name__}")
+    return selected
+
+
+def _check_patterns(candidates: dict[str, nn.Module], patterns: Iterable[str]) -> None:
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
+            near = difflib.get_close_matches(pattern, list(candidates), n=5, cutoff=0.3) or list(candidates)[:5]
+            raise ValueError(f"the pattern {pattern!r} matches no layer with a weight; near names: {near}")

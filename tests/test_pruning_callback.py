@@ -1,0 +1,217 @@
+from __future__ import annotations
+
+import csv
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_compress import ClassificationModule
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.models import SmallCNN
+from lightning_compress.pruning import Pruning
+
+TARGETS = ["model.features.0.weight", "model.features.4.weight", "model.classifier.1.weight", "model.classifier.4.weight"]
+
+
+def make_module(optimizer=None) -> ClassificationModule:
+    return ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10, input_shape=(1, 8, 8), optimizer=optimizer)
+
+
+def fit(tmp_path, callbacks, max_epochs=3, ckpt_path=None, optimizer=None, logger=False, seed=0):
+    L.seed_everything(seed)
+    module = make_module(optimizer)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        default_root_dir=tmp_path,
+    )
+    datamodule = DigitsDataModule()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer, module, datamodule
+
+
+def zeros(module: ClassificationModule) -> dict[str, int]:
+    state = module.state_dict()
+    return {name: int((state[name] == 0).sum()) for name in TARGETS}
+
+
+def test_global_amount_is_exact_and_the_checkpoint_loads_into_the_plain_model(tmp_path) -> None:
+    pruning = Pruning(amount=0.9, schedule="agp", start_epoch=0, end_epoch=1)
+    trainer, module, _ = fit(tmp_path, [pruning], max_epochs=3)
+    total = sum(module.state_dict()[name].numel() for name in TARGETS)
+    assert sum(zeros(module).values()) == round(0.9 * total)
+    assert pruning.sparsity()["pruning/sparsity"] == pytest.approx(round(0.9 * total) / total)
+    assert list(module.state_dict()) == list(make_module().state_dict())  # no weight_orig / weight_mask
+    plain = SmallCNN(num_classes=10, image_size=8)
+    plain.load_state_dict({key.removeprefix("model."): value for key, value in module.state_dict().items()}, strict=True)
+    inputs = torch.randn(5, 1, 8, 8)
+    assert torch.equal(module.eval()(inputs), plain.eval()(inputs))
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-2), partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1)],
+    ids=["sgd-momentum-wd", "adamw"],
+)
+def test_pruned_weights_stay_exactly_zero_through_the_optimizer(tmp_path, optimizer) -> None:
+    masks_per_epoch = []
+
+    class RecordMasks(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            masks_per_epoch.append({name: mask.clone() for name, mask in pruning.masks.items()})
+            for name, mask in pruning.masks.items():
+                assert torch.all(pl_module.state_dict()[name][~mask] == 0)
+
+    pruning = Pruning(amount=0.8, schedule="linear", start_epoch=0, end_epoch=2)
+    fit(tmp_path, [pruning, RecordMasks()], max_epochs=4, optimizer=optimizer)
+    for earlier, later in zip(masks_per_epoch, masks_per_epoch[1:]):
+        assert all(torch.all(later[name] <= earlier[name]) for name in TARGETS)  # masks only grow
+    assert [round(1 - sum(m.sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values()), 3) for masks in masks_per_epoch] == [
+        0.267,
+        0.533,
+        0.8,
+        0.8,
+    ]
+
+
+def test_sparsity_is_logged_at_each_pruning_step(tmp_path) -> None:
+    fit(tmp_path, [Pruning(amount=0.5, schedule="linear", start_epoch=0, end_epoch=1)], max_epochs=2, logger=CSVLogger(tmp_path, name="csv"))
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["pruning/sparsity"]]
+    assert [float(row["pruning/sparsity"]) for row in rows] == pytest.approx([0.25, 0.5], abs=1e-4)
+    assert float(rows[-1]["pruning/sparsity/model.classifier.1.weight"]) > 0
+
+
+def test_layer_scope_prunes_each_layer_to_the_amount(tmp_path) -> None:
+    _, module, _ = fit(tmp_path, [Pruning(amount=0.7, scope="layer", schedule="oneshot")], max_epochs=1)
+    state = module.state_dict()
+    assert zeros(module) == {name: round(0.7 * state[name].numel()) for name in TARGETS}
+
+
+def test_two_of_four_keeps_two_in_every_group_and_skips_layers_that_cannot(tmp_path) -> None:
+    pruning = Pruning(granularity="2:4", schedule="oneshot")
+    with pytest.warns(UserWarning, match="leaving \\['model.features.0.weight'\\] dense"):
+        _, module, _ = fit(tmp_path, [pruning], max_epochs=1)
+    for name in TARGETS[1:]:
+        groups = (module.state_dict()[name] != 0).movedim(1, -1).reshape(-1, 4).sum(dim=1)
+        assert groups.max() <= 2 and (groups == 2).float().mean() > 0.99
+    assert zeros(module)["model.features.0.weight"] == 0
+
+
+def test_threshold_rule_zeroes_small_weights(tmp_path) -> None:
+    seen = {}
+
+    class Capture(L.Callback):  # runs before Pruning at the start of epoch 0: sees the weights the rule judges
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.update({name: pl_module.state_dict()[name].clone() for name in TARGETS})
+
+    pruning = Pruning(threshold=0.05, schedule="oneshot")
+    _, module, _ = fit(tmp_path, [Capture(), pruning], max_epochs=1)
+    for name in TARGETS:
+        assert torch.equal(pruning.masks[name], seen[name].abs() > 0.05)
+        assert torch.all(module.state_dict()[name][~pruning.masks[name]] == 0)
+
+
+def test_random_criterion_is_reproducible_from_its_seed(tmp_path) -> None:
+    first = Pruning(amount=0.5, criterion="random", schedule="oneshot", seed=7)
+    second = Pruning(amount=0.5, criterion="random", schedule="oneshot", seed=7)
+    fit(tmp_path, [first], max_epochs=1)
+    fit(tmp_path, [second], max_epochs=1, seed=1)
+    assert all(torch.equal(first.masks[name], second.masks[name]) for name in TARGETS)
+
+
+def test_taylor_criterion_uses_the_epoch_before_pruning(tmp_path) -> None:
+    taylor = Pruning(amount=0.5, criterion="taylor", schedule="oneshot", start_epoch=1)
+    magnitude = Pruning(amount=0.5, criterion="magnitude", schedule="oneshot", start_epoch=1)
+    _, module, _ = fit(tmp_path, [taylor], max_epochs=2)
+    fit(tmp_path, [magnitude], max_epochs=2)
+    assert sum(zeros(module).values()) == round(0.5 * sum(module.state_dict()[n].numel() for n in TARGETS))
+    assert any(not torch.equal(taylor.masks[name], magnitude.masks[name]) for name in TARGETS)
+
+
+def test_rewinding_resets_survivors_to_the_rewind_epoch(tmp_path) -> None:
+    snapshots = {}
+
+    class Capture(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                snapshots["rewind"] = {name: pl_module.state_dict()[name].clone() for name in TARGETS}
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                snapshots["after_pruning"] = {name: pl_module.state_dict()[name].clone() for name in TARGETS}
+
+    pruning = Pruning(amount=0.6, schedule="oneshot", start_epoch=2, rewind_epoch=0)
+    fit(tmp_path, [pruning, Capture()], max_epochs=3)
+    for name in TARGETS:
+        assert torch.equal(snapshots["after_pruning"][name], snapshots["rewind"][name] * pruning.masks[name])
+
+
+def test_a_resumed_run_ends_with_the_same_masks_and_weights(tmp_path) -> None:
+    def pruning() -> Pruning:
+        return Pruning(amount=0.9, schedule="agp", start_epoch=0, end_epoch=3)
+
+    straight = pruning()
+    _, whole, _ = fit(tmp_path / "a", [straight], max_epochs=4)
+    fit(tmp_path / "b", [pruning(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=2)
+    resumed = pruning()
+    _, continued, _ = fit(tmp_path / "b", [resumed, ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=4, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert resumed.pruned_epochs == [0, 1, 2, 3]
+    assert all(torch.equal(straight.masks[name], resumed.masks[name]) for name in TARGETS)
+    for (name, value), other in zip(whole.state_dict().items(), continued.state_dict().values()):
+        torch.testing.assert_close(value, other, rtol=0, atol=1e-6, msg=name)
+
+
+def test_fit_twice_validate_test_and_test_from_checkpoint(tmp_path) -> None:
+    pruning = Pruning(amount=0.5, schedule="oneshot")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer, module, datamodule = fit(tmp_path, [pruning, checkpoint], max_epochs=1)
+    trainer.fit_loop.max_epochs = 2
+    trainer.fit(module, datamodule=datamodule)
+    assert pruning.pruned_epochs == [0]
+    assert sum(zeros(module).values()) >= round(0.5 * sum(module.state_dict()[n].numel() for n in TARGETS))
+    assert trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/acc"] > 0.5
+    assert trainer.test(module, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)[0]["test/acc"] > 0.5
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"amount": 1.0}, "amount must be in \\[0, 1\\), got 1.0"),
+        ({"amount": -0.1}, "amount must be in \\[0, 1\\), got -0.1"),
+        ({"amount": 0.5, "threshold": 0.1}, "either amount \\(0.5\\) or threshold \\(0.1\\)"),
+        ({}, "give amount"),
+        ({"amount": 0.5, "criterion": "size"}, "unknown criterion 'size'.*magnitude, taylor, random"),
+        ({"amount": 0.5, "criterion": "l1"}, "l1 and l2 rank whole channels"),
+        ({"amount": 0.5, "granularity": "block"}, "unknown granularity 'block'"),
+        ({"granularity": "3:2"}, "unknown granularity '3:2'.*0 < N < M"),
+        ({"amount": 0.3, "granularity": "2:4"}, "means sparsity 0.5; amount=0.3"),
+        ({"amount": 0.5, "scope": "model"}, "unknown scope 'model'"),
+        ({"amount": 0.5, "schedule": "cubic"}, "unknown schedule 'cubic'"),
+        ({"amount": 0.5, "start_epoch": 3, "end_epoch": 2}, "end_epoch \\(2\\) must not be before start_epoch \\(3\\)"),
+        ({"amount": 0.5, "criterion": "taylor"}, "start_epoch must be >= 1"),
+        ({"amount": 0.5, "start_epoch": 1, "rewind_epoch": 1}, "rewind_epoch must be in \\[0, start_epoch=1\\)"),
+    ],
+)
+def test_bad_arguments_fail_in_init(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Pruning(**options)
+
+
+def test_a_pattern_that_matches_nothing_fails_before_training(tmp_path) -> None:
+    module = make_module()
+    before = {name: value.clone() for name, value in module.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[Pruning(amount=0.5, targets=["model.feature.*"])], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="'model.feature.\\*' matches no layer.*model.features"):
+        trainer.fit(module, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+    assert all(torch.equal(before[name], value) for name, value in module.state_dict().items())
