@@ -215,3 +215,51 @@ def test_a_pattern_that_matches_nothing_fails_before_training(tmp_path) -> None:
         trainer.fit(module, datamodule=DigitsDataModule())
     assert trainer.global_step == 0
     assert all(torch.equal(before[name], value) for name, value in module.state_dict().items())
+
+
+class CaptureOutputs(L.Callback):
+    """Record the model's outputs on fixed inputs at the end of fit, before later callbacks change it."""
+
+    def on_fit_end(self, trainer, pl_module):
+        self.inputs = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            self.outputs = pl_module.eval()(self.inputs)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "taylor", "random"])
+def test_channel_pruning_with_removal_gives_a_smaller_model_with_the_same_outputs(tmp_path, criterion) -> None:
+    capture = CaptureOutputs()
+    pruning = Pruning(amount=0.5, criterion=criterion, granularity="channel", scope="layer", schedule="oneshot", start_epoch=1, remove_channels=True)
+    _, module, _ = fit(tmp_path, [capture, pruning], max_epochs=2)
+    with torch.no_grad():
+        torch.testing.assert_close(module.eval()(capture.inputs), capture.outputs, rtol=0, atol=1e-5)
+    model = module.model
+    assert (model.features[0].out_channels, model.features[4].out_channels, model.classifier[1].out_features) == (16, 32, 64)
+    assert model.classifier[4].out_features == 10  # the output layer keeps its classes
+    # conv 1*16*9 + bn 2*16 + conv 16*32*9 + bn 2*32 + linear 32*2*2*64 + 64 + linear 64*10 + 10, by hand:
+    assert sum(p.numel() for p in module.parameters()) == 144 + 32 + 4608 + 64 + 8192 + 64 + 650
+
+
+def test_channel_masks_zero_everything_a_pruned_channel_touches(tmp_path) -> None:
+    pruning = Pruning(amount=0.25, granularity="channel", schedule="oneshot")
+    _, module, _ = fit(tmp_path, [pruning], max_epochs=1)
+    model = module.model
+    pruned = (~pruning.channel_keep["model.features.0"]).nonzero().flatten()
+    assert len(pruned) > 0
+    # One global ranking over the 32 + 64 + 128 channels of the three prunable groups:
+    assert sum(int((~keep).sum()) for keep in pruning.channel_keep.values()) == round(0.25 * (32 + 64 + 128))
+    assert torch.all(model.features[0].weight[pruned] == 0)
+    assert torch.all(model.features[1].weight[pruned] == 0) and torch.all(model.features[1].bias[pruned] == 0)
+    assert torch.all(model.features[4].weight[:, pruned] == 0)
+    assert "model.classifier.4.weight" in pruning.masks  # inputs of the output layer, never its outputs
+    assert bool(pruning.masks["model.classifier.4.weight"].any(dim=1).all())
+
+
+def test_channel_options_fail_before_training(tmp_path) -> None:
+    with pytest.raises(ValueError, match="remove_channels=True .* needs granularity='channel', not 'unstructured'"):
+        Pruning(amount=0.5, remove_channels=True)
+    module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10)  # no example_input_array
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[Pruning(amount=0.5, granularity="channel")], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="set `example_input_array`"):
+        trainer.fit(module, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0

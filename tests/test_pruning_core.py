@@ -115,3 +115,31 @@ def test_select_layers_by_type_pattern_and_exclusion() -> None:
         select_layers(model, targets=["feature.0"])
     with pytest.raises(ValueError, match="leave no layer"):
         select_layers(model, targets=[nn.Linear], exclude=["classifier.*"])
+
+
+def test_channel_groups_follow_residual_connections() -> None:
+    from lightning_compress.models import resnet
+    from lightning_compress.pruning.structured import ChannelGroups
+
+    torch.manual_seed(0)
+    model = resnet("resnet18", num_classes=10, in_channels=1, small_input=True).eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):  # statistics that make a wrongly kept channel show
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.bias.data.uniform_(-1, 1)
+    inputs = torch.randn(4, 1, 8, 8)
+    groups = ChannelGroups(model, inputs[:1], select_layers(model))
+    assert "fc" not in groups.channels  # the output layer is never pruned
+    keep = rank_masks(groups.scores("l1"), 0.5, min_keep=1)
+    assert sum(int((~kept).sum()) for kept in keep.values()) == round(0.5 * sum(groups.channels.values()))
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in groups.masks(keep).items():
+            parameters[name].mul_(mask)
+        masked = model(inputs)
+    groups.remove(keep)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), masked, rtol=0, atol=1e-5)
+    assert model.layer1[0].conv2.out_channels == model.layer1[1].conv2.out_channels == model.conv1.out_channels  # coupled by the adds
+    assert sum(p.numel() for p in model.parameters()) < 0.5 * 11_172_810

@@ -14,9 +14,10 @@ from torch import nn
 from lightning_compress.pruning.criteria import CRITERIA, element_scores, taylor_scores
 from lightning_compress.pruning.masks import SCOPES, forget_pruned, n_of_m_masks, rank_masks, threshold_masks
 from lightning_compress.pruning.schedules import SCHEDULES, SparsitySchedule
+from lightning_compress.pruning.structured import ChannelGroups
 from lightning_compress.pruning.targets import TargetSpec, select_layers
 
-GRANULARITIES = ("unstructured", "N:M such as '2:4'")
+GRANULARITIES = ("unstructured", "channel", "N:M such as '2:4'")
 _N_OF_M = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -28,14 +29,18 @@ class Pruning(L.Callback):
     zero (one fused multiply, no forward hook, no renamed parameters: ``state_dict()`` keeps the keys of
     the unpruned model), and optimizer state (momentum, Adam moments) of pruned weights is cleared when
     masks change. Masks only grow: a pruned weight is never revived. ``amount`` is the final fraction
-    of the targeted weights that are zero, reached at ``end_epoch``; it never compounds.
+    of the targeted weights (of their output channels, for channel granularity) that are pruned,
+    reached at ``end_epoch``; it never compounds.
 
     Args:
         amount: target sparsity in [0, 1) of the targeted weights (for N:M it is implied).
-        criterion: ``"magnitude"`` (``|w|``), ``"taylor"`` (``|w * dL/dw|`` summed over the epoch before
-            each pruning step), or ``"random"`` (seeded).
-        granularity: ``"unstructured"`` or ``"N:M"`` (at most N non-zeros in each group of M consecutive
-            weights along the input dimension, e.g. ``"2:4"``).
+        criterion: ``"magnitude"`` (``|w|``), ``"l1"`` / ``"l2"`` (norm of each output channel, channel
+            granularity), ``"taylor"`` (``|w * dL/dw|`` summed over the epoch before each pruning step),
+            or ``"random"`` (seeded).
+        granularity: ``"unstructured"``, ``"channel"`` (whole output channels, with everything they
+            touch: bias, BatchNorm, the inputs of the next layers, residual partners; the output layer is
+            never pruned), or ``"N:M"`` (at most N non-zeros in each group of M consecutive weights along
+            the input dimension, e.g. ``"2:4"``).
         scope: ``"global"`` (one ranking across all targeted layers) or ``"layer"`` (each layer to ``amount``).
         schedule: ``"oneshot"``, ``"linear"``, ``"agp"`` (cubic, Zhu & Gupta) or a callable ``epoch -> sparsity``.
         start_epoch, end_epoch, frequency: pruning epochs ``start_epoch, start_epoch + frequency, ...,
@@ -45,6 +50,8 @@ class Pruning(L.Callback):
         threshold: the rule ``|w| > threshold`` instead of ``amount``.
         rewind_epoch: after each pruning step, surviving weights return to their values at the end of
             this epoch (lottery-ticket rewinding); it must come before ``start_epoch``.
+        remove_channels: with channel granularity, remove the pruned channels physically at the end of
+            fit (Torch-Pruning's DepGraph), leaving a smaller dense model with the same outputs.
         seed: seed of the random criterion.
 
     Example:
@@ -67,14 +74,19 @@ class Pruning(L.Callback):
         exclude: TargetSpec = None,
         threshold: float | None = None,
         rewind_epoch: int | None = None,
+        remove_channels: bool = False,
         seed: int = 0,
     ) -> None:
         self.n_of_m = _parse_granularity(granularity)
-        if criterion not in CRITERIA or criterion in ("l1", "l2"):
+        channel = granularity == "channel"
+        if criterion not in CRITERIA or (criterion in ("l1", "l2") and not channel):
+            allowed = CRITERIA if channel else ("magnitude", "taylor", "random")
             raise ValueError(
-                f"unknown criterion {criterion!r} for {granularity} pruning; use one of magnitude, taylor, random"
-                + (" (l1 and l2 rank whole channels)" if criterion in ("l1", "l2") else "")
+                f"unknown criterion {criterion!r} for {granularity} pruning; use one of {', '.join(allowed)}"
+                + (" (l1 and l2 rank whole channels: granularity='channel')" if criterion in ("l1", "l2") else "")
             )
+        if remove_channels and not channel:
+            raise ValueError(f"remove_channels=True removes whole channels, so it needs granularity='channel', not {granularity!r}")
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
         if not callable(schedule) and schedule not in SCHEDULES:
@@ -82,7 +94,7 @@ class Pruning(L.Callback):
         if threshold is not None:
             if amount is not None:
                 raise ValueError(f"give either amount ({amount}) or threshold ({threshold}), not both")
-            if threshold < 0 or criterion != "magnitude" or self.n_of_m:
+            if threshold < 0 or criterion != "magnitude" or granularity != "unstructured":
                 raise ValueError(f"threshold={threshold} needs a value >= 0 with criterion='magnitude' and unstructured granularity")
         elif self.n_of_m:
             n, m = self.n_of_m
@@ -113,11 +125,15 @@ class Pruning(L.Callback):
         self.exclude = exclude
         self.threshold = threshold
         self.rewind_epoch = rewind_epoch
+        self.remove_channels = remove_channels
         self.seed = seed
         self.schedule: SparsitySchedule | None = None
         self.masks: dict[str, torch.Tensor] = {}
+        self.channel_keep: dict[str, torch.Tensor] = {}
         self.pruned_epochs: list[int] = []
+        self.channel_groups: ChannelGroups | None = None
         self._parameters: dict[str, nn.Parameter] = {}
+        self._all_parameters: dict[str, nn.Parameter] = {}
         self._rewind_weights: dict[str, torch.Tensor] = {}
         self._taylor: dict[str, torch.Tensor] = {}
 
@@ -126,8 +142,14 @@ class Pruning(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         layers = select_layers(pl_module, self.targets, self.exclude)
         self._parameters = {f"{name}.weight": module.weight for name, module in layers.items()}
+        self._all_parameters = dict(pl_module.named_parameters())
         if self.n_of_m:
             self._drop_layers_without_n_of_m_groups()
+        if self.granularity == "channel" and self.channel_groups is None:
+            example = getattr(pl_module, "example_input_array", None)
+            if not isinstance(example, torch.Tensor):
+                raise ValueError(f"channel pruning traces the model: set `example_input_array` on {type(pl_module).__name__}")
+            self.channel_groups = ChannelGroups(pl_module, example.to(pl_module.device), layers)
         if stage == "fit":
             self.schedule = SparsitySchedule(
                 amount=self.amount or 0.0,
@@ -165,7 +187,7 @@ class Pruning(L.Callback):
         self._taylor = self._beside_weights(self._taylor)
 
     def _beside_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: tensor.to(self._parameters[name].device) for name, tensor in tensors.items()}
+        return {name: tensor.to(self._all_parameters[name].device) for name, tensor in tensors.items()}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -193,7 +215,7 @@ class Pruning(L.Callback):
         """Zero every pruned weight (one fused multiply over all masked tensors)."""
         if self.masks:
             names = list(self.masks)
-            torch._foreach_mul_([self._parameters[name] for name in names], [self.masks[name] for name in names])
+            torch._foreach_mul_([self._all_parameters[name] for name in names], [self.masks[name] for name in names])
 
     @torch.no_grad()
     def _prune(self, trainer: L.Trainer, epoch: int) -> None:
@@ -201,6 +223,8 @@ class Pruning(L.Callback):
         if self.threshold is not None:
             masks = threshold_masks(weights, self.threshold)
             masks = {name: mask & self.masks[name] if name in self.masks else mask for name, mask in masks.items()}
+        elif self.channel_groups is not None:
+            masks = self._channel_masks(trainer, epoch)
         else:
             scores = forget_pruned(self._scores(trainer, weights, epoch), self.masks)
             if self.n_of_m:
@@ -213,31 +237,48 @@ class Pruning(L.Callback):
         self._clear_optimizer_state(trainer)
         if self._rewind_weights:
             for name, weight in self._parameters.items():
-                weight.copy_(self._rewind_weights[name] * self.masks[name])
+                weight.copy_(self._rewind_weights[name] * self.masks.get(name, True))
         self.pruned_epochs.append(epoch)
         self._log(trainer)
 
-    def _scores(self, trainer: L.Trainer, weights: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        taylor = {name: trainer.strategy.reduce(score, reduce_op="sum") for name, score in self._taylor.items()}
-        if self.criterion == "taylor" and not taylor:
+    def _channel_masks(self, trainer: L.Trainer, epoch: int) -> dict[str, torch.Tensor]:
+        """Rank channel groups (scores normalized by each group's mean, so layers compare) and mask what they touch."""
+        scores = self.channel_groups.scores(self.criterion, self._reduced_taylor(trainer, epoch), self._generator(epoch))
+        scores = {name: score / score.mean().clamp_min(1e-12) for name, score in scores.items()}
+        keep = rank_masks(forget_pruned(scores, self.channel_keep), self.schedule.sparsity_at(epoch), self.scope, min_keep=1)
+        self.channel_keep = trainer.strategy.broadcast(keep, src=0)
+        return self.channel_groups.masks(self.channel_keep)
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        """The random criterion's generator: the same on every rank and after a restart."""
+        return torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+
+    def _reduced_taylor(self, trainer: L.Trainer, epoch: int) -> dict[str, torch.Tensor]:
+        if self.criterion != "taylor":
+            return {}
+        if not self._taylor:
             raise RuntimeError(f"no gradients were seen in epoch {epoch - 1}, so there is no Taylor importance to prune by")
+        return {name: trainer.strategy.reduce(score, reduce_op="sum") for name, score in self._taylor.items()}
+
+    def _scores(self, trainer: L.Trainer, weights: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
+        taylor, generator = self._reduced_taylor(trainer, epoch), self._generator(epoch)
         return {name: element_scores(weight, self.criterion, taylor.get(name), generator) for name, weight in weights.items()}
 
     def _clear_optimizer_state(self, trainer: L.Trainer) -> None:
         """Zero momentum and moment estimates of pruned weights so an optimizer step cannot move them."""
         for optimizer in trainer.optimizers:
-            for name, weight in self._parameters.items():
+            for name, mask in self.masks.items():
+                weight = self._all_parameters[name]
                 for value in optimizer.state.get(weight, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == weight.shape:
-                        value.mul_(self.masks[name])
+                        value.mul_(mask)
 
     def sparsity(self) -> dict[str, float]:
-        """``{"pruning/sparsity": global, "pruning/sparsity/<weight>": per layer}``, from the masks."""
-        pruned = {name: int((~mask).sum()) for name, mask in self.masks.items()}
-        total = sum(mask.numel() for mask in self.masks.values())
-        metrics = {"pruning/sparsity": sum(pruned.values()) / total if total else 0.0}
-        metrics.update({f"pruning/sparsity/{name}": pruned[name] / mask.numel() for name, mask in self.masks.items()})
+        """``{"pruning/sparsity": global, "pruning/sparsity/<weight>": per layer}`` over the targeted weights, from the masks."""
+        pruned = {name: int((~self.masks[name]).sum()) if name in self.masks else 0 for name in self._parameters}
+        sizes = {name: weight.numel() for name, weight in self._parameters.items()}
+        metrics = {"pruning/sparsity": sum(pruned.values()) / sum(sizes.values())}
+        metrics.update({f"pruning/sparsity/{name}": pruned[name] / sizes[name] for name in self._parameters})
         return metrics
 
     def _log(self, trainer: L.Trainer) -> None:
@@ -247,9 +288,18 @@ class Pruning(L.Callback):
 
     # --- checkpoint state --------------------------------------------------------------------------
 
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """With ``remove_channels``, cut the pruned channels out: the module gets smaller layers."""
+        if self.remove_channels and self.channel_keep:
+            self.channel_groups.remove(self.channel_keep)
+            self.masks, self.channel_keep, self._rewind_weights = {}, {}, {}
+            self._parameters = {name: p for name, p in pl_module.named_parameters() if name in self._parameters}
+            self._all_parameters = dict(pl_module.named_parameters())
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "masks": self.masks,
+            "channel_keep": self.channel_keep,
             "pruned_epochs": list(self.pruned_epochs),
             "rewind_weights": self._rewind_weights,
             "taylor": self._taylor,
@@ -257,14 +307,15 @@ class Pruning(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.masks = dict(state_dict["masks"])
+        self.channel_keep = dict(state_dict["channel_keep"])
         self.pruned_epochs = list(state_dict["pruned_epochs"])
         self._rewind_weights = dict(state_dict["rewind_weights"])
         self._taylor = dict(state_dict["taylor"])
 
 
 def _parse_granularity(granularity: str) -> tuple[int, int] | None:
-    """``None`` for unstructured, ``(n, m)`` for an ``"N:M"`` pattern with 0 < N < M."""
-    if granularity == "unstructured":
+    """``None`` for unstructured and channel, ``(n, m)`` for an ``"N:M"`` pattern with 0 < N < M."""
+    if granularity in ("unstructured", "channel"):
         return None
     match = _N_OF_M.match(granularity)
     if match is None or not 0 < int(match[1]) < int(match[2]):
