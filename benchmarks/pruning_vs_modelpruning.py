@@ -161,7 +161,7 @@ def markdown(result: dict, epochs: int, seeds: list[int]) -> str:
             f"{channel['accuracy_drop_points']:.2f} | {channel['parameters_ratio']:.3f}x | {channel['macs_ratio']:.3f}x | "
             f"{channel['latency_b1_ms_ratio']:.3f}x | {channel['latency_b256_ms_ratio']:.3f}x |",
             "",
-            "Ratios are to the dense model of the same seed's median; latency is eager PyTorch on the CPU, 2 threads.",
+            "Ratios are the method's median over seeds divided by the dense model's median; latency is eager PyTorch on the CPU, 2 threads.",
             "",
         ]
     )

@@ -12,16 +12,48 @@ from lightning_compress.cli import train
 def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config, tmp_path) -> None:
     cfg = compose_config("trainer.fast_dev_run=true", f"output_dir={tmp_path}", "callbacks.compression_report.latency_repeats=2")
     report = train(cfg)
-    assert [entry.name for entry in report.entries] == ["before", "after"]
-    assert report.entries[-1].test_accuracy is not None
+    assert [entry.name for entry in report.entries] == ["dense", "pruning"]
+    assert all(entry.test_accuracy is not None for entry in report.entries)
     stages = json.loads((tmp_path / "report.json").read_text())["stages"]
-    assert stages[-1]["test_accuracy"] == report.entries[-1].test_accuracy
+    assert [stage["test_accuracy"] for stage in stages] == [entry.test_accuracy for entry in report.entries]
     assert (tmp_path / "report.md").read_text() == report.to_markdown()
     assert (tmp_path / "report.png").stat().st_size > 0
+    for phase in ("dense", "compressed"):  # each run keeps its own report, before and after fit
+        assert [s["name"] for s in json.loads((tmp_path / phase / "report.json").read_text())["stages"]] == ["before", "after"]
+
+
+def test_without_compression_the_app_reports_before_and_after_one_fit(compose_config, tmp_path) -> None:
+    cfg = compose_config("~compression/pruning", "trainer.fast_dev_run=true", f"output_dir={tmp_path}", "callbacks.compression_report.latency_repeats=2")
+    report = train(cfg)
+    assert [entry.name for entry in report.entries] == ["before", "after"]
+    assert not (tmp_path / "dense").exists()
+
+
+def test_default_pruning_recipe_reaches_its_sparsity_beside_the_dense_model(compose_config, tmp_path) -> None:
+    cfg = compose_config("trainer.max_epochs=3", f"output_dir={tmp_path}", "callbacks.compression_report.latency_batch_sizes=[1]", "callbacks.compression_report.latency_repeats=2")
+    dense, pruned = train(cfg).entries
+    assert dense.profile.weight_sparsity.sparsity < 0.01
+    stats = pruned.profile.weight_sparsity
+    assert stats.zeros >= round(0.9 * stats.total)  # agp90: 90% of the Conv/Linear weights, each counted once
+    assert pruned.test_accuracy > 0.8
+
+
+def test_channel_recipe_shrinks_the_model(compose_config, tmp_path) -> None:
+    cfg = compose_config(
+        "compression/pruning=taylor_channel50",
+        "trainer.max_epochs=3",
+        f"output_dir={tmp_path}",
+        "callbacks.compression_report.latency_batch_sizes=[1]",
+        "callbacks.compression_report.latency_repeats=2",
+    )
+    dense, pruned = train(cfg).entries
+    assert pruned.name == "pruning"
+    assert pruned.profile.parameters < 0.3 * dense.profile.parameters
+    assert pruned.profile.macs < 0.3 * dense.profile.macs
 
 
 def test_a_resumed_run_continues_from_its_last_checkpoint(compose_config, tmp_path) -> None:
-    common = [f"output_dir={tmp_path}", "callbacks.compression_report.latency_batch_sizes=[1]", "callbacks.compression_report.latency_repeats=2", "test=false"]
+    common = ["~compression/pruning", f"output_dir={tmp_path}", "callbacks.compression_report.latency_batch_sizes=[1]", "callbacks.compression_report.latency_repeats=2", "test=false"]
     first = train(compose_config("trainer.max_epochs=1", *common))
     resumed = train(compose_config("trainer.max_epochs=2", f"ckpt_path={tmp_path}/checkpoints/last.ckpt", *common))
     assert resumed.entry("before") == first.entry("before")
@@ -43,7 +75,7 @@ def test_console_script_prints_the_report(tmp_path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert "Compression report" in done.stdout
+    assert "Compression report" in done.stdout and "pruning" in done.stdout
     assert (tmp_path / "run" / "report.json").is_file()
 
 
@@ -54,11 +86,15 @@ def test_python_dash_m_reports_a_typo_as_hydras_error(tmp_path) -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_ddp_config_trains_with_two_cpu_processes(tmp_path) -> None:
+def test_ddp_config_prunes_with_two_cpu_processes(tmp_path) -> None:
     done = run_command(
         "lightning-compress",
         "trainer=ddp",
-        "trainer.fast_dev_run=true",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2",
+        "compression.pruning.start_epoch=1",
+        "callbacks.compression_report.latency_batch_sizes=[1]",
         "callbacks.compression_report.latency_repeats=2",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
@@ -66,4 +102,6 @@ def test_ddp_config_trains_with_two_cpu_processes(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stdout + done.stderr
     stages = json.loads((tmp_path / "run" / "report.json").read_text())["stages"]
-    assert [stage["name"] for stage in stages] == ["before", "after"]
+    assert [stage["name"] for stage in stages] == ["dense", "pruning"]
+    sparsity = stages[1]["weight_sparsity"]
+    assert sparsity["zeros"] >= round(0.9 * sparsity["total"])

@@ -9,7 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
-from lightning_compress import ClassificationModule
+from lightning_compress import ClassificationModule, Pruning
 from lightning_compress.data import InMemoryImageDataModule
 
 CONFIG_DIR = Path(str(files("lightning_compress.configs")))
@@ -26,6 +26,7 @@ def test_every_group_has_its_options() -> None:
     assert options("logger") == ["csv", "none", "tensorboard"]
     assert options("callbacks") == ["default", "none"]
     assert options("hydra") == ["default"]
+    assert options("compression/pruning") == ["agp90", "nm24", "oneshot50", "taylor_channel50"]
 
 
 @pytest.mark.parametrize("data", options("data"))
@@ -72,6 +73,19 @@ def test_every_experiment_composes_and_builds(compose_config, tmp_path, experime
     cfg = compose_config(f"experiment={experiment}", f"output_dir={tmp_path}")
     module = instantiate(cfg.model)
     assert module.eval()(module.example_input_array).shape == (1, cfg.dataset.num_classes)
+
+
+@pytest.mark.parametrize("recipe", options("compression/pruning"))
+def test_every_pruning_recipe_builds(compose_config, tmp_path, recipe: str) -> None:
+    cfg = compose_config(f"compression/pruning={recipe}", f"output_dir={tmp_path}")
+    pruning = instantiate(cfg.compression.pruning)
+    assert isinstance(pruning, Pruning)
+    expected = {"agp90": (0.9, "unstructured"), "oneshot50": (0.5, "unstructured"), "taylor_channel50": (0.5, "channel"), "nm24": (0.5, "2:4")}
+    assert (pruning.amount, pruning.granularity) == expected[recipe]
+
+
+def test_compression_can_be_left_out(compose_config, tmp_path) -> None:
+    assert compose_config("~compression/pruning", f"output_dir={tmp_path}").get("compression") is None
 
 
 def test_command_line_overrides_reach_the_objects(compose_config, tmp_path) -> None:

@@ -16,7 +16,7 @@ def run_example(name: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_example_is_tested() -> None:
-    assert sorted(path.name for path in EXAMPLES.glob("*.py")) == ["measure_model.py", "train_and_report.py"]
+    assert sorted(path.name for path in EXAMPLES.glob("*.py")) == ["measure_model.py", "prune_and_report.py", "train_and_report.py"]
 
 
 def test_train_and_report(tmp_path, monkeypatch, capsys) -> None:
@@ -32,3 +32,15 @@ def test_measure_model(monkeypatch, capsys) -> None:
     out = capsys.readouterr().out
     assert "half of conv weights zeroed" in out
     assert "11,173,962" in out  # ResNet-18 with 10 classes and the small stem
+
+
+@pytest.mark.parametrize("granularity, amount", [("unstructured", "0.9"), ("channel", "0.5")])
+def test_prune_and_report(tmp_path, monkeypatch, capsys, granularity: str, amount: str) -> None:
+    args = ["--granularity", granularity, "--amount", amount, "--max-epochs", "2", "--output-dir", str(tmp_path)]
+    run_example("prune_and_report.py", *args, monkeypatch=monkeypatch)
+    before, after = json.loads((tmp_path / "report.json").read_text())["stages"]
+    if granularity == "channel":
+        assert after["parameters"] < 0.3 * before["parameters"]
+    else:
+        assert after["weight_sparsity"]["zeros"] == round(0.9 * after["weight_sparsity"]["total"])
+    assert "non-zero parameters" in capsys.readouterr().out

@@ -83,6 +83,14 @@ def test_pruned_weights_stay_exactly_zero_through_the_optimizer(tmp_path, optimi
     ]
 
 
+def test_a_lower_later_target_does_not_revive_weights(tmp_path) -> None:
+    pruning = Pruning(schedule=lambda epoch: 0.6 if epoch == 0 else 0.2, start_epoch=0, end_epoch=1)
+    _, module, _ = fit(tmp_path, [pruning], max_epochs=3)
+    assert pruning.pruned_epochs == [0, 1]
+    total = sum(module.state_dict()[name].numel() for name in TARGETS)
+    assert sum(zeros(module).values()) >= round(0.6 * total)
+
+
 def test_sparsity_is_logged_at_each_pruning_step(tmp_path) -> None:
     fit(tmp_path, [Pruning(amount=0.5, schedule="linear", start_epoch=0, end_epoch=1)], max_epochs=2, logger=CSVLogger(tmp_path, name="csv"))
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as handle:
@@ -199,12 +207,18 @@ def test_fit_twice_validate_test_and_test_from_checkpoint(tmp_path) -> None:
         ({"amount": 0.5, "schedule": "cubic"}, "unknown schedule 'cubic'"),
         ({"amount": 0.5, "start_epoch": 3, "end_epoch": 2}, "end_epoch \\(2\\) must not be before start_epoch \\(3\\)"),
         ({"amount": 0.5, "criterion": "taylor"}, "start_epoch must be >= 1"),
+        ({"amount": 0.5, "frequency": 0}, "frequency must be a positive number of epochs, got 0"),
         ({"amount": 0.5, "start_epoch": 1, "rewind_epoch": 1}, "rewind_epoch must be in \\[0, start_epoch=1\\)"),
     ],
 )
 def test_bad_arguments_fail_in_init(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Pruning(**options)
+
+
+def test_an_end_epoch_past_training_warns_at_setup(tmp_path) -> None:
+    with pytest.warns(UserWarning, match="end_epoch=2 .* max_epochs=2: the target is reached only if training is resumed"):
+        fit(tmp_path, [Pruning(amount=0.5, end_epoch=2)], max_epochs=2)
 
 
 def test_a_pattern_that_matches_nothing_fails_before_training(tmp_path) -> None:
@@ -218,9 +232,9 @@ def test_a_pattern_that_matches_nothing_fails_before_training(tmp_path) -> None:
 
 
 class CaptureOutputs(L.Callback):
-    """Record the model's outputs on fixed inputs at the end of fit, before later callbacks change it."""
+    """Record the masked model's outputs on fixed inputs when training ends, before Pruning (listed after it) removes channels."""
 
-    def on_fit_end(self, trainer, pl_module):
+    def on_train_end(self, trainer, pl_module):
         self.inputs = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             self.outputs = pl_module.eval()(self.inputs)
@@ -233,6 +247,7 @@ def test_channel_pruning_with_removal_gives_a_smaller_model_with_the_same_output
     _, module, _ = fit(tmp_path, [capture, pruning], max_epochs=2)
     with torch.no_grad():
         torch.testing.assert_close(module.eval()(capture.inputs), capture.outputs, rtol=0, atol=1e-5)
+    assert capture.outputs.shape == (16, 10)
     model = module.model
     assert (model.features[0].out_channels, model.features[4].out_channels, model.classifier[1].out_features) == (16, 32, 64)
     assert model.classifier[4].out_features == 10  # the output layer keeps its classes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,7 @@ from torch import nn
 
 from lightning_compress.pruning.criteria import CRITERIA, element_scores, taylor_scores
 from lightning_compress.pruning.masks import SCOPES, forget_pruned, n_of_m_masks, rank_masks, threshold_masks
-from lightning_compress.pruning.schedules import SCHEDULES, SparsitySchedule
+from lightning_compress.pruning.schedules import SparsitySchedule
 from lightning_compress.pruning.structured import ChannelGroups
 from lightning_compress.pruning.targets import TargetSpec, select_layers
 
@@ -25,10 +26,10 @@ class Pruning(L.Callback):
     """Prune the weights of Conv and Linear layers while training, to a target sparsity on a schedule.
 
     At the start of each pruning epoch the masks are recomputed from the importance ``criterion`` and
-    written into the weights; after every training batch the pruned weights are set back to exactly
-    zero (one fused multiply, no forward hook, no renamed parameters: ``state_dict()`` keeps the keys of
-    the unpruned model), and optimizer state (momentum, Adam moments) of pruned weights is cleared when
-    masks change. Masks only grow: a pruned weight is never revived. ``amount`` is the final fraction
+    written into the weights; after every optimizer step the pruned weights are set back to exactly
+    zero (one fused multiply in a step post-hook, no forward hook, no renamed parameters:
+    ``state_dict()`` keeps the keys of the unpruned model). Masks only grow: a pruned weight is never
+    revived, even if a later target is lower. ``amount`` is the final fraction
     of the targeted weights (of their output channels, for channel granularity) that are pruned,
     reached at ``end_epoch``; it never compounds.
 
@@ -89,8 +90,6 @@ class Pruning(L.Callback):
             raise ValueError(f"remove_channels=True removes whole channels, so it needs granularity='channel', not {granularity!r}")
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
-        if not callable(schedule) and schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} or a callable epoch -> sparsity")
         if threshold is not None:
             if amount is not None:
                 raise ValueError(f"give either amount ({amount}) or threshold ({threshold}), not both")
@@ -101,14 +100,12 @@ class Pruning(L.Callback):
             if amount is not None and abs(amount - (m - n) / m) > 1e-9:
                 raise ValueError(f"granularity {granularity!r} means sparsity {(m - n) / m}; amount={amount} contradicts it (leave it out)")
             amount = (m - n) / m
-        elif amount is None:
-            raise ValueError("give amount, the target sparsity in [0, 1), or threshold")
+        elif amount is None and not callable(schedule):
+            raise ValueError("give amount, the target sparsity in [0, 1), or threshold (or a callable schedule)")
         if amount is not None and not 0.0 <= amount < 1.0:
             raise ValueError(f"amount must be in [0, 1), got {amount}")
-        if start_epoch < 0 or frequency < 1:
-            raise ValueError(f"start_epoch must be >= 0 and frequency >= 1, got start_epoch={start_epoch}, frequency={frequency}")
-        if end_epoch is not None and end_epoch < start_epoch:
-            raise ValueError(f"end_epoch ({end_epoch}) must not be before start_epoch ({start_epoch})")
+        # The schedule checks its own settings (kind, start_epoch, end_epoch, frequency) now, before training.
+        SparsitySchedule(amount or 0.0, schedule, start_epoch, start_epoch if end_epoch is None else end_epoch, frequency)
         if criterion == "taylor" and start_epoch == 0:
             raise ValueError("criterion='taylor' accumulates |w * grad| over the epoch before each pruning step, so start_epoch must be >= 1")
         if rewind_epoch is not None and not 0 <= rewind_epoch < start_epoch:
@@ -134,6 +131,7 @@ class Pruning(L.Callback):
         self.channel_groups: ChannelGroups | None = None
         self._parameters: dict[str, nn.Parameter] = {}
         self._all_parameters: dict[str, nn.Parameter] = {}
+        self._step_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._rewind_weights: dict[str, torch.Tensor] = {}
         self._taylor: dict[str, torch.Tensor] = {}
 
@@ -151,13 +149,13 @@ class Pruning(L.Callback):
                 raise ValueError(f"channel pruning traces the model: set `example_input_array` on {type(pl_module).__name__}")
             self.channel_groups = ChannelGroups(pl_module, example.to(pl_module.device), layers)
         if stage == "fit":
-            self.schedule = SparsitySchedule(
-                amount=self.amount or 0.0,
-                kind=self.schedule_kind,
-                start_epoch=self.start_epoch,
-                end_epoch=self._end_epoch(trainer),
-                frequency=self.frequency,
-            )
+            end_epoch = self._end_epoch(trainer)
+            if not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= end_epoch:
+                rank_zero_warn(
+                    f"Pruning runs until end_epoch={end_epoch} (start_epoch={self.start_epoch}), but this fit stops "
+                    f"after max_epochs={trainer.max_epochs}: the target is reached only if training is resumed further"
+                )
+            self.schedule = SparsitySchedule(self.amount or 0.0, self.schedule_kind, self.start_epoch, end_epoch, self.frequency)
 
     def _drop_layers_without_n_of_m_groups(self) -> None:
         """Skip (default targets) or refuse (explicit targets) weights whose input dimension is not a multiple of M."""
@@ -166,11 +164,15 @@ class Pruning(L.Callback):
         if unfit and self.targets is not None:
             shapes = {name: tuple(self._parameters[name].shape) for name in unfit}
             raise ValueError(f"{n}:{m} sparsity needs the input dimension of each target divisible by {m}; these are not: {shapes}")
+        if len(unfit) == len(self._parameters):
+            raise ValueError(f"{n}:{m} sparsity needs input dimensions divisible by {m}; no targeted layer has one")
         if unfit:
             rank_zero_warn(f"Pruning {n}:{m}: leaving {unfit} dense, their input dimension is not a multiple of {m}")
         self._parameters = {name: weight for name, weight in self._parameters.items() if name not in unfit}
 
     def _end_epoch(self, trainer: L.Trainer) -> int:
+        if self.schedule is not None:  # resolved at the first fit: a resumed or second fit keeps it
+            return self.schedule.end_epoch
         if self.end_epoch is not None or self.schedule_kind == "oneshot":
             return self.end_epoch if self.end_epoch is not None else self.start_epoch
         max_epochs = trainer.max_epochs
@@ -180,11 +182,12 @@ class Pruning(L.Callback):
 
     # --- training hooks ----------------------------------------------------------------------------
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # State restored from a checkpoint arrives on the CPU; keep it beside the weights it masks.
         self.masks = self._beside_weights(self.masks)
         self._rewind_weights = self._beside_weights(self._rewind_weights)
         self._taylor = self._beside_weights(self._taylor)
+        self._step_hooks = [optimizer.register_step_post_hook(lambda *_: self.apply_masks()) for optimizer in trainer.optimizers]
 
     def _beside_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: tensor.to(self._all_parameters[name].device) for name, tensor in tensors.items()}
@@ -194,15 +197,13 @@ class Pruning(L.Callback):
         if epoch in self.schedule.pruning_epochs() and epoch not in self.pruned_epochs:
             self._prune(trainer, epoch)
 
-    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        # Gradients here are whole (accumulated) and unscaled under mixed precision; skip a step that overflowed.
         if self.criterion == "taylor" and trainer.current_epoch + 1 in self.schedule.pruning_epochs():
-            for name, weight in self._parameters.items():
-                if weight.grad is not None:
-                    score = taylor_scores(weight)
+            scores = {name: taylor_scores(weight) for name, weight in self._parameters.items() if weight.grad is not None}
+            if all(torch.isfinite(score).all() for score in scores.values()):
+                for name, score in scores.items():
                     self._taylor[name] = self._taylor[name] + score if name in self._taylor else score
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.apply_masks()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == self.rewind_epoch:
@@ -222,7 +223,6 @@ class Pruning(L.Callback):
         weights = {name: weight.detach() for name, weight in self._parameters.items()}
         if self.threshold is not None:
             masks = threshold_masks(weights, self.threshold)
-            masks = {name: mask & self.masks[name] if name in self.masks else mask for name, mask in masks.items()}
         elif self.channel_groups is not None:
             masks = self._channel_masks(trainer, epoch)
         else:
@@ -231,10 +231,10 @@ class Pruning(L.Callback):
                 masks = n_of_m_masks(scores, *self.n_of_m)
             else:
                 masks = rank_masks(scores, self.schedule.sparsity_at(epoch), self.scope)
-        self.masks = self._beside_weights(trainer.strategy.broadcast({name: mask.to(torch.bool) for name, mask in masks.items()}, src=0))
+        masks = {name: mask & self.masks[name] if name in self.masks else mask for name, mask in masks.items()}  # never revive
+        self.masks = self._beside_weights(trainer.strategy.broadcast({name: mask.cpu() for name, mask in masks.items()}, src=0))
         self._taylor = {}
         self.apply_masks()
-        self._clear_optimizer_state(trainer)
         if self._rewind_weights:
             for name, weight in self._parameters.items():
                 weight.copy_(self._rewind_weights[name] * self.masks.get(name, True))
@@ -246,6 +246,7 @@ class Pruning(L.Callback):
         scores = self.channel_groups.scores(self.criterion, self._reduced_taylor(trainer, epoch), self._generator(epoch))
         scores = {name: score / score.mean().clamp_min(1e-12) for name, score in scores.items()}
         keep = rank_masks(forget_pruned(scores, self.channel_keep), self.schedule.sparsity_at(epoch), self.scope, min_keep=1)
+        keep = {name: kept & self.channel_keep[name] if name in self.channel_keep else kept for name, kept in keep.items()}
         self.channel_keep = trainer.strategy.broadcast(keep, src=0)
         return self.channel_groups.masks(self.channel_keep)
 
@@ -264,15 +265,6 @@ class Pruning(L.Callback):
         taylor, generator = self._reduced_taylor(trainer, epoch), self._generator(epoch)
         return {name: element_scores(weight, self.criterion, taylor.get(name), generator) for name, weight in weights.items()}
 
-    def _clear_optimizer_state(self, trainer: L.Trainer) -> None:
-        """Zero momentum and moment estimates of pruned weights so an optimizer step cannot move them."""
-        for optimizer in trainer.optimizers:
-            for name, mask in self.masks.items():
-                weight = self._all_parameters[name]
-                for value in optimizer.state.get(weight, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == weight.shape:
-                        value.mul_(mask)
-
     def sparsity(self) -> dict[str, float]:
         """``{"pruning/sparsity": global, "pruning/sparsity/<weight>": per layer}`` over the targeted weights, from the masks."""
         pruned = {name: int((~self.masks[name]).sum()) if name in self.masks else 0 for name in self._parameters}
@@ -288,16 +280,28 @@ class Pruning(L.Callback):
 
     # --- checkpoint state --------------------------------------------------------------------------
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """With ``remove_channels``, cut the pruned channels out: the module gets smaller layers."""
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """With ``remove_channels``, cut the pruned channels out: the module gets smaller layers.
+
+        This runs when training ends, before any ``on_fit_end``, so a ``CompressionReport`` measures
+        the smaller model wherever it stands in the callback list.
+        """
+        for hook in self._step_hooks:
+            hook.remove()
+        self._step_hooks = []
         if self.remove_channels and self.channel_keep:
             self.channel_groups.remove(self.channel_keep)
             self.masks, self.channel_keep, self._rewind_weights = {}, {}, {}
             self._parameters = {name: p for name, p in pl_module.named_parameters() if name in self._parameters}
             self._all_parameters = dict(pl_module.named_parameters())
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(amount=self.amount, criterion=self.criterion, granularity=self.granularity, targets=str(self.targets))
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "end_epoch": self.schedule.end_epoch if self.schedule is not None else None,
             "masks": self.masks,
             "channel_keep": self.channel_keep,
             "pruned_epochs": list(self.pruned_epochs),
@@ -306,6 +310,8 @@ class Pruning(L.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["end_epoch"] is not None and self.schedule is not None:
+            self.schedule = dataclasses.replace(self.schedule, end_epoch=state_dict["end_epoch"])
         self.masks = dict(state_dict["masks"])
         self.channel_keep = dict(state_dict["channel_keep"])
         self.pruned_epochs = list(state_dict["pruned_epochs"])

@@ -13,14 +13,14 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_compress.analysis.measure import eval_mode
+from lightning_compress.analysis.measure import WEIGHT_LAYER_TYPES, eval_mode
 from lightning_compress.pruning.criteria import channel_scores
-
-_WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 class ChannelGroups:
     """The prunable channel groups of ``model``, one per targeted root layer.
+
+    A group whose channels no other layer reads (the output layer's classes) is never prunable.
 
     Example:
         >>> import torch
@@ -39,8 +39,7 @@ class ChannelGroups:
     def __init__(self, model: nn.Module, example_input: torch.Tensor, layers: dict[str, nn.Module]) -> None:
         self.model = model
         self._names = {module: name for name, module in model.named_modules()}
-        outputs = _output_layers(model, example_input)
-        ignored = [m for m in model.modules() if isinstance(m, _WEIGHT_LAYERS) and (m in outputs or m not in layers.values())]
+        ignored = [m for m in model.modules() if isinstance(m, WEIGHT_LAYER_TYPES) and m not in layers.values()]
         for name, module in layers.items():
             if isinstance(module, nn.modules.conv._ConvNd) and (module.groups > 1 or module.transposed):
                 raise ValueError(f"channel pruning handles plain convolutions; {name!r} is grouped or transposed")
@@ -48,11 +47,19 @@ class ChannelGroups:
             self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
         roots = {
             group[0].dep.target.module: group[0].dep.handler
-            for group in self.graph.get_all_groups(ignored_layers=ignored, root_module_types=_WEIGHT_LAYERS)
+            for group in self.graph.get_all_groups(ignored_layers=ignored, root_module_types=WEIGHT_LAYER_TYPES)
+            if self._has_readers(group)
         }
         self._roots = {name: (module, roots[module]) for name, module in model.named_modules() if module in roots}
         if not self._roots:
             raise ValueError("no output channel of the targeted layers can be pruned (the output layer never is)")
+
+    def _has_readers(self, group: tp.Group) -> bool:
+        """Whether some weight layer reads the group's channels as its inputs (else they are model outputs)."""
+        return any(
+            isinstance(item.dep.target.module, WEIGHT_LAYER_TYPES) and self.graph.is_in_channel_pruning_fn(item.dep.handler)
+            for item in group
+        )
 
     @property
     def channels(self) -> dict[str, int]:
@@ -73,10 +80,11 @@ class ChannelGroups:
             total = torch.zeros(count)
             for item in self._group(name, list(range(count))):
                 module, handler = item.dep.target.module, item.dep.handler
-                if isinstance(module, _WEIGHT_LAYERS) and self.graph.is_out_channel_pruning_fn(handler):
+                if isinstance(module, WEIGHT_LAYER_TYPES) and self.graph.is_out_channel_pruning_fn(handler):
                     layer_taylor = taylor.get(f"{self._names[module]}.weight")
                     per_channel = channel_scores(module.weight, criterion, layer_taylor, generator).cpu()
-                    total += per_channel[list(item.idxs)]
+                    # root_idxs map this layer's channels onto the root's (they differ across concat/split)
+                    total.index_add_(0, torch.tensor(item.root_idxs), per_channel[list(item.idxs)])
             result[name] = total
         return result
 
@@ -96,7 +104,7 @@ class ChannelGroups:
 
     def _touched(self, module: nn.Module, handler: object) -> list[tuple[str, torch.Tensor, int]]:
         """``(parameter name, parameter, dimension)`` that a pruned channel zeroes in ``module``."""
-        if isinstance(module, _WEIGHT_LAYERS):
+        if isinstance(module, WEIGHT_LAYER_TYPES):
             if self.graph.is_out_channel_pruning_fn(handler):
                 return [(n, p, 0) for n, p in module.named_parameters(recurse=False)]
             return [("weight", module.weight, 1)]
@@ -109,20 +117,3 @@ class ChannelGroups:
             if pruned:
                 self._group(name, pruned).prune()
 
-
-def _output_layers(model: nn.Module, example_input: torch.Tensor) -> set[nn.Module]:
-    """The weight layers whose output tensor is the model's output (their output channels are the classes)."""
-    produced: dict[int, nn.Module] = {}
-    hooks = [
-        module.register_forward_hook(lambda module, args, output: produced.__setitem__(id(output), module))
-        for module in model.modules()
-        if isinstance(module, _WEIGHT_LAYERS)
-    ]
-    try:
-        with eval_mode(model), torch.no_grad():
-            output = model(example_input)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    outputs = output if isinstance(output, (tuple, list)) else [output]
-    return {produced[id(tensor)] for tensor in outputs if id(tensor) in produced}
