@@ -6,6 +6,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+from digits import digits_module, fit_digits
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -17,28 +18,6 @@ from lightning_compress.pruning import Pruning
 TARGETS = ["model.features.0.weight", "model.features.4.weight", "model.classifier.1.weight", "model.classifier.4.weight"]
 
 
-def make_module(optimizer=None) -> ClassificationModule:
-    return ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10, input_shape=(1, 8, 8), optimizer=optimizer)
-
-
-def fit(tmp_path, callbacks, max_epochs=3, ckpt_path=None, optimizer=None, logger=False, seed=0):
-    L.seed_everything(seed)
-    module = make_module(optimizer)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        logger=logger,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        default_root_dir=tmp_path,
-    )
-    datamodule = DigitsDataModule()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return trainer, module, datamodule
-
-
 def zeros(module: ClassificationModule) -> dict[str, int]:
     state = module.state_dict()
     return {name: int((state[name] == 0).sum()) for name in TARGETS}
@@ -46,11 +25,11 @@ def zeros(module: ClassificationModule) -> dict[str, int]:
 
 def test_global_amount_is_exact_and_the_checkpoint_loads_into_the_plain_model(tmp_path) -> None:
     pruning = Pruning(amount=0.9, schedule="agp", start_epoch=0, end_epoch=1)
-    trainer, module, _ = fit(tmp_path, [pruning], max_epochs=3)
+    trainer, module, _ = fit_digits(tmp_path, [pruning], max_epochs=3)
     total = sum(module.state_dict()[name].numel() for name in TARGETS)
     assert sum(zeros(module).values()) == round(0.9 * total)
     assert pruning.sparsity()["pruning/sparsity"] == pytest.approx(round(0.9 * total) / total)
-    assert list(module.state_dict()) == list(make_module().state_dict())  # no weight_orig / weight_mask
+    assert list(module.state_dict()) == list(digits_module().state_dict())  # no weight_orig / weight_mask
     plain = SmallCNN(num_classes=10, image_size=8)
     plain.load_state_dict({key.removeprefix("model."): value for key, value in module.state_dict().items()}, strict=True)
     inputs = torch.randn(5, 1, 8, 8)
@@ -72,7 +51,7 @@ def test_pruned_weights_stay_exactly_zero_through_the_optimizer(tmp_path, optimi
                 assert torch.all(pl_module.state_dict()[name][~mask] == 0)
 
     pruning = Pruning(amount=0.8, schedule="linear", start_epoch=0, end_epoch=2)
-    fit(tmp_path, [pruning, RecordMasks()], max_epochs=4, optimizer=optimizer)
+    fit_digits(tmp_path, [pruning, RecordMasks()], max_epochs=4, optimizer=optimizer)
     for earlier, later in zip(masks_per_epoch, masks_per_epoch[1:]):
         assert all(torch.all(later[name] <= earlier[name]) for name in TARGETS)  # masks only grow
     assert [round(1 - sum(m.sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values()), 3) for masks in masks_per_epoch] == [
@@ -85,14 +64,14 @@ def test_pruned_weights_stay_exactly_zero_through_the_optimizer(tmp_path, optimi
 
 def test_a_lower_later_target_does_not_revive_weights(tmp_path) -> None:
     pruning = Pruning(schedule=lambda epoch: 0.6 if epoch == 0 else 0.2, start_epoch=0, end_epoch=1)
-    _, module, _ = fit(tmp_path, [pruning], max_epochs=3)
+    _, module, _ = fit_digits(tmp_path, [pruning], max_epochs=3)
     assert pruning.pruned_epochs == [0, 1]
     total = sum(module.state_dict()[name].numel() for name in TARGETS)
     assert sum(zeros(module).values()) >= round(0.6 * total)
 
 
 def test_sparsity_is_logged_at_each_pruning_step(tmp_path) -> None:
-    fit(tmp_path, [Pruning(amount=0.5, schedule="linear", start_epoch=0, end_epoch=1)], max_epochs=2, logger=CSVLogger(tmp_path, name="csv"))
+    fit_digits(tmp_path, [Pruning(amount=0.5, schedule="linear", start_epoch=0, end_epoch=1)], max_epochs=2, logger=CSVLogger(tmp_path, name="csv"))
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as handle:
         rows = [row for row in csv.DictReader(handle) if row["pruning/sparsity"]]
     assert [float(row["pruning/sparsity"]) for row in rows] == pytest.approx([0.25, 0.5], abs=1e-4)
@@ -100,7 +79,7 @@ def test_sparsity_is_logged_at_each_pruning_step(tmp_path) -> None:
 
 
 def test_layer_scope_prunes_each_layer_to_the_amount(tmp_path) -> None:
-    _, module, _ = fit(tmp_path, [Pruning(amount=0.7, scope="layer", schedule="oneshot")], max_epochs=1)
+    _, module, _ = fit_digits(tmp_path, [Pruning(amount=0.7, scope="layer", schedule="oneshot")], max_epochs=1)
     state = module.state_dict()
     assert zeros(module) == {name: round(0.7 * state[name].numel()) for name in TARGETS}
 
@@ -108,7 +87,7 @@ def test_layer_scope_prunes_each_layer_to_the_amount(tmp_path) -> None:
 def test_two_of_four_keeps_two_in_every_group_and_skips_layers_that_cannot(tmp_path) -> None:
     pruning = Pruning(granularity="2:4", schedule="oneshot")
     with pytest.warns(UserWarning, match="leaving \\['model.features.0.weight'\\] dense"):
-        _, module, _ = fit(tmp_path, [pruning], max_epochs=1)
+        _, module, _ = fit_digits(tmp_path, [pruning], max_epochs=1)
     for name in TARGETS[1:]:
         groups = (module.state_dict()[name] != 0).movedim(1, -1).reshape(-1, 4).sum(dim=1)
         assert groups.max() <= 2 and (groups == 2).float().mean() > 0.99
@@ -123,7 +102,7 @@ def test_threshold_rule_zeroes_small_weights(tmp_path) -> None:
             seen.update({name: pl_module.state_dict()[name].clone() for name in TARGETS})
 
     pruning = Pruning(threshold=0.05, schedule="oneshot")
-    _, module, _ = fit(tmp_path, [Capture(), pruning], max_epochs=1)
+    _, module, _ = fit_digits(tmp_path, [Capture(), pruning], max_epochs=1)
     for name in TARGETS:
         assert torch.equal(pruning.masks[name], seen[name].abs() > 0.05)
         assert torch.all(module.state_dict()[name][~pruning.masks[name]] == 0)
@@ -132,16 +111,16 @@ def test_threshold_rule_zeroes_small_weights(tmp_path) -> None:
 def test_random_criterion_is_reproducible_from_its_seed(tmp_path) -> None:
     first = Pruning(amount=0.5, criterion="random", schedule="oneshot", seed=7)
     second = Pruning(amount=0.5, criterion="random", schedule="oneshot", seed=7)
-    fit(tmp_path, [first], max_epochs=1)
-    fit(tmp_path, [second], max_epochs=1, seed=1)
+    fit_digits(tmp_path, [first], max_epochs=1)
+    fit_digits(tmp_path, [second], max_epochs=1, seed=1)
     assert all(torch.equal(first.masks[name], second.masks[name]) for name in TARGETS)
 
 
 def test_taylor_criterion_uses_the_epoch_before_pruning(tmp_path) -> None:
     taylor = Pruning(amount=0.5, criterion="taylor", schedule="oneshot", start_epoch=1)
     magnitude = Pruning(amount=0.5, criterion="magnitude", schedule="oneshot", start_epoch=1)
-    _, module, _ = fit(tmp_path, [taylor], max_epochs=2)
-    fit(tmp_path, [magnitude], max_epochs=2)
+    _, module, _ = fit_digits(tmp_path, [taylor], max_epochs=2)
+    fit_digits(tmp_path, [magnitude], max_epochs=2)
     assert sum(zeros(module).values()) == round(0.5 * sum(module.state_dict()[n].numel() for n in TARGETS))
     assert any(not torch.equal(taylor.masks[name], magnitude.masks[name]) for name in TARGETS)
 
@@ -159,7 +138,7 @@ def test_rewinding_resets_survivors_to_the_rewind_epoch(tmp_path) -> None:
                 snapshots["after_pruning"] = {name: pl_module.state_dict()[name].clone() for name in TARGETS}
 
     pruning = Pruning(amount=0.6, schedule="oneshot", start_epoch=2, rewind_epoch=0)
-    fit(tmp_path, [pruning, Capture()], max_epochs=3)
+    fit_digits(tmp_path, [pruning, Capture()], max_epochs=3)
     for name in TARGETS:
         assert torch.equal(snapshots["after_pruning"][name], snapshots["rewind"][name] * pruning.masks[name])
 
@@ -169,10 +148,10 @@ def test_a_resumed_run_ends_with_the_same_masks_and_weights(tmp_path) -> None:
         return Pruning(amount=0.9, schedule="agp", start_epoch=0, end_epoch=3)
 
     straight = pruning()
-    _, whole, _ = fit(tmp_path / "a", [straight], max_epochs=4)
-    fit(tmp_path / "b", [pruning(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=2)
+    _, whole, _ = fit_digits(tmp_path / "a", [straight], max_epochs=4)
+    fit_digits(tmp_path / "b", [pruning(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=2)
     resumed = pruning()
-    _, continued, _ = fit(tmp_path / "b", [resumed, ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=4, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    _, continued, _ = fit_digits(tmp_path / "b", [resumed, ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=4, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     assert resumed.pruned_epochs == [0, 1, 2, 3]
     assert all(torch.equal(straight.masks[name], resumed.masks[name]) for name in TARGETS)
     for (name, value), other in zip(whole.state_dict().items(), continued.state_dict().values()):
@@ -182,7 +161,7 @@ def test_a_resumed_run_ends_with_the_same_masks_and_weights(tmp_path) -> None:
 def test_fit_twice_validate_test_and_test_from_checkpoint(tmp_path) -> None:
     pruning = Pruning(amount=0.5, schedule="oneshot")
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer, module, datamodule = fit(tmp_path, [pruning, checkpoint], max_epochs=1)
+    trainer, module, datamodule = fit_digits(tmp_path, [pruning, checkpoint], max_epochs=1)
     trainer.fit_loop.max_epochs = 2
     trainer.fit(module, datamodule=datamodule)
     assert pruning.pruned_epochs == [0]
@@ -218,11 +197,11 @@ def test_bad_arguments_fail_in_init(options: dict, message: str) -> None:
 
 def test_an_end_epoch_past_training_warns_at_setup(tmp_path) -> None:
     with pytest.warns(UserWarning, match="end_epoch=2 .* max_epochs=2: the target is reached only if training is resumed"):
-        fit(tmp_path, [Pruning(amount=0.5, end_epoch=2)], max_epochs=2)
+        fit_digits(tmp_path, [Pruning(amount=0.5, end_epoch=2)], max_epochs=2)
 
 
 def test_a_pattern_that_matches_nothing_fails_before_training(tmp_path) -> None:
-    module = make_module()
+    module = digits_module()
     before = {name: value.clone() for name, value in module.state_dict().items()}
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[Pruning(amount=0.5, targets=["model.feature.*"])], default_root_dir=tmp_path)
     with pytest.raises(ValueError, match="'model.feature.\\*' matches no layer.*model.features"):
@@ -244,7 +223,7 @@ class CaptureOutputs(L.Callback):
 def test_channel_pruning_with_removal_gives_a_smaller_model_with_the_same_outputs(tmp_path, criterion) -> None:
     capture = CaptureOutputs()
     pruning = Pruning(amount=0.5, criterion=criterion, granularity="channel", scope="layer", schedule="oneshot", start_epoch=1, remove_channels=True)
-    _, module, _ = fit(tmp_path, [capture, pruning], max_epochs=2)
+    _, module, _ = fit_digits(tmp_path, [capture, pruning], max_epochs=2)
     with torch.no_grad():
         torch.testing.assert_close(module.eval()(capture.inputs), capture.outputs, rtol=0, atol=1e-5)
     assert capture.outputs.shape == (16, 10)
@@ -257,7 +236,7 @@ def test_channel_pruning_with_removal_gives_a_smaller_model_with_the_same_output
 
 def test_channel_masks_zero_everything_a_pruned_channel_touches(tmp_path) -> None:
     pruning = Pruning(amount=0.25, granularity="channel", schedule="oneshot")
-    _, module, _ = fit(tmp_path, [pruning], max_epochs=1)
+    _, module, _ = fit_digits(tmp_path, [pruning], max_epochs=1)
     model = module.model
     pruned = (~pruning.channel_keep["model.features.0"]).nonzero().flatten()
     assert len(pruned) > 0

@@ -6,6 +6,7 @@ import json
 import lightning as L
 import pytest
 import torch
+from digits import fit_digits
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -46,26 +47,9 @@ def test_report_files_are_written_and_round_trip(tmp_path) -> None:
     assert paths["markdown"].read_text() == report.to_markdown()
 
 
-def fit_digits(callbacks: list[L.Callback], tmp_path, max_epochs: int = 1, ckpt_path: str | None = None, **trainer_options):
-    L.seed_everything(0)
-    module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10, input_shape=(1, 8, 8))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        **{"logger": False, **trainer_options},
-    )
-    datamodule = DigitsDataModule()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return trainer, module, datamodule
-
-
 def test_callback_measures_before_and_after_and_logs(tmp_path) -> None:
     callback = CompressionReport(output_dir=tmp_path / "report", latency_batch_sizes=(1, 8), latency_repeats=2, verbose=False)
-    trainer, module, datamodule = fit_digits([callback], tmp_path, logger=CSVLogger(tmp_path, name="csv"))
+    trainer, module, datamodule = fit_digits(tmp_path, [callback], logger=CSVLogger(tmp_path, name="csv"))
     val_accuracy = float(trainer.callback_metrics["val/acc"])
     test_accuracy = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
 
@@ -112,9 +96,9 @@ def test_callback_rejects_bad_arguments(options: dict, message: str) -> None:
 def test_resumed_run_keeps_the_before_stage(tmp_path) -> None:
     options = {"latency_batch_sizes": (1,), "latency_repeats": 2, "verbose": False}
     first = CompressionReport(output_dir=tmp_path / "first", **options)
-    fit_digits([first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], tmp_path, max_epochs=1)
+    fit_digits(tmp_path, [first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=1)
     resumed = CompressionReport(output_dir=tmp_path / "resumed", **options)
-    trainer, _, _ = fit_digits([resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], tmp_path, max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer, _, _ = fit_digits(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.current_epoch == 2
     assert resumed.report.entry("before") == first.report.entry("before")
     assert [entry.name for entry in resumed.report.entries] == ["before", "after"]
@@ -122,7 +106,7 @@ def test_resumed_run_keeps_the_before_stage(tmp_path) -> None:
 
 def test_fit_twice_keeps_before_and_remeasures_after(tmp_path) -> None:
     callback = CompressionReport(output_dir=tmp_path, latency_batch_sizes=(1,), latency_repeats=2, verbose=False)
-    trainer, module, datamodule = fit_digits([callback], tmp_path, max_epochs=1)
+    trainer, module, datamodule = fit_digits(tmp_path, [callback], max_epochs=1)
     before, first_after = callback.report.entry("before"), callback.report.entry("after")
     with torch.no_grad():
         module.model.classifier[1].weight[:10] = 0.0  # change the model between the two fits
@@ -137,7 +121,7 @@ def test_fit_twice_keeps_before_and_remeasures_after(tmp_path) -> None:
 def test_test_accuracy_of_another_checkpoint_is_not_put_on_the_fitted_model(tmp_path) -> None:
     callback = CompressionReport(output_dir=tmp_path, latency_batch_sizes=(1,), latency_repeats=2, verbose=False)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer, module, datamodule = fit_digits([callback, checkpoint], tmp_path, max_epochs=1)
+    trainer, module, datamodule = fit_digits(tmp_path, [callback, checkpoint], max_epochs=1)
     with pytest.warns(UserWarning, match="not on the fitted model"):
         trainer.test(module, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)
     assert callback.report.entry("after").test_accuracy is None
@@ -147,7 +131,7 @@ def test_test_accuracy_of_another_checkpoint_is_not_put_on_the_fitted_model(tmp_
 
 def test_a_misspelt_metric_name_warns_with_the_logged_names(tmp_path) -> None:
     callback = CompressionReport(output_dir=tmp_path, latency_batch_sizes=(1,), latency_repeats=2, verbose=False, test_metric="test/accuracy")
-    trainer, module, datamodule = fit_digits([callback], tmp_path, max_epochs=1)
+    trainer, module, datamodule = fit_digits(tmp_path, [callback], max_epochs=1)
     with pytest.warns(UserWarning, match="no metric 'test/accuracy'.*'test/acc'"):
         trainer.test(module, datamodule=datamodule, verbose=False)
 

@@ -1,0 +1,46 @@
+"""Training the small CNN on the bundled digits, shared by the tests of callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_compress import ClassificationModule
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.models import SmallCNN
+
+
+def digits_module(optimizer: Callable[[Iterable[nn.Parameter]], Optimizer] | None = None) -> ClassificationModule:
+    return ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10, input_shape=(1, 8, 8), optimizer=optimizer)
+
+
+def fit_digits(
+    tmp_path,
+    callbacks: list[L.Callback],
+    max_epochs: int = 1,
+    ckpt_path: str | None = None,
+    optimizer: Callable[[Iterable[nn.Parameter]], Optimizer] | None = None,
+    logger: Logger | bool = False,
+    seed: int = 0,
+) -> tuple[L.Trainer, ClassificationModule, DigitsDataModule]:
+    """Seeded fit on the CPU; checkpoints only where a ``ModelCheckpoint`` is given."""
+    L.seed_everything(seed)
+    module = digits_module(optimizer)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        default_root_dir=tmp_path,
+    )
+    datamodule = DigitsDataModule()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer, module, datamodule
