@@ -278,7 +278,7 @@ class Pruning(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    # --- checkpoint state --------------------------------------------------------------------------
+    # --- end of training and checkpoint state -------------------------------------------------------
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """With ``remove_channels``, cut the pruned channels out: the module gets smaller layers.
