@@ -1,0 +1,41 @@
+"""Run by test_pruning_ddp.py: prune on two CPU processes under DDP and save each rank's masks.
+
+    python tests/ddp_masks.py OUTPUT_DIR CRITERION GRANULARITY
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from digits import digits_module
+
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.pruning import Pruning
+
+
+def main(output: Path, criterion: str, granularity: str) -> None:
+    L.seed_everything(0)
+    pruning = Pruning(amount=0.5, criterion=criterion, granularity=granularity, schedule="oneshot", start_epoch=1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        strategy="ddp",
+        devices=2,
+        max_epochs=2,
+        limit_train_batches=4,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruning],
+    )
+    module = digits_module()
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
+    torch.save({"masks": pruning.masks, "weights": module.state_dict()}, output / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
