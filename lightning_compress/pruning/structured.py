@@ -37,7 +37,6 @@ class ChannelGroups:
     """
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, layers: dict[str, nn.Module]) -> None:
-        self.model = model
         self._names = {module: name for name, module in model.named_modules()}
         ignored = [m for m in model.modules() if isinstance(m, WEIGHT_LAYER_TYPES) and m not in layers.values()]
         for name, module in layers.items():
