@@ -8,6 +8,9 @@ from pathlib import Path
 
 from lightning_compress.cli import train
 
+# A quick report: latency at batch 1 only, two repeats.
+QUICK_REPORT = ["callbacks.compression_report.latency_batch_sizes=[1]", "callbacks.compression_report.latency_repeats=2"]
+
 
 def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config, tmp_path) -> None:
     cfg = compose_config("trainer.fast_dev_run=true", f"output_dir={tmp_path}", "callbacks.compression_report.latency_repeats=2")
@@ -30,7 +33,7 @@ def test_without_compression_the_app_reports_before_and_after_one_fit(compose_co
 
 
 def test_default_pruning_recipe_reaches_its_sparsity_beside_the_dense_model(compose_config, tmp_path) -> None:
-    cfg = compose_config("trainer.max_epochs=3", f"output_dir={tmp_path}", "callbacks.compression_report.latency_batch_sizes=[1]", "callbacks.compression_report.latency_repeats=2")
+    cfg = compose_config("trainer.max_epochs=3", f"output_dir={tmp_path}", *QUICK_REPORT)
     dense, pruned = train(cfg).entries
     assert dense.profile.weight_sparsity.sparsity < 0.01
     stats = pruned.profile.weight_sparsity
@@ -43,8 +46,7 @@ def test_channel_recipe_shrinks_the_model(compose_config, tmp_path) -> None:
         "compression/pruning=taylor_channel50",
         "trainer.max_epochs=3",
         f"output_dir={tmp_path}",
-        "callbacks.compression_report.latency_batch_sizes=[1]",
-        "callbacks.compression_report.latency_repeats=2",
+        *QUICK_REPORT,
     )
     dense, pruned = train(cfg).entries
     assert pruned.name == "pruning"
@@ -53,7 +55,7 @@ def test_channel_recipe_shrinks_the_model(compose_config, tmp_path) -> None:
 
 
 def test_a_resumed_run_continues_from_its_last_checkpoint(compose_config, tmp_path) -> None:
-    common = ["~compression/pruning", f"output_dir={tmp_path}", "callbacks.compression_report.latency_batch_sizes=[1]", "callbacks.compression_report.latency_repeats=2", "test=false"]
+    common = ["~compression/pruning", f"output_dir={tmp_path}", *QUICK_REPORT, "test=false"]
     first = train(compose_config("trainer.max_epochs=1", *common))
     resumed = train(compose_config("trainer.max_epochs=2", f"ckpt_path={tmp_path}/checkpoints/last.ckpt", *common))
     assert resumed.entry("before") == first.entry("before")
@@ -94,8 +96,7 @@ def test_ddp_config_prunes_with_two_cpu_processes(tmp_path) -> None:
         "trainer.limit_train_batches=4",
         "trainer.limit_val_batches=2",
         "compression.pruning.start_epoch=1",
-        "callbacks.compression_report.latency_batch_sizes=[1]",
-        "callbacks.compression_report.latency_repeats=2",
+        *QUICK_REPORT,
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )

@@ -138,5 +138,8 @@ def test_a_misspelt_metric_name_warns_with_the_logged_names(tmp_path) -> None:
 
 def test_validate_and_test_alone_need_no_input_shape(tmp_path) -> None:
     module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10)
-    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[CompressionReport()], enable_progress_bar=False, default_root_dir=tmp_path)
-    assert trainer.test(module, datamodule=DigitsDataModule(), verbose=False)[0]["test/acc"] >= 0.0
+    callback = CompressionReport()
+    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False, default_root_dir=tmp_path)
+    assert 0.0 <= trainer.validate(module, datamodule=DigitsDataModule(), verbose=False)[0]["val/acc"] <= 1.0
+    assert 0.0 <= trainer.test(module, datamodule=DigitsDataModule(), verbose=False)[0]["test/acc"] <= 1.0
+    assert callback.report.entries == [] and not list(tmp_path.glob("**/report.json"))  # nothing measured outside fit
