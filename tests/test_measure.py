@@ -139,7 +139,22 @@ def test_evaluate_accuracy_casts_inputs_to_a_half_precision_model() -> None:
     assert evaluate_accuracy(model, [(inputs, targets)]) == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("options, message", [({"latency_batch_sizes": (0,)}, "got \\[0\\]"), ({"num_threads": 0}, "got 0")])
+def test_profile_measures_latency_in_onnx_runtime() -> None:
+    model = SmallCNN(num_classes=3, image_size=8).train()
+    profile = profile_model(model, (1, 8, 8), latency_batch_sizes=(1, 4), latency_warmup=1, latency_repeats=2, num_threads=1, latency_runtime="onnxruntime")
+    assert {batch: (result.runtime, result.num_threads, result.batch_size) for batch, result in profile.latency.items()} == {
+        1: ("onnxruntime", 1, 1),
+        4: ("onnxruntime", 1, 4),
+    }
+    assert profile.macs == count_macs(model, torch.zeros(1, 1, 8, 8))
+    assert model.training
+    assert ModelProfile.from_dict(profile.to_dict()) == profile
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"latency_batch_sizes": (0,)}, "got \\[0\\]"), ({"num_threads": 0}, "got 0"), ({"latency_runtime": "tvm"}, "'tvm'.*torch, onnxruntime")],
+)
 def test_profile_rejects_bad_latency_options(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         profile_model(nn.Linear(2, 2), (2,), **options)

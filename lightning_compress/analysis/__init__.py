@@ -1,6 +1,6 @@
 """Measurement in plain PyTorch: size, sparsity, MACs, latency, accuracy, and the report built from them."""
 
-from lightning_compress.analysis.latency import LatencyResult, check_latency_options, measure_latency
+from lightning_compress.analysis.latency import LATENCY_RUNTIMES, LatencyResult, check_latency_options, measure_latency
 from lightning_compress.analysis.measure import (
     WEIGHT_LAYER_TYPES,
     SparsityStats,
@@ -17,6 +17,7 @@ from lightning_compress.analysis.profile import ModelProfile, evaluate_accuracy,
 from lightning_compress.analysis.report import Report, ReportEntry
 
 __all__ = [
+    "LATENCY_RUNTIMES",
     "WEIGHT_LAYER_TYPES",
     "LatencyResult",
     "ModelProfile",

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lightning_compress.analysis.measure import eval_mode
+
+if TYPE_CHECKING:
+    from lightning_compress.deploy import OnnxRuntimeModel
+
+LATENCY_RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class LatencyResult:
     warmup: int
     num_threads: int
     device: str
+    runtime: str = "torch"
 
     @property
     def samples_per_second(self) -> float:
@@ -39,7 +47,11 @@ class LatencyResult:
 
 
 def check_latency_options(
-    batch_sizes: Iterable[int] = (1,), warmup: int = 5, repeats: int = 30, num_threads: int | None = None
+    batch_sizes: Iterable[int] = (1,),
+    warmup: int = 5,
+    repeats: int = 30,
+    num_threads: int | None = None,
+    runtime: str = "torch",
 ) -> None:
     """Raise ``ValueError`` naming the bad value when a latency setting is out of range."""
     batch_sizes = list(batch_sizes)
@@ -49,6 +61,8 @@ def check_latency_options(
         raise ValueError(f"latency needs warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"num_threads must be a positive integer or None, got {num_threads}")
+    if runtime not in LATENCY_RUNTIMES:
+        raise ValueError(f"unknown latency runtime {runtime!r}; use one of {', '.join(LATENCY_RUNTIMES)}")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -58,7 +72,7 @@ def _synchronize(device: torch.device) -> None:
 
 @torch.inference_mode()
 def measure_latency(
-    model: nn.Module,
+    model: nn.Module | OnnxRuntimeModel,
     example_input: torch.Tensor,
     *,
     warmup: int = 5,
@@ -67,13 +81,16 @@ def measure_latency(
 ) -> LatencyResult:
     """Time ``model(example_input)`` in eval mode and return the median of ``repeats`` runs after ``warmup``.
 
+    ``model`` is a module (eager PyTorch) or an :class:`~lightning_compress.deploy.OnnxRuntimeModel`.
     ``num_threads`` sets torch's intra-op threads for the measurement only (the previous count is restored);
-    the count used is recorded in the result, since latency on CPU depends on it.
+    an ONNX Runtime session keeps the threads it was opened with. The count used is recorded in the
+    result, since latency on CPU depends on it.
     """
     check_latency_options(example_input.shape[:1], warmup, repeats, num_threads)
     previous_threads = torch.get_num_threads()
     device = example_input.device
-    with eval_mode(model):
+    is_module = isinstance(model, nn.Module)
+    with eval_mode(model) if is_module else contextlib.nullcontext():
         try:
             if num_threads is not None:
                 torch.set_num_threads(num_threads)
@@ -86,7 +103,7 @@ def measure_latency(
                 model(example_input)
                 _synchronize(device)
                 timings_ms.append((time.perf_counter() - start) * 1000.0)
-            threads_used = torch.get_num_threads()
+            threads_used = torch.get_num_threads() if is_module else model.num_threads
         finally:
             torch.set_num_threads(previous_threads)
     return LatencyResult(
@@ -98,4 +115,5 @@ def measure_latency(
         warmup=warmup,
         num_threads=threads_used,
         device=str(device),
+        runtime="torch" if is_module else model.runtime,
     )

@@ -20,6 +20,7 @@ from lightning_compress.analysis.measure import (
     layer_sparsity,
     size_on_disk,
 )
+from lightning_compress.deploy.onnx import OnnxRuntimeModel
 
 
 @dataclass
@@ -84,14 +85,16 @@ def profile_model(
     latency_warmup: int = 5,
     latency_repeats: int = 30,
     num_threads: int | None = None,
+    latency_runtime: str = "torch",
 ) -> ModelProfile:
     """Measure ``model`` on inputs of ``input_shape`` (one sample, without the batch dimension).
 
     MACs are per sample (batch of one); latency is measured at each of ``latency_batch_sizes`` on the
-    device the model's parameters are on.
+    device the model's parameters are on, in eager PyTorch (``latency_runtime="torch"``) or in ONNX
+    Runtime on the CPU (``"onnxruntime"``: the model is exported once, with a dynamic batch dimension).
     """
     latency_batch_sizes = list(latency_batch_sizes)
-    check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads)
+    check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads, latency_runtime)
     device, dtype = _device_and_dtype(model)
     shape = tuple(input_shape)
     generator = torch.Generator().manual_seed(0)
@@ -99,6 +102,11 @@ def profile_model(
     def example(batch_size: int) -> torch.Tensor:
         return torch.randn((batch_size, *shape), generator=generator).to(device=device, dtype=dtype)
 
+    runner: nn.Module | OnnxRuntimeModel = model
+    if latency_runtime == "onnxruntime" and latency_batch_sizes:
+        if device.type != "cpu":
+            raise ValueError(f"latency_runtime='onnxruntime' measures on the CPU; the model is on {device}")
+        runner = OnnxRuntimeModel.from_module(model, example(1), num_threads)
     return ModelProfile(
         parameters=count_parameters(model),
         nonzero_parameters=count_nonzero_parameters(model),
@@ -107,7 +115,7 @@ def profile_model(
         size_bytes=size_on_disk(model),
         macs=count_macs(model, example(1)),
         latency={
-            batch: measure_latency(model, example(batch), warmup=latency_warmup, repeats=latency_repeats, num_threads=num_threads)
+            batch: measure_latency(runner, example(batch), warmup=latency_warmup, repeats=latency_repeats, num_threads=num_threads)
             for batch in latency_batch_sizes
         },
     )

@@ -18,7 +18,8 @@ class CompressionReport(L.Callback):
     """Profile the model at the start and at the end of fit, log the numbers and write the report files.
 
     Each profile holds parameters, non-zero parameters, weight sparsity (global and per layer), bytes of
-    the saved state dict, MACs per sample and the median latency at each of ``latency_batch_sizes``.
+    the saved state dict, MACs per sample and the median latency at each of ``latency_batch_sizes``
+    (in eager PyTorch, or in ONNX Runtime on the CPU with ``latency_runtime="onnxruntime"``).
     Both stages, ``"before"`` and ``"after"``, get the accuracy over the datamodule's whole validation
     set, measured the same way (without a datamodule, ``"after"`` takes ``val_metric`` from the
     trainer's metrics). After ``trainer.test`` on the fitted weights, ``"after"`` gets ``test_metric``.
@@ -47,18 +48,20 @@ class CompressionReport(L.Callback):
         latency_warmup: int = 5,
         latency_repeats: int = 30,
         num_threads: int | None = None,
+        latency_runtime: str = "torch",
         val_metric: str = "val/acc",
         test_metric: str = "test/acc",
         evaluate_before: bool = True,
         verbose: bool = True,
     ) -> None:
-        check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads)
+        check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads, latency_runtime)
         self.output_dir = output_dir
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.latency_batch_sizes = tuple(latency_batch_sizes)
         self.latency_warmup = latency_warmup
         self.latency_repeats = latency_repeats
         self.num_threads = num_threads
+        self.latency_runtime = latency_runtime
         self.val_metric = val_metric
         self.test_metric = test_metric
         self.evaluate_before = evaluate_before
@@ -92,6 +95,7 @@ class CompressionReport(L.Callback):
             latency_warmup=self.latency_warmup,
             latency_repeats=self.latency_repeats,
             num_threads=self.num_threads,
+            latency_runtime=self.latency_runtime,
         )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
