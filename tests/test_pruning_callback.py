@@ -143,17 +143,25 @@ def test_rewinding_resets_survivors_to_the_rewind_epoch(tmp_path) -> None:
         assert torch.equal(snapshots["after_pruning"][name], snapshots["rewind"][name] * pruning.masks[name])
 
 
-def test_a_resumed_run_ends_with_the_same_masks_and_weights(tmp_path) -> None:
-    def pruning() -> Pruning:
-        return Pruning(amount=0.9, schedule="agp", start_epoch=0, end_epoch=3)
+RESUMABLE = {
+    "magnitude": {"amount": 0.9, "schedule": "agp", "start_epoch": 0, "end_epoch": 3},
+    "taylor": {"amount": 0.8, "criterion": "taylor", "start_epoch": 1, "end_epoch": 3},
+    "random_rewind": {"amount": 0.8, "criterion": "random", "schedule": "linear", "start_epoch": 1, "end_epoch": 3, "rewind_epoch": 0, "seed": 3},
+    "taylor_channel": {"amount": 0.5, "criterion": "taylor", "granularity": "channel", "start_epoch": 1, "end_epoch": 3},
+}
 
-    straight = pruning()
+
+@pytest.mark.parametrize("options", RESUMABLE.values(), ids=RESUMABLE.keys())
+def test_a_resumed_run_ends_with_the_same_masks_and_weights(tmp_path, options: dict) -> None:
+    """Stopped after epoch 1 (mid-schedule, with Taylor sums or a rewind snapshot in flight) and resumed."""
+    straight = Pruning(**options)
     _, whole, _ = fit_digits(tmp_path / "a", [straight], max_epochs=4)
-    fit_digits(tmp_path / "b", [pruning(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=2)
-    resumed = pruning()
+    fit_digits(tmp_path / "b", [Pruning(**options), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=2)
+    resumed = Pruning(**options)
     _, continued, _ = fit_digits(tmp_path / "b", [resumed, ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=4, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
-    assert resumed.pruned_epochs == [0, 1, 2, 3]
-    assert all(torch.equal(straight.masks[name], resumed.masks[name]) for name in TARGETS)
+    assert resumed.pruned_epochs == straight.pruned_epochs == list(range(options["start_epoch"], 4))
+    assert straight.masks.keys() == resumed.masks.keys() and len(straight.masks) >= len(TARGETS)
+    assert all(torch.equal(straight.masks[name], resumed.masks[name]) for name in straight.masks)
     for (name, value), other in zip(whole.state_dict().items(), continued.state_dict().values()):
         torch.testing.assert_close(value, other, rtol=0, atol=1e-6, msg=name)
 
@@ -232,6 +240,20 @@ def test_channel_pruning_with_removal_gives_a_smaller_model_with_the_same_output
     assert model.classifier[4].out_features == 10  # the output layer keeps its classes
     # conv 1*16*9 + bn 2*16 + conv 16*32*9 + bn 2*32 + linear 32*2*2*64 + 64 + linear 64*10 + 10, by hand:
     assert sum(p.numel() for p in module.parameters()) == 144 + 32 + 4608 + 64 + 8192 + 64 + 650
+
+
+def test_checkpoints_from_before_removal_load_into_the_removed_model(tmp_path) -> None:
+    pruning = Pruning(amount=0.5, granularity="channel", scope="layer", schedule="oneshot", remove_channels=True)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_top_k=1)
+    trainer, module, datamodule = fit_digits(tmp_path, [pruning, checkpoint], max_epochs=2)
+    assert module.model.features[0].out_channels == 16
+    full_size = ClassificationModule.load_from_checkpoint(checkpoint.best_model_path, model=SmallCNN(num_classes=10, image_size=8))
+    assert full_size.model.features[0].out_channels == 32  # the checkpoint holds the masked full-size model
+    metrics = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
+    assert metrics["test/acc"] == trainer.test(full_size, datamodule=datamodule, verbose=False)[0]["test/acc"]
+    inputs = torch.randn(8, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(module.eval()(inputs), full_size.eval()(inputs), rtol=0, atol=1e-5)
 
 
 def test_channel_masks_zero_everything_a_pruned_channel_touches(tmp_path) -> None:

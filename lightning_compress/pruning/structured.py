@@ -96,23 +96,54 @@ class ChannelGroups:
                 continue
             for item in self._group(name, pruned):
                 module, idxs = item.dep.target.module, list(item.idxs)
-                for param_name, param, dim in self._touched(module, item.dep.handler):
-                    mask = masks.setdefault(f"{self._names[module]}.{param_name}", torch.ones_like(param, dtype=torch.bool))
-                    mask.index_fill_(dim, torch.tensor(idxs, device=mask.device), False)
+                for tensor_name, tensor, dim in self._touched(module, item.dep.handler):
+                    if isinstance(tensor, nn.Parameter):
+                        mask = masks.setdefault(f"{self._names[module]}.{tensor_name}", torch.ones_like(tensor, dtype=torch.bool))
+                        mask.index_fill_(dim, torch.tensor(idxs, device=mask.device), False)
         return masks
 
     def _touched(self, module: nn.Module, handler: object) -> list[tuple[str, torch.Tensor, int]]:
-        """``(parameter name, parameter, dimension)`` that a pruned channel zeroes in ``module``."""
+        """``(name, tensor, dimension)`` of each parameter and buffer of ``module`` that a pruned channel cuts."""
         if isinstance(module, WEIGHT_LAYER_TYPES):
             if self.graph.is_out_channel_pruning_fn(handler):
                 return [(n, p, 0) for n, p in module.named_parameters(recurse=False)]
             return [("weight", module.weight, 1)]
-        return [(n, p, 0) for n, p in module.named_parameters(recurse=False) if p.dim() == 1]
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        return [(n, t, 0) for n, t in tensors if t.dim() == 1]  # BatchNorm's affine parameters and statistics
 
     def remove(self, keep: dict[str, torch.Tensor]) -> None:
-        """Physically remove the channels that ``keep`` marks ``False``: the model becomes smaller and dense."""
+        """Physically remove the channels that ``keep`` marks ``False``: the model becomes smaller and dense.
+
+        Each cut module gets a ``load_state_dict`` pre-hook that cuts full-size tensors the same way, so
+        state dicts saved before the removal (the checkpoints written during training) load into it.
+        """
+        cutters: dict[nn.Module, _CutOnLoad] = {}
         for name, kept in keep.items():
             pruned = (~kept).nonzero().flatten().tolist()
-            if pruned:
-                self._group(name, pruned).prune()
+            if not pruned:
+                continue
+            group = self._group(name, pruned)
+            for item in group:
+                module, removed = item.dep.target.module, set(item.idxs)
+                cutter = cutters.setdefault(module, _CutOnLoad())
+                for tensor_name, tensor, dim in self._touched(module, item.dep.handler):
+                    full_shape, kept_indices = cutter.cuts.setdefault(tensor_name, (tensor.shape, {}))
+                    kept_indices[dim] = torch.tensor([i for i in range(full_shape[dim]) if i not in removed])
+            group.prune()
+        for module, cutter in cutters.items():
+            module.register_load_state_dict_pre_hook(cutter)
 
+
+class _CutOnLoad:
+    """A ``load_state_dict`` pre-hook: tensors of a module's former full shape are cut to what removal kept."""
+
+    def __init__(self) -> None:
+        self.cuts: dict[str, tuple[torch.Size, dict[int, torch.Tensor]]] = {}
+
+    def __call__(self, module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, *_: object) -> None:
+        for name, (full_shape, kept_indices) in self.cuts.items():
+            tensor = state_dict.get(prefix + name)
+            if tensor is not None and tensor.shape == full_shape:
+                for dim, indices in kept_indices.items():
+                    tensor = tensor.index_select(dim, indices.to(tensor.device))
+                state_dict[prefix + name] = tensor
