@@ -4,7 +4,7 @@ from lightning_compress.pruning.callback import Pruning
 from lightning_compress.pruning.criteria import CRITERIA, channel_scores, element_scores, taylor_scores
 from lightning_compress.pruning.masks import forget_pruned, n_of_m_masks, rank_masks, threshold_masks
 from lightning_compress.pruning.schedules import SCHEDULES, SparsitySchedule
-from lightning_compress.pruning.targets import select_layers
+from lightning_compress.targets import select_layers
 
 __all__ = [
     "CRITERIA",

@@ -16,7 +16,7 @@ from lightning_compress.pruning.criteria import CRITERIA, element_scores, taylor
 from lightning_compress.pruning.masks import SCOPES, forget_pruned, n_of_m_masks, rank_masks, threshold_masks
 from lightning_compress.pruning.schedules import SparsitySchedule
 from lightning_compress.pruning.structured import ChannelGroups
-from lightning_compress.pruning.targets import TargetSpec, select_layers
+from lightning_compress.targets import TargetSpec, select_layers
 
 GRANULARITIES = ("unstructured", "channel", "N:M such as '2:4'")
 _N_OF_M = re.compile(r"^(\d+):(\d+)$")

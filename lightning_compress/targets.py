@@ -1,4 +1,4 @@
-"""Which weights a compression method acts on: module types and module-name patterns."""
+"""Which layers a compression method (pruning, quantization) acts on: module types and module-name patterns."""
 
 from __future__ import annotations
 

@@ -1,0 +1,126 @@
+"""Quantized Conv and Linear layers, and the function that turns a model's layers into them in place.
+
+A quantized layer is the same module object with its class switched to a subclass
+(``nn.Conv2d`` becomes :class:`QuantizedConv2d`) and two quantizers added: one for its input
+activations, one for its weight. Its parameters stay where they were, under the same names, so
+optimizers, pruning masks and ``state_dict`` keys of the weights are untouched; the quantizers add
+their own keys (scales, zero points, observer ranges, switches).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_compress.quantization.config import QuantConfig
+from lightning_compress.quantization.fake_quant import FakeQuantizer
+from lightning_compress.quantization.observers import Observer
+from lightning_compress.targets import TargetSpec, select_layers
+
+
+class QuantizedLayer(nn.Module):
+    """Mixin of the quantized layers: fake-quantize the input and the weight, then compute as the float layer."""
+
+    input_quantizer: FakeQuantizer
+    weight_quantizer: FakeQuantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compute(self.input_quantizer(x), self.weight_quantizer(self.weight))
+
+    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _QuantizedConv(QuantizedLayer):
+    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, weight, self.bias)
+
+
+class QuantizedConv1d(_QuantizedConv, nn.Conv1d):
+    """``nn.Conv1d`` with fake-quantized input and weight (made by :func:`quantize_model`)."""
+
+
+class QuantizedConv2d(_QuantizedConv, nn.Conv2d):
+    """``nn.Conv2d`` with fake-quantized input and weight (made by :func:`quantize_model`).
+
+    Example:
+        >>> import torch
+        >>> conv = torch.nn.Conv2d(1, 2, 3)
+        >>> _ = quantize_model(torch.nn.Sequential(conv), QuantConfig())
+        >>> type(conv).__name__, isinstance(conv, torch.nn.Conv2d)
+        ('QuantizedConv2d', True)
+    """
+
+
+class QuantizedConv3d(_QuantizedConv, nn.Conv3d):
+    """``nn.Conv3d`` with fake-quantized input and weight (made by :func:`quantize_model`)."""
+
+
+class QuantizedLinear(QuantizedLayer, nn.Linear):
+    """``nn.Linear`` with fake-quantized input and weight (made by :func:`quantize_model`)."""
+
+    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.bias)
+
+
+QUANTIZED_TYPES: dict[type[nn.Module], type[QuantizedLayer]] = {
+    nn.Conv1d: QuantizedConv1d,
+    nn.Conv2d: QuantizedConv2d,
+    nn.Conv3d: QuantizedConv3d,
+    nn.Linear: QuantizedLinear,
+}
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, targets: TargetSpec = None, exclude: TargetSpec = None) -> dict[str, QuantizedLayer]:
+    """Turn the selected ``Conv1d/2d/3d`` and ``Linear`` layers of ``model`` into quantized layers, in place.
+
+    Layers already quantized are left as they are, so calling it again is harmless. Quantizers start
+    observing and disabled: switch them with :func:`set_quantization`. Returns the quantized layers by name.
+    Other layer types (a transposed convolution, a subclass) stay in float; targeting one explicitly, or
+    leaving nothing to quantize, raises ``ValueError``.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))
+        >>> list(quantize_model(model, QuantConfig(weight_bits=4)))
+        ['0', '3']
+    """
+    layers = select_layers(model, targets, exclude)
+    unsupported = {name: type(m).__name__ for name, m in layers.items() if not isinstance(m, QuantizedLayer) and type(m) not in QUANTIZED_TYPES}
+    if unsupported and targets is not None:
+        raise ValueError(f"these targets cannot be quantized (only plain {', '.join(t.__name__ for t in QUANTIZED_TYPES)}): {unsupported}")
+    quantized = {name: m for name, m in layers.items() if name not in unsupported}
+    if not quantized:
+        raise ValueError(f"{type(model).__name__} has no layer to quantize: plain {', '.join(t.__name__ for t in QUANTIZED_TYPES)} are supported")
+    for layer in quantized.values():
+        if not isinstance(layer, QuantizedLayer):
+            _convert(layer, config)
+    return quantized
+
+
+def _convert(layer: nn.Module, config: QuantConfig) -> None:
+    channels = layer.weight.shape[0] if config.per_channel else None
+    weight_observer = Observer("latest", channels=channels)
+    activation_observer = Observer.for_activations(config)
+    device = layer.weight.device
+    layer.__class__ = QUANTIZED_TYPES[type(layer)]
+    layer.weight_quantizer = FakeQuantizer(
+        weight_observer, config.weight_range, config.symmetric, channel_axis=0 if config.per_channel else None, learnable=config.learnable_scales
+    ).to(device)
+    layer.input_quantizer = FakeQuantizer(activation_observer, config.activation_range, config.symmetric, learnable=config.learnable_scales).to(device)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    """The quantized layers of ``model`` by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+def set_quantization(model: nn.Module, *, enabled: bool | None = None, observing: bool | None = None) -> None:
+    """Switch fake quantization and observers of every quantizer in ``model`` (``None`` leaves a switch as it is)."""
+    for module in model.modules():
+        if isinstance(module, FakeQuantizer):
+            if enabled is not None:
+                module.enabled.fill_(enabled)
+            if observing is not None:
+                module.observing.fill_(observing)
