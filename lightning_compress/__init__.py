@@ -4,6 +4,7 @@ from lightning_compress.analysis import Report, profile_model
 from lightning_compress.callbacks import CompressionReport
 from lightning_compress.models import ClassificationModule
 from lightning_compress.pruning import Pruning
+from lightning_compress.quantization import QuantizationAwareTraining
 
-__all__ = ["ClassificationModule", "CompressionReport", "Pruning", "Report", "profile_model"]
+__all__ = ["ClassificationModule", "CompressionReport", "Pruning", "QuantizationAwareTraining", "Report", "profile_model"]
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """Quantization: observers, fake quantizers and quantized layers (plain PyTorch) and the Lightning callbacks."""
 
+from lightning_compress.quantization.callback import QuantizationAwareTraining
 from lightning_compress.quantization.config import OBSERVERS, QuantConfig
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.layers import (
@@ -17,6 +18,7 @@ __all__ = [
     "FakeQuantizer",
     "Observer",
     "QuantConfig",
+    "QuantizationAwareTraining",
     "QuantizedLayer",
     "quantize_model",
     "quantized_layers",
