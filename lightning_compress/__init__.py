@@ -2,9 +2,21 @@
 
 from lightning_compress.analysis import Report, profile_model
 from lightning_compress.callbacks import CompressionReport
+from lightning_compress.deploy import export, half_precision, load_quantized
 from lightning_compress.models import ClassificationModule
 from lightning_compress.pruning import Pruning
-from lightning_compress.quantization import QuantizationAwareTraining
+from lightning_compress.quantization import PostTrainingQuantization, QuantizationAwareTraining
 
-__all__ = ["ClassificationModule", "CompressionReport", "Pruning", "QuantizationAwareTraining", "Report", "profile_model"]
+__all__ = [
+    "ClassificationModule",
+    "CompressionReport",
+    "PostTrainingQuantization",
+    "Pruning",
+    "QuantizationAwareTraining",
+    "Report",
+    "export",
+    "half_precision",
+    "load_quantized",
+    "profile_model",
+]
 __version__ = "0.1.0"

@@ -10,6 +10,7 @@ Every function here works on any ``nn.Module`` without a Trainer::
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from collections.abc import Iterator
@@ -39,6 +40,12 @@ class SparsityStats:
     @property
     def sparsity(self) -> float:
         return self.zeros / self.total if self.total else 0.0
+
+
+def model_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that shares, rather than copies, the Trainer a LightningModule is attached to."""
+    trainer = getattr(model, "_trainer", None)
+    return copy.deepcopy(model, memo={id(trainer): trainer} if trainer is not None else None)
 
 
 @contextmanager

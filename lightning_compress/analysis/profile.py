@@ -20,12 +20,15 @@ from lightning_compress.analysis.measure import (
     layer_sparsity,
     size_on_disk,
 )
-from lightning_compress.deploy.onnx import OnnxRuntimeModel
+from lightning_compress.deploy.onnx import OnnxRuntimeModel, onnx_bytes
 
 
 @dataclass
 class ModelProfile:
     """Parameters, non-zeros, sparsity, bytes on disk, MACs and latency of one model.
+
+    ``onnx_bytes``, measured with ONNX Runtime latency, is the size of the ONNX graph that ran: integer
+    layers where the model is fake-quantized, so it is the deployable size of a quantized model.
 
     Example:
         >>> import torch
@@ -41,6 +44,7 @@ class ModelProfile:
     size_bytes: int
     macs: int
     latency: dict[int, LatencyResult] = field(default_factory=dict)
+    onnx_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers only, ready for JSON; latencies keyed by batch size as a string."""
@@ -66,6 +70,7 @@ class ModelProfile:
             size_bytes=data["size_bytes"],
             macs=data["macs"],
             latency={int(batch): LatencyResult(**values) for batch, values in data["latency"].items()},
+            onnx_bytes=data.get("onnx_bytes"),
         )
 
 
@@ -91,7 +96,8 @@ def profile_model(
 
     MACs are per sample (batch of one); latency is measured at each of ``latency_batch_sizes`` on the
     device the model's parameters are on, in eager PyTorch (``latency_runtime="torch"``) or in ONNX
-    Runtime on the CPU (``"onnxruntime"``: the model is exported once, with a dynamic batch dimension).
+    Runtime on the CPU (``"onnxruntime"``: the model is exported once, with a dynamic batch dimension,
+    fake-quantized layers as integer layers, and the graph's size is recorded as ``onnx_bytes``).
     """
     latency_batch_sizes = list(latency_batch_sizes)
     check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads, latency_runtime)
@@ -103,10 +109,12 @@ def profile_model(
         return torch.randn((batch_size, *shape), generator=generator).to(device=device, dtype=dtype)
 
     runner: nn.Module | OnnxRuntimeModel = model
+    graph = None
     if latency_runtime == "onnxruntime" and latency_batch_sizes:
         if device.type != "cpu":
             raise ValueError(f"latency_runtime='onnxruntime' measures on the CPU; the model is on {device}")
-        runner = OnnxRuntimeModel.from_module(model, example(1), num_threads)
+        graph = onnx_bytes(model, example(1))
+        runner = OnnxRuntimeModel(graph, num_threads)
     return ModelProfile(
         parameters=count_parameters(model),
         nonzero_parameters=count_nonzero_parameters(model),
@@ -118,6 +126,7 @@ def profile_model(
             batch: measure_latency(runner, example(batch), warmup=latency_warmup, repeats=latency_repeats, num_threads=num_threads)
             for batch in latency_batch_sizes
         },
+        onnx_bytes=len(graph) if graph is not None else None,
     )
 
 

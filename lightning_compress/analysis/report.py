@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ from typing import Any
 from rich.table import Table
 
 from lightning_compress.analysis.profile import ModelProfile
+from lightning_compress.files import write_atomically
 
 
 @dataclass
@@ -99,6 +98,12 @@ class Report:
                 "size (KiB)": _with_ratio(profile.size_bytes / 1024, reference.size_bytes / 1024, entry, self, "{:,.1f}"),
                 "MACs": _with_ratio(profile.macs, reference.macs, entry, self, "{:,}"),
             }
+            if any(other.profile.onnx_bytes is not None for other in self.entries):
+                row["ONNX size (KiB)"] = (
+                    "–"
+                    if profile.onnx_bytes is None
+                    else _with_ratio(profile.onnx_bytes / 1024, (reference.onnx_bytes or 0) / 1024 or None, entry, self, "{:,.1f}")
+                )
             for batch in self.latency_batch_sizes():
                 here, there = profile.latency.get(batch), reference.latency.get(batch)
                 row[f"latency b{batch} (ms)"] = (
@@ -135,9 +140,9 @@ class Report:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = {"json": directory / "report.json", "markdown": directory / "report.md", "plot": directory / "report.png"}
-        _write_atomically(paths["json"], lambda path: path.write_text(json.dumps(self.to_dict(), indent=2) + "\n"))
-        _write_atomically(paths["markdown"], lambda path: path.write_text(self.to_markdown()))
-        _write_atomically(paths["plot"], lambda path: plot_report(self, path))
+        write_atomically(paths["json"], lambda path: path.write_text(json.dumps(self.to_dict(), indent=2) + "\n"))
+        write_atomically(paths["markdown"], lambda path: path.write_text(self.to_markdown()))
+        write_atomically(paths["plot"], lambda path: plot_report(self, path))
         return paths
 
 
@@ -150,15 +155,3 @@ def _with_ratio(value: float, reference: float | None, entry: ReportEntry, repor
     if entry is report.entries[0] or not reference:
         return text
     return f"{text} ({value / reference:.2f}x)"
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write`` on a temporary file beside ``path`` and move it into place, so readers never see half a file."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -12,6 +12,8 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from rich.console import Console
 
 from lightning_compress.analysis import ModelProfile, Report, check_latency_options, evaluate_accuracy, profile_model
+from lightning_compress.deploy.half import HALF_DTYPES, half_precision
+from lightning_compress.quantization.layers import quantized_layers
 
 
 class CompressionReport(L.Callback):
@@ -19,7 +21,10 @@ class CompressionReport(L.Callback):
 
     Each profile holds parameters, non-zero parameters, weight sparsity (global and per layer), bytes of
     the saved state dict, MACs per sample and the median latency at each of ``latency_batch_sizes``
-    (in eager PyTorch, or in ONNX Runtime on the CPU with ``latency_runtime="onnxruntime"``).
+    (in eager PyTorch, or in ONNX Runtime on the CPU with ``latency_runtime="onnxruntime"``, where
+    fake-quantized layers run as the integer layers :func:`lightning_compress.export` writes).
+    With ``half_precision="float16"`` or ``"bfloat16"``, a float model gets a third stage after fit:
+    the fitted model converted by :func:`lightning_compress.half_precision`, measured in eager PyTorch.
     Both stages, ``"before"`` and ``"after"``, get the accuracy over the datamodule's whole validation
     set, measured the same way (without a datamodule, ``"after"`` takes ``val_metric`` from the
     trainer's metrics). After ``trainer.test`` on the fitted weights, ``"after"`` gets ``test_metric``.
@@ -52,9 +57,12 @@ class CompressionReport(L.Callback):
         val_metric: str = "val/acc",
         test_metric: str = "test/acc",
         evaluate_before: bool = True,
+        half_precision: str | None = None,
         verbose: bool = True,
     ) -> None:
         check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads, latency_runtime)
+        if half_precision is not None and half_precision not in HALF_DTYPES:
+            raise ValueError(f"half_precision must be None or one of {', '.join(HALF_DTYPES)}, got {half_precision!r}")
         self.output_dir = output_dir
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.latency_batch_sizes = tuple(latency_batch_sizes)
@@ -65,6 +73,7 @@ class CompressionReport(L.Callback):
         self.val_metric = val_metric
         self.test_metric = test_metric
         self.evaluate_before = evaluate_before
+        self.half_precision = half_precision
         self.verbose = verbose
         self.report = Report()
         self.written: dict[str, Any] = {}
@@ -87,15 +96,15 @@ class CompressionReport(L.Callback):
                 f"`example_input_array` on {type(pl_module).__name__}"
             )
 
-    def _profile(self, pl_module: L.LightningModule) -> ModelProfile:
+    def _profile(self, model: torch.nn.Module, latency_runtime: str | None = None) -> ModelProfile:
         return profile_model(
-            pl_module,
+            model,
             self._fit_input_shape,
             latency_batch_sizes=self.latency_batch_sizes,
             latency_warmup=self.latency_warmup,
             latency_repeats=self.latency_repeats,
             num_threads=self.num_threads,
-            latency_runtime=self.latency_runtime,
+            latency_runtime=latency_runtime or self.latency_runtime,
         )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -119,6 +128,10 @@ class CompressionReport(L.Callback):
         if accuracy is None:
             accuracy = self._metric(trainer, self.val_metric)
         self.report.add("after", self._profile(pl_module), val_accuracy=accuracy)
+        if self.half_precision is not None and not quantized_layers(pl_module):
+            half = half_precision(pl_module, self.half_precision)
+            # eager PyTorch: ONNX Runtime's CPU kernels mostly lack 16-bit floats
+            self.report.add(self.half_precision, self._profile(half, latency_runtime="torch"), val_accuracy=_validation_accuracy(trainer, half))
         self._log(trainer)
         self._write(trainer)
         if self.verbose:
@@ -181,8 +194,8 @@ class CompressionReport(L.Callback):
         self._checkpoint_report = Report.from_dict(state_dict["report"])
 
 
-def _validation_accuracy(trainer: L.Trainer, pl_module: L.LightningModule) -> float | None:
+def _validation_accuracy(trainer: L.Trainer, model: torch.nn.Module) -> float | None:
     """Accuracy over the datamodule's whole validation set, or None without a datamodule."""
     if trainer.datamodule is None:
         return None
-    return evaluate_accuracy(pl_module, trainer.datamodule.val_dataloader())
+    return evaluate_accuracy(model, trainer.datamodule.val_dataloader())

@@ -8,13 +8,15 @@ import torch
 from torch import nn
 
 from lightning_compress.analysis.measure import eval_mode
+from lightning_compress.deploy.qdq import split_quantization, to_qdq
 
 
 def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
     """The ONNX graph of ``model`` in eval mode, with a dynamic batch dimension, serialized.
 
     Uses ``torch.onnx.export(..., dynamo=True)``, torch's maintained exporter. A batch of one is repeated
-    to two for tracing, since the exporter would otherwise specialize the batch dimension to 1.
+    to two for tracing, since the exporter would otherwise specialize the batch dimension to 1. Layers
+    with fake quantization on are written as integer layers in the QDQ format (see :mod:`.qdq`).
 
     Example:
         >>> import onnx, torch
@@ -26,9 +28,28 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
     if example.shape[0] == 1:
         example = example.expand(2, *example.shape[1:]).contiguous()
     batch = torch.export.Dim("batch")
-    with eval_mode(model), torch.no_grad():
-        program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
-    return program.model_proto.SerializeToString()
+    float_model, integer_layers = split_quantization(model, prefix="model.")
+    wrapped = _OneInput(float_model)
+    with eval_mode(wrapped), torch.no_grad():
+        program = torch.onnx.export(wrapped, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
+    graph = program.model_proto
+    if integer_layers:
+        graph = to_qdq(graph, integer_layers)
+    return graph.SerializeToString()
+
+
+class _OneInput(nn.Module):
+    """``model`` behind a ``forward(x)``, so models whose forward takes ``*args`` (a LightningModule) export too.
+
+    Parameters keep their names under the prefix ``model.``, which the graph's initializers carry.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
 
 
 class OnnxRuntimeModel:

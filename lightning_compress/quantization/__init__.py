@@ -1,13 +1,19 @@
 """Quantization: observers, fake quantizers and quantized layers (plain PyTorch) and the Lightning callbacks."""
 
-from lightning_compress.quantization.callback import QuantizationAwareTraining
+from lightning_compress.quantization.calibration import calibrate
+from lightning_compress.quantization.callback import (
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
 from lightning_compress.quantization.config import OBSERVERS, QuantConfig
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.layers import (
     QUANTIZED_TYPES,
     QuantizedLayer,
+    dequantize_layer,
     quantize_model,
     quantized_layers,
+    quantizers,
     set_quantization,
 )
 from lightning_compress.quantization.observers import Observer
@@ -17,10 +23,14 @@ __all__ = [
     "QUANTIZED_TYPES",
     "FakeQuantizer",
     "Observer",
+    "PostTrainingQuantization",
     "QuantConfig",
     "QuantizationAwareTraining",
     "QuantizedLayer",
+    "calibrate",
+    "dequantize_layer",
     "quantize_model",
     "quantized_layers",
+    "quantizers",
     "set_quantization",
 ]

@@ -1,16 +1,40 @@
-"""The ``QuantizationAwareTraining`` callback: fake quantization switched on, observers and BatchNorm frozen, at epoch boundaries."""
+"""The quantization callbacks: ``QuantizationAwareTraining`` (fake quantization while training) and
+``PostTrainingQuantization`` (calibration of a trained model)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import lightning as L
 from torch import nn
 
+from lightning_compress.quantization.calibration import calibrate
 from lightning_compress.quantization.config import QuantConfig
-from lightning_compress.quantization.layers import quantize_model, set_quantization
+from lightning_compress.quantization.layers import (
+    quantize_model,
+    quantizers,
+    set_quantization,
+)
 from lightning_compress.targets import TargetSpec
 
 
-class QuantizationAwareTraining(L.Callback):
+class _QuantizingCallback(L.Callback):
+    """Quantizes the targeted layers at setup, before the optimizers are built."""
+
+    def __init__(self, config: QuantConfig, targets: TargetSpec, exclude: TargetSpec) -> None:
+        self.config = config
+        self.targets = targets
+        self.exclude = exclude
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        quantize_model(pl_module, self.config, self.targets, self.exclude)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(config=self.config, targets=str(self.targets))
+
+
+class QuantizationAwareTraining(_QuantizingCallback):
     """Train with fake-quantized weights and activations so the model learns to live on the integer grid.
 
     At setup, before the optimizers are built, the targeted ``Conv1d/2d/3d`` and ``Linear`` layers become
@@ -23,8 +47,11 @@ class QuantizationAwareTraining(L.Callback):
 
     Args:
         weight_bits, activation_bits: 2 to 8.
+        bias_bits: the accumulator the bias is rounded for, 8 to 32.
         per_channel: one weight scale per output channel (else one per tensor).
         symmetric: signed ranges with zero point 0 (else unsigned ranges with a zero point).
+        reduce_range: weights one bit short of ``weight_bits``, for int8 runtimes on x86 CPUs without VNNI
+            (see :class:`QuantConfig`).
         observer: activation range estimate: ``"minmax"``, ``"moving_average"``, ``"mean_std"``, ``"percentile"``.
         learnable_scales: learn the step sizes (LSQ) once fake quantization starts.
         start_epoch, freeze_observers_epoch, freeze_bn_epoch: epoch boundaries, see above.
@@ -41,8 +68,10 @@ class QuantizationAwareTraining(L.Callback):
         self,
         weight_bits: int = 8,
         activation_bits: int = 8,
+        bias_bits: int = 32,
         per_channel: bool = True,
         symmetric: bool = True,
+        reduce_range: bool = False,
         observer: str = "moving_average",
         learnable_scales: bool = False,
         start_epoch: int = 0,
@@ -54,17 +83,20 @@ class QuantizationAwareTraining(L.Callback):
         n_std: float = 3.0,
         percentile: float = 99.99,
     ) -> None:
-        self.config = QuantConfig(
+        config = QuantConfig(
             weight_bits=weight_bits,
             activation_bits=activation_bits,
+            bias_bits=bias_bits,
             per_channel=per_channel,
             symmetric=symmetric,
+            reduce_range=reduce_range,
             observer=observer,
             learnable_scales=learnable_scales,
             averaging_constant=averaging_constant,
             n_std=n_std,
             percentile=percentile,
         )
+        super().__init__(config, targets, exclude)
         if start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
         if freeze_observers_epoch is not None and freeze_observers_epoch < start_epoch:
@@ -77,11 +109,6 @@ class QuantizationAwareTraining(L.Callback):
         self.start_epoch = start_epoch
         self.freeze_observers_epoch = freeze_observers_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
-        self.targets = targets
-        self.exclude = exclude
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        quantize_model(pl_module, self.config, self.targets, self.exclude)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -96,6 +123,93 @@ class QuantizationAwareTraining(L.Callback):
         """The ranges are final once training ends (fake quantization stays as the last epoch had it)."""
         set_quantization(pl_module, observing=False)
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(config=self.config, targets=str(self.targets))
+
+class PostTrainingQuantization(_QuantizingCallback):
+    """Quantize a trained model by calibration: observe activation ranges on a few batches, no training.
+
+    Three ways to use it, all with the same quantizer settings:
+
+    - ``trainer.validate(model, calibration_loader)`` with the callback: the first
+      ``calibration_batches`` batches calibrate (the pass itself reports the float model), and the
+      model is quantized from then on (``trainer.test`` measures it).
+    - In ``trainer.fit``: the model trains in float and is calibrated on ``calibration_batches`` of its
+      training batches when training ends (the report and ``trainer.test`` then see it quantized).
+    - Without a trainer: ``PostTrainingQuantization(...).quantize(model, dataloader)``.
+
+    The activation clipping choices of Intel Distiller's ``PostTrainLinearQuantizer``: ``observer="minmax"``
+    (no clipping), ``"moving_average"`` (the mean of each batch's min and max; an exponential average
+    with ``averaging_constant``), ``"mean_std"`` (mean ± ``n_std`` standard deviations) or
+    ``"percentile"``; symmetric or asymmetric; per-channel or per-tensor weights; separate bits for
+    weights, activations and the bias accumulator.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> ptq = PostTrainingQuantization(weight_bits=8, activation_bits=8, observer="percentile", calibration_batches=4)
+        >>> ptq.quantize(model, [torch.randn(16, 4) for _ in range(10)])
+        4
+    """
+
+    def __init__(
+        self,
+        weight_bits: int = 8,
+        activation_bits: int = 8,
+        bias_bits: int = 32,
+        per_channel: bool = True,
+        symmetric: bool = True,
+        reduce_range: bool = False,
+        observer: str = "minmax",
+        calibration_batches: int | None = 32,
+        targets: TargetSpec = None,
+        exclude: TargetSpec = None,
+        averaging_constant: float | None = None,
+        n_std: float = 3.0,
+        percentile: float = 99.99,
+    ) -> None:
+        config = QuantConfig(
+            weight_bits=weight_bits,
+            activation_bits=activation_bits,
+            bias_bits=bias_bits,
+            per_channel=per_channel,
+            symmetric=symmetric,
+            reduce_range=reduce_range,
+            observer=observer,
+            averaging_constant=averaging_constant,
+            n_std=n_std,
+            percentile=percentile,
+        )
+        super().__init__(config, targets, exclude)
+        if calibration_batches is not None and calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be at least 1 or None (every batch), got {calibration_batches}")
+        self.calibration_batches = calibration_batches
+        self._calibrating = False
+
+    def quantize(self, model: nn.Module, batches: Any) -> int:
+        """Quantize ``model`` in place and calibrate it on ``batches``; returns the number of batches used."""
+        quantize_model(model, self.config, self.targets, self.exclude)
+        return calibrate(model, batches, self.calibration_batches)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        calibrate(pl_module, trainer.train_dataloader, self.calibration_batches)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._calibrating = trainer.state.fn == "validate"
+        if self._calibrating:
+            for quantizer in quantizers(pl_module):
+                quantizer.observer.reset()
+            set_quantization(pl_module, enabled=False, observing=True)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._calibrating:
+            return
+        observing = self.calibration_batches is None or batch_idx < self.calibration_batches
+        for quantizer in quantizers(pl_module):
+            quantizer.train(observing)  # the model is in eval mode; its quantizers alone observe
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._calibrating:
+            set_quantization(pl_module, enabled=True, observing=False)
+            for quantizer in quantizers(pl_module):
+                quantizer.eval()
+            self._calibrating = False
+

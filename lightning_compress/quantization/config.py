@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 OBSERVERS = ("minmax", "moving_average", "mean_std", "percentile")
 BITS = range(2, 9)
+BIAS_BITS = range(8, 33)
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,12 @@ class QuantConfig:
     Weights use the restricted symmetric range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (zero point 0) or the
     unsigned range ``[0, 2^b - 1]`` with a zero point when ``symmetric=False``; activations use the full
     signed range ``[-2^(b-1), 2^(b-1) - 1]`` or the unsigned one. Either way zero is exactly representable,
-    so pruned weights stay exactly zero.
+    so pruned weights stay exactly zero. Biases are rounded onto the accumulator's grid, step
+    ``input scale * weight scale``, in a signed ``bias_bits`` range (32 by default, as int8 runtimes
+    accumulate), like Intel Distiller's ``bits_accum``. ``reduce_range`` keeps weights one bit short of
+    ``weight_bits`` (``[-63, 63]`` at 8 bits), as ONNX Runtime's ``quantize_static(reduce_range=True)``:
+    x86 CPUs without VNNI (AVX2 only) multiply int8 pairs into saturating 16-bit sums, so an artifact
+    with full 8-bit weights can compute different numbers there than the model trained with.
 
     Example:
         >>> config = QuantConfig(weight_bits=4, activation_bits=8)
@@ -23,15 +29,19 @@ class QuantConfig:
         ((-7, 7), (-128, 127))
         >>> QuantConfig(symmetric=False).activation_range
         (0, 255)
+        >>> QuantConfig(reduce_range=True).weight_range
+        (-63, 63)
     """
 
     weight_bits: int = 8
     activation_bits: int = 8
+    bias_bits: int = 32
     per_channel: bool = True
     symmetric: bool = True
+    reduce_range: bool = False
     observer: str = "moving_average"
     learnable_scales: bool = False
-    averaging_constant: float = 0.01
+    averaging_constant: float | None = 0.01
     n_std: float = 3.0
     percentile: float = 99.99
 
@@ -39,11 +49,16 @@ class QuantConfig:
         for name in ("weight_bits", "activation_bits"):
             bits = getattr(self, name)
             if not isinstance(bits, int) or bits not in BITS:
-                raise ValueError(f"{name} must be an integer from {BITS.start} to {BITS.stop - 1}, got {bits!r}")
+                raise ValueError(
+                    f"{name} must be an integer from {BITS.start} to {BITS.stop - 1}, got {bits!r} "
+                    "(for 16-bit floating point use lightning_compress.half_precision)"
+                )
+        if not isinstance(self.bias_bits, int) or self.bias_bits not in BIAS_BITS:
+            raise ValueError(f"bias_bits must be an integer from {BIAS_BITS.start} to {BIAS_BITS.stop - 1}, got {self.bias_bits!r}")
         if self.observer not in OBSERVERS:
             raise ValueError(f"unknown observer {self.observer!r}; use one of {', '.join(OBSERVERS)}")
-        if not 0.0 < self.averaging_constant <= 1.0:
-            raise ValueError(f"averaging_constant must be in (0, 1], got {self.averaging_constant}")
+        if self.averaging_constant is not None and not 0.0 < self.averaging_constant <= 1.0:
+            raise ValueError(f"averaging_constant must be in (0, 1] or None (the plain mean over batches), got {self.averaging_constant}")
         if self.n_std <= 0:
             raise ValueError(f"n_std must be positive, got {self.n_std}")
         if not 50.0 < self.percentile <= 100.0:
@@ -51,12 +66,17 @@ class QuantConfig:
 
     @property
     def weight_range(self) -> tuple[int, int]:
+        bits = self.weight_bits - 1 if self.reduce_range else self.weight_bits
         if self.symmetric:
-            return -(2 ** (self.weight_bits - 1) - 1), 2 ** (self.weight_bits - 1) - 1
-        return 0, 2**self.weight_bits - 1
+            return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+        return 0, 2**bits - 1
 
     @property
     def activation_range(self) -> tuple[int, int]:
         if self.symmetric:
             return -(2 ** (self.activation_bits - 1)), 2 ** (self.activation_bits - 1) - 1
         return 0, 2**self.activation_bits - 1
+
+    @property
+    def bias_range(self) -> tuple[int, int]:
+        return -(2 ** (self.bias_bits - 1)), 2 ** (self.bias_bits - 1) - 1

@@ -20,21 +20,34 @@ from lightning_compress.targets import TargetSpec, select_layers
 
 
 class QuantizedLayer(nn.Module):
-    """Mixin of the quantized layers: fake-quantize the input and the weight, then compute as the float layer."""
+    """Mixin of the quantized layers: fake-quantize the input, the weight and the bias, then compute as the float layer.
+
+    The bias is rounded onto the accumulator's grid (step ``input scale * weight scale``, range of
+    ``quant_config.bias_bits``), as an integer runtime adds it; its gradient passes straight through.
+    """
 
     input_quantizer: FakeQuantizer
     weight_quantizer: FakeQuantizer
+    quant_config: QuantConfig
+    bias: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._compute(self.input_quantizer(x), self.weight_quantizer(self.weight))
+        return self._compute(self.input_quantizer(x), self.weight_quantizer(self.weight), self._quantized_bias())
 
-    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _quantized_bias(self) -> torch.Tensor | None:
+        if self.bias is None or not bool(self.weight_quantizer.enabled):
+            return self.bias
+        scale = (self.input_quantizer.scale * self.weight_quantizer.scale).detach().expand(self.bias.shape).contiguous()
+        zero_point = torch.zeros(self.bias.shape, dtype=torch.int32, device=self.bias.device)
+        return torch.fake_quantize_per_channel_affine(self.bias, scale, zero_point, 0, *self.quant_config.bias_range)
+
+    def _compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
 
 class _QuantizedConv(QuantizedLayer):
-    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, weight, self.bias)
+    def _compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
 
 
 class QuantizedConv1d(_QuantizedConv, nn.Conv1d):
@@ -60,8 +73,8 @@ class QuantizedConv3d(_QuantizedConv, nn.Conv3d):
 class QuantizedLinear(QuantizedLayer, nn.Linear):
     """``nn.Linear`` with fake-quantized input and weight (made by :func:`quantize_model`)."""
 
-    def _compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, self.bias)
+    def _compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
 
 QUANTIZED_TYPES: dict[type[nn.Module], type[QuantizedLayer]] = {
@@ -105,10 +118,18 @@ def _convert(layer: nn.Module, config: QuantConfig) -> None:
     activation_observer = Observer.for_activations(config)
     device = layer.weight.device
     layer.__class__ = QUANTIZED_TYPES[type(layer)]
+    layer.quant_config = config
     layer.weight_quantizer = FakeQuantizer(
         weight_observer, config.weight_range, config.symmetric, channel_axis=0 if config.per_channel else None, learnable=config.learnable_scales
     ).to(device)
     layer.input_quantizer = FakeQuantizer(activation_observer, config.activation_range, config.symmetric, learnable=config.learnable_scales).to(device)
+
+
+def dequantize_layer(layer: QuantizedLayer) -> None:
+    """Turn a quantized layer back into its plain float class in place, removing its quantizers and settings."""
+    float_type = next(float_type for float_type, quantized_type in QUANTIZED_TYPES.items() if type(layer) is quantized_type)
+    del layer.input_quantizer, layer.weight_quantizer, layer.quant_config
+    layer.__class__ = float_type
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
@@ -116,11 +137,15 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
 
 
+def quantizers(model: nn.Module) -> list[FakeQuantizer]:
+    """Every fake quantizer in ``model`` (inputs and weights of its quantized layers)."""
+    return [module for module in model.modules() if isinstance(module, FakeQuantizer)]
+
+
 def set_quantization(model: nn.Module, *, enabled: bool | None = None, observing: bool | None = None) -> None:
     """Switch fake quantization and observers of every quantizer in ``model`` (``None`` leaves a switch as it is)."""
-    for module in model.modules():
-        if isinstance(module, FakeQuantizer):
-            if enabled is not None:
-                module.enabled.fill_(enabled)
-            if observing is not None:
-                module.observing.fill_(observing)
+    for quantizer in quantizers(model):
+        if enabled is not None:
+            quantizer.enabled.fill_(enabled)
+        if observing is not None:
+            quantizer.observing.fill_(observing)

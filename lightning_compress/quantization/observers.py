@@ -2,8 +2,9 @@
 
 Weights are observed by the min-max of their latest values (``"latest"``, per output channel or per tensor).
 Activation ranges can be clipped the ways Intel Distiller's post-training quantizer offered: none
-(min-max over everything seen), a moving average of each batch's min and max, mean ± n standard
-deviations, or a percentile of each batch's values (averaged like the moving average).
+(min-max over everything seen), a running average of each batch's min and max (exponential with
+``averaging_constant``, or the plain mean over batches with ``None``, Distiller's "AVG"), mean ± n
+standard deviations, or a percentile of each batch's values (averaged like the running average).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Observer(nn.Module):
         kind: str = "minmax",
         channels: int | None = None,
         channel_axis: int = 0,
-        averaging_constant: float = 0.01,
+        averaging_constant: float | None = 0.01,
         n_std: float = 3.0,
         percentile: float = 99.99,
     ) -> None:
@@ -89,11 +90,20 @@ class Observer(nn.Module):
         if self.kind == "minmax" and not first:  # "latest" keeps only this tensor's range
             low, high = torch.minimum(self.min_val, low), torch.maximum(self.max_val, high)
         elif self.kind in ("moving_average", "percentile") and not first:
-            low = self.min_val + self.averaging_constant * (low - self.min_val)
-            high = self.max_val + self.averaging_constant * (high - self.max_val)
+            weight = self.averaging_constant if self.averaging_constant is not None else 1.0 / (int(self.batches) + 1)
+            low = self.min_val + weight * (low - self.min_val)
+            high = self.max_val + weight * (high - self.max_val)
         self.min_val.copy_(low)
         self.max_val.copy_(high)
         self.batches += 1
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget everything observed: the next tensor starts a new estimate."""
+        self.batches.zero_()
+        if self.kind == "mean_std":
+            for name in ("count", "total", "total_sq"):
+                getattr(self, name).zero_()
 
     def qparams(self, quant_min: int, quant_max: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale (float32) and zero point (int32) that map the observed range onto ``[quant_min, quant_max]``."""

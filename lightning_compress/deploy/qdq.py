@@ -1,0 +1,336 @@
+"""Integer ONNX graphs in the QDQ format, made from a model's fake quantizers.
+
+The float graph that torch exports (its optimizer folds BatchNorm into the convolutions) is rewritten
+the way ONNX Runtime's own quantization tool writes int8 models, but with the scales the model trained
+or calibrated: each quantized layer's weight becomes an integer initializer behind a
+``DequantizeLinear`` (one scale per output channel, which also absorbs a folded BatchNorm exactly), its
+bias an int32 initializer on the accumulator grid (input scale x weight scale), and its input passes a
+``QuantizeLinear`` / ``DequantizeLinear`` pair. Where a layer's output reaches the next quantized layer
+only through operators that commute with rounding (ReLU, max-pooling, reshapes), the next layer's pair
+is repeated after each of them: the numbers do not change, and ONNX Runtime can fuse the chain into
+integer kernels (``QLinearConv``, ``QGemm``, int8 ``MaxPool``).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from lightning_compress.analysis.measure import eval_mode, model_copy
+from lightning_compress.quantization.layers import (
+    QuantizedLayer,
+    dequantize_layer,
+    quantized_layers,
+)
+
+# Operators f with round(f(x) / s) = f(round(x / s)) for a scale s > 0 and a grid holding zero.
+ROUNDING_COMMUTES = frozenset({"Relu", "MaxPool", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Transpose"})
+_LAYER_OPS = ("Conv", "Gemm")
+
+
+def _storage_type(quant_range: tuple[int, int]) -> type[np.integer]:
+    low, high = quant_range
+    return np.int8 if low >= -128 and high <= 127 else np.uint8
+
+
+@dataclass(frozen=True)
+class IntegerLayer:
+    """The integer form of one quantized layer, read from its fake quantizers.
+
+    Example:
+        >>> import torch
+        >>> from lightning_compress.quantization import QuantConfig, quantize_model, set_quantization
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False))
+        >>> _ = quantize_model(model, QuantConfig())
+        >>> with torch.no_grad():
+        ...     _ = model[0].weight.copy_(torch.tensor([[1.0, -0.5]]))
+        >>> _ = model(torch.tensor([[0.0, 2.0]]))   # observe
+        >>> set_quantization(model, enabled=True)
+        >>> IntegerLayer.of(model[0].eval()).weight
+        array([[127, -64]])
+    """
+
+    weight: np.ndarray
+    weight_scale: np.ndarray
+    weight_zero_point: np.ndarray
+    weight_range: tuple[int, int]
+    input_scale: float
+    input_zero_point: int
+    input_range: tuple[int, int]
+    bias_range: tuple[int, int]
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, layer: QuantizedLayer) -> IntegerLayer:
+        """Read ``layer`` (in eval mode, fake quantization enabled): integers exactly as its forward rounds them."""
+        quantizer = layer.weight_quantizer
+        channels = layer.weight.shape[0]
+        scale = quantizer.scale.detach().float().reshape(-1).expand(channels)
+        zero_point = quantizer.zero_point.reshape(-1).expand(channels)
+        per_channel = (-1,) + (1,) * (layer.weight.dim() - 1)
+        rounded = quantizer(layer.weight).detach().float()  # (q - z) * s, computed by the same operator as training
+        integers = torch.round(rounded / scale.view(per_channel)) + zero_point.view(per_channel)
+        return cls(
+            weight=integers.long().cpu().numpy(),
+            weight_scale=scale.cpu().numpy(),
+            weight_zero_point=zero_point.long().cpu().numpy(),
+            weight_range=(quantizer.quant_min, quantizer.quant_max),
+            input_scale=float(layer.input_quantizer.scale.reshape(-1)[0]),
+            input_zero_point=int(layer.input_quantizer.zero_point.reshape(-1)[0]),
+            input_range=(layer.input_quantizer.quant_min, layer.input_quantizer.quant_max),
+            bias_range=layer.quant_config.bias_range,
+        )
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``(q - z) * s``: the float weight the fake-quantized layer computes with."""
+        shape = (-1,) + (1,) * (self.weight.ndim - 1)
+        centered = self.weight - self.weight_zero_point.reshape(shape)
+        return torch.from_numpy((centered * self.weight_scale.reshape(shape)).astype(np.float32))
+
+    def fit_to(self, exported: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Integers, scales and zero points whose dequantized values are ``exported``, the weight as the graph holds it.
+
+        The exporter may have folded a BatchNorm into the weight, multiplying each output channel by a
+        factor k: the same integers then hold with scale ``s·|k|``, mirrored inside the range where k < 0.
+        """
+        low, high = self.weight_range
+        channels = self.weight.shape[0]
+        dequantized = self.dequantized_weight().double().numpy().reshape(channels, -1)
+        target = exported.astype(np.float64).reshape(channels, -1)
+        norm = (dequantized**2).sum(1)
+        factor = np.where(norm > 0, (dequantized * target).sum(1) / np.where(norm > 0, norm, 1.0), 1.0)
+        error = np.abs(dequantized * factor[:, None] - target).max(initial=0.0)
+        if error > 1e-4 * max(np.abs(target).max(initial=0.0), 1e-12):
+            raise RuntimeError(f"the exported weight {name!r} is not a per-channel multiple of its quantized weight (error {error:.3g})")
+        shape = (-1,) + (1,) * (self.weight.ndim - 1)
+        flip = factor < 0
+        integers = np.where(flip.reshape(shape), low + high - self.weight, self.weight)
+        zero_point = np.where(flip, low + high - self.weight_zero_point, self.weight_zero_point)
+        integers = np.where((factor == 0).reshape(shape), zero_point.reshape(shape), integers)
+        scale = np.where(factor != 0, self.weight_scale * np.abs(factor), self.weight_scale)
+        return integers, scale.astype(np.float32), zero_point
+
+
+class _GraphEditor:
+    """Adds initializers and nodes (placed before or after an existing node) to an ONNX graph."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.initializers = {tensor.name: tensor for tensor in self.graph.initializer}
+        self.before: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+        self.after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_q{self._count}"
+
+    def constant(self, hint: str, value: np.ndarray) -> str:
+        name = self.name(hint)
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    def replace_initializer(self, name: str) -> np.ndarray:
+        """Remove the initializer ``name`` from the graph and return its value."""
+        tensor = self.initializers.pop(name)
+        self.graph.initializer.remove(tensor)
+        return numpy_helper.to_array(tensor)
+
+    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
+        users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes():
+            for name in node.input:
+                users[name].append(node)
+        return users
+
+    def nodes(self) -> list[onnx.NodeProto]:
+        """Every node, the added ones in place: still in topological order."""
+        ordered = []
+        for node in self.graph.node:
+            ordered += [*self.before[id(node)], node, *self.after[id(node)]]
+        return ordered
+
+    def commit(self) -> None:
+        ordered = self.nodes()
+        del self.graph.node[:]
+        self.graph.node.extend(ordered)
+        self.before.clear()
+        self.after.clear()
+
+
+@dataclass(frozen=True)
+class _ActivationGrid:
+    scale: str
+    zero_point: str
+
+
+def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.ModelProto:
+    """Rewrite a float graph into the QDQ format; ``layers`` maps each quantized layer's weight initializer name to it."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    editor = _GraphEditor(result)
+    users = editor.consumers()
+    input_grids: dict[int, _ActivationGrid] = {}  # id(the QuantizeLinear before a layer) -> its grid
+    layer_nodes = []
+    for weight_name, layer in layers.items():
+        node = _layer_node(weight_name, users, editor)
+        layer_nodes.append(node)
+        _quantize_weight_and_bias(editor, node, weight_name, layer)
+        grid = _activation_grid(editor, layer, node.input[0])
+        added = _quantize_pair(editor, node.input[0], grid, _clip_range(layer))
+        input_grids[id(added[-2])] = grid
+        editor.before[id(node)] += added
+        node.input[0] = added[-1].output[0]
+    editor.commit()
+    users = editor.consumers()
+    graph_outputs = {output.name for output in result.graph.output}
+    producers = {output: node for node in result.graph.node for output in node.output}
+    for node in layer_nodes:
+        tensors, grid = _path_to_next_quantizer(node.output[0], users, input_grids, graph_outputs)
+        for tensor in tensors:
+            added = _quantize_pair(editor, tensor, grid)
+            for user in users[tensor]:
+                user.input[:] = [added[-1].output[0] if name == tensor else name for name in user.input]
+            editor.after[id(producers[tensor])] += added
+    editor.commit()
+    return result
+
+
+def _layer_node(weight_name: str, users: dict[str, list[onnx.NodeProto]], editor: _GraphEditor) -> onnx.NodeProto:
+    if weight_name not in editor.initializers:
+        raise RuntimeError(f"the exported graph holds no initializer {weight_name!r}; found {sorted(editor.initializers)[:10]}")
+    nodes = users[weight_name]
+    if len(nodes) != 1 or nodes[0].op_type not in _LAYER_OPS or list(nodes[0].input).index(weight_name) != 1:
+        found = [node.op_type for node in nodes]
+        raise RuntimeError(f"{weight_name!r} should be the weight of one {' or '.join(_LAYER_OPS)} node in the exported graph, found {found}")
+    node = nodes[0]
+    if node.op_type == "Gemm":
+        attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+        if attributes.get("transB", 0) != 1 or attributes.get("transA", 0) != 0:
+            raise RuntimeError(f"the Gemm reading {weight_name!r} is not x @ W^T (transA=0, transB=1): {attributes}")
+    return node
+
+
+def _quantize_weight_and_bias(editor: _GraphEditor, node: onnx.NodeProto, weight_name: str, layer: IntegerLayer) -> None:
+    integers, scale, zero_point = layer.fit_to(editor.replace_initializer(weight_name), weight_name)
+    storage = _storage_type(layer.weight_range)
+    editor.before[id(node)].append(
+        helper.make_node(
+            "DequantizeLinear",
+            [
+                editor.constant(f"{weight_name}_int", integers.astype(storage)),
+                editor.constant(f"{weight_name}_scale", scale),
+                editor.constant(f"{weight_name}_zero_point", zero_point.astype(storage)),
+            ],
+            [weight_name],
+            axis=0,
+        )
+    )
+    if len(node.input) < 3 or node.input[2] not in editor.initializers:
+        return
+    bias_name = node.input[2]
+    bias = editor.replace_initializer(bias_name).astype(np.float64)
+    bias_scale = (np.float32(layer.input_scale) * scale).astype(np.float32)
+    low, high = layer.bias_range
+    integers = np.clip(np.round(bias / bias_scale), low, high).astype(np.int32)
+    editor.before[id(node)].append(
+        helper.make_node(
+            "DequantizeLinear",
+            [
+                editor.constant(f"{bias_name}_int", integers),
+                editor.constant(f"{bias_name}_scale", bias_scale),
+                editor.constant(f"{bias_name}_zero_point", np.zeros_like(integers)),
+            ],
+            [bias_name],
+            axis=0,
+        )
+    )
+
+
+def _activation_grid(editor: _GraphEditor, layer: IntegerLayer, tensor: str) -> _ActivationGrid:
+    storage = _storage_type(layer.input_range)
+    return _ActivationGrid(
+        scale=editor.constant(f"{tensor}_scale", np.array(layer.input_scale, dtype=np.float32)),
+        zero_point=editor.constant(f"{tensor}_zero_point", np.array(layer.input_zero_point, dtype=storage)),
+    )
+
+
+def _clip_range(layer: IntegerLayer) -> tuple[float, float] | None:
+    """The float range of a layer's input grid when it is narrower than its storage type (activations under 8 bits)."""
+    if layer.input_range == _full_range(_storage_type(layer.input_range)):
+        return None
+    low, high = ((bound - layer.input_zero_point) * np.float32(layer.input_scale) for bound in layer.input_range)
+    return float(low), float(high)
+
+
+def _quantize_pair(
+    editor: _GraphEditor, tensor: str, grid: _ActivationGrid, clip_range: tuple[float, float] | None = None
+) -> list[onnx.NodeProto]:
+    """Nodes that put ``tensor`` on ``grid``: ``QuantizeLinear`` then ``DequantizeLinear``, whose output is the result.
+
+    With ``clip_range`` the tensor is clipped first, in float, since ``QuantizeLinear`` saturates only at
+    its storage type's limits.
+    """
+    nodes = []
+    source = tensor
+    if clip_range is not None:
+        source = editor.name(f"{tensor}_clipped")
+        low, high = (editor.constant("clip", np.array(bound, np.float32)) for bound in clip_range)
+        nodes.append(helper.make_node("Clip", [tensor, low, high], [source]))
+    quantized, dequantized = editor.name(f"{tensor}_int"), editor.name(f"{tensor}_dequantized")
+    nodes.append(helper.make_node("QuantizeLinear", [source, grid.scale, grid.zero_point], [quantized]))
+    nodes.append(helper.make_node("DequantizeLinear", [quantized, grid.scale, grid.zero_point], [dequantized]))
+    return nodes
+
+
+def _full_range(storage: type[np.integer]) -> tuple[int, int]:
+    info = np.iinfo(storage)
+    return int(info.min), int(info.max)
+
+
+def _path_to_next_quantizer(
+    tensor: str, users: dict[str, list[onnx.NodeProto]], input_grids: dict[int, _ActivationGrid], graph_outputs: set[str]
+) -> tuple[list[str], _ActivationGrid | None]:
+    """The tensors from ``tensor`` through rounding-commuting operators to the next layer's quantizer, and its grid.
+
+    Empty when the path branches, leaves the graph or meets any other operator: the output then stays float.
+    """
+    path = []
+    while tensor not in graph_outputs and len(users[tensor]) == 1:
+        (user,) = users[tensor]
+        if id(user) in input_grids:
+            return path, input_grids[id(user)]
+        if user.op_type not in ROUNDING_COMMUTES or user.input[0] != tensor:
+            break
+        path.append(tensor)
+        tensor = user.output[0]
+    return [], None
+
+
+def split_quantization(model: nn.Module, prefix: str = "") -> tuple[nn.Module, dict[str, IntegerLayer]]:
+    """A float copy of ``model`` that computes what it computes, and the integer form of its quantized layers.
+
+    In the copy, each layer whose fake quantization is on is a plain float layer again with its
+    dequantized weight ``(q - z)·s``; the returned mapping, keyed by ``prefix + <layer>.weight`` (the
+    name the exported graph gives that weight), holds its integers and grids for :func:`to_qdq`.
+    Layers with fake quantization off compute in float and stay out of the mapping.
+    """
+    copy = model_copy(model)
+    integer_layers = {}
+    with eval_mode(copy):
+        for name, layer in quantized_layers(copy).items():
+            if bool(layer.weight_quantizer.enabled):
+                integer = IntegerLayer.of(layer)
+                integer_layers[f"{prefix}{name}.weight"] = integer
+                with torch.no_grad():
+                    layer.weight.copy_(integer.dequantized_weight())
+            dequantize_layer(layer)
+    return copy, integer_layers

@@ -1,0 +1,55 @@
+"""Post-training calibration: observe activation ranges on a few batches, without training, then quantize."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.analysis.measure import eval_mode
+from lightning_compress.quantization.layers import quantizers, set_quantization
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None = None) -> int:
+    """Observe the ranges of a quantized model on ``batches`` and switch fake quantization on; returns the batches used.
+
+    The model runs in eval mode (BatchNorm uses its running statistics, dropout is off) with only its
+    quantizers in training mode, so they observe; their earlier observations are forgotten first.
+    Afterwards the observers are frozen and fake quantization is on. A batch is a tensor of inputs or a
+    sequence whose first item is the inputs (``(inputs, targets)`` from a dataloader).
+
+    Example:
+        >>> import torch
+        >>> from lightning_compress.quantization import QuantConfig, quantize_model
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> _ = quantize_model(model, QuantConfig(observer="minmax"))
+        >>> calibrate(model, [torch.randn(8, 4) for _ in range(3)])
+        3
+        >>> bool(model[0].input_quantizer.enabled)
+        True
+    """
+    observed = quantizers(model)
+    if not observed:
+        raise ValueError(f"{type(model).__name__} has no quantized layer to calibrate: quantize it first (quantize_model)")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be at least 1 or None (every batch), got {num_batches}")
+    first = next(model.parameters())
+    used = 0
+    with eval_mode(model):
+        for quantizer in observed:
+            quantizer.observer.reset()
+            quantizer.train()
+        set_quantization(model, enabled=False, observing=True)
+        for batch in batches:
+            if num_batches is not None and used >= num_batches:
+                break
+            inputs = batch if isinstance(batch, torch.Tensor) else batch[0]
+            model(inputs.to(device=first.device, dtype=first.dtype))
+            used += 1
+    if used == 0:
+        raise ValueError("calibration got no batches")
+    set_quantization(model, enabled=True, observing=False)
+    return used

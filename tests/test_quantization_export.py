@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+from digits import digits_module, fit_digits
+from onnx import numpy_helper
+from torch import nn
+
+from lightning_compress import Pruning, QuantizationAwareTraining, export, load_quantized
+from lightning_compress.deploy import onnx_bytes
+from lightning_compress.quantization import QuantConfig, calibrate, quantize_model, quantized_layers
+
+
+@pytest.fixture(scope="module")
+def qat_digits(tmp_path_factory):
+    """SmallCNN trained 3 epochs on the digits, 60% pruned, fake-quantized from epoch 1 (int8, 7-bit weights)."""
+    callbacks = [
+        Pruning(amount=0.6, schedule="oneshot", start_epoch=1),
+        QuantizationAwareTraining(start_epoch=1, reduce_range=True),
+    ]
+    _, module, datamodule = fit_digits(tmp_path_factory.mktemp("qat"), callbacks, max_epochs=3)
+    inputs = torch.cat([batch[0] for batch in datamodule.test_dataloader()])
+    return module.eval(), inputs
+
+
+def run_onnx(graph: bytes, inputs: torch.Tensor, optimized: bool = True) -> torch.Tensor:
+    options = onnxruntime.SessionOptions()
+    if not optimized:  # the QDQ graph as written: float operators on dequantized values
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0])
+
+
+def test_int8_artifact_predicts_as_the_fake_quantized_model(qat_digits) -> None:
+    module, inputs = qat_digits
+    with torch.no_grad():
+        expected = module(inputs)
+    graph = onnx_bytes(module, inputs[:1])
+    onnx.checker.check_model(onnx.load_from_string(graph))
+    for optimized in (False, True):  # as written, and with ONNX Runtime's integer kernels
+        predicted = run_onnx(graph, inputs, optimized)
+        agreement = (predicted.argmax(1) == expected.argmax(1)).float().mean().item()
+        assert agreement >= 0.99, (optimized, agreement)
+        # rounding the same values the same way: only a folded-BatchNorm ulp can move a value one step
+        assert (predicted - expected).abs().median() < 1e-3
+
+
+def test_weights_are_stored_as_int8_with_the_pruned_zeros(qat_digits) -> None:
+    module, inputs = qat_digits
+    graph = onnx.load_from_string(onnx_bytes(module, inputs[:1]))
+    initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.graph.initializer}
+    dequantized_from = {node.output[0]: node.input[0] for node in graph.graph.node if node.op_type == "DequantizeLinear"}
+    for name, layer in quantized_layers(module).items():
+        stored = initializers[dequantized_from[f"model.{name}.weight"]]
+        assert stored.dtype == np.int8 and stored.shape == tuple(layer.weight.shape)
+        assert np.abs(stored).max() <= 63  # reduce_range: 7-bit weights
+        assert (stored == 0).sum() == (layer.weight == 0).sum().item(), name  # zeros stay exactly zero, and only they round to zero here
+    floats = sum(array.size for array in initializers.values() if array.dtype == np.float32)
+    integers = sum(array.size for array in initializers.values() if array.dtype == np.int8)
+    assert floats < 0.01 * integers  # only scales and the shape constant are float
+
+
+def test_batchnorm_folding_is_exact_for_negative_scales_and_asymmetric_grids() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.5, -0.7, 0.0, -2.0]))  # negative and zero BatchNorm scales
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    inputs = torch.randn(64, 2, 8, 8)
+    for config in (QuantConfig(), QuantConfig(symmetric=False, per_channel=False), QuantConfig(activation_bits=4)):
+        quantized = copy.deepcopy(model)
+        quantize_model(quantized, config)
+        calibrate(quantized, [inputs])
+        with torch.no_grad():
+            expected = quantized.eval()(inputs)
+        predicted = run_onnx(onnx_bytes(quantized, inputs[:1]), inputs, optimized=False)
+        # The folded weights are the same grid points. The folded BatchNorm shift joins the bias on the
+        # accumulator grid, and a float ulp may move an activation one step: rare, small differences.
+        difference = (predicted - expected).abs()
+        assert difference.median() < 1e-4 and difference.mean() < 0.01 * expected.abs().max(), config
+        torch.testing.assert_close(predicted, expected, atol=0.05 * expected.abs().max().item(), rtol=0, msg=str(config))
+
+
+def test_without_batchnorm_the_artifact_computes_the_same_numbers() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    quantize_model(model, QuantConfig(reduce_range=True))
+    inputs = torch.randn(256, 16)
+    calibrate(model, inputs.split(64))
+    with torch.no_grad():
+        expected = model.eval()(inputs)
+    for optimized in (False, True):
+        torch.testing.assert_close(run_onnx(onnx_bytes(model, inputs[:1]), inputs, optimized), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_torch_format_loads_back_into_a_fresh_model(qat_digits, tmp_path) -> None:
+    module, inputs = qat_digits
+    path = export(module, tmp_path / "model.pt", inputs[:1], format="torch")
+    fresh = load_quantized(digits_module().eval(), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(inputs), module(inputs))
+    onnx_path = export(module, tmp_path / "deploy" / "model.onnx", inputs[:1])
+    assert onnx.load(onnx_path).graph.input[0].name == "x"
+    with pytest.raises(ValueError, match="not a file written by export"):
+        load_quantized(digits_module(), onnx_path)
+
+
+def test_export_refuses_unknown_or_missing_formats(tmp_path, monkeypatch) -> None:
+    model = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="unknown export format 'tflite'; use one of onnx, torch"):
+        export(model, tmp_path / "m", torch.zeros(1, 4), format="tflite")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(ImportError, match="needs onnxscript, which is not installed: pip install onnx onnxscript onnxruntime"):
+        export(model, tmp_path / "m.onnx", torch.zeros(1, 4))
+    assert not (tmp_path / "m.onnx").exists()
