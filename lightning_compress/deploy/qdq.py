@@ -125,8 +125,10 @@ class _GraphEditor:
         self.model = model
         self.graph = model.graph
         self.initializers = {tensor.name: tensor for tensor in self.graph.initializer}
-        self.before: dict[int, list[onnx.NodeProto]] = defaultdict(list)
-        self.after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+        # nodes to add, keyed by the first output of the node they go before or after (protobuf
+        # messages are copied into the graph, so object identities do not last)
+        self.before: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.after: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         self._count = 0
 
     def name(self, hint: str) -> str:
@@ -155,7 +157,7 @@ class _GraphEditor:
         """Every node, the added ones in place: still in topological order."""
         ordered = []
         for node in self.graph.node:
-            ordered += [*self.before[id(node)], node, *self.after[id(node)]]
+            ordered += [*self.before.get(node.output[0], []), node, *self.after.get(node.output[0], [])]
         return ordered
 
     def commit(self) -> None:
@@ -168,8 +170,16 @@ class _GraphEditor:
 
 @dataclass(frozen=True)
 class _ActivationGrid:
+    """Names of a grid's scale and zero point; ``unsigned_zero`` names a uint8 zero point of value 0 when
+    the grid is signed int8 with zero point 0 (see :func:`to_qdq` for its use before a ReLU)."""
+
     scale: str
     zero_point: str
+    unsigned_zero: str | None = None
+
+    def unsigned(self) -> _ActivationGrid:
+        assert self.unsigned_zero is not None
+        return _ActivationGrid(self.scale, self.unsigned_zero)
 
 
 def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.ModelProto:
@@ -178,28 +188,34 @@ def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.M
     result.CopyFrom(model)
     editor = _GraphEditor(result)
     users = editor.consumers()
-    input_grids: dict[int, _ActivationGrid] = {}  # id(the QuantizeLinear before a layer) -> its grid
-    layer_nodes = []
+    input_grids: dict[str, _ActivationGrid] = {}  # output of the QuantizeLinear before a layer -> its grid
+    layer_outputs = []
     for weight_name, layer in layers.items():
         node = _layer_node(weight_name, users, editor)
-        layer_nodes.append(node)
+        layer_outputs.append(node.output[0])
         _quantize_weight_and_bias(editor, node, weight_name, layer)
         grid = _activation_grid(editor, layer, node.input[0])
         added = _quantize_pair(editor, node.input[0], grid, _clip_range(layer))
-        input_grids[id(added[-2])] = grid
-        editor.before[id(node)] += added
+        input_grids[added[-2].output[0]] = grid
+        editor.before[node.output[0]] += added
         node.input[0] = added[-1].output[0]
     editor.commit()
     users = editor.consumers()
     graph_outputs = {output.name for output in result.graph.output}
     producers = {output: node for node in result.graph.node for output in node.output}
-    for node in layer_nodes:
-        tensors, grid = _path_to_next_quantizer(node.output[0], users, input_grids, graph_outputs)
+    for output in layer_outputs:
+        tensors, grid = _path_to_next_quantizer(output, users, input_grids, graph_outputs)
+        if grid is not None and grid.unsigned_zero is not None and any(users[tensor][0].op_type == "Relu" for tensor in tensors):
+            # The same steps as uint8 with zero point 0, up to the next layer's quantizer: a ReLU on the path
+            # zeroes what uint8 clips below zero, and that int8 quantizer clips what uint8 keeps above 127.
+            # ONNX Runtime then drops the ReLU (a uint8 grid starting at 0) and runs the path in 8 bits.
+            grid = grid.unsigned()
+            tensors.append(users[tensors[-1]][0].output[0])
         for tensor in tensors:
             added = _quantize_pair(editor, tensor, grid)
             for user in users[tensor]:
                 user.input[:] = [added[-1].output[0] if name == tensor else name for name in user.input]
-            editor.after[id(producers[tensor])] += added
+            editor.after[producers[tensor].output[0]] += added
     editor.commit()
     return result
 
@@ -222,7 +238,7 @@ def _layer_node(weight_name: str, users: dict[str, list[onnx.NodeProto]], editor
 def _quantize_weight_and_bias(editor: _GraphEditor, node: onnx.NodeProto, weight_name: str, layer: IntegerLayer) -> None:
     integers, scale, zero_point = layer.fit_to(editor.replace_initializer(weight_name), weight_name)
     storage = _storage_type(layer.weight_range)
-    editor.before[id(node)].append(
+    editor.before[node.output[0]].append(
         helper.make_node(
             "DequantizeLinear",
             [
@@ -241,7 +257,7 @@ def _quantize_weight_and_bias(editor: _GraphEditor, node: onnx.NodeProto, weight
     bias_scale = (np.float32(layer.input_scale) * scale).astype(np.float32)
     low, high = layer.bias_range
     integers = np.clip(np.round(bias / bias_scale), low, high).astype(np.int32)
-    editor.before[id(node)].append(
+    editor.before[node.output[0]].append(
         helper.make_node(
             "DequantizeLinear",
             [
@@ -257,9 +273,11 @@ def _quantize_weight_and_bias(editor: _GraphEditor, node: onnx.NodeProto, weight
 
 def _activation_grid(editor: _GraphEditor, layer: IntegerLayer, tensor: str) -> _ActivationGrid:
     storage = _storage_type(layer.input_range)
+    signed_zero = storage is np.int8 and layer.input_zero_point == 0
     return _ActivationGrid(
         scale=editor.constant(f"{tensor}_scale", np.array(layer.input_scale, dtype=np.float32)),
         zero_point=editor.constant(f"{tensor}_zero_point", np.array(layer.input_zero_point, dtype=storage)),
+        unsigned_zero=editor.constant(f"{tensor}_unsigned_zero_point", np.array(0, dtype=np.uint8)) if signed_zero else None,
     )
 
 
@@ -297,7 +315,7 @@ def _full_range(storage: type[np.integer]) -> tuple[int, int]:
 
 
 def _path_to_next_quantizer(
-    tensor: str, users: dict[str, list[onnx.NodeProto]], input_grids: dict[int, _ActivationGrid], graph_outputs: set[str]
+    tensor: str, users: dict[str, list[onnx.NodeProto]], input_grids: dict[str, _ActivationGrid], graph_outputs: set[str]
 ) -> tuple[list[str], _ActivationGrid | None]:
     """The tensors from ``tensor`` through rounding-commuting operators to the next layer's quantizer, and its grid.
 
@@ -306,8 +324,8 @@ def _path_to_next_quantizer(
     path = []
     while tensor not in graph_outputs and len(users[tensor]) == 1:
         (user,) = users[tensor]
-        if id(user) in input_grids:
-            return path, input_grids[id(user)]
+        if user.op_type == "QuantizeLinear" and user.output[0] in input_grids:
+            return path, input_grids[user.output[0]]
         if user.op_type not in ROUNDING_COMMUTES or user.input[0] != tensor:
             break
         path.append(tensor)
