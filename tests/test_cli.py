@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnx
+from onnx import numpy_helper
+
 from lightning_compress.cli import train
 
 # A quick report: latency at batch 1 only, two repeats.
@@ -15,25 +18,29 @@ QUICK_REPORT = ["callbacks.compression_report.latency_batch_sizes=[1]", "callbac
 def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config, tmp_path) -> None:
     cfg = compose_config("trainer.fast_dev_run=true", f"output_dir={tmp_path}", "callbacks.compression_report.latency_repeats=2")
     report = train(cfg)
-    assert [entry.name for entry in report.entries] == ["dense", "pruning"]
-    assert all(entry.test_accuracy is not None for entry in report.entries)
+    assert [entry.name for entry in report.entries] == ["dense", "dense bfloat16", "pruning", "quantization"]
+    assert [entry.test_accuracy is not None for entry in report.entries] == [True, False, True, True]
     stages = json.loads((tmp_path / "report.json").read_text())["stages"]
     assert [stage["test_accuracy"] for stage in stages] == [entry.test_accuracy for entry in report.entries]
     assert (tmp_path / "report.md").read_text() == report.to_markdown()
     assert (tmp_path / "report.png").stat().st_size > 0
-    for phase in ("dense", "compressed"):  # each run keeps its own report, before and after fit
-        assert [s["name"] for s in json.loads((tmp_path / phase / "report.json").read_text())["stages"]] == ["before", "after"]
+    expected = {"dense": ["before", "after", "bfloat16"], "pruning": ["before", "after"], "quantization": ["before", "after"]}
+    for phase, names in expected.items():  # each run keeps its own report, and its model for deployment
+        assert [s["name"] for s in json.loads((tmp_path / phase / "report.json").read_text())["stages"]] == names
+        assert (tmp_path / phase / "model.onnx").stat().st_size > 0
 
 
 def test_without_compression_the_app_reports_before_and_after_one_fit(compose_config, tmp_path) -> None:
-    cfg = compose_config("~compression/pruning", "trainer.fast_dev_run=true", f"output_dir={tmp_path}", "callbacks.compression_report.latency_repeats=2")
+    cfg = compose_config(
+        "~compression/pruning", "~compression/quantization", "trainer.fast_dev_run=true", f"output_dir={tmp_path}", "callbacks.compression_report.latency_repeats=2"
+    )
     report = train(cfg)
     assert [entry.name for entry in report.entries] == ["before", "after"]
     assert not (tmp_path / "dense").exists()
 
 
 def test_default_pruning_recipe_reaches_its_sparsity_beside_the_dense_model(compose_config, tmp_path) -> None:
-    cfg = compose_config("trainer.max_epochs=3", f"output_dir={tmp_path}", *QUICK_REPORT)
+    cfg = compose_config("trainer.max_epochs=3", "~compression/quantization", "half_precision=null", f"output_dir={tmp_path}", *QUICK_REPORT)
     dense, pruned = train(cfg).entries
     assert dense.profile.weight_sparsity.sparsity < 0.01
     stats = pruned.profile.weight_sparsity
@@ -44,6 +51,8 @@ def test_default_pruning_recipe_reaches_its_sparsity_beside_the_dense_model(comp
 def test_channel_recipe_shrinks_the_model(compose_config, tmp_path) -> None:
     cfg = compose_config(
         "compression/pruning=taylor_channel50",
+        "~compression/quantization",
+        "half_precision=null",
         "trainer.max_epochs=3",
         f"output_dir={tmp_path}",
         *QUICK_REPORT,
@@ -54,8 +63,32 @@ def test_channel_recipe_shrinks_the_model(compose_config, tmp_path) -> None:
     assert pruned.profile.macs < 0.3 * dense.profile.macs
 
 
+def test_pruned_and_quantized_together_keep_zeros_in_the_int8_artifact(compose_config, tmp_path) -> None:
+    cfg = compose_config(
+        "combined=true",
+        "half_precision=null",
+        "trainer.max_epochs=3",
+        "compression.quantization.start_epoch=1",
+        "compression.quantization.freeze_observers_epoch=2",
+        "compression.quantization.freeze_bn_epoch=2",
+        f"output_dir={tmp_path}",
+        "callbacks.compression_report.latency_batch_sizes=[1]",
+        "callbacks.compression_report.latency_repeats=2",
+    )
+    dense, pruned, quantized, both = train(cfg).entries
+    assert [entry.name for entry in (pruned, quantized, both)] == ["pruning", "quantization", "pruning+quantization"]
+    assert quantized.profile.onnx_bytes < 0.4 * dense.profile.onnx_bytes  # int8 weights in the ONNX graph
+    assert both.profile.weight_sparsity.zeros == pruned.profile.weight_sparsity.zeros  # masks enforced under fake quantization
+    assert quantized.test_accuracy > dense.test_accuracy - 0.05
+    assert both.test_accuracy > 0.7  # 90% pruned at once and quantized at once, two epochs to recover
+    graph = onnx.load(tmp_path / "pruning+quantization" / "model.onnx")
+    integers = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    zeros = sum(int((array == 0).sum()) for array in integers)
+    assert zeros >= both.profile.weight_sparsity.zeros  # every pruned weight is an int8 zero
+
+
 def test_a_resumed_run_continues_from_its_last_checkpoint(compose_config, tmp_path) -> None:
-    common = ["~compression/pruning", f"output_dir={tmp_path}", *QUICK_REPORT, "test=false"]
+    common = ["~compression/pruning", "~compression/quantization", f"output_dir={tmp_path}", *QUICK_REPORT, "test=false"]
     first = train(compose_config("trainer.max_epochs=1", *common))
     resumed = train(compose_config("trainer.max_epochs=2", f"ckpt_path={tmp_path}/checkpoints/last.ckpt", *common))
     assert resumed.entry("before") == first.entry("before")
@@ -77,8 +110,9 @@ def test_console_script_prints_the_report(tmp_path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert "Compression report" in done.stdout and "pruning" in done.stdout
+    assert "Compression report" in done.stdout and "pruning" in done.stdout and "quantization" in done.stdout
     assert (tmp_path / "run" / "report.json").is_file()
+    assert "onnx_ir" not in done.stdout + done.stderr  # the exporter's pass-by-pass log stays quiet
 
 
 def test_python_dash_m_reports_a_typo_as_hydras_error(tmp_path) -> None:
@@ -96,6 +130,8 @@ def test_ddp_config_prunes_with_two_cpu_processes(tmp_path) -> None:
         "trainer.limit_train_batches=4",
         "trainer.limit_val_batches=2",
         "compression.pruning.start_epoch=1",
+        "~compression/quantization",
+        "half_precision=null",
         *QUICK_REPORT,
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,

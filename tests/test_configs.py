@@ -9,7 +9,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
-from lightning_compress import ClassificationModule, Pruning
+from lightning_compress import ClassificationModule, PostTrainingQuantization, Pruning, QuantizationAwareTraining
 from lightning_compress.data import InMemoryImageDataModule
 
 CONFIG_DIR = Path(str(files("lightning_compress.configs")))
@@ -27,6 +27,7 @@ def test_every_group_has_its_options() -> None:
     assert options("callbacks") == ["default", "none"]
     assert options("hydra") == ["default"]
     assert options("compression/pruning") == ["agp90", "nm24", "oneshot50", "taylor_channel50"]
+    assert options("compression/quantization") == ["int8_ptq", "int8_qat", "w4a8_lsq"]
 
 
 @pytest.mark.parametrize("data", options("data"))
@@ -84,8 +85,18 @@ def test_every_pruning_recipe_builds(compose_config, tmp_path, recipe: str) -> N
     assert (pruning.amount, pruning.granularity) == expected[recipe]
 
 
+@pytest.mark.parametrize("recipe", options("compression/quantization"))
+def test_every_quantization_recipe_builds(compose_config, tmp_path, recipe: str) -> None:
+    cfg = compose_config(f"compression/quantization={recipe}", f"output_dir={tmp_path}")
+    callback = instantiate(cfg.compression.quantization)
+    expected = {"int8_qat": (QuantizationAwareTraining, 8, False), "w4a8_lsq": (QuantizationAwareTraining, 4, True), "int8_ptq": (PostTrainingQuantization, 8, False)}
+    assert (type(callback), callback.config.weight_bits, callback.config.learnable_scales) == expected[recipe]
+    assert callback.config.activation_bits == 8
+
+
 def test_compression_can_be_left_out(compose_config, tmp_path) -> None:
-    assert compose_config("~compression/pruning", f"output_dir={tmp_path}").get("compression") is None
+    cfg = compose_config("~compression/pruning", "~compression/quantization", f"output_dir={tmp_path}")
+    assert cfg.get("compression") is None
 
 
 def test_command_line_overrides_reach_the_objects(compose_config, tmp_path) -> None:

@@ -113,3 +113,10 @@ def test_bad_epochs_fail_in_init_and_bad_targets_before_training(tmp_path) -> No
     with pytest.raises(ValueError, match="'model.clasifier.\\*' matches no layer.*model.classifier"):
         trainer.fit(module, datamodule=DigitsDataModule())
     assert trainer.global_step == 0
+    removal = Pruning(amount=0.5, granularity="channel", criterion="l1", remove_channels=True)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[removal, QuantizationAwareTraining()], default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="remove_channels=True\\) cannot share a run with quantization"):
+        trainer.fit(module, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+    with pytest.warns(UserWarning, match="never switches fake quantization on within max_epochs=2"):
+        fit_digits(tmp_path, [QuantizationAwareTraining(start_epoch=2)], max_epochs=2)

@@ -148,7 +148,8 @@ class CompressionReport(L.Callback):
             return
         accuracy = self._metric(trainer, self.test_metric)
         if accuracy is not None:
-            self.report.entries[-1].test_accuracy = accuracy
+            fitted = [entry for entry in self.report.entries if entry.name == "after"] or self.report.entries
+            fitted[-1].test_accuracy = accuracy
             self._log(trainer)
             self._write(trainer)
 

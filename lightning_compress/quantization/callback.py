@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.quantization.calibration import calibrate
@@ -27,6 +28,12 @@ class _QuantizingCallback(L.Callback):
         self.exclude = exclude
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if any(getattr(callback, "remove_channels", False) for callback in trainer.callbacks):
+            raise ValueError(
+                "Pruning(remove_channels=True) cannot share a run with quantization: removing channels at the end of "
+                "fit would leave the quantizers sized for the old channels. Remove the channels in one run, then "
+                "quantize the smaller model in a second"
+            )
         quantize_model(pl_module, self.config, self.targets, self.exclude)
 
     @property
@@ -60,6 +67,7 @@ class QuantizationAwareTraining(_QuantizingCallback):
 
     Example:
         >>> import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
         >>> qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, start_epoch=1, freeze_bn_epoch=2)
         >>> trainer = L.Trainer(accelerator="cpu", max_epochs=4, logger=False, callbacks=[qat])
     """
@@ -109,6 +117,14 @@ class QuantizationAwareTraining(_QuantizingCallback):
         self.start_epoch = start_epoch
         self.freeze_observers_epoch = freeze_observers_epoch
         self.freeze_bn_epoch = freeze_bn_epoch
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch:
+            rank_zero_warn(
+                f"QuantizationAwareTraining(start_epoch={self.start_epoch}) never switches fake quantization on within "
+                f"max_epochs={trainer.max_epochs}: the model stays float unless training is resumed further"
+            )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
