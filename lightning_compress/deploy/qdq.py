@@ -6,9 +6,10 @@ or calibrated: each quantized layer's weight becomes an integer initializer behi
 ``DequantizeLinear`` (one scale per output channel, which also absorbs a folded BatchNorm exactly), its
 bias an int32 initializer on the accumulator grid (input scale x weight scale), and its input passes a
 ``QuantizeLinear`` / ``DequantizeLinear`` pair. Where a layer's output reaches the next quantized layer
-only through operators that commute with rounding (ReLU, max-pooling, reshapes), the next layer's pair
-is repeated after each of them: the numbers do not change, and ONNX Runtime can fuse the chain into
-integer kernels (``QLinearConv``, ``QGemm``, int8 ``MaxPool``).
+only through operators that commute with rounding (ReLU, max-pooling, reshapes), the next layer's grid
+is applied after the layer and after each of them (as uint8 from zero where a ReLU follows an int8 grid
+centred on zero): the numbers do not change, and ONNX Runtime fuses the chain into integer kernels
+(``QLinearConv``, ``QGemm``, int8 ``MaxPool``, the ReLU folded away).
 """
 
 from __future__ import annotations
@@ -170,16 +171,11 @@ class _GraphEditor:
 
 @dataclass(frozen=True)
 class _ActivationGrid:
-    """Names of a grid's scale and zero point; ``unsigned_zero`` names a uint8 zero point of value 0 when
-    the grid is signed int8 with zero point 0 (see :func:`to_qdq` for its use before a ReLU)."""
+    """Names of a grid's scale and zero point; ``signed_zero``: int8 with zero point 0 (see :func:`to_qdq`)."""
 
     scale: str
     zero_point: str
-    unsigned_zero: str | None = None
-
-    def unsigned(self) -> _ActivationGrid:
-        assert self.unsigned_zero is not None
-        return _ActivationGrid(self.scale, self.unsigned_zero)
+    signed_zero: bool = False
 
 
 def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.ModelProto:
@@ -205,11 +201,11 @@ def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.M
     producers = {output: node for node in result.graph.node for output in node.output}
     for output in layer_outputs:
         tensors, grid = _path_to_next_quantizer(output, users, input_grids, graph_outputs)
-        if grid is not None and grid.unsigned_zero is not None and any(users[tensor][0].op_type == "Relu" for tensor in tensors):
+        if grid is not None and grid.signed_zero and any(users[tensor][0].op_type == "Relu" for tensor in tensors):
             # The same steps as uint8 with zero point 0, up to the next layer's quantizer: a ReLU on the path
             # zeroes what uint8 clips below zero, and that int8 quantizer clips what uint8 keeps above 127.
             # ONNX Runtime then drops the ReLU (a uint8 grid starting at 0) and runs the path in 8 bits.
-            grid = grid.unsigned()
+            grid = _ActivationGrid(grid.scale, editor.constant(f"{output}_unsigned_zero_point", np.array(0, dtype=np.uint8)))
             tensors.append(users[tensors[-1]][0].output[0])
         for tensor in tensors:
             added = _quantize_pair(editor, tensor, grid)
@@ -273,11 +269,10 @@ def _quantize_weight_and_bias(editor: _GraphEditor, node: onnx.NodeProto, weight
 
 def _activation_grid(editor: _GraphEditor, layer: IntegerLayer, tensor: str) -> _ActivationGrid:
     storage = _storage_type(layer.input_range)
-    signed_zero = storage is np.int8 and layer.input_zero_point == 0
     return _ActivationGrid(
         scale=editor.constant(f"{tensor}_scale", np.array(layer.input_scale, dtype=np.float32)),
         zero_point=editor.constant(f"{tensor}_zero_point", np.array(layer.input_zero_point, dtype=storage)),
-        unsigned_zero=editor.constant(f"{tensor}_unsigned_zero_point", np.array(0, dtype=np.uint8)) if signed_zero else None,
+        signed_zero=storage is np.int8 and layer.input_zero_point == 0,
     )
 
 
