@@ -67,7 +67,6 @@ class QuantizationAwareTraining(_QuantizingCallback):
 
     Example:
         >>> import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
         >>> qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, start_epoch=1, freeze_bn_epoch=2)
         >>> trainer = L.Trainer(accelerator="cpu", max_epochs=4, logger=False, callbacks=[qat])
     """
