@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import onnx
+import pytest
 from onnx import numpy_helper
 
 from lightning_compress.cli import train
@@ -85,6 +86,12 @@ def test_pruned_and_quantized_together_keep_zeros_in_the_int8_artifact(compose_c
     integers = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     zeros = sum(int((array == 0).sum()) for array in integers)
     assert zeros >= both.profile.weight_sparsity.zeros  # every pruned weight is an int8 zero
+
+
+def test_an_unknown_export_format_stops_before_training(compose_config, tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown export format 'tflite'; use one of onnx, torch"):
+        train(compose_config("export=tflite", f"output_dir={tmp_path}"))
+    assert not (tmp_path / "dense").exists()
 
 
 def test_a_resumed_run_continues_from_its_last_checkpoint(compose_config, tmp_path) -> None:

@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 from lightning_compress.models import SmallCNN
-from lightning_compress.quantization import FakeQuantizer, Observer, QuantConfig, quantize_model, quantized_layers, set_quantization
+from lightning_compress.quantization import (
+    FakeQuantizer,
+    Observer,
+    QuantConfig,
+    quantize_model,
+    quantized_layers,
+    set_quantization,
+)
 
 
 def test_observers_track_ranges_their_own_way() -> None:

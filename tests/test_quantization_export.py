@@ -12,9 +12,19 @@ from digits import digits_module, fit_digits
 from onnx import numpy_helper
 from torch import nn
 
-from lightning_compress import Pruning, QuantizationAwareTraining, export, load_quantized
+from lightning_compress import (
+    Pruning,
+    QuantizationAwareTraining,
+    export,
+    load_quantized,
+)
 from lightning_compress.deploy import onnx_bytes
-from lightning_compress.quantization import QuantConfig, calibrate, quantize_model, quantized_layers
+from lightning_compress.quantization import (
+    QuantConfig,
+    calibrate,
+    quantize_model,
+    quantized_layers,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,19 @@ import torch
 from digits import fit_digits
 from torch import nn
 
-from lightning_compress import CompressionReport, PostTrainingQuantization, half_precision
+from lightning_compress import (
+    CompressionReport,
+    PostTrainingQuantization,
+    half_precision,
+)
 from lightning_compress.analysis import evaluate_accuracy, size_on_disk
-from lightning_compress.quantization import Observer, QuantConfig, quantize_model, quantized_layers, quantizers
+from lightning_compress.quantization import (
+    Observer,
+    QuantConfig,
+    quantize_model,
+    quantized_layers,
+    quantizers,
+)
 
 
 @pytest.fixture(scope="module")
