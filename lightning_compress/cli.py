@@ -76,7 +76,8 @@ def train(cfg: DictConfig) -> Report | None:
         entries = [dataclasses.replace(phase_report.entry("after"), name=name) for name, phase_report in reports.items()]
         half = [entry for entry in reports["dense"].entries if entry.name not in ("before", "after")]
         entries[1:1] = [dataclasses.replace(entry, name=f"dense {entry.name}") for entry in half]
-        report = Report(entries=entries, metadata=reports[name].metadata)
+        last = list(reports.values())[-1]
+        report = Report(entries=entries, metadata=last.metadata)
         report.write(cfg.output_dir)
     if report is not None:
         Console(width=max(Console().width, 100)).print(report.to_rich_table())
