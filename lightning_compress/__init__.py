@@ -3,13 +3,18 @@
 from lightning_compress.analysis import Report, profile_model
 from lightning_compress.callbacks import CompressionReport
 from lightning_compress.deploy import export, half_precision, load_quantized
+from lightning_compress.distillation import DistillationModule
 from lightning_compress.models import ClassificationModule
 from lightning_compress.pruning import Pruning
-from lightning_compress.quantization import PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress.quantization import (
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
 
 __all__ = [
     "ClassificationModule",
     "CompressionReport",
+    "DistillationModule",
     "PostTrainingQuantization",
     "Pruning",
     "QuantizationAwareTraining",

@@ -35,7 +35,8 @@ def select_layers(model: nn.Module, targets: TargetSpec = None, exclude: TargetS
     patterns on module names (``"features.*"``, ``"classifier.4"``); a candidate is selected when it
     matches any target (every candidate when ``targets`` is None) and no exclusion. A pattern that
     matches no candidate raises ``ValueError`` listing the closest names, so a typo never silently
-    compresses nothing.
+    compresses nothing. A model may name layers that exist only for training (a distillation adapter)
+    in a ``compression_exclude`` attribute of patterns: they are never selected.
 
     Example:
         >>> from torch import nn
@@ -46,6 +47,7 @@ def select_layers(model: nn.Module, targets: TargetSpec = None, exclude: TargetS
     include, skip = _as_list(targets), _as_list(exclude)
     candidates = dict(weight_layers(model, (*WEIGHT_LAYER_TYPES, *(s for s in include if isinstance(s, type)))))
     _check_patterns(candidates, [s for s in [*include, *skip] if isinstance(s, str)])
+    skip += list(getattr(model, "compression_exclude", ()))
     selected = {
         name: module
         for name, module in candidates.items()

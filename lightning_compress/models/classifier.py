@@ -48,7 +48,7 @@ class ClassificationModule(L.LightningModule):
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         # Plain ints, so the hyperparameters in a checkpoint load with torch.load(weights_only=True).
         input_shape = None if input_shape is None else [int(size) for size in input_shape]
-        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"], logger=False)
+        self.save_hyperparameters("num_classes", "input_shape", "label_smoothing", logger=False)
         self.model = model
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.scheduler_factory = scheduler

@@ -1,0 +1,216 @@
+"""``DistillationModule``: a student trained against a frozen teacher, min_θ L(y, f(x; θ)) + λ·D(f(x; θ), f(x; θ*))."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lightning_compress.distillation.losses import (
+    attention_loss,
+    dkd_loss,
+    hint_loss,
+    kd_loss,
+)
+from lightning_compress.models.classifier import (
+    ClassificationModule,
+    OptimizerFactory,
+    SchedulerFactory,
+)
+
+LOGIT_LOSSES = ("kd", "dkd")
+
+
+class DistillationModule(ClassificationModule):
+    """Train ``student`` with cross-entropy and a distance to a frozen ``teacher``'s outputs.
+
+    The loss is ``ce_weight · CE(y, student(x)) + kd_weight · distillation_loss(...)`` plus, with
+    ``hints``, ``hint_weight`` · FitNets and ``attention_weight`` · attention transfer on the named
+    feature pairs. ``distillation_loss`` is KD (``logit_loss="kd"``, KL at ``temperature``, times T²)
+    or decoupled KD (``"dkd"``); subclasses override it to change the distance, and may override
+    ``training_step`` / ``configure_optimizers`` as in any LightningModule.
+
+    The teacher is never trained and never saved: it is held outside the module tree, so it is in no
+    ``state_dict``, no optimizer, no ``modules()`` walk (``Pruning`` and ``QuantizationAwareTraining``
+    act on the student, and DDP needs no ``find_unused_parameters``), and ``.train()`` on the wrapper
+    leaves it in eval mode; its forward runs under ``torch.no_grad()``. Validation and test measure the
+    student alone. A checkpoint loads back with ``DistillationModule.load_from_checkpoint(path,
+    student=..., teacher=...)``; ``module.model`` is the student as a plain model.
+
+    Args:
+        student: the model to train (stored as ``model``, like ``ClassificationModule``).
+        teacher: an ``nn.Module``, or the path of a ``ClassificationModule`` checkpoint whose weights are
+            loaded into ``teacher_model``.
+        hints: ``[(student module path, teacher module path), ...]``; a learned 1x1 convolution (or
+            linear layer) adapts the student's features where the channel counts differ.
+        input_shape: one input's shape; needed with ``hints`` (the adapters are sized on it) and used to
+            check that student and teacher outputs have the same shape before training.
+
+    Example:
+        >>> from lightning_compress.models import SmallCNN
+        >>> teacher = SmallCNN(num_classes=10, image_size=8, channels=(32, 64))
+        >>> student = SmallCNN(num_classes=10, image_size=8, channels=(8, 16), hidden=32)
+        >>> module = DistillationModule(student, teacher, num_classes=10, temperature=4.0, input_shape=(1, 8, 8))
+        >>> sorted({name.split(".")[0] for name in module.state_dict()})   # the student, not the teacher
+        ['model']
+    """
+
+    # Layers that exist only for training; compression callbacks leave them out.
+    compression_exclude = ("adapters.*",)
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | str | os.PathLike[str],
+        num_classes: int,
+        ce_weight: float = 0.5,
+        kd_weight: float = 0.5,
+        temperature: float = 4.0,
+        logit_loss: str = "kd",
+        dkd_alpha: float = 1.0,
+        dkd_beta: float = 8.0,
+        hints: Sequence[tuple[str, str]] | None = None,
+        hint_weight: float = 1.0,
+        attention_weight: float = 0.0,
+        teacher_model: nn.Module | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        input_shape: Sequence[int] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        weights = {"ce_weight": ce_weight, "kd_weight": kd_weight, "hint_weight": hint_weight, "attention_weight": attention_weight}
+        for name, value in weights.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if logit_loss not in LOGIT_LOSSES:
+            raise ValueError(f"unknown logit_loss {logit_loss!r}; use one of {', '.join(LOGIT_LOSSES)}")
+        super().__init__(student, num_classes, optimizer, scheduler, input_shape, label_smoothing)
+        self.save_hyperparameters(
+            "num_classes", "input_shape", "label_smoothing", "ce_weight", "kd_weight", "temperature", "logit_loss",
+            "dkd_alpha", "dkd_beta", "hint_weight", "attention_weight", logger=False,
+        )  # fmt: skip
+        self.ce_weight, self.kd_weight, self.hint_weight, self.attention_weight = ce_weight, kd_weight, hint_weight, attention_weight
+        self.temperature = temperature
+        self.logit_loss = logit_loss
+        self.dkd_alpha, self.dkd_beta = dkd_alpha, dkd_beta
+        self._frozen = (_frozen_teacher(teacher, teacher_model),)  # a tuple: outside the module tree
+        self.hints = [tuple(pair) for pair in hints or []]
+        self._features: dict[str, list[torch.Tensor | None]] = {"student": [None] * len(self.hints), "teacher": [None] * len(self.hints)}
+        self._hook_features()
+        self.adapters = nn.ModuleList()
+        self._outputs_checked = False
+        if input_shape is not None:
+            self._check_and_build_adapters(torch.zeros(2, *input_shape))
+        elif self.hints:
+            raise ValueError("hints need input_shape, to size the adapters between student and teacher features")
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher (not a submodule: see the class docstring)."""
+        return self._frozen[0]
+
+    def distillation_loss(self, student_output: torch.Tensor, teacher_output: torch.Tensor, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The distance between student and teacher outputs, weighted by ``kd_weight`` in the total loss."""
+        if self.logit_loss == "dkd":
+            return dkd_loss(student_output, teacher_output, batch[1], self.temperature, self.dkd_alpha, self.dkd_beta)
+        return kd_loss(student_output, teacher_output, self.temperature)
+
+    def teacher_output(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for ``inputs``, without gradients, in eval mode, on the inputs' device."""
+        teacher = self.teacher
+        first = next(teacher.parameters(), None)
+        if first is not None and first.device != inputs.device:
+            teacher.to(inputs.device)
+        teacher.eval()
+        with torch.no_grad():
+            return teacher(inputs)
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch[0], batch[1]
+        student_output = self(inputs)
+        teacher_output = self.teacher_output(inputs)
+        if not self._outputs_checked:
+            _check_same_shape(student_output, teacher_output)
+            self._outputs_checked = True
+        task = F.cross_entropy(student_output, targets, label_smoothing=self.label_smoothing)
+        distill = self.distillation_loss(student_output, teacher_output, batch)
+        loss = self.ce_weight * task + self.kd_weight * distill + self._feature_loss()
+        self.train_accuracy(student_output, targets)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/ce", task, on_step=False, on_epoch=True)
+        self.log("train/distill", distill, on_step=False, on_epoch=True)
+        self.log("train/acc", self.train_accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _feature_loss(self) -> torch.Tensor | float:
+        total: torch.Tensor | float = 0.0
+        for adapter, student, teacher in zip(self.adapters, self._features["student"], self._features["teacher"], strict=True):
+            if self.hint_weight:
+                total = total + self.hint_weight * hint_loss(adapter(student), teacher)
+            if self.attention_weight:
+                total = total + self.attention_weight * attention_loss(student, teacher)
+        return total
+
+    def _hook_features(self) -> None:
+        for side, model in (("student", self.model), ("teacher", self.teacher)):
+            modules = dict(model.named_modules())
+            for index, pair in enumerate(self.hints):
+                path = pair[0] if side == "student" else pair[1]
+                if path not in modules:
+                    near = difflib.get_close_matches(path, [name for name in modules if name], n=5, cutoff=0.4)
+                    raise ValueError(f"hint {pair}: the {side} has no module {path!r}; near names: {near}")
+                modules[path].register_forward_hook(self._recorder(side, index))
+
+    def _recorder(self, side: str, index: int) -> Any:
+        def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            self._features[side][index] = output
+
+        return record
+
+    def _check_and_build_adapters(self, example: torch.Tensor) -> None:
+        """Check output shapes on ``example`` and size one adapter per hint from the features it produces."""
+        with torch.no_grad():
+            training = self.model.training
+            student_output = self.model.eval()(example)
+            self.model.train(training)
+            teacher_output = self.teacher_output(example)
+        _check_same_shape(student_output, teacher_output)
+        self._outputs_checked = True
+        for pair, student, teacher in zip(self.hints, self._features["student"], self._features["teacher"], strict=True):
+            self.adapters.append(_adapter(pair, student, teacher))
+
+
+def _frozen_teacher(teacher: nn.Module | str | os.PathLike[str], teacher_model: nn.Module | None) -> nn.Module:
+    if not isinstance(teacher, nn.Module):
+        if teacher_model is None:
+            raise ValueError(f"teacher={str(teacher)!r} is a checkpoint path: pass teacher_model=, the architecture to load it into")
+        checkpoint = torch.load(teacher, map_location="cpu", weights_only=True)
+        weights = {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items() if key.startswith("model.")}
+        teacher_model.load_state_dict(weights, strict=True)
+        teacher = teacher_model
+    return teacher.requires_grad_(False).eval()
+
+
+def _check_same_shape(student_output: torch.Tensor, teacher_output: torch.Tensor) -> None:
+    if student_output.shape != teacher_output.shape:
+        raise ValueError(f"student and teacher outputs differ in shape: {tuple(student_output.shape)} and {tuple(teacher_output.shape)}")
+
+
+def _adapter(pair: tuple[str, str], student: torch.Tensor | None, teacher: torch.Tensor | None) -> nn.Module:
+    """Identity where the feature shapes agree, else a learned 1x1 convolution or linear map of the channels."""
+    if student is None or teacher is None:
+        raise ValueError(f"hint {pair}: a module did not run in the forward pass")
+    if student.shape == teacher.shape:
+        return nn.Identity()
+    if student.dim() == teacher.dim() == 4 and student.shape[2:] == teacher.shape[2:]:
+        return nn.Conv2d(student.shape[1], teacher.shape[1], kernel_size=1, bias=False)
+    if student.dim() == teacher.dim() == 2:
+        return nn.Linear(student.shape[1], teacher.shape[1], bias=False)
+    raise ValueError(f"hint {pair}: features of shapes {tuple(student.shape)} and {tuple(teacher.shape)} need equal spatial sizes")
