@@ -145,3 +145,21 @@ def test_bad_input_fails_before_training() -> None:
         DistillationModule(student_net(), teacher_net(), num_classes=10, logit_loss="kl")
     with pytest.raises(ValueError, match="the teacher has no module 'feature.4'; near names: \\['features.4'"):
         DistillationModule(student_net(), teacher_net(), num_classes=10, input_shape=INPUT, hints=[("features.4", "feature.4")])
+
+
+def test_cached_teacher_outputs_train_the_same_student_without_the_teacher_after_epoch_one(tmp_path) -> None:
+    runs = {}
+    for cache in (False, True):
+        module = DistillationModule(student_net(), teacher_net(), num_classes=10, input_shape=INPUT, cache_teacher=cache)
+        calls = []
+        module.teacher.register_forward_hook(lambda m, i, o, calls=calls: calls.append(len(i[0])))
+        trainer = fit(module, tmp_path, max_epochs=2)
+        runs[cache] = module, sum(calls), trainer
+    plain, plain_samples, _ = runs[False]
+    cached, cached_samples, trainer = runs[True]
+    for name, value in plain.model.state_dict().items():
+        torch.testing.assert_close(cached.model.state_dict()[name], value, msg=name)
+    train_size = len(trainer.datamodule.train_dataloader().dataset)
+    assert cached_samples == train_size == plain_samples // 2  # the second epoch read every logit from the cache
+    with pytest.raises(ValueError, match="cache_teacher keeps the teacher's logits only"):
+        DistillationModule(student_net(), teacher_net(), num_classes=10, input_shape=INPUT, cache_teacher=True, hints=[("features.4", "features.4")])

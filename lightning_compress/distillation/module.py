@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +51,8 @@ class DistillationModule(ClassificationModule):
             linear layer) adapts the student's features where the channel counts differ.
         input_shape: one input's shape; needed with ``hints`` (the adapters are sized on it) and used to
             check that student and teacher outputs have the same shape before training.
+        cache_teacher: keep the teacher's logits per input, so epochs after the first skip its forward
+            (for training data without augmentation; not with ``hints``).
 
     Example:
         >>> from lightning_compress.models import SmallCNN
@@ -78,6 +81,7 @@ class DistillationModule(ClassificationModule):
         hint_weight: float = 1.0,
         attention_weight: float = 0.0,
         teacher_model: nn.Module | None = None,
+        cache_teacher: bool = False,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         input_shape: Sequence[int] | None = None,
@@ -91,15 +95,18 @@ class DistillationModule(ClassificationModule):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if logit_loss not in LOGIT_LOSSES:
             raise ValueError(f"unknown logit_loss {logit_loss!r}; use one of {', '.join(LOGIT_LOSSES)}")
+        if cache_teacher and hints:
+            raise ValueError("cache_teacher keeps the teacher's logits only; hints need its features at every step")
         super().__init__(student, num_classes, optimizer, scheduler, input_shape, label_smoothing)
         self.save_hyperparameters(
             "num_classes", "input_shape", "label_smoothing", "ce_weight", "kd_weight", "temperature", "logit_loss",
-            "dkd_alpha", "dkd_beta", "hint_weight", "attention_weight", logger=False,
+            "dkd_alpha", "dkd_beta", "hint_weight", "attention_weight", "cache_teacher", logger=False,
         )  # fmt: skip
         self.ce_weight, self.kd_weight, self.hint_weight, self.attention_weight = ce_weight, kd_weight, hint_weight, attention_weight
         self.temperature = temperature
         self.logit_loss = logit_loss
         self.dkd_alpha, self.dkd_beta = dkd_alpha, dkd_beta
+        self._cache: dict[bytes, torch.Tensor] | None = {} if cache_teacher else None
         self._frozen = (_frozen_teacher(teacher, teacher_model),)  # a tuple: outside the module tree
         self.hints = [tuple(pair) for pair in hints or []]
         self._features: dict[str, list[torch.Tensor | None]] = {"student": [None] * len(self.hints), "teacher": [None] * len(self.hints)}
@@ -123,7 +130,22 @@ class DistillationModule(ClassificationModule):
         return kd_loss(student_output, teacher_output, self.temperature)
 
     def teacher_output(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits for ``inputs``, without gradients, in eval mode, on the inputs' device."""
+        """The teacher's logits for ``inputs``, without gradients, in eval mode, on the inputs' device.
+
+        With ``cache_teacher``, logits are kept per input (keyed by a digest of its values) and the teacher
+        runs only on inputs it has not seen: after the first epoch, on none, when the training data is
+        not augmented. In eval mode each sample's logits do not depend on the rest of its batch.
+        """
+        if self._cache is None:
+            return self._run_teacher(inputs)
+        keys = [hashlib.blake2b(sample.numpy().tobytes(), digest_size=16).digest() for sample in inputs.detach().cpu()]
+        missing = [index for index, key in enumerate(keys) if key not in self._cache]
+        if missing:
+            for index, logits in zip(missing, self._run_teacher(inputs[missing]).cpu(), strict=True):
+                self._cache[keys[index]] = logits
+        return torch.stack([self._cache[key] for key in keys]).to(inputs.device)
+
+    def _run_teacher(self, inputs: torch.Tensor) -> torch.Tensor:
         teacher = self.teacher
         first = next(teacher.parameters(), None)
         if first is not None and first.device != inputs.device:
@@ -180,7 +202,7 @@ class DistillationModule(ClassificationModule):
             training = self.model.training
             student_output = self.model.eval()(example)
             self.model.train(training)
-            teacher_output = self.teacher_output(example)
+            teacher_output = self._run_teacher(example)
         _check_same_shape(student_output, teacher_output)
         self._outputs_checked = True
         for pair, student, teacher in zip(self.hints, self._features["student"], self._features["teacher"], strict=True):
