@@ -1,0 +1,171 @@
+"""Distillation on real Fashion-MNIST: a student trained alone against the same student distilled, in one process.
+
+For each seed: the teacher (SmallCNN, channels 32/64, hidden 128) trains for the given epochs; then the
+student (SmallCNN, channels 8/16, hidden 48: about a tenth of the teacher's parameters) trains for the
+same epochs five ways, with the same seed and data order:
+- alone (cross-entropy);
+- KD (``ce_weight=0.5, kd_weight=0.5, temperature=4``), with the teacher's logits cached after the
+  first epoch (the data is not augmented) and, for timing, without the cache;
+- FitNets (cross-entropy + hint loss between the second convolution blocks, learned 1x1 adapter);
+- DKD (decoupled KD, alpha 1, beta 8, T 4, ``ce_weight=1``).
+Records test accuracy and the median wall time of the epochs after the first (where the cache acts).
+Writes ``results/distillation.json`` and ``results/distillation.md``.
+
+    apt-get install dataset-fashion-mnist
+    python benchmarks/distillation.py --epochs 4 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lightning_compress import ClassificationModule, DistillationModule
+from lightning_compress.analysis import count_parameters, evaluate_accuracy
+from lightning_compress.data import FashionMNISTDataModule
+from lightning_compress.models import SmallCNN
+
+RESULTS = Path(__file__).parent / "results"
+INPUT_SHAPE = (1, 28, 28)
+STUDENTS = ("alone", "kd_cached", "kd", "fitnets", "dkd")
+
+
+class EpochTimer(L.Callback):
+    """Wall time of each training epoch."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def teacher_net() -> SmallCNN:
+    return SmallCNN(num_classes=10, image_size=28)
+
+
+def student_net() -> SmallCNN:
+    return SmallCNN(num_classes=10, image_size=28, channels=(8, 16), hidden=48)
+
+
+def fit(module: L.LightningModule, seed: int, epochs: int, datamodule: FashionMNISTDataModule, limit_batches: int | None) -> list[float]:
+    L.seed_everything(seed)
+    timer = EpochTimer()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=limit_batches,
+        callbacks=[timer],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return timer.seconds
+
+
+def student(method: str, seed: int, teacher: torch.nn.Module) -> L.LightningModule:
+    torch.manual_seed(seed)
+    net = student_net()
+    if method == "alone":
+        return ClassificationModule(net, num_classes=10, input_shape=INPUT_SHAPE)
+    settings = {
+        "kd_cached": {"cache_teacher": True},
+        "kd": {},
+        "fitnets": {"ce_weight": 1.0, "kd_weight": 0.0, "hints": [("features.4", "features.4")], "hint_weight": 1.0},
+        "dkd": {"ce_weight": 1.0, "kd_weight": 1.0, "logit_loss": "dkd"},
+    }[method]
+    return DistillationModule(net, teacher, num_classes=10, temperature=4.0, input_shape=INPUT_SHAPE, **settings)
+
+
+def run_seed(seed: int, epochs: int, data_root: str, limit_batches: int | None = None) -> dict:
+    datamodule = FashionMNISTDataModule(root=data_root, batch_size=128, seed=seed)
+    datamodule.setup("test")
+    test = list(datamodule.test_dataloader())
+    torch.manual_seed(seed)
+    teacher = ClassificationModule(teacher_net(), num_classes=10, input_shape=INPUT_SHAPE)
+    fit(teacher, seed, epochs, datamodule, limit_batches)
+    result = {"seed": seed, "teacher_test_accuracy": evaluate_accuracy(teacher, test), "teacher_parameters": count_parameters(teacher.model)}
+    rotation = seed % len(STUDENTS)
+    for method in STUDENTS[rotation:] + STUDENTS[:rotation]:
+        module = student(method, seed, teacher.model)
+        seconds = fit(module, seed, epochs, datamodule, limit_batches)
+        result[f"{method}_test_accuracy"] = evaluate_accuracy(module.model, test)
+        result[f"{method}_epoch_s"] = statistics.median(seconds[1:])
+    result["student_parameters"] = count_parameters(student_net())
+    return result
+
+
+def median(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def summary(runs: list[dict]) -> dict:
+    alone = median(runs, "alone_test_accuracy")
+    return {
+        "teacher_test_accuracy": median(runs, "teacher_test_accuracy"),
+        "parameters_ratio": median(runs, "student_parameters") / median(runs, "teacher_parameters"),
+        "test_accuracy": {method: median(runs, f"{method}_test_accuracy") for method in STUDENTS},
+        "gain_points_vs_alone": {m: 100 * (median(runs, f"{m}_test_accuracy") - alone) for m in STUDENTS if m != "alone"},
+        "gain_points_paired_median": {
+            m: 100 * statistics.median(run[f"{m}_test_accuracy"] - run["alone_test_accuracy"] for run in runs) for m in STUDENTS if m != "alone"
+        },
+        "epoch_s": {method: median(runs, f"{method}_epoch_s") for method in STUDENTS},
+        "epoch_time_ratio_to_alone": {m: median(runs, f"{m}_epoch_s") / median(runs, "alone_epoch_s") for m in STUDENTS if m != "alone"},
+    }
+
+
+def markdown(result: dict, epochs: int, seeds: list[int]) -> str:
+    accuracy, gain, paired, ratio = (result[k] for k in ("test_accuracy", "gain_points_vs_alone", "gain_points_paired_median", "epoch_time_ratio_to_alone"))
+    names = {
+        "alone": "student alone",
+        "kd_cached": "KD, teacher cached",
+        "kd": "KD",
+        "fitnets": "FitNets (hint on features.4)",
+        "dkd": "DKD",
+    }
+    lines = [
+        f"Fashion-MNIST, {epochs} epochs, Adam 1e-3, batch 128, seeds {seeds}; medians over seeds. Teacher: SmallCNN 32/64/128, "
+        f"test accuracy {100 * result['teacher_test_accuracy']:.2f}%; student: SmallCNN 8/16/48, "
+        f"{result['parameters_ratio']:.3f}x the teacher's parameters.",
+        "",
+        "| student | test acc | vs alone (points, median of medians) | vs alone (points, median of per-seed gains) | epoch time vs alone (epochs 2+) |",
+        "|---|---|---|---|---|",
+        f"| {names['alone']} | {100 * accuracy['alone']:.2f}% | – | – | 1.000x ({result['epoch_s']['alone']:.1f} s) |",
+    ]
+    for method in STUDENTS[1:]:
+        lines.append(f"| {names[method]} | {100 * accuracy[method]:.2f}% | {gain[method]:+.2f} | {paired[method]:+.2f} | {ratio[method]:.3f}x |")
+    return "\n".join([*lines, ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--data-root", default="data")
+    parser.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (a quick check of the script)")
+    args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the cache acts from the second epoch")
+    torch.set_num_threads(2)
+    runs = [run_seed(seed, args.epochs, args.data_root, args.limit_batches) for seed in args.seeds]
+    result = summary(runs)
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"epochs": args.epochs, "seeds": args.seeds, "torch": str(torch.__version__), "summary": result, "runs": runs}
+    (RESULTS / "distillation.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / "distillation.md").write_text(markdown(result, args.epochs, args.seeds))
+    print((RESULTS / "distillation.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
