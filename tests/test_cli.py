@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from lightning_compress.cli import train
@@ -86,6 +87,26 @@ def test_pruned_and_quantized_together_keep_zeros_in_the_int8_artifact(compose_c
     integers = [numpy_helper.to_array(t) for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     zeros = sum(int((array == 0).sum()) for array in integers)
     assert zeros >= both.profile.weight_sparsity.zeros  # every pruned weight is an int8 zero
+
+
+def test_distillation_trains_the_teacher_then_the_student_in_one_command(compose_config, tmp_path) -> None:
+    cfg = compose_config(
+        "+compression/distillation=kd",
+        "~compression/pruning",
+        "~compression/quantization",
+        "half_precision=null",
+        "trainer.max_epochs=2",
+        f"output_dir={tmp_path}",
+        *QUICK_REPORT,
+    )
+    dense, teacher, distilled = train(cfg).entries
+    assert [dense.name, teacher.name, distilled.name] == ["dense", "teacher", "distillation"]
+    assert teacher.profile.parameters > 3 * dense.profile.parameters == 3 * distilled.profile.parameters
+    assert distilled.test_accuracy > 0.8
+    checkpoint = torch.load(tmp_path / "distillation" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert {key.split(".")[0] for key in checkpoint["state_dict"]} == {"model"}  # the student only
+    with pytest.raises(ValueError, match="compression/distillation needs a teacher"):
+        train(compose_config("+compression/distillation=kd", "~teacher", f"output_dir={tmp_path}"))
 
 
 def test_an_unknown_export_format_stops_before_training(compose_config, tmp_path) -> None:

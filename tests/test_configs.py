@@ -9,7 +9,13 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
-from lightning_compress import ClassificationModule, PostTrainingQuantization, Pruning, QuantizationAwareTraining
+from lightning_compress import (
+    ClassificationModule,
+    DistillationModule,
+    PostTrainingQuantization,
+    Pruning,
+    QuantizationAwareTraining,
+)
 from lightning_compress.data import InMemoryImageDataModule
 
 CONFIG_DIR = Path(str(files("lightning_compress.configs")))
@@ -28,6 +34,8 @@ def test_every_group_has_its_options() -> None:
     assert options("hydra") == ["default"]
     assert options("compression/pruning") == ["agp90", "nm24", "oneshot50", "taylor_channel50"]
     assert options("compression/quantization") == ["int8_ptq", "int8_qat", "w4a8_lsq"]
+    assert options("compression/distillation") == ["dkd", "fitnets", "kd"]
+    assert options("model/teacher") == ["small_cnn_wide"]
 
 
 @pytest.mark.parametrize("data", options("data"))
@@ -92,6 +100,16 @@ def test_every_quantization_recipe_builds(compose_config, tmp_path, recipe: str)
     expected = {"int8_qat": (QuantizationAwareTraining, 8, False), "w4a8_lsq": (QuantizationAwareTraining, 4, True), "int8_ptq": (PostTrainingQuantization, 8, False)}
     assert (type(callback), callback.config.weight_bits, callback.config.learnable_scales) == expected[recipe]
     assert callback.config.activation_bits == 8
+
+
+@pytest.mark.parametrize("recipe", options("compression/distillation"))
+def test_every_distillation_recipe_builds_around_the_model_and_its_teacher(compose_config, tmp_path, recipe: str) -> None:
+    cfg = compose_config(f"+compression/distillation={recipe}", f"output_dir={tmp_path}")
+    student, teacher = instantiate(cfg.model), instantiate(cfg.teacher)
+    module = instantiate(cfg.compression.distillation)(student=student.model, teacher=teacher.model, num_classes=10, input_shape=[1, 8, 8])
+    assert isinstance(module, DistillationModule) and module.teacher is teacher.model
+    expected = {"kd": ("kd", 0), "dkd": ("dkd", 0), "fitnets": ("kd", 1)}
+    assert (module.logit_loss, len(module.hints)) == expected[recipe]
 
 
 def test_compression_can_be_left_out(compose_config, tmp_path) -> None:
