@@ -106,7 +106,7 @@ def test_distillation_trains_the_teacher_then_the_student_in_one_command(compose
     checkpoint = torch.load(tmp_path / "distillation" / "checkpoints" / "last.ckpt", weights_only=True)
     assert {key.split(".")[0] for key in checkpoint["state_dict"]} == {"model"}  # the student only
     with pytest.raises(ValueError, match="compression/distillation needs a teacher"):
-        train(compose_config("+compression/distillation=kd", "~teacher", f"output_dir={tmp_path}"))
+        train(compose_config("+compression/distillation=kd", "~model/teacher", f"output_dir={tmp_path}"))
 
 
 def test_an_unknown_export_format_stops_before_training(compose_config, tmp_path) -> None:
