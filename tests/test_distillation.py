@@ -107,6 +107,17 @@ def test_pruning_and_quantization_act_on_the_student_only(tmp_path) -> None:
     assert zeros == round(0.5 * sum(layer.weight.numel() for layer in quantized_layers(module).values()))
 
 
+def test_a_checkpoint_with_adapters_loads_back_given_the_teacher(tmp_path) -> None:
+    hints = [("features.4", "features.4")]
+    module = DistillationModule(student_net(), teacher_net(), num_classes=10, input_shape=INPUT, hints=hints, attention_weight=1.0)
+    trainer = fit(module, tmp_path)
+    trainer.save_checkpoint(tmp_path / "distilled.ckpt")
+    restored = DistillationModule.load_from_checkpoint(tmp_path / "distilled.ckpt", student=student_net(), teacher=teacher_net())
+    assert restored.hints == hints and restored.attention_weight == 1.0
+    for name, value in module.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name  # student and adapter
+
+
 def test_a_subclass_changes_only_the_distance(tmp_path) -> None:
     class MSEDistillation(DistillationModule):
         calls = 0

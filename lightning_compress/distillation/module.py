@@ -100,7 +100,7 @@ class DistillationModule(ClassificationModule):
         super().__init__(student, num_classes, optimizer, scheduler, input_shape, label_smoothing)
         self.save_hyperparameters(
             "num_classes", "input_shape", "label_smoothing", "ce_weight", "kd_weight", "temperature", "logit_loss",
-            "dkd_alpha", "dkd_beta", "hint_weight", "attention_weight", "cache_teacher", logger=False,
+            "dkd_alpha", "dkd_beta", "hints", "hint_weight", "attention_weight", "cache_teacher", logger=False,
         )  # fmt: skip
         self.ce_weight, self.kd_weight, self.hint_weight, self.attention_weight = ce_weight, kd_weight, hint_weight, attention_weight
         self.temperature = temperature
@@ -108,7 +108,7 @@ class DistillationModule(ClassificationModule):
         self.dkd_alpha, self.dkd_beta = dkd_alpha, dkd_beta
         self._cache: dict[bytes, torch.Tensor] | None = {} if cache_teacher else None
         self._frozen = (_frozen_teacher(teacher, teacher_model),)  # a tuple: outside the module tree
-        self.hints = [tuple(pair) for pair in hints or []]
+        self.hints = [(str(student_path), str(teacher_path)) for student_path, teacher_path in hints or []]
         self._features: dict[str, list[torch.Tensor | None]] = {"student": [None] * len(self.hints), "teacher": [None] * len(self.hints)}
         self._hook_features()
         self.adapters = nn.ModuleList()
