@@ -12,37 +12,21 @@ Writes ``results/dense_baseline.json`` and ``results/dense_baseline.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
-from pathlib import Path
 
 import lightning as L
 import torch
+from common import EpochTimer, write_results
 
 from lightning_compress import ClassificationModule
 from lightning_compress.analysis import profile_model
 from lightning_compress.data import FashionMNISTDataModule
 from lightning_compress.models import MLP, SmallCNN
 
-RESULTS = Path(__file__).parent / "results"
 MODELS = {
     "small_cnn": lambda: SmallCNN(num_classes=10, in_channels=1, image_size=28),
     "mlp": lambda: MLP(num_classes=10, in_channels=1, image_size=28),
 }
-
-
-class EpochTimer(L.Callback):
-    """Wall time of each training epoch."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def run(model_name: str, seed: int, epochs: int, data_root: str) -> dict:
@@ -113,11 +97,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     results = [summarize(name, [run(name, seed, args.epochs, args.data_root) for seed in args.seeds]) for name in args.models]
-    RESULTS.mkdir(exist_ok=True)
-    payload = {"epochs": args.epochs, "seeds": args.seeds, "torch": str(torch.__version__), "results": results}
-    (RESULTS / "dense_baseline.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / "dense_baseline.md").write_text(markdown(results, args.epochs, args.seeds))
-    print((RESULTS / "dense_baseline.md").read_text())
+    write_results("dense_baseline", {"epochs": args.epochs, "seeds": args.seeds}, {"results": results}, markdown(results, args.epochs, args.seeds))
 
 
 if __name__ == "__main__":

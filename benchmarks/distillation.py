@@ -18,35 +18,19 @@ Writes ``results/distillation.json`` and ``results/distillation.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
-from pathlib import Path
 
 import lightning as L
 import torch
+from common import EpochTimer, write_results
 
 from lightning_compress import ClassificationModule, DistillationModule
 from lightning_compress.analysis import count_parameters, evaluate_accuracy
 from lightning_compress.data import FashionMNISTDataModule
 from lightning_compress.models import SmallCNN
 
-RESULTS = Path(__file__).parent / "results"
 INPUT_SHAPE = (1, 28, 28)
 STUDENTS = ("alone", "kd_cached", "kd", "fitnets", "dkd")
-
-
-class EpochTimer(L.Callback):
-    """Wall time of each training epoch."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def teacher_net() -> SmallCNN:
@@ -160,11 +144,8 @@ def main() -> None:
     torch.set_num_threads(2)
     runs = [run_seed(seed, args.epochs, args.data_root, args.limit_batches) for seed in args.seeds]
     result = summary(runs)
-    RESULTS.mkdir(exist_ok=True)
-    payload = {"epochs": args.epochs, "seeds": args.seeds, "torch": str(torch.__version__), "summary": result, "runs": runs}
-    (RESULTS / "distillation.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / "distillation.md").write_text(markdown(result, args.epochs, args.seeds))
-    print((RESULTS / "distillation.md").read_text())
+    settings = {"epochs": args.epochs, "seeds": args.seeds}
+    write_results("distillation", settings, {"summary": result, "runs": runs}, markdown(result, args.epochs, args.seeds))
 
 
 if __name__ == "__main__":

@@ -21,42 +21,27 @@ Writes ``results/pruning.json`` and ``results/pruning.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
-from pathlib import Path
 
 import lightning as L
 import torch
+from common import StepTimer, write_results
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from lightning_compress import ClassificationModule
-from lightning_compress.analysis import count_macs, count_parameters, global_sparsity, profile_model
+from lightning_compress.analysis import (
+    count_macs,
+    count_parameters,
+    global_sparsity,
+    profile_model,
+)
 from lightning_compress.data import FashionMNISTDataModule
 from lightning_compress.models import SmallCNN
 from lightning_compress.pruning import Pruning, SparsitySchedule
 
-RESULTS = Path(__file__).parent / "results"
 LATENCIES = ("latency_b1_ms", "latency_b256_ms", "ort_latency_b1_ms", "ort_latency_b256_ms")
 INPUT_SHAPE = (1, 28, 28)
-
-
-class StepTimer(L.Callback):
-    """Median wall time between consecutive training batch starts (data, forward, backward, step, all callbacks)."""
-
-    def __init__(self) -> None:
-        self.intervals: list[float] = []
-        self._last: float | None = None
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last = None
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last is not None:
-            self.intervals.append(now - self._last)
-        self._last = now
 
 
 def modelpruning_amounts(schedule: SparsitySchedule) -> dict[int, float]:
@@ -191,11 +176,8 @@ def main() -> None:
         rotated = methods[turn % len(methods) :] + methods[: turn % len(methods)]
         runs += [run(method, seed, args.epochs, args.data_root) for method in rotated]
     result = summary(runs)
-    RESULTS.mkdir(exist_ok=True)
-    payload = {"epochs": args.epochs, "seeds": args.seeds, "torch": str(torch.__version__), "summary": result, "runs": runs}
-    (RESULTS / "pruning.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / "pruning.md").write_text(markdown(result, args.epochs, args.seeds))
-    print((RESULTS / "pruning.md").read_text())
+    settings = {"epochs": args.epochs, "seeds": args.seeds}
+    write_results("pruning", settings, {"summary": result, "runs": runs}, markdown(result, args.epochs, args.seeds))
 
 
 if __name__ == "__main__":

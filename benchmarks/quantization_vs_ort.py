@@ -22,44 +22,34 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from common import StepTimer, write_results
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 
-from lightning_compress import ClassificationModule, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_compress import (
+    ClassificationModule,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
 from lightning_compress.analysis import evaluate_accuracy, measure_latency
 from lightning_compress.data import FashionMNISTDataModule
 from lightning_compress.deploy import OnnxRuntimeModel, onnx_bytes
 from lightning_compress.models import SmallCNN
 
-RESULTS = Path(__file__).parent / "results"
 INPUT_SHAPE = (1, 28, 28)
 CALIBRATION_BATCHES = 32
 BATCHES = (1, 256)
-
-
-class StepTimer(L.Callback):
-    """Median wall time between consecutive training batch starts, from epoch 1 on (fake quantization on)."""
-
-    def __init__(self) -> None:
-        self.intervals: list[float] = []
-        self._last: float | None = None
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last = None
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last is not None and trainer.current_epoch >= 1:
-            self.intervals.append(now - self._last)
-        self._last = now
 
 
 class Batches(CalibrationDataReader):
@@ -81,7 +71,7 @@ def train(method: str, seed: int, epochs: int, datamodule: FashionMNISTDataModul
         "qat_int8": [QuantizationAwareTraining(start_epoch=1, freeze_observers_epoch=last, freeze_bn_epoch=last, reduce_range=True)],
         "qat_w4a8_lsq": [QuantizationAwareTraining(weight_bits=4, learnable_scales=True, start_epoch=1, freeze_bn_epoch=last)],
     }[method]
-    timer = StepTimer()
+    timer = StepTimer(from_epoch=1)  # fake quantization is on from epoch 1
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=epochs,
@@ -237,11 +227,8 @@ def main() -> None:
     torch.set_num_threads(2)
     runs = [run_seed(seed, args.epochs, args.data_root, args.limit_batches) for seed in args.seeds]
     result = summary(runs)
-    RESULTS.mkdir(exist_ok=True)
-    payload = {"epochs": args.epochs, "seeds": args.seeds, "torch": str(torch.__version__), "summary": result, "runs": runs}
-    (RESULTS / "quantization.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / "quantization.md").write_text(markdown(result, args.epochs, args.seeds))
-    print((RESULTS / "quantization.md").read_text())
+    settings = {"epochs": args.epochs, "seeds": args.seeds}
+    write_results("quantization", settings, {"summary": result, "runs": runs}, markdown(result, args.epochs, args.seeds))
 
 
 if __name__ == "__main__":

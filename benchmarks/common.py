@@ -1,0 +1,53 @@
+"""What the benchmark scripts share: timing callbacks and writing results as JSON plus a Markdown table."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class StepTimer(L.Callback):
+    """Wall time between consecutive training batch starts (data, forward, backward, step, every callback),
+    from epoch ``from_epoch`` on; the median of ``intervals`` is a run's step time."""
+
+    def __init__(self, from_epoch: int = 0) -> None:
+        self.from_epoch = from_epoch
+        self.intervals: list[float] = []
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._last is not None and trainer.current_epoch >= self.from_epoch:
+            self.intervals.append(now - self._last)
+        self._last = now
+
+
+class EpochTimer(L.Callback):
+    """Wall time of each training epoch."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def write_results(name: str, settings: dict, results: dict, markdown: str) -> None:
+    """``results/<name>.json`` (the settings, torch's version and the results) and ``results/<name>.md``; prints the table."""
+    RESULTS.mkdir(exist_ok=True)
+    payload = {**settings, "torch": str(torch.__version__), **results}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)
