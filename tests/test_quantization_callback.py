@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -113,10 +115,31 @@ def test_bad_epochs_fail_in_init_and_bad_targets_before_training(tmp_path) -> No
     with pytest.raises(ValueError, match="'model.clasifier.\\*' matches no layer.*model.classifier"):
         trainer.fit(module, datamodule=DigitsDataModule())
     assert trainer.global_step == 0
-    removal = Pruning(amount=0.5, granularity="channel", criterion="l1", remove_channels=True)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[removal, QuantizationAwareTraining()], default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match="remove_channels=True\\) cannot share a run with quantization"):
-        trainer.fit(module, datamodule=DigitsDataModule())
-    assert trainer.global_step == 0
     with pytest.warns(UserWarning, match="never switches fake quantization on within max_epochs=2"):
         fit_digits(tmp_path, [QuantizationAwareTraining(start_epoch=2)], max_epochs=2)
+
+
+class CopyBeforeRemoval(L.Callback):
+    """Keeps a copy of the masked, quantized module as training ends (listed before ``Pruning``, it runs first)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.masked = copy.deepcopy(pl_module).eval()
+
+
+@pytest.mark.parametrize("quantization_first", [False, True])
+def test_channel_removal_after_quantization_cuts_the_weight_scales_and_keeps_the_outputs(tmp_path, quantization_first) -> None:
+    copy_before = CopyBeforeRemoval()
+    removal = Pruning(amount=0.5, granularity="channel", criterion="l1", scope="layer", schedule="oneshot", start_epoch=0, remove_channels=True)
+    qat = QuantizationAwareTraining(start_epoch=1)
+    callbacks = [copy_before, qat, removal] if quantization_first else [copy_before, removal, qat]
+    _, module, datamodule = fit_digits(tmp_path, callbacks, max_epochs=2)
+    conv = module.model.features[0]
+    assert conv.out_channels == 16 and conv.weight.shape[0] == 16  # SmallCNN's 32 channels halved
+    for name, layer in quantized_layers(module).items():
+        for tensor_name, tensor in layer.output_channel_state().items():
+            assert tensor.shape == (layer.weight.shape[0],), f"{name}.{tensor_name}"
+    inputs = datamodule.splits["test"].tensors[0]
+    torch.testing.assert_close(module.eval()(inputs), copy_before.masked(inputs), atol=1e-4, rtol=1e-4)
+    masked_conv = copy_before.masked.model.features[0]
+    kept = masked_conv.weight.flatten(1).abs().sum(1) > 0
+    assert torch.equal(conv.weight_quantizer.scale, masked_conv.weight_quantizer.scale[kept])

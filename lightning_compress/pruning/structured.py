@@ -111,10 +111,20 @@ class ChannelGroups:
         tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
         return [(n, t, 0) for n, t in tensors if t.dim() == 1]  # BatchNorm's affine parameters and statistics
 
+    def _extra_output_channel_state(self, module: nn.Module, handler: object) -> list[tuple[str, torch.Tensor, int]]:
+        """Per-output-channel tensors a layer keeps besides weight and bias, if it says so through an
+        ``output_channel_state()`` method (a quantized layer's weight scales and ranges)."""
+        state = getattr(module, "output_channel_state", None)
+        if state is None or not self.graph.is_out_channel_pruning_fn(handler):
+            return []
+        return [(name, tensor, 0) for name, tensor in state().items()]
+
     def remove(self, keep: dict[str, torch.Tensor]) -> None:
         """Physically remove the channels that ``keep`` marks ``False``: the model becomes smaller and dense.
 
-        Each cut module gets a ``load_state_dict`` pre-hook that cuts full-size tensors the same way, so
+        A layer's own per-output-channel state (``output_channel_state()``: the weight quantizer's scales
+        and observed ranges of a quantized layer) is cut with its weight's rows, so a quantized model can
+        lose channels too. Each cut module gets a ``load_state_dict`` pre-hook that cuts full-size tensors the same way, so
         state dicts saved before the removal (the checkpoints written during training) load into it.
         """
         cutters: dict[nn.Module, _CutOnLoad] = {}
@@ -123,15 +133,28 @@ class ChannelGroups:
             if not pruned:
                 continue
             group = self._group(name, pruned)
+            extra_cuts = []
             for item in group:
                 module, removed = item.dep.target.module, set(item.idxs)
                 cutter = cutters.setdefault(module, _CutOnLoad())
-                for tensor_name, tensor, dim in self._touched(module, item.dep.handler):
+                extra = self._extra_output_channel_state(module, item.dep.handler)
+                for tensor_name, tensor, dim in [*self._touched(module, item.dep.handler), *extra]:
                     full_shape, kept_indices = cutter.cuts.setdefault(tensor_name, (tensor.shape, {}))
                     kept_indices[dim] = torch.tensor([i for i in range(full_shape[dim]) if i not in removed])
-            group.prune()
+                extra_cuts += [(module, tensor_name, tensor, kept_indices[dim]) for tensor_name, tensor, dim in extra]
+            group.prune()  # Torch-Pruning cuts weights, biases and BatchNorm; the extra per-channel state is ours
+            for module, tensor_name, tensor, kept_indices in extra_cuts:
+                _replace_tensor(module, tensor_name, tensor.detach().index_select(0, kept_indices.to(tensor.device)))
         for module, cutter in cutters.items():
             module.register_load_state_dict_pre_hook(cutter)
+
+
+def _replace_tensor(module: nn.Module, dotted_name: str, value: torch.Tensor) -> None:
+    """Set the parameter or buffer ``dotted_name`` of ``module`` (e.g. ``weight_quantizer.scale``) to ``value``."""
+    owner_name, _, attribute = dotted_name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    old = getattr(owner, attribute)
+    setattr(owner, attribute, nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value)
 
 
 class _CutOnLoad:

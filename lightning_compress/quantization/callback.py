@@ -28,12 +28,6 @@ class _QuantizingCallback(L.Callback):
         self.exclude = exclude
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if any(getattr(callback, "remove_channels", False) for callback in trainer.callbacks):
-            raise ValueError(
-                "Pruning(remove_channels=True) cannot share a run with quantization: removing channels at the end of "
-                "fit would leave the quantizers sized for the old channels. Remove the channels in one run, then "
-                "quantize the smaller model in a second"
-            )
         quantize_model(pl_module, self.config, self.targets, self.exclude)
 
     @property

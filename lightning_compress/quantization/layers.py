@@ -44,6 +44,16 @@ class QuantizedLayer(nn.Module):
     def _compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def output_channel_state(self) -> dict[str, torch.Tensor]:
+        """The weight quantizer's per-output-channel tensors (scale, zero point, observed ranges), named
+        relative to the layer; empty when the weight is quantized per tensor. Channel removal cuts them
+        along with the weight's rows."""
+        quantizer = self.weight_quantizer
+        if quantizer.channel_axis is None:
+            return {}
+        tensors = [*quantizer.named_parameters(), *quantizer.named_buffers()]
+        return {f"weight_quantizer.{name}": tensor for name, tensor in tensors if tensor.dim() == 1}
+
 
 class _QuantizedConv(QuantizedLayer):
     def _compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
