@@ -8,7 +8,10 @@ Hydra-style, e.g. ``lightning-compress data=fashion_mnist compression/pruning=ta
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import sys
+import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -16,15 +19,24 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, read_write
 from rich.console import Console
 from torch import nn
 
 from lightning_compress.analysis import Report
 from lightning_compress.callbacks import CompressionReport
 from lightning_compress.deploy import check_export_format, export
+from lightning_compress.files import write_atomically
 from lightning_compress.models import ClassificationModule
+from lightning_compress.sweeps.summary import check_metrics, stage_metrics
+
+
+#: The runs a job with compression recipes can make (the ``runs`` key): the dense reference, each recipe
+#: alone, all recipes together.
+RUN_KINDS = ("dense", "each", "combined")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -67,16 +79,19 @@ def fit_and_test(cfg: DictConfig, compression: list[L.Callback], wrap: Callable[
 
 def train(cfg: DictConfig) -> Report | None:
     """The main job. Without compression: one run, reported before and after fit. With compression recipes:
-    runs with the same epochs and seed, each in its own folder under ``output_dir``: dense, each recipe
-    alone, and with ``combined`` all recipes together, named like ``pruning+quantization``; one report
-    with a row for each, and the dense model in ``half_precision`` too. A distillation recipe first
+    the ``runs`` (a subset of :data:`RUN_KINDS`) with the same epochs and seed, each in its own folder
+    under ``output_dir``: ``dense``, ``each`` recipe alone, and all recipes ``combined``, named like
+    ``pruning+quantization``; one report with a row for each, and the dense model in ``half_precision`` too. A distillation recipe first
     trains the ``teacher`` (in ``output_dir/teacher``, a row of the report) and wraps the model in its
     ``DistillationModule``; pruning and quantization recipes are callbacks. ``ckpt_path`` resumes the
     last run; the others, seeded and deterministic in their data order, are trained again.
     """
     if cfg.get("export"):
         check_export_format(cfg.export)
+    check_metrics(list(cfg.get("optimized_metrics") or []))
     recipes = {name: node for name, node in (cfg.get("compression") or {}).items() if node is not None}
+    for node in recipes.values():
+        build(node)  # each recipe checks its settings now, before the first run trains; each run builds its own
     if "distillation" in recipes and cfg.get("teacher") is None:
         raise ValueError("compression/distillation needs a teacher: choose one with model/teacher=<name> (e.g. small_cnn_wide)")
     if not recipes:
@@ -84,9 +99,7 @@ def train(cfg: DictConfig) -> Report | None:
         if report is not None:
             _print(report)
         return report
-    phases = {"dense": [], **{name: [name] for name in recipes}}
-    if cfg.get("combined") and len(recipes) > 1:
-        phases["+".join(recipes)] = list(recipes)
+    phases = _phases(list(cfg.get("runs") or RUN_KINDS), list(recipes))
     runs = {}
     if "distillation" in recipes:
         teacher_cfg = cfg.copy()
@@ -99,13 +112,29 @@ def train(cfg: DictConfig) -> Report | None:
     if any(run.report is None for run in runs.values()):
         return None
     entries = [dataclasses.replace(run.report.entry("after"), name=name) for name, run in runs.items()]
-    half = [entry for entry in runs["dense"].report.entries if entry.name not in ("before", "after")]
-    entries.insert(0, entries.pop(list(runs).index("dense")))  # dense first: the reference of the ratios
-    entries[1:1] = [dataclasses.replace(entry, name=f"dense {entry.name}") for entry in half]
+    if "dense" in runs:
+        half = [entry for entry in runs["dense"].report.entries if entry.name not in ("before", "after")]
+        entries.insert(0, entries.pop(list(runs).index("dense")))  # dense first: the reference of the ratios
+        entries[1:1] = [dataclasses.replace(entry, name=f"dense {entry.name}") for entry in half]
+    else:  # the untrained model is the reference of the ratios: the dense model's size, MACs and latency
+        entries.insert(0, runs[next(iter(phases))].report.entry("before"))
     report = Report(entries=entries, metadata=list(runs.values())[-1].report.metadata)
     report.write(cfg.output_dir)
     _print(report)
     return report
+
+
+def _phases(kinds: list[str], recipes: list[str]) -> dict[str, list[str]]:
+    """The runs of a job with compression ``recipes``, by folder name, each with the recipes it applies."""
+    unknown = [kind for kind in kinds if kind not in RUN_KINDS]
+    if unknown:
+        raise ValueError(f"runs: unknown kind(s) {unknown}; choose from {', '.join(RUN_KINDS)}")
+    phases: dict[str, list[str]] = {"dense": []} if "dense" in kinds else {}
+    if "each" in kinds:
+        phases.update({name: [name] for name in recipes})
+    if "combined" in kinds:
+        phases["+".join(recipes)] = list(recipes)
+    return phases
 
 
 def _print(report: Report) -> None:
@@ -140,11 +169,51 @@ def _phase(
     return fit_and_test(phase, compression, wrap)
 
 
+def objectives(cfg: DictConfig, report: Report | None) -> float | list[float] | None:
+    """The ``optimized_metrics`` of the run's final stage, for a sweeper that optimizes them (Optuna):
+    one value as a float, several as a list; ``None`` without ``optimized_metrics`` or off rank zero."""
+    names = cfg.get("optimized_metrics")
+    if not names or report is None:
+        return None
+    values = stage_metrics(report.entries[-1], list(names))
+    return values[0] if len(values) == 1 else values
+
+
+def _record_failure(output_dir: str, error: BaseException) -> None:
+    """Write ``failure.json`` (type, message, traceback) into the run folder, where a sweep summary finds it."""
+    failure = {"type": type(error).__name__, "message": str(error), "traceback": traceback.format_exc()}
+    path = Path(output_dir) / "failure.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(failure, indent=2) + "\n"))
+
+
+def _ddp_processes_rerun_this_job() -> None:
+    """In a sweep, make the processes that Lightning's DDP launcher starts run this job, not the sweep.
+
+    The launcher starts each further rank with this process's command line plus ``hydra.run.dir``: in a
+    sweep that command line is the whole sweep (``-m`` and every value), so each rank would run every
+    job (Optuna's would even sample their own values), in a folder of their own. Here the command line
+    becomes this job's own overrides, and the run folder this job's folder.
+    """
+    hydra_config = HydraConfig.get()
+    if hydra_config.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *hydra_config.overrides.task]
+    with read_write(hydra_config):
+        hydra_config.run.dir = hydra_config.runtime.output_dir
+
+
 @hydra.main(version_base="1.3", config_path="pkg://lightning_compress.configs", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | list[float] | None:
     for exporter in ("onnx_ir", "onnxscript"):  # the ONNX exporter reports each pass at INFO
         logging.getLogger(exporter).setLevel(logging.WARNING)
-    train(cfg)
+    _ddp_processes_rerun_this_job()
+    try:
+        report = train(cfg)
+    except Exception as error:
+        _record_failure(cfg.output_dir, error)
+        raise
+    return objectives(cfg, report)
 
 
 if __name__ == "__main__":

@@ -2,31 +2,28 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import onnx
 import pytest
 import torch
+from commands import QUICK_REPORT, run_command
 from onnx import numpy_helper
 
 from lightning_compress.cli import train
 
-# A quick report: latency at batch 1 only, two repeats.
-QUICK_REPORT = ["callbacks.compression_report.latency_batch_sizes=[1]", "callbacks.compression_report.latency_repeats=2"]
 
 
 def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config, tmp_path) -> None:
     cfg = compose_config("trainer.fast_dev_run=true", f"output_dir={tmp_path}", "callbacks.compression_report.latency_repeats=2")
     report = train(cfg)
-    assert [entry.name for entry in report.entries] == ["dense", "dense bfloat16", "pruning", "quantization"]
-    assert [entry.test_accuracy is not None for entry in report.entries] == [True, False, True, True]
+    assert [entry.name for entry in report.entries] == ["dense", "dense bfloat16", "pruning", "quantization", "pruning+quantization"]
+    assert [entry.test_accuracy is not None for entry in report.entries] == [True, False, True, True, True]
     stages = json.loads((tmp_path / "report.json").read_text())["stages"]
     assert [stage["test_accuracy"] for stage in stages] == [entry.test_accuracy for entry in report.entries]
     assert (tmp_path / "report.md").read_text() == report.to_markdown()
     assert (tmp_path / "report.png").stat().st_size > 0
-    expected = {"dense": ["before", "after", "bfloat16"], "pruning": ["before", "after"], "quantization": ["before", "after"]}
+    expected = {"dense": ["before", "after", "bfloat16"], **{phase: ["before", "after"] for phase in ("pruning", "quantization", "pruning+quantization")}}
     for phase, names in expected.items():  # each run keeps its own report, and its model for deployment
         assert [s["name"] for s in json.loads((tmp_path / phase / "report.json").read_text())["stages"]] == names
         assert (tmp_path / phase / "model.onnx").stat().st_size > 0
@@ -67,7 +64,6 @@ def test_channel_recipe_shrinks_the_model(compose_config, tmp_path) -> None:
 
 def test_pruned_and_quantized_together_keep_zeros_in_the_int8_artifact(compose_config, tmp_path) -> None:
     cfg = compose_config(
-        "combined=true",
         "half_precision=null",
         "trainer.max_epochs=3",
         "compression.quantization.start_epoch=1",
@@ -123,10 +119,6 @@ def test_a_resumed_run_continues_from_its_last_checkpoint(compose_config, tmp_pa
     with open(tmp_path / "csv" / "version_1" / "metrics.csv") as handle:
         epochs = {row["epoch"] for row in csv.DictReader(handle) if row["train/loss_epoch"]}
     assert epochs == {"1"}  # the resumed run trained epoch 1 only
-
-
-def run_command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_console_script_prints_the_report(tmp_path) -> None:
@@ -191,3 +183,18 @@ def test_ddp_distills_without_find_unused_parameters(tmp_path) -> None:
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stdout + done.stderr
     stages = json.loads((tmp_path / "run" / "report.json").read_text())["stages"]
     assert [stage["name"] for stage in stages] == ["dense", "teacher", "distillation"]
+
+
+def test_runs_choose_the_runs_of_a_job_and_bad_names_fail_before_training(compose_config, tmp_path) -> None:
+    cfg = compose_config("runs=[combined]", "trainer.fast_dev_run=true", "export=null", f"output_dir={tmp_path}", *QUICK_REPORT)
+    before, combined = train(cfg).entries
+    assert (before.name, combined.name) == ("before", "pruning+quantization")  # the untrained model: the reference of the ratios
+    assert before.profile.parameters == combined.profile.parameters
+    assert sorted(path.name for path in tmp_path.iterdir() if path.is_dir()) == ["pruning+quantization"]
+    bad_runs = compose_config("runs=[dense,both]", f"output_dir={tmp_path / 'bad'}")
+    with pytest.raises(ValueError, match=r"runs: unknown kind\(s\) \['both'\]; choose from dense, each, combined"):
+        train(bad_runs)
+    bad_metric = compose_config("optimized_metrics=[test_accuracy,bytes]", f"output_dir={tmp_path / 'bad'}")
+    with pytest.raises(ValueError, match=r"unknown metric\(s\) \['bytes'\]; choose from test_accuracy, val_accuracy"):
+        train(bad_metric)
+    assert not (tmp_path / "bad").exists()  # nothing trained

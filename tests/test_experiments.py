@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import csv
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import yaml
+from commands import QUICK_REPORT, run_command
+
+from lightning_compress.cli import train
+
+CONFIG_DIR = Path(str(files("lightning_compress.configs")))
+# One batch of everything, no report (its profiling dominates for ResNets), no ONNX file.
+FAST = ["trainer.fast_dev_run=true", "callbacks=none", "logger=none", "export=null"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def test_the_groups_hold_the_experiments_and_searches() -> None:
+    assert options("experiment") == ["digits_resnet18", "distill_fashion_mnist", "fashion_mnist_cnn", "resnet_pipeline"]
+    assert options("hparams_search") == ["prune_quantize", "prune_quantize_distill"]
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_runs_with_fast_dev_run(compose_config, fake_fashion_idx, tmp_path, experiment: str) -> None:
+    overrides = [f"experiment={experiment}", *FAST, f"output_dir={tmp_path / 'run'}"]
+    if compose_config(*overrides).data._target_.endswith("FashionMNISTDataModule"):
+        idx_dir, _ = fake_fashion_idx(False)  # 24 made-up images in Fashion-MNIST's files, so no download or package is needed
+        overrides += [f"data.idx_dir={idx_dir}", f"data.root={tmp_path / 'data'}", "data.batch_size=8"]
+    cfg = compose_config(*overrides)
+    train(cfg)
+    recipes = [name for name, node in (cfg.get("compression") or {}).items() if node is not None]
+    runs = sorted(path.name for path in (tmp_path / "run").iterdir() if path.is_dir() and path.name != "checkpoints")
+    expected = {"dense", *recipes, "+".join(recipes)} | ({"teacher"} if "distillation" in recipes else set()) if recipes else set()
+    assert runs == sorted(expected)
+
+
+def test_the_pipeline_is_teacher_resnet50_student_resnet18_taylor_int8_and_kd(compose_config, tmp_path) -> None:
+    cfg = compose_config("experiment=resnet_pipeline", f"output_dir={tmp_path}")
+    assert (cfg.teacher.model.arch, cfg.model.model.arch, cfg.model.model.small_input) == ("resnet50", "resnet18", True)
+    assert (cfg.compression.pruning.criterion, cfg.compression.pruning.amount, cfg.compression.pruning.remove_channels) == ("taylor", 0.5, True)
+    assert (cfg.compression.quantization.weight_bits, cfg.compression.quantization.activation_bits) == (8, 8)
+    assert (cfg.compression.distillation.ce_weight, cfg.compression.distillation.kd_weight) == (0.5, 0.5)
+    assert cfg.data._target_.endswith("DigitsDataModule") and list(cfg.runs) == ["dense", "each", "combined"]
+
+
+@pytest.mark.parametrize("search", options("hparams_search"))
+def test_every_search_runs_two_optuna_trials_and_summarizes_them(tmp_path, search: str) -> None:
+    sweep = tmp_path / "sweep"
+    done = run_command(
+        "lightning-compress",
+        f"hparams_search={search}",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.population_size=2",
+        "trainer.fast_dev_run=true",
+        "export=null",
+        *QUICK_REPORT,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    with (sweep / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["job"], row["status"]) for row in rows] == [("0", "completed"), ("1", "completed")]
+    assert {row["stage"] for row in rows} == {"pruning+quantization" + ("+distillation" if "distill" in search else "")}
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    metrics = yaml.safe_load((CONFIG_DIR / "hparams_search" / f"{search}.yaml").read_text())["optimized_metrics"]
+    front = {tuple(solution["values"]) for solution in results["solutions"]}
+    trials = {tuple(float(row[name]) for name in metrics) for row in rows}
+    assert front and front <= trials  # Optuna's front holds the values the jobs returned
+    assert {tuple(float(row[name]) for name in metrics) for row in rows if row["pareto_bytes" if "bytes" in metrics[1] else "pareto_latency"] == "True"} == front
+    assert "Number of Pareto solutions" in done.stdout + done.stderr
