@@ -17,6 +17,7 @@ from lightning_compress import (
     QuantizationAwareTraining,
 )
 from lightning_compress.data import InMemoryImageDataModule
+from lightning_compress.pruning.sensitivity import DENSE, SensitivityPoint, write_points
 
 CONFIG_DIR = Path(str(files("lightning_compress.configs")))
 
@@ -32,10 +33,11 @@ def test_every_group_has_its_options() -> None:
     assert options("logger") == ["csv", "none", "tensorboard"]
     assert options("callbacks") == ["default", "none"]
     assert options("hydra") == ["default"]
-    assert options("compression/pruning") == ["agp90", "nm24", "oneshot50", "taylor_channel50"]
+    assert options("hydra/launcher") == ["local_processes", "slurm"]
+    assert options("compression/pruning") == ["agp90", "nm24", "oneshot50", "sensitivity", "taylor_channel50"]
     assert options("compression/quantization") == ["int8_ptq", "int8_qat", "w4a8_lsq"]
     assert options("compression/distillation") == ["dkd", "fitnets", "kd"]
-    assert options("model/teacher") == ["small_cnn_wide"]
+    assert options("model/teacher") == ["resnet50", "small_cnn_wide"]
 
 
 @pytest.mark.parametrize("data", options("data"))
@@ -86,11 +88,14 @@ def test_every_experiment_composes_and_builds(compose_config, tmp_path, experime
 
 @pytest.mark.parametrize("recipe", options("compression/pruning"))
 def test_every_pruning_recipe_builds(compose_config, tmp_path, recipe: str) -> None:
-    cfg = compose_config(f"compression/pruning={recipe}", f"output_dir={tmp_path}")
-    pruning = instantiate(cfg.compression.pruning)
+    sensitivity = tmp_path / "sensitivity.csv"
+    write_points(sensitivity, [SensitivityPoint(DENSE, 0.0, 0.9), SensitivityPoint("model.features.4", 0.7, 0.9)])
+    cfg = compose_config(f"compression/pruning={recipe}", f"output_dir={tmp_path}", *([f"compression.pruning.amount.path={sensitivity}"] if recipe == "sensitivity" else []))
+    pruning = instantiate(cfg.compression.pruning, _convert_="all")
     assert isinstance(pruning, Pruning)
-    expected = {"agp90": (0.9, "unstructured"), "oneshot50": (0.5, "unstructured"), "taylor_channel50": (0.5, "channel"), "nm24": (0.5, "2:4")}
+    expected = {"agp90": (0.9, "unstructured"), "oneshot50": (0.5, "unstructured"), "taylor_channel50": (0.5, "channel"), "nm24": (0.5, "2:4"), "sensitivity": (0.7, "unstructured")}
     assert (pruning.amount, pruning.granularity) == expected[recipe]
+    assert pruning.layer_amounts == ({"model.features.4": 0.7} if recipe == "sensitivity" else None)
 
 
 @pytest.mark.parametrize("recipe", options("compression/quantization"))

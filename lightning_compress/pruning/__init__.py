@@ -4,19 +4,23 @@ from lightning_compress.pruning.callback import Pruning
 from lightning_compress.pruning.criteria import CRITERIA, channel_scores, element_scores, taylor_scores
 from lightning_compress.pruning.masks import forget_pruned, n_of_m_masks, rank_masks, threshold_masks
 from lightning_compress.pruning.schedules import SCHEDULES, SparsitySchedule
+from lightning_compress.pruning.sensitivity import SensitivityPoint, layer_amounts, sensitivity_analysis
 from lightning_compress.targets import select_layers
 
 __all__ = [
     "CRITERIA",
     "SCHEDULES",
     "Pruning",
+    "SensitivityPoint",
     "SparsitySchedule",
     "channel_scores",
     "element_scores",
     "forget_pruned",
+    "layer_amounts",
     "n_of_m_masks",
     "rank_masks",
     "select_layers",
+    "sensitivity_analysis",
     "taylor_scores",
     "threshold_masks",
 ]

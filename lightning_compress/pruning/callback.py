@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -34,7 +34,10 @@ class Pruning(L.Callback):
     reached at ``end_epoch``; it never compounds.
 
     Args:
-        amount: target sparsity in [0, 1) of the targeted weights (for N:M it is implied).
+        amount: target sparsity in [0, 1) of the targeted weights (for N:M it is implied), or a dict of
+            layer names (as ``named_modules`` of the LightningModule gives them) to each layer's own
+            sparsity, e.g. from :func:`~lightning_compress.pruning.sensitivity.layer_amounts`: those layers
+            are the targets, each ranked on its own and following the schedule to its amount.
         criterion: ``"magnitude"`` (``|w|``), ``"l1"`` / ``"l2"`` (norm of each output channel, channel
             granularity), ``"taylor"`` (``|w * dL/dw|`` summed over the epoch before each pruning step),
             or ``"random"`` (seeded).
@@ -63,7 +66,7 @@ class Pruning(L.Callback):
 
     def __init__(
         self,
-        amount: float | None = None,
+        amount: float | Mapping[str, float] | None = None,
         criterion: str = "magnitude",
         granularity: str = "unstructured",
         scope: str = "global",
@@ -80,6 +83,9 @@ class Pruning(L.Callback):
     ) -> None:
         self.n_of_m = _parse_granularity(granularity)
         channel = granularity == "channel"
+        self.layer_amounts = _check_layer_amounts(amount, targets, threshold, self.n_of_m) if isinstance(amount, Mapping) else None
+        if self.layer_amounts is not None:
+            targets, amount = list(self.layer_amounts), max(self.layer_amounts.values())
         if criterion not in CRITERIA or (criterion in ("l1", "l2") and not channel):
             allowed = CRITERIA if channel else ("magnitude", "taylor", "random")
             raise ValueError(
@@ -230,7 +236,7 @@ class Pruning(L.Callback):
             if self.n_of_m:
                 masks = n_of_m_masks(scores, *self.n_of_m)
             else:
-                masks = rank_masks(scores, self.schedule.sparsity_at(epoch), self.scope)
+                masks = rank_masks(scores, *self._target(epoch, suffix=".weight"))
         masks = {name: mask & self.masks[name] if name in self.masks else mask for name, mask in masks.items()}  # never revive
         self.masks = self._beside_weights(trainer.strategy.broadcast({name: mask.cpu() for name, mask in masks.items()}, src=0))
         self._taylor = {}
@@ -245,10 +251,19 @@ class Pruning(L.Callback):
         """Rank channel groups (scores normalized by each group's mean, so layers compare) and mask what they touch."""
         scores = self.channel_groups.scores(self.criterion, self._reduced_taylor(trainer, epoch), self._generator(epoch))
         scores = {name: score / score.mean().clamp_min(1e-12) for name, score in scores.items()}
-        keep = rank_masks(forget_pruned(scores, self.channel_keep), self.schedule.sparsity_at(epoch), self.scope, min_keep=1)
+        keep = rank_masks(forget_pruned(scores, self.channel_keep), *self._target(epoch, suffix=""), min_keep=1)
         keep = {name: kept & self.channel_keep[name] if name in self.channel_keep else kept for name, kept in keep.items()}
         self.channel_keep = trainer.strategy.broadcast(keep, src=0)
         return self.channel_groups.masks(self.channel_keep)
+
+    def _target(self, epoch: int, suffix: str) -> tuple[float | dict[str, float], str]:
+        """Sparsity and scope of the masks at ``epoch``; with amounts per layer, each layer (its name plus
+        ``suffix``) gets its amount times the schedule's progress, ranked on its own."""
+        overall = self.schedule.sparsity_at(epoch)
+        if self.layer_amounts is None:
+            return overall, self.scope
+        progress = overall / self.amount if self.amount else 0.0
+        return {f"{layer}{suffix}": amount * progress for layer, amount in self.layer_amounts.items()}, "layer"
 
     def _generator(self, epoch: int) -> torch.Generator:
         """The random criterion's generator: the same on every rank and after a restart."""
@@ -297,7 +312,7 @@ class Pruning(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(amount=self.amount, criterion=self.criterion, granularity=self.granularity, targets=str(self.targets))
+        return self._generate_state_key(amount=self.layer_amounts or self.amount, criterion=self.criterion, granularity=self.granularity, targets=str(self.targets))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -317,6 +332,17 @@ class Pruning(L.Callback):
         self.pruned_epochs = list(state_dict["pruned_epochs"])
         self._rewind_weights = dict(state_dict["rewind_weights"])
         self._taylor = dict(state_dict["taylor"])
+
+
+def _check_layer_amounts(amounts: Mapping[str, float], targets: TargetSpec, threshold: float | None, n_of_m: tuple[int, int] | None) -> dict[str, float]:
+    """Amounts per layer name, each in [0, 1); they name the targets, so targets, threshold and N:M are out."""
+    if targets is not None or threshold is not None or n_of_m:
+        raise ValueError("amount per layer names the layers and their sparsity itself: leave out targets, threshold and N:M granularity")
+    amounts = {str(layer): float(amount) for layer, amount in amounts.items()}
+    bad = {layer: amount for layer, amount in amounts.items() if not 0.0 <= amount < 1.0}
+    if not amounts or bad:
+        raise ValueError(f"amount per layer needs at least one layer, each amount in [0, 1); got {bad or amounts}")
+    return amounts
 
 
 def _parse_granularity(granularity: str) -> tuple[int, int] | None:

@@ -23,12 +23,15 @@ def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return keep.view(scores.shape)
 
 
-def rank_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "global", min_keep: int = 0) -> dict[str, torch.Tensor]:
+def rank_masks(
+    scores: dict[str, torch.Tensor], sparsity: float | dict[str, float], scope: str = "global", min_keep: int = 0
+) -> dict[str, torch.Tensor]:
     """Prune exactly ``round(sparsity * n)`` lowest-scoring entries, over all layers or in each layer.
 
     ``scope="global"`` ranks all entries of all layers together (``n`` is their total);
-    ``scope="layer"`` prunes each layer to ``sparsity`` on its own. ``min_keep`` entries of each layer
-    always survive (one channel per layer keeps a network connected).
+    ``scope="layer"`` prunes each layer to ``sparsity`` on its own, or to its own entry of a
+    ``sparsity`` dict (0 for a layer it does not name). ``min_keep`` entries of each layer always
+    survive (one channel per layer keeps a network connected).
 
     Example:
         >>> import torch
@@ -39,10 +42,13 @@ def rank_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "g
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
     if scope == "layer":
+        targets = sparsity if isinstance(sparsity, dict) else dict.fromkeys(scores, sparsity)
         return {
-            name: _prune_lowest(score, min(round(sparsity * score.numel()), score.numel() - min_keep))
+            name: _prune_lowest(score, min(round(targets.get(name, 0.0) * score.numel()), score.numel() - min_keep))
             for name, score in scores.items()
         }
+    if isinstance(sparsity, dict):
+        raise ValueError("a sparsity per layer needs scope='layer'")
     protected = {name: _protect_top(score, min_keep) for name, score in scores.items()}
     flat = torch.cat([score.flatten().float() for score in protected.values()])
     keep = _prune_lowest(flat, min(round(sparsity * flat.numel()), flat.numel() - min_keep * len(scores)))

@@ -1,0 +1,59 @@
+"""The ``lightning-compress-sensitivity`` command: per-layer pruning sensitivity of a trained model, resumable.
+
+It trains the configured model dense (or reuses ``dense.pt`` from an earlier, interrupted analysis in
+the same run folder), prunes each Conv/Linear layer alone by magnitude to each level, measures
+validation accuracy, and writes ``sensitivity.csv``, ``sensitivity.png`` and ``layer_amounts.yaml``
+(the per-layer amounts for ``compression/pruning=sensitivity``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+import yaml
+from omegaconf import DictConfig
+
+from lightning_compress.cli import build
+from lightning_compress.files import write_atomically
+from lightning_compress.pruning.sensitivity import layer_amounts, plot_sensitivity, sensitivity_analysis
+
+
+def analyse(cfg: DictConfig) -> dict[str, float]:
+    """Run the analysis ``cfg`` describes in ``cfg.output_dir``; return the per-layer amounts it suggests."""
+    settings = cfg.sensitivity
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule: L.LightningDataModule = build(cfg.data)
+    module: L.LightningModule = build(cfg.model)
+    weights = output_dir / "dense.pt"
+    if weights.is_file():  # a resumed analysis measures the same model
+        module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    else:
+        trainer: L.Trainer = build(cfg.trainer, logger=False)
+        trainer.fit(module, datamodule=datamodule)
+        write_atomically(weights, lambda path: torch.save(module.state_dict(), path))
+    datamodule.setup("fit")
+    batches = list(datamodule.val_dataloader())
+    csv_path = output_dir / "sensitivity.csv"
+    points = sensitivity_analysis(module.cpu(), batches, settings.levels, csv_path, settings.get("targets"), settings.get("exclude"))
+    write_atomically(output_dir / "sensitivity.png", lambda path: plot_sensitivity(points, path))
+    amounts = layer_amounts(csv_path, settings.max_accuracy_drop)
+    write_atomically(output_dir / "layer_amounts.yaml", lambda path: path.write_text(yaml.safe_dump(amounts, sort_keys=False)))
+    print(f"per-layer amounts within {100 * settings.max_accuracy_drop:.1f} points of accuracy each:")
+    print(yaml.safe_dump(amounts, sort_keys=False) or "(none: every layer is too sensitive at the lowest level)")
+    print(f"written: {csv_path}, {output_dir / 'sensitivity.png'}, {output_dir / 'layer_amounts.yaml'}")
+    return amounts
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_compress.configs", config_name="sensitivity")
+def main(cfg: DictConfig) -> None:
+    analyse(cfg)
+
+
+if __name__ == "__main__":
+    main()
