@@ -7,18 +7,21 @@ Hydra-style, e.g. ``lightning-compress data=fashion_mnist compression/pruning=ta
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -187,32 +190,45 @@ def _record_failure(output_dir: str, error: BaseException) -> None:
     write_atomically(path, lambda temporary: temporary.write_text(json.dumps(failure, indent=2) + "\n"))
 
 
-def _ddp_processes_rerun_this_job() -> None:
-    """In a sweep, make the processes that Lightning's DDP launcher starts run this job, not the sweep.
+@contextlib.contextmanager
+def _one_job_of_a_sweep() -> Iterator[None]:
+    """In a sweep, let this job train with DDP as a run would, and leave the process clean for the next job.
 
-    The launcher starts each further rank with this process's command line plus ``hydra.run.dir``: in a
-    sweep that command line is the whole sweep (``-m`` and every value), so each rank would run every
-    job (Optuna's would even sample their own values), in a folder of their own. Here the command line
-    becomes this job's own overrides, and the run folder this job's folder.
+    Lightning's DDP launcher starts each further rank with this process's command line plus
+    ``hydra.run.dir``: in a sweep that command line is the whole sweep (``-m`` and every value), so each
+    rank would run every job (Optuna's would even sample values of their own) in a folder of its own.
+    Here the command line becomes this job's own overrides and the run folder this job's folder. When the
+    job ends, the process group and the launcher's environment variables go, so that the next job in
+    this process starts its own processes instead of waiting for the last job's.
     """
     hydra_config = HydraConfig.get()
     if hydra_config.mode != RunMode.MULTIRUN:
+        yield
         return
+    argv, environment = sys.argv, dict(os.environ)
     sys.argv = [sys.argv[0], *hydra_config.overrides.task]
     with read_write(hydra_config):
         hydra_config.run.dir = hydra_config.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_compress.configs", config_name="train")
 def main(cfg: DictConfig) -> float | list[float] | None:
     for exporter in ("onnx_ir", "onnxscript"):  # the ONNX exporter reports each pass at INFO
         logging.getLogger(exporter).setLevel(logging.WARNING)
-    _ddp_processes_rerun_this_job()
-    try:
-        report = train(cfg)
-    except Exception as error:
-        _record_failure(cfg.output_dir, error)
-        raise
+    with _one_job_of_a_sweep():
+        try:
+            report = train(cfg)
+        except Exception as error:
+            _record_failure(cfg.output_dir, error)
+            raise
     return objectives(cfg, report)
 
 

@@ -9,5 +9,5 @@ from pathlib import Path
 QUICK_REPORT = ["callbacks.compression_report.latency_batch_sizes=[1]", "callbacks.compression_report.latency_repeats=2"]
 
 
-def run_command(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run_command(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

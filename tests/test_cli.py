@@ -142,28 +142,6 @@ def test_python_dash_m_reports_a_typo_as_hydras_error(tmp_path) -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_ddp_config_prunes_with_two_cpu_processes(tmp_path) -> None:
-    done = run_command(
-        "lightning-compress",
-        "trainer=ddp",
-        "trainer.max_epochs=2",
-        "trainer.limit_train_batches=4",
-        "trainer.limit_val_batches=2",
-        "compression.pruning.start_epoch=1",
-        "~compression/quantization",
-        "half_precision=null",
-        *QUICK_REPORT,
-        f"hydra.run.dir={tmp_path / 'run'}",
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stdout + done.stderr
-    stages = json.loads((tmp_path / "run" / "report.json").read_text())["stages"]
-    assert [stage["name"] for stage in stages] == ["dense", "pruning"]
-    sparsity = stages[1]["weight_sparsity"]
-    assert sparsity["zeros"] >= round(0.9 * sparsity["total"])
-
-
 def test_ddp_distills_without_find_unused_parameters(tmp_path) -> None:
     done = run_command(
         "lightning-compress",

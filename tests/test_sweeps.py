@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
+from pathlib import Path
+
+import torch
 
 from commands import QUICK_REPORT, run_command
 
@@ -94,3 +98,45 @@ def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path) -> None:
     done = run_command(sys.executable, "-m", "lightning_compress.sweeps.commands", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 2
     assert "no job folder (one with a .hydra/ inside)" in done.stderr
+
+
+def test_a_ddp_sweep_runs_each_job_once_on_two_processes_with_identical_masks_and_ranges(tmp_path) -> None:
+    sweep = tmp_path / "sweep"
+    done = run_command(
+        "lightning-compress",
+        "-m",
+        "trainer=ddp",
+        "compression.pruning.amount=0.5,0.9",
+        "runs=[combined]",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=2",
+        "compression.pruning.start_epoch=1",
+        "compression.pruning.end_epoch=1",
+        "compression.quantization.start_epoch=1",
+        "compression.quantization.freeze_observers_epoch=null",  # observers move until the end, on each rank's own batches
+        "compression.quantization.freeze_bn_epoch=null",
+        "half_precision=null",
+        "export=null",
+        *QUICK_REPORT,
+        "+callbacks.rank_state._target_=rank_state.SaveRankState",
+        "+callbacks.rank_state.directory=${output_dir}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert (done.stdout + done.stderr).count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # one second process per job
+    assert sorted(path.name for path in sweep.iterdir() if path.is_dir()) == ["0", "1"]
+    assert not (tmp_path / "outputs").exists()  # the second processes wrote into their job's folder, nowhere else
+    for job, amount in (("0", 0.5), ("1", 0.9)):
+        first, second = (torch.load(sweep / job / "pruning+quantization" / f"rank{rank}.pt") for rank in (0, 1))
+        assert first["masks"].keys() == second["masks"].keys() and all(torch.equal(first["masks"][k], second["masks"][k]) for k in first["masks"])
+        pruned = sum(int((~mask).sum()) for name, mask in first["masks"].items() if name.endswith("weight"))
+        assert pruned >= round(amount * sum(mask.numel() for name, mask in first["masks"].items() if name.endswith("weight")))
+        ranges = [name for name in first["state"] if "input_quantizer.observer.max_val" in name]
+        assert ranges and all(float(first["state"][name]) > 0 for name in ranges)
+        assert first["state"].keys() == second["state"].keys()
+        different = [name for name in first["state"] if not torch.equal(first["state"][name], second["state"][name])]
+        assert different == []
+    assert [row["status"] for row in read_csv(sweep / "summary.csv")] == ["completed", "completed"]

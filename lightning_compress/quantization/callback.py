@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.quantization.calibration import calibrate
 from lightning_compress.quantization.config import QuantConfig
+from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.layers import (
     quantize_model,
     quantizers,
@@ -29,6 +31,22 @@ class _QuantizingCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         quantize_model(pl_module, self.config, self.targets, self.exclude)
+
+    @staticmethod
+    @torch.no_grad()
+    def share_ranges(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Give every process rank zero's quantizer state (observed ranges, scales, zero points).
+
+        DDP hands every rank rank zero's buffers before each training forward, but each rank's own
+        observers then move with its own batch; after an epoch or a calibration this makes the ranges
+        identical everywhere, as the checkpoint (rank zero's) has them.
+        """
+        if trainer.world_size == 1:
+            return
+        state = _quantizer_state(pl_module)
+        shared = trainer.strategy.broadcast({name: tensor.detach().cpu() for name, tensor in state.items()}, src=0)
+        for name, tensor in state.items():
+            tensor.copy_(shared[name])
 
     @property
     def state_key(self) -> str:
@@ -128,9 +146,13 @@ class QuantizationAwareTraining(_QuantizingCallback):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.share_ranges(trainer, pl_module)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The ranges are final once training ends (fake quantization stays as the last epoch had it)."""
         set_quantization(pl_module, observing=False)
+        self.share_ranges(trainer, pl_module)
 
 
 class PostTrainingQuantization(_QuantizingCallback):
@@ -200,6 +222,7 @@ class PostTrainingQuantization(_QuantizingCallback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         calibrate(pl_module, trainer.train_dataloader, self.calibration_batches)
+        self.share_ranges(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._calibrating = trainer.state.fn == "validate"
@@ -220,5 +243,16 @@ class PostTrainingQuantization(_QuantizingCallback):
             set_quantization(pl_module, enabled=True, observing=False)
             for quantizer in quantizers(pl_module):
                 quantizer.eval()
+            self.share_ranges(trainer, pl_module)
             self._calibrating = False
+
+
+def _quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of every fake quantizer in ``model``, by name."""
+    return {
+        f"{name}.{tensor_name}": tensor
+        for name, module in model.named_modules()
+        if isinstance(module, FakeQuantizer)
+        for tensor_name, tensor in [*module.named_parameters(), *module.named_buffers()]
+    }
 
