@@ -130,3 +130,17 @@ def test_missing_cifar10_fails_with_a_message_instead_of_downloading(tmp_path: P
     datamodule = CIFAR10DataModule(root=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="CIFAR-10 not found in .*cifar-10-batches-py.*download=True"):
         datamodule.prepare_data()
+
+
+def test_train_samples_keep_a_seeded_subset_of_the_training_split_and_the_same_validation() -> None:
+    full, subset, again, other = (DigitsDataModule(seed=seed, train_samples=n) for seed, n in ((3, None), (3, 100), (3, 100), (4, 100)))
+    for datamodule in (full, subset, again, other):
+        datamodule.setup()
+    assert (len(full.splits["train"]), len(subset.splits["train"])) == (1294, 100)
+    assert torch.equal(subset.splits["val"].tensors[1], full.splits["val"].tensors[1])  # the same validation images
+    assert torch.equal(subset.splits["train"].tensors[0], again.splits["train"].tensors[0])  # seeded
+    assert not torch.equal(subset.splits["train"].tensors[1], other.splits["train"].tensors[1])
+    with pytest.raises(ValueError, match="train_samples=5000 is more than the 1294 training images"):
+        DigitsDataModule(train_samples=5000).setup()
+    with pytest.raises(ValueError, match="train_samples must be a positive number of images or None"):
+        DigitsDataModule(train_samples=0)

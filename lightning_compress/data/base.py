@@ -17,7 +17,8 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
     on ``seed`` and the epoch number alone (Lightning calls the sampler's ``set_epoch``), not on the
     global random state, so a run resumed from a checkpoint sees the same batches as one that never
     stopped. Under distributed training each process gets its own shard of every epoch. Every split is
-    normalized per channel with the training split's mean and standard deviation.
+    normalized per channel with the training split's mean and standard deviation. ``train_samples``
+    keeps that many training images (a random subset picked by ``seed``), for limited-data experiments.
 
     Example:
         >>> from lightning_compress.data import DigitsDataModule
@@ -30,12 +31,17 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
     num_classes: int
     input_shape: tuple[int, int, int]
 
-    def __init__(self, batch_size: int = 64, val_fraction: float = 0.1, num_workers: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self, batch_size: int = 64, val_fraction: float = 0.1, num_workers: int = 0, seed: int = 0, train_samples: int | None = None
+    ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if train_samples is not None and train_samples < 1:
+            raise ValueError(f"train_samples must be a positive number of images or None (all), got {train_samples}")
+        self.train_samples = train_samples
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.num_workers = num_workers
@@ -54,6 +60,10 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.seed))
         n_val = max(1, round(self.val_fraction * len(train_x)))
         val_index, train_index = order[:n_val], order[n_val:]
+        if self.train_samples is not None:
+            if self.train_samples > len(train_index):
+                raise ValueError(f"train_samples={self.train_samples} is more than the {len(train_index)} training images")
+            train_index = train_index[: self.train_samples]  # a seeded random subset: the order is random
         mean = train_x[train_index].mean(dim=(0, 2, 3), keepdim=True)
         std = train_x[train_index].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
 

@@ -32,8 +32,9 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         val_fraction: float = 0.1,
         num_workers: int = 0,
         seed: int = 0,
+        train_samples: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, seed=seed)
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, seed=seed, train_samples=train_samples)
         self.root = Path(root)
         self.download = download
 

@@ -24,8 +24,16 @@ class DigitsDataModule(InMemoryImageDataModule):
     num_classes = 10
     input_shape = (1, 8, 8)
 
-    def __init__(self, batch_size: int = 64, val_fraction: float = 0.1, test_fraction: float = 0.2, num_workers: int = 0, seed: int = 0) -> None:
-        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, seed=seed)
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        num_workers: int = 0,
+        seed: int = 0,
+        train_samples: int | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, seed=seed, train_samples=train_samples)
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.test_fraction = test_fraction

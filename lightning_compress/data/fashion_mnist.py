@@ -42,8 +42,9 @@ class FashionMNISTDataModule(InMemoryImageDataModule):
         val_fraction: float = 1 / 12,
         num_workers: int = 0,
         seed: int = 0,
+        train_samples: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, seed=seed)
+        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, seed=seed, train_samples=train_samples)
         self.root = Path(root)
         self.idx_dir = Path(idx_dir)
 
