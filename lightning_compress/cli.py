@@ -91,7 +91,7 @@ def train(cfg: DictConfig) -> Report | None:
     """
     if cfg.get("export"):
         check_export_format(cfg.export)
-    check_metrics(list(cfg.get("optimized_metrics") or []))
+    _check_optimized_metrics(cfg)
     recipes = {name: node for name, node in (cfg.get("compression") or {}).items() if node is not None}
     for node in recipes.values():
         build(node)  # each recipe checks its settings now, before the first run trains; each run builds its own
@@ -102,7 +102,7 @@ def train(cfg: DictConfig) -> Report | None:
         if report is not None:
             _print(report)
         return report
-    phases = _phases(list(cfg.get("runs") or RUN_KINDS), list(recipes))
+    phases = _phases(list(RUN_KINDS if cfg.get("runs") is None else cfg.runs), list(recipes))
     runs = {}
     if "distillation" in recipes:
         teacher_cfg = cfg.copy()
@@ -127,11 +127,21 @@ def train(cfg: DictConfig) -> Report | None:
     return report
 
 
+def _check_optimized_metrics(cfg: DictConfig) -> None:
+    """The ``optimized_metrics`` are known and the run will measure them: a report, and a test for test accuracy."""
+    names = list(cfg.get("optimized_metrics") or [])
+    check_metrics(names)
+    if names and (cfg.get("callbacks") or {}).get("compression_report") is None:
+        raise ValueError(f"optimized_metrics {names} are read from the report: keep callbacks.compression_report (callbacks=default)")
+    if "test_accuracy" in names and not cfg.get("test"):
+        raise ValueError("optimized_metrics has test_accuracy, but test=false skips the test; use val_accuracy or test=true")
+
+
 def _phases(kinds: list[str], recipes: list[str]) -> dict[str, list[str]]:
     """The runs of a job with compression ``recipes``, by folder name, each with the recipes it applies."""
     unknown = [kind for kind in kinds if kind not in RUN_KINDS]
-    if unknown:
-        raise ValueError(f"runs: unknown kind(s) {unknown}; choose from {', '.join(RUN_KINDS)}")
+    if unknown or not kinds:
+        raise ValueError(f"runs: unknown kind(s) {unknown or kinds}; choose from {', '.join(RUN_KINDS)}")
     phases: dict[str, list[str]] = {"dense": []} if "dense" in kinds else {}
     if "each" in kinds:
         phases.update({name: [name] for name in recipes})
@@ -206,7 +216,7 @@ def _one_job_of_a_sweep() -> Iterator[None]:
         yield
         return
     argv, environment = sys.argv, dict(os.environ)
-    sys.argv = [sys.argv[0], *hydra_config.overrides.task]
+    sys.argv = [sys.argv[0], *hydra_config.overrides.task, "hydra.mode=RUN"]  # an hparams_search config sets MULTIRUN
     with read_write(hydra_config):
         hydra_config.run.dir = hydra_config.runtime.output_dir
     try:
@@ -225,11 +235,10 @@ def main(cfg: DictConfig) -> float | list[float] | None:
         logging.getLogger(exporter).setLevel(logging.WARNING)
     with _one_job_of_a_sweep():
         try:
-            report = train(cfg)
+            return objectives(cfg, train(cfg))
         except Exception as error:
             _record_failure(cfg.output_dir, error)
             raise
-    return objectives(cfg, report)
 
 
 if __name__ == "__main__":

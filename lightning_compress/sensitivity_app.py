@@ -14,7 +14,7 @@ import hydra
 import lightning as L
 import torch
 import yaml
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_compress.cli import build
 from lightning_compress.files import write_atomically
@@ -30,13 +30,20 @@ def analyse(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
     datamodule: L.LightningDataModule = build(cfg.data)
     module: L.LightningModule = build(cfg.model)
-    weights = output_dir / "dense.pt"
-    if weights.is_file():  # a resumed analysis measures the same model
+    weights, settings_file = output_dir / "dense.pt", output_dir / "analysis.yaml"
+    analysed = yaml.safe_dump({key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("data", "model", "trainer")} | {"seed": cfg.get("seed")})
+    if weights.is_file():  # a resumed analysis measures the same model on the same data
+        if settings_file.is_file() and settings_file.read_text() != analysed:
+            raise ValueError(
+                f"{output_dir} holds an analysis of other data, model, trainer or seed settings (its analysis.yaml); "
+                "resume it with the overrides it was started with, or start a new analysis in another folder"
+            )
         module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     else:
         trainer: L.Trainer = build(cfg.trainer, logger=False)
         trainer.fit(module, datamodule=datamodule)
         write_atomically(weights, lambda path: torch.save(module.state_dict(), path))
+        write_atomically(settings_file, lambda path: path.write_text(analysed))
     datamodule.setup("fit")
     batches = list(datamodule.val_dataloader())
     csv_path = output_dir / "sensitivity.csv"

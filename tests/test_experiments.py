@@ -26,7 +26,14 @@ def options(group: str) -> list[str]:
 
 
 def test_the_groups_hold_the_experiments_and_searches() -> None:
-    assert options("experiment") == ["digits_resnet18", "distill_fashion_mnist", "fashion_mnist_cnn", "resnet_pipeline"]
+    assert options("experiment") == [
+        "digits_resnet18",
+        "distill_fashion_mnist",
+        "fashion_mnist_cnn",
+        "fashion_mnist_pruning",
+        "fashion_mnist_quantization",
+        "resnet_pipeline",
+    ]
     assert options("hparams_search") == ["prune_quantize", "prune_quantize_distill"]
 
 
@@ -35,7 +42,7 @@ def test_every_experiment_runs_with_fast_dev_run(compose_config, fake_fashion_id
     overrides = [f"experiment={experiment}", *FAST, "runs=[combined]", f"output_dir={tmp_path / 'run'}"]  # all recipes in one run
     if compose_config(*overrides).data._target_.endswith("FashionMNISTDataModule"):
         idx_dir, _ = fake_fashion_idx(False)  # 24 made-up images in Fashion-MNIST's files, so no download or package is needed
-        overrides += [f"data.idx_dir={idx_dir}", f"data.root={tmp_path / 'data'}", "data.batch_size=8"]
+        overrides += [f"data.idx_dir={idx_dir}", f"data.root={tmp_path / 'data'}", "data.batch_size=8", "data.train_samples=null"]
     cfg = compose_config(*overrides)
     report = train(cfg)
     recipes = [name for name, node in (cfg.get("compression") or {}).items() if node is not None]

@@ -87,3 +87,15 @@ def test_the_command_trains_analyses_and_resumes_from_its_folder(compose_config,
     (tmp_path / "sensitivity.png").unlink()
     assert analyse(cfg) == amounts  # the same trained weights (dense.pt), the missing points measured again
     assert read_points(tmp_path / "sensitivity.csv") == points
+    other = compose(config_name="sensitivity", overrides=["trainer.max_epochs=2", "sensitivity.levels=[0.5]", f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="holds an analysis of other data, model, trainer or seed settings"):
+        analyse(other)
+
+
+def test_amounts_per_layer_that_pruning_would_leave_out_fail_before_training(tmp_path) -> None:
+    pruning = Pruning(amount={"model.features.0": 0.5, "model.classifier.4": 0.5}, granularity="channel", criterion="l1", start_epoch=0)
+    with pytest.raises(ValueError, match=r"amount per layer names \['model.classifier.4'\], which this pruning would leave"):
+        fit_digits(tmp_path, [pruning])
+    excluded = Pruning(amount={"model.features.0": 0.5, "model.features.4": 0.5}, exclude=["model.features.0"])
+    with pytest.raises(ValueError, match=r"names \['model.features.0'\]"):
+        fit_digits(tmp_path, [excluded])

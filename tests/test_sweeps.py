@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -10,7 +11,9 @@ import torch
 
 from commands import QUICK_REPORT, run_command
 
+from lightning_compress.analysis import Report, ReportEntry, profile_model
 from lightning_compress.sweeps import collect
+from lightning_compress.sweeps.summary import to_markdown
 
 # One epoch on the digits, dense and pruned once at its start, no ONNX file: a sweep job of a few seconds.
 QUICK_JOB = [
@@ -140,3 +143,33 @@ def test_a_ddp_sweep_runs_each_job_once_on_two_processes_with_identical_masks_an
         different = [name for name in first["state"] if not torch.equal(first["state"][name], second["state"][name])]
         assert different == []
     assert [row["status"] for row in read_csv(sweep / "summary.csv")] == ["completed", "completed"]
+
+
+def write_job(folder: Path, overrides: list[str], accuracy: float | None = None, onnx_bytes: int | None = None, error: str | None = None) -> None:
+    """A job folder as a sweep leaves it: overrides, and a report with one final stage, or a failure."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {override}\n" for override in overrides))
+    if accuracy is not None:
+        profile = dataclasses.replace(profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=()), onnx_bytes=onnx_bytes)
+        report = Report(entries=[ReportEntry("before", profile), ReportEntry("pruning", profile, test_accuracy=accuracy)])
+        (folder / "report.json").write_text(json.dumps(report.to_dict()))
+    if error is not None:
+        (folder / "failure.json").write_text(json.dumps({"type": "ValueError", "message": error, "traceback": ""}))
+
+
+def test_pareto_marks_the_jobs_no_other_job_beats_on_both_accuracy_and_bytes(tmp_path) -> None:
+    points = [(0.90, 100), (0.85, 50), (0.85, 120), (0.90, 100), (0.80, 50)]  # 2 is beaten by 0; 4 by 1; 0 and 3 tie
+    for number, (accuracy, size) in enumerate(points):
+        write_job(tmp_path / str(number), ["seed=1", f"compression.pruning.amount=0.{number}"], accuracy, size)
+    write_job(tmp_path / "5", ["seed=1", "compression.pruning.amount=1.5"], error="amount must be in [0, 1)\nsee the docs")
+    write_job(tmp_path / "10", ["seed=1", "compression.pruning.amount=0.7"])  # still running, or killed
+    jobs = collect(tmp_path)
+    assert [job.folder.name for job in jobs] == ["0", "1", "2", "3", "4", "5", "10"]  # by job number, not by name
+    assert [job.status for job in jobs] == ["completed"] * 5 + ["failed", "incomplete"]
+    assert [job.pareto.get("bytes") for job in jobs] == [True, True, False, True, False, None, None]
+    assert jobs[0].pareto.get("latency") is None  # no latency measured: no front
+    assert [job.swept for job in jobs][:2] == [["compression.pruning.amount=0.0"], ["compression.pruning.amount=0.1"]]  # seed=1 is shared
+    assert jobs[5].error == "ValueError: amount must be in [0, 1) see the docs"
+    markdown = to_markdown([job.row(tmp_path) for job in jobs])
+    assert markdown.count("| pruning |") == 5
+    assert "- 10 (`compression.pruning.amount=0.7`): incomplete" in markdown

@@ -154,6 +154,14 @@ class Pruning(L.Callback):
             if not isinstance(example, torch.Tensor):
                 raise ValueError(f"channel pruning traces the model: set `example_input_array` on {type(pl_module).__name__}")
             self.channel_groups = ChannelGroups(pl_module, example.to(pl_module.device), layers)
+        if self.layer_amounts is not None:
+            prunable = self.channel_groups.channels if self.channel_groups is not None else layers
+            left_out = [layer for layer in self.layer_amounts if layer not in prunable]
+            if left_out:
+                raise ValueError(
+                    f"amount per layer names {left_out}, which this pruning would leave as they are (excluded, or not the "
+                    f"root of a channel group: the output layer never is); it can prune {list(prunable)}"
+                )
         if stage == "fit":
             end_epoch = self._end_epoch(trainer)
             if not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= end_epoch:

@@ -32,7 +32,12 @@ FIELDS = ("layer", "sparsity", "accuracy")
 
 @dataclass(frozen=True)
 class SensitivityPoint:
-    """The accuracy with one layer (``DENSE`` for none) pruned to ``sparsity``."""
+    """The accuracy with one layer (``DENSE`` for none) pruned to ``sparsity``.
+
+    Example:
+        >>> SensitivityPoint("model.features.4", 0.5, 0.91)
+        SensitivityPoint(layer='model.features.4', sparsity=0.5, accuracy=0.91)
+    """
 
     layer: str
     sparsity: float
@@ -51,7 +56,8 @@ def sensitivity_analysis(
     """Measure the accuracy over ``batches`` with each targeted layer alone pruned to each of ``levels``.
 
     Points already in ``csv_path`` are read back, not measured again; each new point is added to the
-    file (rewritten atomically) as soon as it is measured. The model's weights are unchanged afterwards.
+    file (rewritten atomically) as soon as it is measured, and at the end the file holds exactly this
+    analysis's points. The model's weights are unchanged afterwards.
     ``progress`` shows a progress bar over the points.
 
     Example:
@@ -80,6 +86,7 @@ def sensitivity_analysis(
                 write_points(csv_path, [done[key] for key in todo if key in done])
                 bar.advance(task)
             points.append(done[(layer, level)])
+    write_points(csv_path, points)  # this analysis's points only, whatever else an older file held
     return points
 
 
@@ -116,7 +123,8 @@ def write_points(path: Path, points: Iterable[SensitivityPoint]) -> None:
 
 def layer_amounts(path: str | os.PathLike[str], max_accuracy_drop: float = 0.01) -> dict[str, float]:
     """Per-layer amounts from a sensitivity CSV: for each layer, the highest level at which it and every
-    lower level cost at most ``max_accuracy_drop`` (a fraction, 0.01 = one point) of the dense accuracy.
+    lower level lose at most ``max_accuracy_drop`` of accuracy against the dense row (absolute: 0.01 is
+    one point).
     Layers too sensitive for the lowest level are left out. Ready for ``Pruning(amount=...)``.
 
     Example:

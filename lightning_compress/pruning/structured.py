@@ -137,11 +137,13 @@ class ChannelGroups:
             for item in group:
                 module, removed = item.dep.target.module, set(item.idxs)
                 cutter = cutters.setdefault(module, _CutOnLoad())
-                extra = self._extra_output_channel_state(module, item.dep.handler)
-                for tensor_name, tensor, dim in [*self._touched(module, item.dep.handler), *extra]:
+                cut_by_torch_pruning = [(*touched, False) for touched in self._touched(module, item.dep.handler)]
+                cut_here = [(*extra, True) for extra in self._extra_output_channel_state(module, item.dep.handler)]
+                for tensor_name, tensor, dim, ours in cut_by_torch_pruning + cut_here:
                     full_shape, kept_indices = cutter.cuts.setdefault(tensor_name, (tensor.shape, {}))
                     kept_indices[dim] = torch.tensor([i for i in range(full_shape[dim]) if i not in removed])
-                extra_cuts += [(module, tensor_name, tensor, kept_indices[dim]) for tensor_name, tensor, dim in extra]
+                    if ours:
+                        extra_cuts.append((module, tensor_name, tensor, kept_indices[dim]))
             group.prune()  # Torch-Pruning cuts weights, biases and BatchNorm; the extra per-channel state is ours
             for module, tensor_name, tensor, kept_indices in extra_cuts:
                 _replace_tensor(module, tensor_name, tensor.detach().index_select(0, kept_indices.to(tensor.device)))

@@ -8,7 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lightning_compress.sweeps.summary import write_summary
@@ -23,7 +26,8 @@ def summarize(sweep_dir: str | os.PathLike[str]) -> dict[str, Path]:
 
 
 class SummarizeSweep(Callback):
-    """Hydra callback: when a sweep (``-m``) ends, summarize its jobs in the sweep folder.
+    """Hydra callback: the sweep folder's summary is rewritten as each job ends (failed or not), and printed
+    when the sweep ends, so a sweep that stops at a failed job still leaves it.
 
     Example (``configs/hydra/default.yaml`` lists it)::
 
@@ -33,11 +37,17 @@ class SummarizeSweep(Callback):
               _target_: lightning_compress.sweeps.commands.SummarizeSweep
     """
 
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        hydra_config = HydraConfig.get()
+        if hydra_config.mode == RunMode.MULTIRUN:
+            write_summary(hydra_config.sweep.dir)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         summarize(config.hydra.sweep.dir)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """The ``lightning-compress-summary`` command."""
     parser = argparse.ArgumentParser(
         prog="lightning-compress-summary",
         description="Collect the report of every job of a `lightning-compress -m ...` sweep into summary.csv, summary.md "

@@ -34,11 +34,9 @@ def plot_pareto(jobs: list[JobResult], path: str | os.PathLike[str]) -> None:
         for job in jobs:
             if job.report is None or not job.report.entries:
                 continue
-            final = job.report.entries[-1]
-            accuracy = final.test_accuracy if final.test_accuracy is not None else final.val_accuracy
-            x = METRICS[metric](final)
-            if accuracy is not None and x is not None:
-                points.append((x * scale[axis], 100 * accuracy, job.folder.name, job.pareto.get(axis, False)))
+            x = METRICS[metric](job.report.entries[-1])
+            if job.accuracy is not None and x is not None:
+                points.append((x * scale[axis], 100 * job.accuracy, job.folder.name, job.pareto.get(axis, False)))
         panel.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", label="job")
         front = sorted((p for p in points if p[3]), key=lambda p: p[0])
         if front:

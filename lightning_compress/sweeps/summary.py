@@ -84,9 +84,19 @@ class JobResult:
 
     @property
     def status(self) -> str:
+        """``completed`` (a report), ``failed`` (a ``failure.json``) or ``incomplete`` (neither: running or killed)."""
         return "completed" if self.report is not None else "failed" if self.error is not None else "incomplete"
 
+    @property
+    def accuracy(self) -> float | None:
+        """The final run's test accuracy, or its validation accuracy without a test."""
+        if self.report is None or not self.report.entries:
+            return None
+        final = self.report.entries[-1]
+        return final.test_accuracy if final.test_accuracy is not None else final.val_accuracy
+
     def row(self, sweep_dir: Path) -> dict[str, Any]:
+        """The job as one row of :data:`COLUMNS` (a completed job's metrics, a failed job's error)."""
         row: dict[str, Any] = {"job": str(self.folder.relative_to(sweep_dir)), "overrides": " ".join(self.swept), "status": self.status}
         if self.report is not None and self.report.entries:
             final, first = self.report.entries[-1], self.report.entries[0]
@@ -156,7 +166,7 @@ def _read_job(folder: Path) -> JobResult:
 def _mark_pareto(jobs: list[JobResult]) -> None:
     """A job is on a front when no other job is at least as accurate and at least as small (fast), and better in one."""
     for axis, metric in PARETO_AXES.items():
-        points = {id(job): (_accuracy(job), METRICS[metric](job.report.entries[-1])) for job in jobs if job.report.entries}
+        points = {id(job): (job.accuracy, METRICS[metric](job.report.entries[-1])) for job in jobs if job.report.entries}
         for job in jobs:
             point = points.get(id(job))
             if point is None or None in point:
@@ -165,11 +175,6 @@ def _mark_pareto(jobs: list[JobResult]) -> None:
                 other is not None and None not in other and other[0] >= point[0] and other[1] <= point[1] and other != point
                 for other in points.values()
             )
-
-
-def _accuracy(job: JobResult) -> float | None:
-    final = job.report.entries[-1]
-    return final.test_accuracy if final.test_accuracy is not None else final.val_accuracy
 
 
 def write_summary(sweep_dir: str | os.PathLike[str]) -> dict[str, Path]:
