@@ -36,7 +36,6 @@ from lightning_compress.files import write_atomically
 from lightning_compress.models import ClassificationModule
 from lightning_compress.sweeps.summary import check_metrics, stage_metrics
 
-
 #: The runs a job with compression recipes can make (the ``runs`` key): the dense reference, each recipe
 #: alone, all recipes together.
 RUN_KINDS = ("dense", "each", "combined")

@@ -18,7 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_compress.cli import build
 from lightning_compress.files import write_atomically
-from lightning_compress.pruning.sensitivity import layer_amounts, plot_sensitivity, sensitivity_analysis
+from lightning_compress.pruning.sensitivity import (
+    layer_amounts,
+    plot_sensitivity,
+    sensitivity_analysis,
+)
 
 
 def analyse(cfg: DictConfig) -> dict[str, float]:

@@ -13,7 +13,6 @@ from onnx import numpy_helper
 from lightning_compress.cli import train
 
 
-
 def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config, tmp_path) -> None:
     cfg = compose_config("trainer.fast_dev_run=true", f"output_dir={tmp_path}", "callbacks.compression_report.latency_repeats=2")
     report = train(cfg)

@@ -6,7 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_compress.data import CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule, InMemoryImageDataModule
+from lightning_compress.data import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    InMemoryImageDataModule,
+)
 from lightning_compress.data.fashion_mnist import DEBIAN_IDX_DIR
 
 

@@ -8,7 +8,12 @@ from digits import fit_digits
 from lightning_compress import Pruning
 from lightning_compress.analysis import evaluate_accuracy
 from lightning_compress.pruning import layer_amounts, sensitivity_analysis
-from lightning_compress.pruning.sensitivity import DENSE, SensitivityPoint, read_points, write_points
+from lightning_compress.pruning.sensitivity import (
+    DENSE,
+    SensitivityPoint,
+    read_points,
+    write_points,
+)
 from lightning_compress.sensitivity_app import analyse
 
 LEVELS = [0.5, 0.9]

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from commands import QUICK_REPORT, run_command
 
 from lightning_compress.analysis import Report, ReportEntry, profile_model
@@ -89,7 +88,7 @@ def test_a_failed_job_of_a_submitit_sweep_keeps_the_others_and_the_summary_says_
     assert [(row["job"], row["status"]) for row in rows] == [("0", "completed"), ("1", "failed")]
     assert rows[0]["error"] == "" and reason in rows[1]["error"] and "\n" not in rows[1]["error"]
     assert rows[0]["pareto_bytes"] == "True"
-    assert f"- 1 (`compression.pruning.amount=1.5`): failed, InstantiationException: Error in call to target" in summary.stdout
+    assert "- 1 (`compression.pruning.amount=1.5`): failed, InstantiationException: Error in call to target" in summary.stdout
     files = {name: (sweep / name).read_bytes() for name in ("summary.csv", "summary.md")}
     again = run_command(sys.executable, "-m", "lightning_compress.sweeps.commands", str(sweep), cwd=tmp_path)
     assert again.returncode == 0

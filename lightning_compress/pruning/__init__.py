@@ -1,10 +1,24 @@
 """Pruning: importance criteria, masks, sparsity schedules (plain PyTorch) and the ``Pruning`` callback."""
 
 from lightning_compress.pruning.callback import Pruning
-from lightning_compress.pruning.criteria import CRITERIA, channel_scores, element_scores, taylor_scores
-from lightning_compress.pruning.masks import forget_pruned, n_of_m_masks, rank_masks, threshold_masks
+from lightning_compress.pruning.criteria import (
+    CRITERIA,
+    channel_scores,
+    element_scores,
+    taylor_scores,
+)
+from lightning_compress.pruning.masks import (
+    forget_pruned,
+    n_of_m_masks,
+    rank_masks,
+    threshold_masks,
+)
 from lightning_compress.pruning.schedules import SCHEDULES, SparsitySchedule
-from lightning_compress.pruning.sensitivity import SensitivityPoint, layer_amounts, sensitivity_analysis
+from lightning_compress.pruning.sensitivity import (
+    SensitivityPoint,
+    layer_amounts,
+    sensitivity_analysis,
+)
 from lightning_compress.targets import select_layers
 
 __all__ = [

@@ -13,7 +13,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.pruning.criteria import CRITERIA, element_scores, taylor_scores
-from lightning_compress.pruning.masks import SCOPES, forget_pruned, n_of_m_masks, rank_masks, threshold_masks
+from lightning_compress.pruning.masks import (
+    SCOPES,
+    forget_pruned,
+    n_of_m_masks,
+    rank_masks,
+    threshold_masks,
+)
 from lightning_compress.pruning.schedules import SparsitySchedule
 from lightning_compress.pruning.structured import ChannelGroups
 from lightning_compress.targets import TargetSpec, select_layers
