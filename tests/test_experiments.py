@@ -66,6 +66,9 @@ def test_every_search_runs_two_optuna_trials_and_summarizes_them(tmp_path, searc
     done = run_command(
         "lightning-compress",
         f"hparams_search={search}",
+        "hydra/launcher=joblib",  # the two trials in parallel
+        "hydra.sweeper.n_jobs=2",
+        "hydra.launcher.n_jobs=2",
         "hydra.sweeper.n_trials=2",
         "hydra.sweeper.sampler.population_size=2",
         "trainer.fast_dev_run=true",
@@ -87,3 +90,4 @@ def test_every_search_runs_two_optuna_trials_and_summarizes_them(tmp_path, searc
     assert front and front <= trials  # Optuna's front holds the values the jobs returned
     assert {tuple(float(row[name]) for name in metrics) for row in rows if row["pareto_bytes" if "bytes" in metrics[1] else "pareto_latency"] == "True"} == front
     assert "Number of Pareto solutions" in done.stdout + done.stderr
+    assert "Joblib.Parallel(n_jobs=2" in done.stdout + done.stderr
