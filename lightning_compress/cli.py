@@ -140,7 +140,8 @@ def _phases(kinds: list[str], recipes: list[str]) -> dict[str, list[str]]:
     """The runs of a job with compression ``recipes``, by folder name, each with the recipes it applies."""
     unknown = [kind for kind in kinds if kind not in RUN_KINDS]
     if unknown or not kinds:
-        raise ValueError(f"runs: unknown kind(s) {unknown or kinds}; choose from {', '.join(RUN_KINDS)}")
+        problem = f"unknown kind(s) {unknown}" if unknown else "no run named"
+        raise ValueError(f"runs: {problem}; choose from {', '.join(RUN_KINDS)}")
     phases: dict[str, list[str]] = {"dense": []} if "dense" in kinds else {}
     if "each" in kinds:
         phases.update({name: [name] for name in recipes})
