@@ -142,7 +142,8 @@ def test_train_samples_keep_a_seeded_subset_of_the_training_split_and_the_same_v
     for datamodule in (full, subset, again, other):
         datamodule.setup()
     assert (len(full.splits["train"]), len(subset.splits["train"])) == (1294, 100)
-    assert torch.equal(subset.splits["val"].tensors[1], full.splits["val"].tensors[1])  # the same validation images
+    assert torch.equal(subset.splits["val"].tensors[0], full.splits["val"].tensors[0])  # the same validation images, normalized alike
+    assert any(torch.equal(image, subset.splits["train"].tensors[0][0]) for image in full.splits["train"].tensors[0])
     assert torch.equal(subset.splits["train"].tensors[0], again.splits["train"].tensors[0])  # seeded
     assert not torch.equal(subset.splits["train"].tensors[1], other.splits["train"].tensors[1])
     with pytest.raises(ValueError, match="train_samples=5000 is more than the 1294 training images"):

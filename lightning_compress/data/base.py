@@ -18,7 +18,9 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
     global random state, so a run resumed from a checkpoint sees the same batches as one that never
     stopped. Under distributed training each process gets its own shard of every epoch. Every split is
     normalized per channel with the training split's mean and standard deviation. ``train_samples``
-    keeps that many training images (a random subset picked by ``seed``), for limited-data experiments.
+    keeps that many training images (a random subset picked by ``seed``), for limited-data experiments;
+    the normalization stays that of the whole training split, so a model trained on a subset sees the
+    same inputs as one trained on all of it (a teacher distilled into a student, for instance).
 
     Example:
         >>> from lightning_compress.data import DigitsDataModule
@@ -60,12 +62,12 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
         order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(self.seed))
         n_val = max(1, round(self.val_fraction * len(train_x)))
         val_index, train_index = order[:n_val], order[n_val:]
+        mean = train_x[train_index].mean(dim=(0, 2, 3), keepdim=True)
+        std = train_x[train_index].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
         if self.train_samples is not None:
             if self.train_samples > len(train_index):
                 raise ValueError(f"train_samples={self.train_samples} is more than the {len(train_index)} training images")
             train_index = train_index[: self.train_samples]  # a seeded random subset: the order is random
-        mean = train_x[train_index].mean(dim=(0, 2, 3), keepdim=True)
-        std = train_x[train_index].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
 
         def split(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:
             return TensorDataset((images - mean) / std, labels.long())
