@@ -25,7 +25,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, read_write
+from omegaconf import DictConfig, OmegaConf, read_write
 from rich.console import Console
 from torch import nn
 
@@ -39,6 +39,8 @@ from lightning_compress.sweeps.summary import check_metrics, stage_metrics
 #: The runs a job with compression recipes can make (the ``runs`` key): the dense reference, each recipe
 #: alone, all recipes together.
 RUN_KINDS = ("dense", "each", "combined")
+#: What ``teacher_run`` may change in the teacher's run (the rest of the job's config is shared).
+TEACHER_RUN_KEYS = ("trainer", "data", "seed")
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -85,7 +87,8 @@ def train(cfg: DictConfig) -> Report | None:
     under ``output_dir``: ``dense``, ``each`` recipe alone, and all recipes ``combined``, named like
     ``pruning+quantization``; one report with a row for each, and the dense model in ``half_precision`` too. A distillation recipe first
     trains the ``teacher`` (in ``output_dir/teacher``, a row of the report) and wraps the model in its
-    ``DistillationModule``; pruning and quantization recipes are callbacks. ``ckpt_path`` resumes the
+    ``DistillationModule`` (``teacher_run`` changes the teacher's trainer, data or seed, e.g. a teacher
+    trained longer on all training images); pruning and quantization recipes are callbacks. ``ckpt_path`` resumes the
     last run; the others, seeded and deterministic in their data order, are trained again.
     """
     if cfg.get("export"):
@@ -96,6 +99,7 @@ def train(cfg: DictConfig) -> Report | None:
         build(node)  # each recipe checks its settings now, before the first run trains; each run builds its own
     if "distillation" in recipes and cfg.get("teacher") is None:
         raise ValueError("compression/distillation needs a teacher: choose one with model/teacher=<name> (e.g. small_cnn_wide)")
+    teacher_cfg = _teacher_config(cfg) if "distillation" in recipes else None
     if not recipes:
         report = fit_and_test(cfg, []).report
         if report is not None:
@@ -103,9 +107,7 @@ def train(cfg: DictConfig) -> Report | None:
         return report
     phases = _phases(list(RUN_KINDS if cfg.get("runs") is None else cfg.runs), list(recipes))
     runs = {}
-    if "distillation" in recipes:
-        teacher_cfg = cfg.copy()
-        teacher_cfg.model = cfg.teacher
+    if teacher_cfg is not None:
         runs["teacher"] = _phase(teacher_cfg, "teacher", [], resume=False)
     for index, (name, names) in enumerate(phases.items()):
         callbacks = [build(recipes[recipe]) for recipe in names if recipe != "distillation"]
@@ -124,6 +126,17 @@ def train(cfg: DictConfig) -> Report | None:
     report.write(cfg.output_dir)
     _print(report)
     return report
+
+
+def _teacher_config(cfg: DictConfig) -> DictConfig:
+    """The teacher's run: the job's ``cfg`` with the ``teacher`` as its model and ``teacher_run``'s changes."""
+    changes = cfg.get("teacher_run") or {}
+    unknown = [key for key in changes if key not in TEACHER_RUN_KEYS]
+    if unknown:
+        raise ValueError(f"teacher_run: unknown key(s) {unknown}; it changes the teacher's {', '.join(TEACHER_RUN_KEYS)}")
+    teacher_cfg = OmegaConf.merge(cfg, changes)
+    teacher_cfg.model = cfg.teacher
+    return teacher_cfg
 
 
 def _check_optimized_metrics(cfg: DictConfig) -> None:

@@ -91,17 +91,24 @@ def test_distillation_trains_the_teacher_then_the_student_in_one_command(compose
         "~compression/quantization",
         "half_precision=null",
         "trainer.max_epochs=2",
+        "data.train_samples=640",
+        "teacher_run={trainer: {max_epochs: 3}, data: {train_samples: null}}",  # longer, on all 1,294 training images
         f"output_dir={tmp_path}",
         *QUICK_REPORT,
     )
     dense, teacher, distilled = train(cfg).entries
     assert [dense.name, teacher.name, distilled.name] == ["dense", "teacher", "distillation"]
     assert teacher.profile.parameters > 3 * dense.profile.parameters == 3 * distilled.profile.parameters
-    assert distilled.test_accuracy > 0.8
+    assert distilled.test_accuracy > 0.7  # two epochs of 640 images
+    steps = {run: torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] for run in ("teacher", "distillation")}
+    assert steps == {"teacher": 3 * 21, "distillation": 2 * 10}  # batches of 64: 21 per epoch of 1,294 images, 10 of 640
     checkpoint = torch.load(tmp_path / "distillation" / "checkpoints" / "last.ckpt", weights_only=True)
     assert {key.split(".")[0] for key in checkpoint["state_dict"]} == {"model"}  # the student only
     with pytest.raises(ValueError, match="compression/distillation needs a teacher"):
         train(compose_config("+compression/distillation=kd", "~model/teacher", f"output_dir={tmp_path}"))
+    with pytest.raises(ValueError, match=r"teacher_run: unknown key\(s\) \['model'\]; it changes the teacher's trainer, data, seed"):
+        train(compose_config("+compression/distillation=kd", "teacher_run={model: {num_classes: 3}}", f"output_dir={tmp_path / 'refused'}"))
+    assert not (tmp_path / "refused").exists()
 
 
 def test_an_unknown_export_format_stops_before_training(compose_config, tmp_path) -> None:
