@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -42,6 +43,21 @@ class EpochTimer(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.seconds.append(time.perf_counter() - self._start)
+
+
+def cpu_trainer(max_epochs: int, callbacks: list[L.Callback], **options: Any) -> L.Trainer:
+    """A quiet single-process CPU ``Trainer`` (no logger, checkpoints, progress bar or model summary);
+    ``options`` go to the ``Trainer`` as they are."""
+    return L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **options,
+    )
 
 
 def write_results(name: str, settings: dict, results: dict, markdown: str) -> None:

@@ -16,7 +16,7 @@ import statistics
 
 import lightning as L
 import torch
-from common import EpochTimer, write_results
+from common import EpochTimer, cpu_trainer, write_results
 
 from lightning_compress import ClassificationModule
 from lightning_compress.analysis import profile_model
@@ -34,7 +34,7 @@ def run(model_name: str, seed: int, epochs: int, data_root: str) -> dict:
     datamodule = FashionMNISTDataModule(root=data_root, batch_size=128, seed=seed)
     module = ClassificationModule(MODELS[model_name](), num_classes=10, input_shape=(1, 28, 28))
     timer = EpochTimer()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[timer])
+    trainer = cpu_trainer(epochs, [timer])
     trainer.fit(module, datamodule=datamodule)
     accuracy = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
     profile = profile_model(module.model, (1, 28, 28), latency_batch_sizes=(1, 256), latency_repeats=50, num_threads=2)

@@ -25,7 +25,7 @@ import statistics
 
 import lightning as L
 import torch
-from common import StepTimer, write_results
+from common import StepTimer, cpu_trainer, write_results
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
@@ -77,15 +77,7 @@ def run(method: str, seed: int, epochs: int, data_root: str) -> dict:
             Pruning(amount=0.5, criterion="l1", granularity="channel", scope="layer", schedule="agp", start_epoch=1, end_epoch=epochs - 2, remove_channels=True)
         ],
     }
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer, *methods[method]],
-    )
+    trainer = cpu_trainer(epochs, [timer, *methods[method]])
     datamodule = FashionMNISTDataModule(root=data_root, batch_size=128, seed=seed)
     trainer.fit(module, datamodule=datamodule)
     accuracy = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]

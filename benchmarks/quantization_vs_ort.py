@@ -29,7 +29,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from common import StepTimer, write_results
+from common import StepTimer, cpu_trainer, write_results
 from onnxruntime.quantization import (
     CalibrationDataReader,
     QuantFormat,
@@ -72,16 +72,7 @@ def train(method: str, seed: int, epochs: int, datamodule: FashionMNISTDataModul
         "qat_w4a8_lsq": [QuantizationAwareTraining(weight_bits=4, learnable_scales=True, start_epoch=1, freeze_bn_epoch=last)],
     }[method]
     timer = StepTimer(from_epoch=1)  # fake quantization is on from epoch 1
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_train_batches=limit_batches,
-        callbacks=[timer, *callbacks],
-    )
+    trainer = cpu_trainer(epochs, [timer, *callbacks], limit_train_batches=limit_batches)
     trainer.fit(module, datamodule=datamodule)
     return module.eval(), 1000 * statistics.median(timer.intervals)
 
