@@ -1,10 +1,11 @@
 """Distillation on real Fashion-MNIST: a student trained alone against the same student distilled, in one process.
 
 The students learn from a limited labelled set, where distillation is meant to help: a seeded random
-subset of ``--train-samples`` training images (5,000 by default), the same for teacher and students.
-For each seed: the teacher (SmallCNN, channels 32/64, hidden 128, dropout 0.5) trains for the given
-epochs; then the student (SmallCNN, channels 8/16, hidden 48: about a tenth of the teacher's parameters)
-trains for the same epochs five ways, with the same seed and data order (Adam 1e-3, cosine schedule):
+subset of ``--train-samples`` training images (5,000 by default). The teacher is what a user distills
+from: a stronger model, trained beforehand on the whole training split (``--teacher-train-samples 0``)
+for ``--teacher-epochs`` (12). For each seed: the teacher (SmallCNN, channels 32/64, hidden 128, dropout
+0.5) trains first; then the student (SmallCNN, channels 8/16, hidden 48: about a tenth of the teacher's
+parameters) trains for ``--epochs`` five ways, with the same seed and data order (Adam 1e-3, cosine schedule):
 - alone (cross-entropy);
 - KD (``ce_weight=0.5, kd_weight=0.5, temperature=4``), with the teacher's logits cached after the
   first epoch (the data is not augmented) and, for timing, without the cache;
@@ -14,7 +15,7 @@ Records test accuracy (the full 10,000 test images) and the median wall time of 
 first (where the cache acts). Writes ``results/distillation.json`` and ``results/distillation.md``.
 
     apt-get install dataset-fashion-mnist
-    python benchmarks/distillation.py --epochs 40 --seeds 0 1 2
+    python benchmarks/distillation.py --epochs 40 --teacher-epochs 12 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from functools import partial
 
 import lightning as L
 import torch
-from common import EpochTimer, write_results
+from common import EpochTimer, cpu_trainer, write_results
 
 from lightning_compress import ClassificationModule, DistillationModule
 from lightning_compress.analysis import count_parameters, evaluate_accuracy
@@ -47,17 +48,8 @@ def student_net() -> SmallCNN:
 def fit(module: L.LightningModule, seed: int, epochs: int, datamodule: FashionMNISTDataModule, limit_batches: int | None) -> list[float]:
     L.seed_everything(seed)
     timer = EpochTimer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_train_batches=limit_batches,
-        limit_val_batches=0,  # the epoch time is training alone; nothing here reads validation
-        callbacks=[timer],
-    )
+    # the epoch time is training alone; nothing here reads validation
+    trainer = cpu_trainer(epochs, [timer], limit_train_batches=limit_batches, limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)
     return timer.seconds
 
@@ -80,18 +72,21 @@ def student(method: str, seed: int, teacher: torch.nn.Module, epochs: int) -> L.
     return DistillationModule(net, teacher, num_classes=10, temperature=4.0, input_shape=INPUT_SHAPE, scheduler=cosine(epochs), **settings)
 
 
-def run_seed(seed: int, epochs: int, data_root: str, train_samples: int | None, limit_batches: int | None = None) -> dict:
-    datamodule = FashionMNISTDataModule(root=data_root, batch_size=128, seed=seed, train_samples=train_samples)
+def run_seed(seed: int, args: argparse.Namespace) -> dict:
+    def data(train_samples: int) -> FashionMNISTDataModule:
+        return FashionMNISTDataModule(root=args.data_root, batch_size=128, seed=seed, train_samples=train_samples or None)
+
+    datamodule = data(args.train_samples)
     datamodule.setup("test")
     test = list(datamodule.test_dataloader())
     torch.manual_seed(seed)
-    teacher = ClassificationModule(teacher_net(), num_classes=10, input_shape=INPUT_SHAPE, scheduler=cosine(epochs))
-    fit(teacher, seed, epochs, datamodule, limit_batches)
+    teacher = ClassificationModule(teacher_net(), num_classes=10, input_shape=INPUT_SHAPE, scheduler=cosine(args.teacher_epochs))
+    fit(teacher, seed, args.teacher_epochs, data(args.teacher_train_samples), args.limit_batches)
     result = {"seed": seed, "teacher_test_accuracy": evaluate_accuracy(teacher, test), "teacher_parameters": count_parameters(teacher.model)}
     rotation = seed % len(STUDENTS)
     for method in STUDENTS[rotation:] + STUDENTS[:rotation]:
-        module = student(method, seed, teacher.model, epochs)
-        seconds = fit(module, seed, epochs, datamodule, limit_batches)
+        module = student(method, seed, teacher.model, args.epochs)
+        seconds = fit(module, seed, args.epochs, datamodule, args.limit_batches)
         result[f"{method}_test_accuracy"] = evaluate_accuracy(module.model, test)
         result[f"{method}_epoch_s"] = statistics.median(seconds[1:])
     result["student_parameters"] = count_parameters(student_net())
@@ -117,7 +112,7 @@ def summary(runs: list[dict]) -> dict:
     }
 
 
-def markdown(result: dict, epochs: int, seeds: list[int], train_samples: int | None) -> str:
+def markdown(result: dict, args: argparse.Namespace) -> str:
     accuracy, gain, paired, ratio = (result[k] for k in ("test_accuracy", "gain_points_vs_alone", "gain_points_paired_median", "epoch_time_ratio_to_alone"))
     names = {
         "alone": "student alone",
@@ -127,9 +122,10 @@ def markdown(result: dict, epochs: int, seeds: list[int], train_samples: int | N
         "dkd": "DKD",
     }
     lines = [
-        f"Fashion-MNIST, {train_samples or 'all'} training images, {epochs} epochs, Adam 1e-3 with a cosine schedule, batch 128, "
-        f"seeds {seeds}; test accuracy on the 10,000 test images; medians over seeds. Teacher: SmallCNN 32/64/128 with dropout 0.5, "
-        f"test accuracy {100 * result['teacher_test_accuracy']:.2f}%; student: SmallCNN 8/16/48, "
+        f"Fashion-MNIST; the students learn from {args.train_samples or 'all'} training images for {args.epochs} epochs; "
+        f"Adam 1e-3 with a cosine schedule, batch 128, seeds {args.seeds}; test accuracy on the 10,000 test images; medians over seeds. "
+        f"Teacher: SmallCNN 32/64/128 with dropout 0.5, trained beforehand on {args.teacher_train_samples or 'all'} training images "
+        f"for {args.teacher_epochs} epochs, test accuracy {100 * result['teacher_test_accuracy']:.2f}%; student: SmallCNN 8/16/48, "
         f"{result['parameters_ratio']:.3f}x the teacher's parameters.",
         "",
         "| student | test acc | vs alone (points, median of medians) | vs alone (points, median of per-seed gains) | epoch time vs alone (epochs 2+) |",
@@ -144,7 +140,9 @@ def markdown(result: dict, epochs: int, seeds: list[int], train_samples: int | N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--train-samples", type=int, default=5000, help="training images (a seeded subset); 0 for all")
+    parser.add_argument("--train-samples", type=int, default=5000, help="the students' training images (a seeded subset); 0 for all")
+    parser.add_argument("--teacher-epochs", type=int, default=12)
+    parser.add_argument("--teacher-train-samples", type=int, default=0, help="the teacher's training images; 0 (default) for all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data-root", default="data")
     parser.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (a quick check of the script)")
@@ -152,11 +150,10 @@ def main() -> None:
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the cache acts from the second epoch")
     torch.set_num_threads(2)
-    train_samples = args.train_samples or None
-    runs = [run_seed(seed, args.epochs, args.data_root, train_samples, args.limit_batches) for seed in args.seeds]
+    runs = [run_seed(seed, args) for seed in args.seeds]
     result = summary(runs)
-    settings = {"epochs": args.epochs, "seeds": args.seeds, "train_samples": train_samples}
-    write_results("distillation", settings, {"summary": result, "runs": runs}, markdown(result, args.epochs, args.seeds, train_samples))
+    settings = {key: value for key, value in vars(args).items() if key not in ("data_root", "limit_batches")}
+    write_results("distillation", settings, {"summary": result, "runs": runs}, markdown(result, args))
 
 
 if __name__ == "__main__":
