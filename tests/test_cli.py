@@ -131,6 +131,7 @@ def test_console_script_prints_the_report(tmp_path) -> None:
     done = run_command(
         "lightning-compress",
         "trainer.fast_dev_run=true",
+        "runs=[combined]",  # one run of the default recipes (the default runs are tested in-process above)
         "callbacks.compression_report.latency_repeats=2",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
@@ -158,15 +159,17 @@ def test_ddp_distills_without_find_unused_parameters(tmp_path) -> None:
         "+compression/distillation=fitnets",
         "~compression/pruning",
         "~compression/quantization",
-        "half_precision=null",
+        "runs=[combined]",  # the teacher, then the student distilled
+        "export=null",
         *QUICK_REPORT,
+        "callbacks.compression_report.latency_runtime=torch",
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr  # DDP raises on parameters without gradients; the teacher has none
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in done.stdout + done.stderr
     stages = json.loads((tmp_path / "run" / "report.json").read_text())["stages"]
-    assert [stage["name"] for stage in stages] == ["dense", "teacher", "distillation"]
+    assert [stage["name"] for stage in stages] == ["before", "teacher", "distillation"]
 
 
 def test_runs_choose_the_runs_of_a_job_and_bad_names_fail_before_training(compose_config, tmp_path) -> None:

@@ -7,16 +7,19 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from commands import QUICK_REPORT, run_command
 
 from lightning_compress.analysis import Report, ReportEntry, profile_model
 from lightning_compress.sweeps import collect
+from lightning_compress.sweeps.commands import main as summary_command
 from lightning_compress.sweeps.summary import to_markdown
 
-# One epoch on the digits, dense and pruned once at its start, no ONNX file: a sweep job of a few seconds.
+# One epoch on the digits, pruned once at its start (the job's one run), no ONNX file: a sweep job of a few seconds.
 QUICK_JOB = [
     "~compression/quantization",
+    "runs=[combined]",
     "compression.pruning.schedule=oneshot",
     "compression.pruning.start_epoch=0",
     "trainer.max_epochs=1",
@@ -50,7 +53,7 @@ def test_a_failed_job_of_a_submitit_sweep_keeps_the_others_and_the_summary_says_
     reason = "ValueError('amount must be in [0, 1), got 1.5')"
     assert failure["type"] == "InstantiationException" and reason in failure["message"] and "full_key: compression.pruning" in failure["message"]
     assert "Traceback" in failure["traceback"]
-    assert not (sweep / "1" / "dense").exists()  # the recipes are checked before any run of the job trains
+    assert not (sweep / "1" / "pruning").exists()  # the recipes are checked before the job's run trains
     summary = run_command(sys.executable, "-m", "lightning_compress.sweeps.commands", str(sweep), cwd=tmp_path)
     assert summary.returncode == 0, summary.stderr
     rows = read_csv(sweep / "summary.csv")
@@ -59,16 +62,16 @@ def test_a_failed_job_of_a_submitit_sweep_keeps_the_others_and_the_summary_says_
     assert rows[0]["pareto_bytes"] == "True"
     assert "- 1 (`compression.pruning.amount=1.5`): failed, InstantiationException: Error in call to target" in summary.stdout
     files = {name: (sweep / name).read_bytes() for name in ("summary.csv", "summary.md")}
-    again = run_command(sys.executable, "-m", "lightning_compress.sweeps.commands", str(sweep), cwd=tmp_path)
-    assert again.returncode == 0
+    summary_command([str(sweep)])  # again, in this process
     assert {name: (sweep / name).read_bytes() for name in files} == files  # idempotent
     assert [job.status for job in collect(sweep)] == ["completed", "failed"]
 
 
-def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path) -> None:
-    done = run_command(sys.executable, "-m", "lightning_compress.sweeps.commands", str(tmp_path), cwd=tmp_path)
-    assert done.returncode == 2
-    assert "no job folder (one with a .hydra/ inside)" in done.stderr
+def test_summary_of_a_folder_without_jobs_is_a_clear_error(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        summary_command([str(tmp_path)])
+    assert stopped.value.code == 2
+    assert "no job folder (one with a .hydra/ inside)" in capsys.readouterr().err
 
 
 def test_a_ddp_sweep_runs_each_job_once_on_two_processes_with_identical_masks_and_ranges(tmp_path) -> None:
