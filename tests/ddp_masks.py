@@ -1,6 +1,7 @@
-"""Run by test_pruning_ddp.py: prune on two CPU processes under DDP and save each rank's masks.
+"""Run by test_pruning_ddp.py: prune on two CPU processes under DDP and save each rank's masks, once for
+each CRITERION:GRANULARITY (one fit after the other in the same two processes), in OUTPUT_DIR/CRITERION-GRANULARITY/.
 
-    python tests/ddp_masks.py OUTPUT_DIR CRITERION GRANULARITY
+    python tests/ddp_masks.py OUTPUT_DIR CRITERION:GRANULARITY [CRITERION:GRANULARITY ...]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from lightning_compress.data import DigitsDataModule
 from lightning_compress.pruning import Pruning
 
 
-def main(output: Path, criterion: str, granularity: str) -> None:
+def prune(output: Path, criterion: str, granularity: str) -> None:
     L.seed_everything(0)
     pruning = Pruning(amount=0.5, criterion=criterion, granularity=granularity, schedule="oneshot", start_epoch=1)
     trainer = L.Trainer(
@@ -34,8 +35,11 @@ def main(output: Path, criterion: str, granularity: str) -> None:
     )
     module = digits_module()
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=16))
-    torch.save({"masks": pruning.masks, "weights": module.state_dict()}, output / f"rank{trainer.global_rank}.pt")
+    folder = output / f"{criterion}-{granularity}"
+    folder.mkdir(exist_ok=True)
+    torch.save({"masks": pruning.masks, "weights": module.state_dict()}, folder / f"rank{trainer.global_rank}.pt")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
+    for case in sys.argv[2:]:
+        prune(Path(sys.argv[1]), *case.split(":"))
