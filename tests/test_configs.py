@@ -1,11 +1,10 @@
 from __future__ import annotations
 
 import importlib.util
-from importlib.resources import files
-from pathlib import Path
 
 import lightning as L
 import pytest
+from config_groups import options
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 
@@ -18,12 +17,6 @@ from lightning_compress import (
 )
 from lightning_compress.data import InMemoryImageDataModule
 from lightning_compress.pruning.sensitivity import DENSE, SensitivityPoint, write_points
-
-CONFIG_DIR = Path(str(files("lightning_compress.configs")))
-
-
-def options(group: str) -> list[str]:
-    return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
 
 
 def test_every_group_has_its_options() -> None:

@@ -1,16 +1,14 @@
 from __future__ import annotations
 
 import csv
-from importlib.resources import files
-from pathlib import Path
 
 import pytest
 import yaml
 from commands import QUICK_REPORT, run_command
+from config_groups import CONFIG_DIR, options
 
 from lightning_compress.cli import train
 
-CONFIG_DIR = Path(str(files("lightning_compress.configs")))
 # One batch of everything; a report without latency (ONNX export and timing dominate for ResNets); no ONNX file.
 FAST = [
     "trainer.fast_dev_run=true",
@@ -19,10 +17,6 @@ FAST = [
     "logger=none",
     "export=null",
 ]
-
-
-def options(group: str) -> list[str]:
-    return sorted(path.stem for path in (CONFIG_DIR / group).glob("*.yaml"))
 
 
 def test_the_groups_hold_the_experiments_and_searches() -> None:
