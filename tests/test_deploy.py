@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import re
+
+import lightning as L
 import onnx
+import pytest
 import torch
 
-from lightning_compress.deploy import OnnxRuntimeModel, onnx_bytes
+from lightning_compress.deploy import OnnxRuntimeModel, export, onnx_bytes
 from lightning_compress.models import SmallCNN
 
 
@@ -31,3 +35,61 @@ def test_exported_graph_has_a_dynamic_batch_and_no_training_ops() -> None:
     batch_dim = graph.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
     assert "Dropout" not in {node.op_type for node in graph.graph.node}
+
+
+class _TakesADict(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.linear(batch["x"])
+
+
+class _Tiny(L.LightningModule):
+    """A LightningModule with an ``example_input_array``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.linear = torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+        self.example_input_array = torch.zeros(2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == 5:
+            raise RuntimeError("five features are not four\nsecond line of the error")
+        return self.linear(self.norm(x))
+
+
+def test_export_of_an_input_that_is_not_one_tensor_fails_in_one_line(tmp_path) -> None:
+    message = "export takes one input tensor as example_input (the model is called as model(example_input)); got dict"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        export(_TakesADict(), tmp_path / "model.onnx", {"x": torch.zeros(1, 4)})
+    with pytest.raises(ValueError, match=f"^{re.escape(message.replace('dict', 'tuple'))}$"):
+        OnnxRuntimeModel.from_module(torch.nn.Linear(4, 2), (torch.zeros(1, 4),))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "features, reason",
+    [
+        (3, "RuntimeError: running_mean should contain 3 elements not 4"),
+        (5, "RuntimeError: five features are not four"),  # the first line of the model's error alone
+    ],
+)
+def test_export_of_an_input_the_model_cannot_take_names_both_shapes(tmp_path, features: int, reason: str) -> None:
+    model = _Tiny().train()
+    model.norm.eval()  # a frozen part
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    message = f"example_input of shape (1, {features}) does not fit _Tiny: {reason}; its example_input_array has shape (2, 4)"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        export(model, tmp_path / "model.onnx", torch.zeros(1, features))
+    assert model.training and model.linear.training and not model.norm.training  # every mode as it was
+    assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_creates_the_missing_folders_of_its_path(tmp_path) -> None:
+    model = torch.nn.Linear(4, 2)
+    for path, format in ((tmp_path / "a" / "b" / "model.onnx", "onnx"), (tmp_path / "c" / "d" / "model.pt", "torch")):
+        assert export(model, path, torch.zeros(1, 4), format=format) == path
+        assert path.stat().st_size > 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from digits import digits_module, fit_digits
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 
 from lightning_compress import ClassificationModule
 from lightning_compress.data import DigitsDataModule
@@ -279,3 +279,66 @@ def test_channel_options_fail_before_training(tmp_path) -> None:
     with pytest.raises(ValueError, match="set `example_input_array`"):
         trainer.fit(module, datamodule=DigitsDataModule())
     assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"amount": "0.5"}, "amount must be a number in \\[0, 1\\), a dict of layer name -> amount, or None \\(with threshold or a callable schedule\\); got '0.5' \\(str\\)$"),
+        ({"amount": True}, "amount must be a number .*; got True \\(bool\\)$"),
+        ({"amount": [0.5]}, "amount must be a number .*; got \\[0.5\\] \\(list\\)$"),
+        ({"amount": {"model.features.0": "0.5"}}, "amount per layer needs a number in \\[0, 1\\) for each layer; got '0.5' \\(str\\) for 'model.features.0'$"),
+        ({"threshold": "0.1"}, "threshold must be a number >= 0 or None; got '0.1' \\(str\\)$"),
+        ({"threshold": float("nan")}, "threshold=nan needs a value >= 0"),
+        ({"amount": 0.5, "schedule": 3}, "schedule must be one of oneshot, linear, agp or a callable epoch -> sparsity; got 3 \\(int\\)$"),
+        ({"amount": 0.5, "start_epoch": "1"}, "start_epoch must be an int >= 0; got '1' \\(str\\)$"),
+        ({"amount": 0.5, "start_epoch": 1.5}, "start_epoch must be an int >= 0; got 1.5 \\(float\\)$"),
+        ({"amount": 0.5, "end_epoch": "3"}, "end_epoch must be an int >= start_epoch or None; got '3' \\(str\\)$"),
+        ({"amount": 0.5, "end_epoch": 2.5}, "end_epoch must be an int >= start_epoch or None; got 2.5 \\(float\\)$"),
+        ({"amount": 0.5, "frequency": "2"}, "frequency must be a positive int \\(epochs between pruning steps\\); got '2' \\(str\\)$"),
+        ({"amount": 0.5, "frequency": True}, "frequency must be a positive int \\(epochs between pruning steps\\); got True \\(bool\\)$"),
+        ({"amount": 0.5, "start_epoch": 2, "rewind_epoch": "1"}, "rewind_epoch must be an int in \\[0, start_epoch\\) or None; got '1' \\(str\\)$"),
+    ],
+)
+def test_arguments_of_the_wrong_type_fail_in_init_naming_the_argument(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Pruning(**options)
+
+
+class _TwoLinears(L.LightningModule):
+    """Weights 2, 4, ..., 24 (first layer) and 1, 3, ..., 11 (second): a global 50% prunes 4 + 5 of the 18."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            self.first.weight.copy_(torch.arange(2.0, 25.0, 2.0).view(3, 4))
+            self.second.weight.copy_(torch.arange(1.0, 12.0, 2.0).view(2, 3))
+
+
+class _Recorder(Logger):
+    name, version = "recorder", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[dict[str, float]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append(dict(metrics))
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+
+def test_sparsity_counts_the_weights_that_are_zero_not_the_masks() -> None:
+    module, recorder, pruning = _TwoLinears(), _Recorder(), Pruning(amount=0.5, schedule="oneshot")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=recorder, callbacks=[pruning], enable_progress_bar=False)
+    pruning.setup(trainer, module, "fit")
+    pruning.on_train_epoch_start(trainer, module)  # epoch 0: the one-shot step, logged
+    expected = {"pruning/sparsity": 9 / 18, "pruning/sparsity/first.weight": 4 / 12, "pruning/sparsity/second.weight": 5 / 6}
+    assert recorder.logged == [expected] and pruning.sparsity() == expected
+    with torch.no_grad():
+        module.first.weight.fill_(float("nan"))
+        module.second.weight.fill_(float("nan"))
+    pruning.apply_masks()  # NaN * 0 is NaN: nothing is zero any more, whatever the masks say
+    assert pruning.sparsity() == {"pruning/sparsity": 0.0, "pruning/sparsity/first.weight": 0.0, "pruning/sparsity/second.weight": 0.0}

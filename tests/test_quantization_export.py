@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import re
 
 import numpy as np
 import onnx
@@ -131,3 +132,26 @@ def test_export_refuses_unknown_or_missing_formats(tmp_path, monkeypatch) -> Non
     with pytest.raises(ImportError, match="needs onnxscript, which is not installed: pip install onnx onnxscript onnxruntime"):
         export(model, tmp_path / "m.onnx", torch.zeros(1, 4))
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "other_layers, reason",
+    [
+        (lambda: (nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)), "shapes (file vs model): 0.weight [3, 4] vs [5, 4], 0.bias [3] vs [5], 0.weight_quantizer.scale [3] vs [5] and 4 more"),
+        (lambda: (nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2)), "missing keys: 4.weight, 4.bias"),
+        # layer 0 quantizes, then layer 2 is not there: nothing may stay quantized
+        (lambda: (nn.Linear(4, 3), nn.Linear(3, 2)), "its quantized layers are not the model's: the pattern '2' matches no layer with a weight; near names: ['0', '1']"),
+    ],
+    ids=["shapes", "keys", "layers"],
+)
+def test_a_file_of_another_architecture_leaves_the_model_unchanged(tmp_path, other_layers, reason: str) -> None:
+    torch.manual_seed(0)
+    saved = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    quantize_model(saved, QuantConfig())
+    path = export(saved, tmp_path / "model.pt", torch.zeros(1, 4), format="torch")
+    other = nn.Sequential(*other_layers())
+    types, state = [type(module) for module in other.modules()], {name: value.clone() for name, value in other.state_dict().items()}
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{path} does not fit Sequential: {reason}')}$"):
+        load_quantized(other, path)
+    assert [type(module) for module in other.modules()] == types
+    assert list(other.state_dict()) == list(state) and all(torch.equal(value, state[name]) for name, value in other.state_dict().items())

@@ -7,10 +7,12 @@ import importlib.util
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_compress.analysis.measure import model_copy
 from lightning_compress.files import write_atomically
 from lightning_compress.quantization.config import QuantConfig
 from lightning_compress.quantization.layers import quantize_model, quantized_layers
@@ -43,8 +45,10 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
     - ``"torch"``: the state dict with the quantizers' settings, which :func:`load_quantized` loads back
       into a fresh fake-quantized model.
 
-    ``example_input`` is a batch of model inputs (its batch size does not matter). The file is written
-    atomically: a reader never sees half of it.
+    ``example_input`` is a batch of model inputs, one tensor (its batch size does not matter); for
+    ``"onnx"`` the model runs on it once first, so an input it cannot take fails in one line, with the
+    shape of the model's ``example_input_array`` where it has one. Missing folders of ``path`` are
+    created. The file is written atomically: a reader never sees half of it.
 
     Example:
         >>> import tempfile, torch
@@ -74,7 +78,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load an ``export(..., format="torch")`` file into ``model`` (the same architecture, in float), in place.
 
     The layers quantized at export are quantized again with their settings, then the state dict (weights,
-    scales, zero points, observer ranges and switches) is loaded strictly.
+    scales, zero points, observer ranges and switches) is loaded strictly. This is tried on a copy of
+    ``model`` first: a file that does not fit it (another architecture) raises ``ValueError`` and leaves
+    ``model`` as it was.
 
     Example:
         >>> import tempfile, torch
@@ -92,7 +98,43 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{path} is not a file written by export(..., format='torch'): {error}") from error
     if not isinstance(saved, dict) or saved.get("format") != _TORCH_FORMAT:
         raise ValueError(f"{path} is not a file written by export(..., format='torch')")
+    trial = model_copy(model)
+    try:
+        _load(trial, saved)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: {_misfit(trial, saved['state_dict'], error)}") from error
+    return _load(model, saved)
+
+
+def _load(model: nn.Module, saved: dict[str, Any]) -> nn.Module:
+    """Quantize the layers ``saved`` names with their settings and load its state dict strictly."""
     for name, settings in saved["quantized_layers"].items():
         quantize_model(model, QuantConfig(**settings), targets=[name])
     model.load_state_dict(saved["state_dict"], strict=True)
     return model
+
+
+def _misfit(trial: nn.Module, state_dict: dict[str, torch.Tensor], error: Exception) -> str:
+    """Briefly, why ``state_dict`` did not load into ``trial``: keys missing or unexpected, shapes that differ.
+
+    When quantizing the file's layers failed already (``trial`` lacks one of them), or no key or shape
+    differs, it is the first line of ``error``.
+    """
+    first_line = next(iter(str(error).strip().splitlines()), type(error).__name__)
+    if not isinstance(error, RuntimeError):
+        return f"its quantized layers are not the model's: {first_line}"
+    ours = trial.state_dict()
+    missing = [key for key in ours if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in ours]
+    shapes = [
+        f"{key} {list(state_dict[key].shape)} vs {list(ours[key].shape)}"
+        for key in ours
+        if key in state_dict and state_dict[key].shape != ours[key].shape
+    ]
+    problems = (("missing keys", missing), ("unexpected keys", unexpected), ("shapes (file vs model)", shapes))
+    return "; ".join(f"{what}: {_first(items)}" for what, items in problems if items) or first_line
+
+
+def _first(items: list[str], shown: int = 3) -> str:
+    """The first ``shown`` of ``items``, and how many more there are."""
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")

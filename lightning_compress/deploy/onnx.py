@@ -17,6 +17,8 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
     Uses ``torch.onnx.export(..., dynamo=True)``, torch's maintained exporter. A batch of one is repeated
     to two for tracing, since the exporter would otherwise specialize the batch dimension to 1. Layers
     with fake quantization on are written as integer layers in the QDQ format (see :mod:`.qdq`).
+    ``example_input`` must be one tensor the model runs on, which :func:`check_example_input` checks
+    first, so a wrong one fails in one line rather than in the exporter's log.
 
     Example:
         >>> import onnx, torch
@@ -24,6 +26,7 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
         >>> [node.op_type for node in graph.graph.node]
         ['Gemm']
     """
+    check_example_input(model, example_input)
     example = example_input.detach()
     if example.shape[0] == 1:
         example = example.expand(2, *example.shape[1:]).contiguous()
@@ -36,6 +39,43 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
     if integer_layers:
         graph = to_qdq(graph, integer_layers)
     return graph.SerializeToString()
+
+
+def check_example_input(model: nn.Module, example_input: object) -> None:
+    """Fail in one line unless ``example_input`` is a tensor that ``model`` runs on.
+
+    The model runs once on it, in eval mode and without gradients; each submodule keeps its mode. Its
+    error's first line, and the shape of its ``example_input_array`` where it has one (a LightningModule
+    may), go into the ``ValueError``.
+
+    Example:
+        >>> import torch
+        >>> check_example_input(torch.nn.Linear(4, 2), torch.zeros(1, 3))
+        Traceback (most recent call last):
+        ...
+        ValueError: example_input of shape (1, 3) does not fit Linear: RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x3 and 4x2)
+    """
+    example = _one_tensor(example_input)
+    with eval_mode(model), torch.no_grad():
+        try:
+            model(example)
+        except Exception as error:
+            lines = str(error).strip().splitlines()
+            expected = getattr(model, "example_input_array", None)
+            raise ValueError(
+                f"example_input of shape {tuple(example.shape)} does not fit {type(model).__name__}: "
+                + (f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)
+                + (f"; its example_input_array has shape {tuple(expected.shape)}" if isinstance(expected, torch.Tensor) else "")
+            ) from error
+
+
+def _one_tensor(example_input: object) -> torch.Tensor:
+    """``example_input``, which must be a tensor: the exported graph has one input."""
+    if not isinstance(example_input, torch.Tensor):
+        raise ValueError(
+            f"export takes one input tensor as example_input (the model is called as model(example_input)); got {type(example_input).__name__}"
+        )
+    return example_input
 
 
 class _OneInput(nn.Module):
@@ -78,7 +118,7 @@ class OnnxRuntimeModel:
     @classmethod
     def from_module(cls, model: nn.Module, example_input: torch.Tensor, num_threads: int | None = None) -> OnnxRuntimeModel:
         """Export ``model`` (see :func:`onnx_bytes`) and open a session on it."""
-        return cls(onnx_bytes(model, example_input.cpu()), num_threads)
+        return cls(onnx_bytes(model, _one_tensor(example_input).cpu()), num_threads)
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         (outputs, *_) = self.session.run(None, {self._input_name: np.ascontiguousarray(inputs.detach().cpu().numpy())})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,11 +21,13 @@ from lightning_compress.pruning.masks import (
     rank_masks,
     threshold_masks,
 )
-from lightning_compress.pruning.schedules import SparsitySchedule
+from lightning_compress.pruning.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.pruning.structured import ChannelGroups
 from lightning_compress.targets import TargetSpec, select_layers
 
 GRANULARITIES = ("unstructured", "channel", "N:M such as '2:4'")
+_AMOUNTS = "a number in [0, 1), a dict of layer name -> amount, or None (with threshold or a callable schedule)"
+_SCHEDULE_KINDS = f"one of {', '.join(SCHEDULES)} or a callable epoch -> sparsity"
 _N_OF_M = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -87,6 +90,13 @@ class Pruning(L.Callback):
         remove_channels: bool = False,
         seed: int = 0,
     ) -> None:
+        _check_argument("amount", amount, amount is None or isinstance(amount, Mapping) or _is_number(amount), _AMOUNTS)
+        _check_argument("threshold", threshold, threshold is None or _is_number(threshold), "a number >= 0 or None")
+        _check_argument("schedule", schedule, isinstance(schedule, str) or callable(schedule), _SCHEDULE_KINDS)
+        _check_argument("start_epoch", start_epoch, _is_int(start_epoch), "an int >= 0")
+        _check_argument("end_epoch", end_epoch, end_epoch is None or _is_int(end_epoch), "an int >= start_epoch or None")
+        _check_argument("frequency", frequency, _is_int(frequency), "a positive int (epochs between pruning steps)")
+        _check_argument("rewind_epoch", rewind_epoch, rewind_epoch is None or _is_int(rewind_epoch), "an int in [0, start_epoch) or None")
         self.n_of_m = _parse_granularity(granularity)
         channel = granularity == "channel"
         self.layer_amounts = _check_layer_amounts(amount, targets, threshold, self.n_of_m) if isinstance(amount, Mapping) else None
@@ -105,7 +115,7 @@ class Pruning(L.Callback):
         if threshold is not None:
             if amount is not None:
                 raise ValueError(f"give either amount ({amount}) or threshold ({threshold}), not both")
-            if threshold < 0 or criterion != "magnitude" or granularity != "unstructured":
+            if not threshold >= 0 or criterion != "magnitude" or granularity != "unstructured":  # NaN is not >= 0
                 raise ValueError(f"threshold={threshold} needs a value >= 0 with criterion='magnitude' and unstructured granularity")
         elif self.n_of_m:
             n, m = self.n_of_m
@@ -199,6 +209,12 @@ class Pruning(L.Callback):
         if max_epochs is None or max_epochs < 0:
             raise ValueError("Pruning needs end_epoch when the Trainer has no max_epochs")
         return max(self.start_epoch, self.start_epoch + (max_epochs - self.start_epoch) // 2 - 1)
+
+    def final_epoch(self) -> int:
+        """The epoch of the last pruning step: from its end on, the masks are final (set at setup for fit)."""
+        if self.schedule is None:
+            raise RuntimeError("Pruning.final_epoch() is known once the callback is set up for fit")
+        return self.schedule.end_epoch
 
     # --- training hooks ----------------------------------------------------------------------------
 
@@ -295,8 +311,12 @@ class Pruning(L.Callback):
         return {name: element_scores(weight, self.criterion, taylor.get(name), generator) for name, weight in weights.items()}
 
     def sparsity(self) -> dict[str, float]:
-        """``{"pruning/sparsity": global, "pruning/sparsity/<weight>": per layer}`` over the targeted weights, from the masks."""
-        pruned = {name: int((~self.masks[name]).sum()) if name in self.masks else 0 for name in self._parameters}
+        """``{"pruning/sparsity": global, "pruning/sparsity/<weight>": per layer}``: the targeted weights' fraction of exact zeros.
+
+        The zeros are counted in the weights themselves (each tensor once), not in the masks: a NaN weight
+        stays NaN under a mask of 0, and is not counted as pruned.
+        """
+        pruned = {name: int((weight.detach() == 0).sum()) for name, weight in self._parameters.items()}
         sizes = {name: weight.numel() for name, weight in self._parameters.items()}
         metrics = {"pruning/sparsity": sum(pruned.values()) / sum(sizes.values())}
         metrics.update({f"pruning/sparsity/{name}": pruned[name] / sizes[name] for name in self._parameters})
@@ -352,11 +372,31 @@ def _check_layer_amounts(amounts: Mapping[str, float], targets: TargetSpec, thre
     """Amounts per layer name, each in [0, 1); they name the targets, so targets, threshold and N:M are out."""
     if targets is not None or threshold is not None or n_of_m:
         raise ValueError("amount per layer names the layers and their sparsity itself: leave out targets, threshold and N:M granularity")
+    not_numbers = {layer: amount for layer, amount in amounts.items() if not _is_number(amount)}
+    if not_numbers:
+        kinds = ", ".join(f"{amount!r} ({type(amount).__name__}) for {layer!r}" for layer, amount in not_numbers.items())
+        raise ValueError(f"amount per layer needs a number in [0, 1) for each layer; got {kinds}")
     amounts = {str(layer): float(amount) for layer, amount in amounts.items()}
     bad = {layer: amount for layer, amount in amounts.items() if not 0.0 <= amount < 1.0}
     if not amounts or bad:
         raise ValueError(f"amount per layer needs at least one layer, each amount in [0, 1); got {bad or amounts}")
     return amounts
+
+
+def _is_number(value: object) -> bool:
+    """A real number (an int, a float, a numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    """A whole number of epochs (an int, a numpy integer), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_argument(name: str, value: object, allowed: bool, what: str) -> None:
+    """Fail naming the argument, its value and type, and ``what`` it may be, unless ``allowed``."""
+    if not allowed:
+        raise ValueError(f"{name} must be {what}; got {value!r} ({type(value).__name__})")
 
 
 def _parse_granularity(granularity: str) -> tuple[int, int] | None:
