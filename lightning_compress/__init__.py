@@ -1,7 +1,7 @@
 """lightning-compress: model compression for PyTorch Lightning, measured."""
 
 from lightning_compress.analysis import Report, profile_model
-from lightning_compress.callbacks import CompressionReport
+from lightning_compress.callbacks import CompressionCheckpoint, CompressionReport, FiniteCheck
 from lightning_compress.deploy import export, half_precision, load_quantized
 from lightning_compress.distillation import DistillationModule
 from lightning_compress.models import ClassificationModule
@@ -13,8 +13,10 @@ from lightning_compress.quantization import (
 
 __all__ = [
     "ClassificationModule",
+    "CompressionCheckpoint",
     "CompressionReport",
     "DistillationModule",
+    "FiniteCheck",
     "PostTrainingQuantization",
     "Pruning",
     "QuantizationAwareTraining",

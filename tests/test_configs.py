@@ -69,7 +69,7 @@ def test_every_logger_config_builds(compose_config, tmp_path, logger: str) -> No
 def test_every_callbacks_config_builds(compose_config, tmp_path, callbacks: str) -> None:
     cfg = compose_config(f"callbacks={callbacks}", f"output_dir={tmp_path}")
     built = [instantiate(entry) for entry in (cfg.callbacks or {}).values()]
-    assert [type(c).__name__ for c in built] == ([] if callbacks == "none" else ["CompressionReport", "ModelCheckpoint"])
+    assert [type(c).__name__ for c in built] == ([] if callbacks == "none" else ["CompressionReport", "CompressionCheckpoint", "FiniteCheck"])
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

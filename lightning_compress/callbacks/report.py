@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from rich.console import Console
 
 from lightning_compress.analysis import ModelProfile, Report, check_latency_options, evaluate_accuracy, profile_model
+from lightning_compress.callbacks.finite import describe_non_finite, non_finite_parameters
 from lightning_compress.deploy.half import HALF_DTYPES, half_precision
 from lightning_compress.quantization.layers import quantized_layers
 
@@ -31,6 +32,7 @@ class CompressionReport(L.Callback):
     ``report.json``, ``report.md`` and ``report.png`` are written to ``output_dir`` (the trainer's log
     dir by default), and the numbers are logged to every logger as ``report/<stage>/<metric>``. The
     report is part of the callback's checkpoint state, so a resumed run keeps its ``"before"`` stage.
+    A fitted model with NaN or infinite weights is not reported: ``on_fit_end`` raises ``FloatingPointError``.
 
     Example:
         >>> import lightning as L
@@ -124,6 +126,9 @@ class CompressionReport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        broken = non_finite_parameters(pl_module)
+        if broken:
+            raise FloatingPointError(f"CompressionReport: the fitted model has {describe_non_finite(broken)} that are NaN or infinite; it is not reported")
         accuracy = _validation_accuracy(trainer, pl_module)
         if accuracy is None:
             accuracy = self._metric(trainer, self.val_metric)

@@ -137,6 +137,11 @@ class QuantizationAwareTraining(_QuantizingCallback):
                 f"max_epochs={trainer.max_epochs}: the model stays float unless training is resumed further"
             )
 
+    def final_epoch(self) -> int:
+        """The epoch of the last switch (fake quantization on, observers or BatchNorm frozen): from its end on,
+        the model quantizes as it will be exported."""
+        return max(epoch for epoch in (self.start_epoch, self.freeze_observers_epoch, self.freeze_bn_epoch) if epoch is not None)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         observing = self.freeze_observers_epoch is None or epoch < self.freeze_observers_epoch
