@@ -33,7 +33,7 @@ class CompressionCheckpoint(ModelCheckpoint):
       :meth:`~CompressionStage.final_epoch` of every compression callback in the Trainer on (after the
       last pruning step, with every quantization switch thrown). Without compression callbacks it ranks
       every epoch, as ``ModelCheckpoint`` does. A fit that ends before that epoch keeps no best
-      checkpoint, and says so at its start.
+      checkpoint, and says so at its start (``fast_dev_run`` saves none anyway).
 
     Every argument is ``ModelCheckpoint``'s.
 
@@ -54,7 +54,7 @@ class CompressionCheckpoint(ModelCheckpoint):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         stages = [callback for callback in trainer.callbacks if isinstance(callback, CompressionStage)]
         self._final_epoch = max((stage.final_epoch() for stage in stages), default=0)
-        if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self._final_epoch:
+        if not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self._final_epoch:
             rank_zero_warn(
                 f"CompressionCheckpoint: the compression reaches its final state at epoch {self._final_epoch}, after "
                 f"this fit's last epoch ({trainer.max_epochs - 1}): no best checkpoint is kept, last.ckpt is"
