@@ -34,6 +34,8 @@ from lightning_compress.callbacks import CompressionReport
 from lightning_compress.deploy import check_export_format, export
 from lightning_compress.files import write_atomically
 from lightning_compress.models import ClassificationModule
+from lightning_compress.preflight import check_resume_checkpoint, check_settings, check_writable, local_checkpoint, quiet
+from lightning_compress.run_folder import RunFolderError, claim_run_folder
 from lightning_compress.sweeps.summary import check_metrics, stage_metrics
 
 #: The runs a job with compression recipes can make (the ``runs`` key): the dense reference, each recipe
@@ -71,7 +73,7 @@ def fit_and_test(cfg: DictConfig, compression: list[L.Callback], wrap: Callable[
     callbacks: list[L.Callback] = [*compression, *(build(c) for c in (cfg.get("callbacks") or {}).values())]
     loggers = [build(logger) for logger in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)  # no code runs from a checkpoint
     if cfg.get("test"):
         trainer.test(module, datamodule=datamodule)
     if cfg.get("export") and trainer.is_global_zero:
@@ -90,22 +92,43 @@ def train(cfg: DictConfig) -> Report | None:
     ``DistillationModule`` (``teacher_run`` changes the teacher's trainer, data or seed, e.g. a teacher
     trained longer on all training images); pruning and quantization recipes are callbacks. ``ckpt_path`` resumes the
     last run; the others, seeded and deterministic in their data order, are trained again.
+
+    Every setting is checked before the first run trains (:mod:`lightning_compress.preflight`): the
+    trainer's and the seed, each recipe set up on the model, and ``ckpt_path`` against the last run's model.
+    The job holds ``output_dir`` while it runs (:func:`~lightning_compress.run_folder.claim_run_folder`): a
+    folder that another live run holds, or that holds a finished run (unless resuming or ``overwrite``), is refused.
     """
     if cfg.get("export"):
         check_export_format(cfg.export)
     _check_optimized_metrics(cfg)
+    check_settings(cfg)
     recipes = {name: node for name, node in (cfg.get("compression") or {}).items() if node is not None}
     for node in recipes.values():
         build(node)  # each recipe checks its settings now, before the first run trains; each run builds its own
     if "distillation" in recipes and cfg.get("teacher") is None:
         raise ValueError("compression/distillation needs a teacher: choose one with model/teacher=<name> (e.g. small_cnn_wide)")
     teacher_cfg = _teacher_config(cfg) if "distillation" in recipes else None
+    if teacher_cfg is not None:
+        check_settings(teacher_cfg, key_prefix="teacher_run.")
+    phases = _phases(list(RUN_KINDS if cfg.get("runs") is None else cfg.runs), list(recipes)) if recipes else {"": []}
+    final_module = _check_phases_on_model(cfg, recipes, phases)
+    resuming = cfg.get("ckpt_path") is not None
+    check_writable(cfg.output_dir, "output_dir")
+    with claim_run_folder(cfg.output_dir, resuming=resuming, overwrite=bool(cfg.get("overwrite"))):
+        if resuming:
+            cfg.ckpt_path = local_checkpoint(str(cfg.ckpt_path), Path(cfg.output_dir))
+            if not cfg.trainer.get("fast_dev_run"):
+                check_resume_checkpoint(cfg.ckpt_path, final_module, cfg.trainer.max_epochs)
+        return _run_phases(cfg, recipes, phases, teacher_cfg)
+
+
+def _run_phases(cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[str, list[str]], teacher_cfg: DictConfig | None) -> Report | None:
+    """Train the teacher (with distillation), then each run of ``phases``; one report of them all."""
     if not recipes:
         report = fit_and_test(cfg, []).report
         if report is not None:
             _print(report)
         return report
-    phases = _phases(list(RUN_KINDS if cfg.get("runs") is None else cfg.runs), list(recipes))
     runs = {}
     if teacher_cfg is not None:
         runs["teacher"] = _phase(teacher_cfg, "teacher", [], resume=False)
@@ -126,6 +149,25 @@ def train(cfg: DictConfig) -> Report | None:
     report.write(cfg.output_dir)
     _print(report)
     return report
+
+
+def _check_phases_on_model(cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[str, list[str]]) -> L.LightningModule:
+    """Set every run's compression callbacks up on a model of its own, as the run will (targets, N:M shapes,
+    channel groups, distillation hints), before any run trains; return the last run's model, set up."""
+    with quiet():
+        trainer: L.Trainer = build(cfg.trainer, callbacks=[], logger=False)
+        teacher = build(cfg.teacher).model if "distillation" in recipes else None
+        for names in phases.values():
+            module: L.LightningModule = build(cfg.model)
+            for name in sorted(names, key=lambda name: name != "distillation"):  # the run wraps the model first
+                try:
+                    if name == "distillation":
+                        module = _distill(recipes[name], teacher, module)
+                    else:
+                        build(recipes[name]).setup(trainer, module, "fit")
+                except ValueError as error:
+                    raise ValueError(f"compression/{name}: {error}") from error
+    return module
 
 
 def _teacher_config(cfg: DictConfig) -> DictConfig:
@@ -249,6 +291,8 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     with _one_job_of_a_sweep():
         try:
             return objectives(cfg, train(cfg))
+        except RunFolderError:
+            raise  # the folder is another run's: write nothing into it
         except Exception as error:
             _record_failure(cfg.output_dir, error)
             raise

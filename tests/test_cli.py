@@ -46,6 +46,9 @@ def test_default_pruning_recipe_reaches_its_sparsity(compose_config, tmp_path) -
     stats = pruned.profile.weight_sparsity
     assert stats.zeros >= round(0.9 * stats.total)  # agp90: 90% of the Conv/Linear weights, each counted once
     assert pruned.test_accuracy > 0.8
+    checkpoints = {path.name: torch.load(path, weights_only=True)["epoch"] for path in (tmp_path / "pruning" / "checkpoints").iterdir()}
+    assert checkpoints.pop("last.ckpt") == 2  # the last epoch
+    assert [epoch >= 1 for epoch in checkpoints.values()] == [True]  # the best, among the epochs after the last pruning step (1)
 
 
 def test_channel_recipe_shrinks_the_model(compose_config, tmp_path) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
 import torch
@@ -13,6 +14,7 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import Self
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -25,7 +27,8 @@ class ClassificationModule(L.LightningModule):
     called with the parameters and the optimizer in :meth:`configure_optimizers`. Logged metrics:
     ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
     The checkpoint stores the wrapped model's weights under ``model.``; load it back with
-    ``ClassificationModule.load_from_checkpoint(path, model=SmallCNN(...))``.
+    ``ClassificationModule.load_from_checkpoint(path, model=SmallCNN(...))``, which reads it with
+    ``weights_only=True``: no code in a planted file runs.
 
     Example:
         >>> from lightning_compress.models import SmallCNN
@@ -58,6 +61,20 @@ class ClassificationModule(L.LightningModule):
         self.train_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike[str] | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | os.PathLike[str] | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = True,
+        **kwargs: Any,
+    ) -> Self:
+        """Lightning's ``load_from_checkpoint`` with ``weights_only=True`` by default, local and ``http(s)`` paths
+        alike (Lightning's own default loads remote files with ``weights_only=False``): no code runs from the file."""
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only=weights_only, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.model(*args, **kwargs)
