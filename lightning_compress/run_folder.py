@@ -195,7 +195,8 @@ def _check_earlier_run(folder: Path, *, resuming: bool, overwrite: bool) -> None
     found = [sub / name for sub in folders for name in EARLIER_RUN_OUTPUTS if (sub / name).exists()]
     if not found or resuming:
         return
-    listed = ", ".join(sorted(path.relative_to(folder).as_posix() + ("/" if path.is_dir() else "") for path in found))
+    names = sorted(path.relative_to(folder).as_posix() + ("/" if path.is_dir() else "") for path in found)
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     if overwrite:
         rank_zero_warn(f"run folder {folder} holds {listed} from an earlier run; overwrite=true: this run writes over them")
         return
