@@ -26,6 +26,13 @@ FORK = multiprocessing.get_context("fork")
 STARTED = "2026-01-01T00:00:00+00:00"
 
 
+def assert_claim_refused(folder: Path, message: str) -> None:
+    """A claim of ``folder`` fails with ``RunFolderError`` matching ``message``."""
+    with pytest.raises(RunFolderError, match=message):
+        with claim_run_folder(folder, enabled=True):
+            pass
+
+
 def _hold(folder: str) -> None:
     with claim_run_folder(folder, enabled=True):
         time.sleep(30)
@@ -66,7 +73,7 @@ def write_lock(folder: Path, pid: int, host: str | None = None) -> Path:
     return lock
 
 
-def test_a_folder_that_a_live_run_holds_is_refused_at_once(tmp_path: Path) -> None:
+def test_a_folder_that_a_live_run_holds_is_refused_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder, lock = tmp_path / "run", tmp_path / "run" / LOCK_FILE
     with live_holder(folder) as pid:
         held = lock.read_text()
@@ -74,11 +81,8 @@ def test_a_folder_that_a_live_run_holds_is_refused_at_once(tmp_path: Path) -> No
             rf"^run folder {re.escape(str(folder))} is in use by pid {pid} \(started [^)]+\): wait for that run to end or choose "
             rf"another hydra\.run\.dir; if pid {pid} is no lightning-compress run, delete {re.escape(str(lock))}$"
         )
-        start = time.monotonic()
-        with pytest.raises(RunFolderError, match=message):
-            with claim_run_folder(folder, enabled=True):
-                pass
-        assert time.monotonic() - start < 0.5
+        monkeypatch.setattr(run_folder.time, "sleep", lambda seconds: pytest.fail("the claim waited for a live holder"))
+        assert_claim_refused(folder, message)
         assert lock.read_text() == held  # the holder's lock is left as it was
 
 
@@ -151,9 +155,7 @@ def test_a_takeover_under_way_is_waited_for_then_named(tmp_path: Path, monkeypat
         rf"^run folder {re.escape(str(tmp_path))}: another process is taking over its stale lock {re.escape(str(lock))}; "
         rf"try again, or if none is, delete {re.escape(str(marker))}$"
     )
-    with pytest.raises(RunFolderError, match=message):
-        with claim_run_folder(tmp_path, enabled=True):
-            pass
+    assert_claim_refused(tmp_path, message)
     assert json.loads(lock.read_text())["token"] == "earlier"
 
 
@@ -165,9 +167,7 @@ def test_an_unreadable_lock_is_named_after_a_wait(tmp_path: Path, monkeypatch: p
         rf"^run folder {re.escape(str(tmp_path))}: its lock file {re.escape(str(lock))} is not a lightning-compress lock "
         rf"\(JSON with pid, host, started\); delete it if no run uses this folder$"
     )
-    with pytest.raises(RunFolderError, match=message):
-        with claim_run_folder(tmp_path, enabled=True):
-            pass
+    assert_claim_refused(tmp_path, message)
 
 
 def test_a_lock_from_another_host_is_refused_naming_the_file(tmp_path: Path) -> None:
@@ -176,9 +176,7 @@ def test_a_lock_from_another_host_is_refused_naming_the_file(tmp_path: Path) -> 
         rf"^run folder {re.escape(str(tmp_path))} is locked by pid 12345 on host elsewhere \(started {re.escape(STARTED)}\), "
         rf"which this host cannot check: wait for that run to end or choose another hydra\.run\.dir; if that run is gone, delete {re.escape(str(lock))}$"
     )
-    with pytest.raises(RunFolderError, match=message):
-        with claim_run_folder(tmp_path, enabled=True):
-            pass
+    assert_claim_refused(tmp_path, message)
     assert json.loads(lock.read_text())["host"] == "elsewhere"
 
 
@@ -207,9 +205,7 @@ def test_a_finished_folder_is_refused_unless_resuming_or_overwriting(tmp_path: P
         rf"^run folder {re.escape(str(tmp_path))} holds checkpoints/, report\.json from an earlier run: choose another hydra\.run\.dir, "
         rf"resume with ckpt_path={re.escape(str(tmp_path))}/checkpoints/last\.ckpt, or pass overwrite=true$"
     )
-    with pytest.raises(RunFolderError, match=message):
-        with claim_run_folder(tmp_path, enabled=True):
-            pass
+    assert_claim_refused(tmp_path, message)
     assert not (tmp_path / LOCK_FILE).exists()  # the refusal releases the lock
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -227,9 +223,7 @@ def test_a_finished_job_with_runs_in_sub_folders_is_refused(tmp_path: Path) -> N
         rf"^run folder {re.escape(str(tmp_path))} holds dense/checkpoints/, dense/report\.json from an earlier run: choose another hydra\.run\.dir, "
         rf"resume with ckpt_path={re.escape(str(tmp_path))}/<last run>/checkpoints/last\.ckpt, or pass overwrite=true$"
     )
-    with pytest.raises(RunFolderError, match=message):
-        with claim_run_folder(tmp_path, enabled=True):
-            pass
+    assert_claim_refused(tmp_path, message)
 
 
 def test_what_hydra_writes_first_does_not_count_as_a_finished_run(tmp_path: Path) -> None:
