@@ -23,4 +23,3 @@ def test_a_write_removes_the_temporaries_of_dead_writers_and_keeps_a_live_ones(t
     write_atomically(target, lambda temporary: temporary.write_bytes(b"second"))
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([name, other_target.name, "report.png"])
     assert target.read_bytes() == b"second"
-
