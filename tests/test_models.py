@@ -5,11 +5,12 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 from lightning_compress import ClassificationModule
 from lightning_compress.data import DigitsDataModule
-from lightning_compress.models import MLP, SmallCNN, resnet
+from lightning_compress.models import MLP, LeNet5, SmallCNN, resnet
 
 
 @pytest.mark.parametrize("image_size", [8, 28])
@@ -77,3 +78,12 @@ def test_classifier_uses_the_given_optimizer_and_scheduler_factories() -> None:
 def test_classifier_rejects_a_single_class() -> None:
     with pytest.raises(ValueError, match="num_classes must be at least 2, got 1"):
         ClassificationModule(nn.Linear(4, 1), num_classes=1)
+
+
+def test_lenets_have_deep_compressions_parameter_counts(compose_config, tmp_path) -> None:
+    lenet5 = LeNet5(num_classes=10, image_size=28)
+    assert sum(parameter.numel() for parameter in lenet5.parameters()) == 431_080  # Caffe's LeNet-5
+    assert lenet5(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert LeNet5(num_classes=10, image_size=8)(torch.zeros(3, 1, 8, 8)).shape == (3, 10)  # the digits, padded
+    lenet300 = instantiate(compose_config("model=lenet300_100", "data=fashion_mnist", f"output_dir={tmp_path}").model)
+    assert sum(parameter.numel() for parameter in lenet300.parameters()) == 266_610  # 784-300-100-10

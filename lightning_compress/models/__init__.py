@@ -1,8 +1,9 @@
-"""Model zoo (a small CNN, an MLP, torchvision's ResNets) and the LightningModule that trains them."""
+"""Model zoo (a small CNN, an MLP, LeNet-5, torchvision's ResNets) and the LightningModule that trains them."""
 
 from lightning_compress.models.classifier import ClassificationModule
 from lightning_compress.models.cnn import SmallCNN
+from lightning_compress.models.lenet import LeNet5
 from lightning_compress.models.mlp import MLP
 from lightning_compress.models.resnet import RESNET_ARCHITECTURES, resnet
 
-__all__ = ["MLP", "RESNET_ARCHITECTURES", "ClassificationModule", "SmallCNN", "resnet"]
+__all__ = ["MLP", "RESNET_ARCHITECTURES", "ClassificationModule", "LeNet5", "SmallCNN", "resnet"]
