@@ -37,6 +37,21 @@ def test_report_rows_show_ratios_to_the_first_stage() -> None:
     assert [entry.name for entry in report.entries] == ["before", "after"]
 
 
+def test_a_stage_timed_in_another_runtime_names_it_and_has_no_latency_ratio() -> None:
+    linear = nn.Linear(4, 2)
+    report = Report()
+    report.add("dense", profile_model(linear, (4,), latency_batch_sizes=(1,), latency_repeats=2, latency_runtime="onnxruntime"))
+    note = "latency in eager PyTorch: ONNX Runtime's CPU kernels lack bfloat16, so it has no ratio"
+    report.add("bfloat16", profile_model(linear, (4,), latency_batch_sizes=(1,), latency_repeats=2), note=note)
+    dense, half = report.rows()
+    milliseconds = report.entries[1].profile.latency[1].median_ms
+    assert half["latency b1 (ms)"] == f"{milliseconds:.3f} (eager PyTorch)"  # no "(12.27x)" beside the ONNX Runtime rows
+    assert half["size (KiB)"].endswith("(1.00x)")  # the other columns keep their ratios
+    assert report.notes() == [f"bfloat16: {note}"]
+    assert f"\n- bfloat16: {note}\n" in report.to_markdown()
+    assert Report.from_dict(report.to_dict()).entries[1].note == note
+
+
 def test_report_files_are_written_and_round_trip(tmp_path) -> None:
     report = Report(metadata={"model": "linear"})
     report.add("before", profile_model(half_zero_model(), (4,), latency_batch_sizes=(1,), latency_repeats=2))

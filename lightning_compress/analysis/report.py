@@ -13,6 +13,9 @@ from rich.table import Table
 from lightning_compress.analysis.profile import ModelProfile
 from lightning_compress.files import write_atomically
 
+#: How the report names the runtime a stage's latency was measured in, where it is not the reference's.
+RUNTIME_NAMES = {"torch": "eager PyTorch", "onnxruntime": "ONNX Runtime"}
+
 
 @dataclass
 class ReportEntry:
@@ -30,9 +33,11 @@ class ReportEntry:
     profile: ModelProfile
     val_accuracy: float | None = None
     test_accuracy: float | None = None
+    #: One line the report prints under its table about this stage (e.g. why it was timed in another runtime).
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy, **self.profile.to_dict()}
+        return {"name": self.name, "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy, "note": self.note, **self.profile.to_dict()}
 
 
 @dataclass
@@ -51,10 +56,10 @@ class Report:
     entries: list[ReportEntry] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, name: str, profile: ModelProfile, val_accuracy: float | None = None) -> None:
+    def add(self, name: str, profile: ModelProfile, val_accuracy: float | None = None, note: str | None = None) -> None:
         """Add a stage, replacing an earlier one of the same name."""
         self.entries = [entry for entry in self.entries if entry.name != name]
-        self.entries.append(ReportEntry(name=name, profile=profile, val_accuracy=val_accuracy))
+        self.entries.append(ReportEntry(name=name, profile=profile, val_accuracy=val_accuracy, note=note))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
@@ -65,6 +70,7 @@ class Report:
                 profile=ModelProfile.from_dict(stage),
                 val_accuracy=stage["val_accuracy"],
                 test_accuracy=stage["test_accuracy"],
+                note=stage.get("note"),
             )
             for stage in data["stages"]
         ]
@@ -106,9 +112,13 @@ class Report:
                 )
             for batch in self.latency_batch_sizes():
                 here, there = profile.latency.get(batch), reference.latency.get(batch)
-                row[f"latency b{batch} (ms)"] = (
-                    "–" if here is None else _with_ratio(here.median_ms, there.median_ms if there else None, entry, self, "{:.3f}")
-                )
+                if here is None:
+                    cell = "–"
+                elif there is not None and here.runtime != there.runtime:  # timed elsewhere: no ratio, the runtime named
+                    cell = f"{here.median_ms:.3f} ({RUNTIME_NAMES.get(here.runtime, here.runtime)})"
+                else:
+                    cell = _with_ratio(here.median_ms, there.median_ms if there else None, entry, self, "{:.3f}")
+                row[f"latency b{batch} (ms)"] = cell
             rows.append(row)
         return rows
 
@@ -120,11 +130,16 @@ class Report:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(row[column] for column in header) + " |" for row in rows]
         notes = ", ".join(f"{key}: {value}" for key, value in self.metadata.items())
-        return "\n".join(lines) + ("\n\n" + notes if notes else "") + "\n"
+        stage_notes = "".join(f"\n- {line}" for line in self.notes())
+        return "\n".join(lines) + ("\n" + stage_notes if stage_notes else "") + ("\n\n" + notes if notes else "") + "\n"
+
+    def notes(self) -> list[str]:
+        """The stages' notes, one line each, as ``"<stage>: <note>"``."""
+        return [f"{entry.name}: {entry.note}" for entry in self.entries if entry.note]
 
     def to_rich_table(self) -> Table:
         """The same cells as :meth:`rows`, one column per stage so the table fits a terminal."""
-        table = Table(title="Compression report")
+        table = Table(title="Compression report", caption="\n".join(self.notes()) or None, caption_justify="left")
         rows = self.rows()
         table.add_column("metric", justify="left", no_wrap=True)
         for row in rows:

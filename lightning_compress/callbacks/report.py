@@ -136,7 +136,8 @@ class CompressionReport(L.Callback):
         if self.half_precision is not None and not quantized_layers(pl_module):
             half = half_precision(pl_module, self.half_precision)
             # eager PyTorch: ONNX Runtime's CPU kernels mostly lack 16-bit floats
-            self.report.add(self.half_precision, self._profile(half, latency_runtime="torch"), val_accuracy=_validation_accuracy(trainer, half))
+            note = None if self.latency_runtime == "torch" else f"latency in eager PyTorch: ONNX Runtime's CPU kernels lack {self.half_precision}, so it has no ratio"
+            self.report.add(self.half_precision, self._profile(half, latency_runtime="torch"), val_accuracy=_validation_accuracy(trainer, half), note=note)
         self._log(trainer)
         self._write(trainer)
         if self.verbose:
