@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import matplotlib
@@ -11,11 +12,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 if TYPE_CHECKING:
+    from lightning_compress.analysis.profile import ModelProfile
     from lightning_compress.analysis.report import Report
 
 
 def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
-    """Two panels: each stage's size metrics relative to the first stage, and the per-layer weight sparsity.
+    """Three panels: each stage's size and speed relative to the first stage (the bytes of the state dict
+    and of the deployed ONNX file among them), its accuracy, and the last stage's per-layer weight sparsity.
+
+    A latency measured in another runtime than the first stage's has no ratio and no bar.
 
     Example:
         >>> import tempfile, torch
@@ -28,34 +33,66 @@ def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
         >>> path.read_bytes()[:4]
         b'\x89PNG'
     """
-    figure, (relative_axes, sparsity_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (relative_axes, accuracy_axes, sparsity_axes) = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [3, 1.2, 1.6]})
     reference = report.entries[0].profile
-    metrics = {
-        "parameters": lambda p: p.parameters,
-        "non-zeros": lambda p: p.nonzero_parameters,
-        "bytes": lambda p: p.size_bytes,
-        "MACs": lambda p: p.macs,
-    }
-    for batch in report.latency_batch_sizes():
-        metrics[f"latency b{batch}"] = lambda p, batch=batch: p.latency[batch].median_ms if batch in p.latency else float("nan")
+    metrics = _relative_metrics(report)
     width = 0.8 / len(report.entries)
     for index, entry in enumerate(report.entries):
-        ratios = [get(entry.profile) / get(reference) if get(reference) else float("nan") for get in metrics.values()]
+        ratios = [_ratio(get(entry.profile), get(reference)) for get in metrics.values()]
         positions = [m + index * width for m in range(len(metrics))]
         relative_axes.bar(positions, ratios, width=width, label=entry.name)
     relative_axes.set_xticks([m + width * (len(report.entries) - 1) / 2 for m in range(len(metrics))], list(metrics), rotation=20)
     relative_axes.axhline(1.0, color="grey", linewidth=0.8)
     relative_axes.set_ylabel(f"ratio to '{report.entries[0].name}'")
-    relative_axes.set_title("Size and speed relative to the first stage")
-    relative_axes.legend()
+    relative_axes.set_title("Size and speed relative to the first stage (lower is better)")
+    relative_axes.legend(fontsize="small")
+
+    names = [entry.name for entry in report.entries]
+    for offset, (label, values) in enumerate((("val", [e.val_accuracy for e in report.entries]), ("test", [e.test_accuracy for e in report.entries]))):
+        accuracy_axes.barh([i + 0.4 * offset for i in range(len(names))], [100 * v if v is not None else float("nan") for v in values], height=0.4, label=label)
+    known = [100 * v for e in report.entries for v in (e.val_accuracy, e.test_accuracy) if v is not None]
+    accuracy_axes.set_yticks([i + 0.2 for i in range(len(names))], names, fontsize="small")
+    accuracy_axes.invert_yaxis()
+    if known:
+        accuracy_axes.set_xlim(max(0.0, min(known) - 5.0), 100.0)
+    accuracy_axes.set_xlabel("accuracy (%)")
+    accuracy_axes.set_title("Accuracy")
+    accuracy_axes.legend(fontsize="small")
 
     last = report.entries[-1]
-    names = list(last.profile.layer_sparsity)
-    sparsity_axes.barh(names, [100 * last.profile.layer_sparsity[n].sparsity for n in names])
+    layers = list(last.profile.layer_sparsity)
+    sparsity_axes.barh(layers, [100 * last.profile.layer_sparsity[n].sparsity for n in layers])
     sparsity_axes.invert_yaxis()
     sparsity_axes.set_xlim(0, 100)
     sparsity_axes.set_xlabel("zero weights (%)")
-    sparsity_axes.set_title(f"Per-layer weight sparsity, '{last.name}'")
+    sparsity_axes.set_title(f"Zero weights per layer, '{last.name}'", fontsize="medium")
     figure.tight_layout()
     figure.savefig(path, dpi=100, format="png")
     plt.close(figure)
+
+
+def _relative_metrics(report: Report) -> dict[str, Callable[[ModelProfile], float | None]]:
+    """The plotted metrics: counts, the bytes of every artifact the report measured, MACs, and each latency
+    (``None`` where a stage lacks it, or was timed in another runtime than the first stage)."""
+    reference = report.entries[0].profile
+    metrics: dict[str, Callable[[ModelProfile], float | None]] = {
+        "parameters": lambda p: p.parameters,
+        "non-zeros": lambda p: p.nonzero_parameters,
+        "state dict bytes": lambda p: p.size_bytes,
+    }
+    if any(entry.profile.onnx_bytes is not None for entry in report.entries):
+        metrics["ONNX bytes"] = lambda p: p.onnx_bytes
+    metrics["MACs"] = lambda p: p.macs
+    for batch in report.latency_batch_sizes():
+        runtime = reference.latency[batch].runtime if batch in reference.latency else None
+
+        def latency(p: ModelProfile, batch: int = batch, runtime: str | None = runtime) -> float | None:
+            result = p.latency.get(batch)
+            return result.median_ms if result is not None and result.runtime == runtime else None
+
+        metrics[f"latency b{batch}"] = latency
+    return metrics
+
+
+def _ratio(value: float | None, reference: float | None) -> float:
+    return value / reference if value is not None and reference else float("nan")
