@@ -2,6 +2,7 @@
 
 from lightning_compress.analysis import Report, profile_model
 from lightning_compress.callbacks import CompressionCheckpoint, CompressionReport, FiniteCheck
+from lightning_compress.clustering import WeightClustering
 from lightning_compress.deploy import export, half_precision, load_quantized
 from lightning_compress.distillation import DistillationModule
 from lightning_compress.models import ClassificationModule
@@ -21,6 +22,7 @@ __all__ = [
     "Pruning",
     "QuantizationAwareTraining",
     "Report",
+    "WeightClustering",
     "export",
     "half_precision",
     "load_quantized",

@@ -152,22 +152,32 @@ def _run_phases(cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[st
 
 
 def _check_phases_on_model(cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[str, list[str]]) -> L.LightningModule:
-    """Set every run's compression callbacks up on a model of its own, as the run will (targets, N:M shapes,
-    channel groups, distillation hints), before any run trains; return the last run's model, set up."""
+    """Set every run's compression callbacks up on a model and a Trainer of its own, as the run will (targets,
+    N:M shapes, channel groups, distillation hints, the order of pruning and clustering), before any run
+    trains; return the last run's model, set up."""
     with quiet():
-        trainer: L.Trainer = build(cfg.trainer, callbacks=[], logger=False)
         teacher = build(cfg.teacher).model if "distillation" in recipes else None
         for names in phases.values():
             module: L.LightningModule = build(cfg.model)
-            for name in sorted(names, key=lambda name: name != "distillation"):  # the run wraps the model first
-                try:
-                    if name == "distillation":
-                        module = _distill(recipes[name], teacher, module)
-                    else:
-                        build(recipes[name]).setup(trainer, module, "fit")
-                except ValueError as error:
-                    raise ValueError(f"compression/{name}: {error}") from error
+            if "distillation" in names:
+                with _named_recipe("distillation"):
+                    module = _distill(recipes["distillation"], teacher, module)
+            callbacks = {name: build(recipes[name]) for name in names if name != "distillation"}
+            trainer: L.Trainer = build(cfg.trainer, callbacks=list(callbacks.values()), logger=False)
+            for hook in ("setup", "on_fit_start"):  # on_fit_start: a callback's checks that need the others set up
+                for name, callback in callbacks.items():
+                    with _named_recipe(name):
+                        getattr(callback, hook)(trainer, module, *(["fit"] if hook == "setup" else []))
     return module
+
+
+@contextlib.contextmanager
+def _named_recipe(name: str) -> Iterator[None]:
+    """A recipe's ``ValueError`` with the recipe's config group in front: ``compression/<name>: ...``."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"compression/{name}: {error}") from error
 
 
 def _teacher_config(cfg: DictConfig) -> DictConfig:

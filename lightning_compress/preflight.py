@@ -20,21 +20,19 @@ from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from lightning_compress.arguments import is_int
+
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)\n")
 #: Lightning's keys of a checkpoint that ``trainer.fit(ckpt_path=...)`` resumes from.
 CHECKPOINT_KEYS = ("epoch", "global_step", "state_dict", "loops")
 
 
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _batches(value: Any, minimum: int) -> bool:
     """None (all batches), a whole number of batches >= ``minimum``, or a fraction of them (0 only with ``minimum=0``)."""
     if value is None:
         return True
-    if _whole(value):
+    if is_int(value):
         return value >= minimum
     return isinstance(value, float) and (0.0 <= value <= 1.0 if minimum == 0 else 0.0 < value <= 1.0)
 
@@ -42,14 +40,14 @@ def _batches(value: Any, minimum: int) -> bool:
 #: Trainer settings whose bad values Lightning accepts at construction and fails on (or trains forever,
 #: or trains nothing) later: key -> (check, what is allowed).
 TRAINER_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "max_epochs": (lambda v: _whole(v) and v >= 1, "a whole number >= 1: the epochs each run trains"),
-    "min_epochs": (lambda v: v is None or (_whole(v) and v >= 0), "null or a whole number >= 0"),
-    "max_steps": (lambda v: _whole(v) and (v == -1 or v >= 1), "-1 (no limit) or a whole number >= 1"),
+    "max_epochs": (lambda v: is_int(v) and v >= 1, "a whole number >= 1: the epochs each run trains"),
+    "min_epochs": (lambda v: v is None or (is_int(v) and v >= 0), "null or a whole number >= 0"),
+    "max_steps": (lambda v: is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or a whole number >= 1"),
     "limit_train_batches": (lambda v: _batches(v, 1), "null (all), a number of batches >= 1 or a fraction in (0, 1]: 0 trains nothing"),
     "limit_val_batches": (lambda v: _batches(v, 0), "null (all), a number of batches >= 0 or a fraction in [0, 1]"),
     "limit_test_batches": (lambda v: _batches(v, 0), "null (all), a number of batches >= 0 or a fraction in [0, 1]"),
-    "fast_dev_run": (lambda v: isinstance(v, bool) or (_whole(v) and v >= 0), "true, false or a number of batches >= 0"),
-    "check_val_every_n_epoch": (lambda v: v is None or (_whole(v) and v >= 1), "null or a whole number >= 1"),
+    "fast_dev_run": (lambda v: isinstance(v, bool) or (is_int(v) and v >= 0), "true, false or a number of batches >= 0"),
+    "check_val_every_n_epoch": (lambda v: v is None or (is_int(v) and v >= 1), "null or a whole number >= 1"),
 }
 
 
@@ -65,7 +63,7 @@ def check_settings(cfg: DictConfig, key_prefix: str = "") -> None:
         ValueError: trainer.max_epochs=0 is not allowed: use a whole number >= 1: the epochs each run trains
     """
     seed = cfg.get("seed")
-    if seed is not None and not _whole(seed):
+    if seed is not None and not is_int(seed):
         raise ValueError(f"{key_prefix}seed={seed!r} is not allowed: use a whole number, or null to leave randomness unseeded")
     trainer = cfg.get("trainer") or {}
     for key, (allowed, description) in TRAINER_SETTINGS.items():

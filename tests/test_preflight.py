@@ -52,6 +52,10 @@ def save_checkpoint(module: L.LightningModule, path) -> None:
         ),
         (["compression/pruning=nm24", "+compression.pruning.targets=[model.features.0]"], r"compression/pruning: 2:4 sparsity needs the input dimension"),
         (["+compression.quantization.exclude=[model.nothing]"], r"compression/quantization: the pattern 'model.nothing' matches no layer"),
+        (
+            ["+compression/clustering=k16", "compression.clustering.start_epoch=3"],
+            r"compression/clustering: start_epoch must be after Pruning's last step \(epoch 4\), as the clusters fix which weights are zero; got 3",
+        ),
     ],
 )
 def test_a_bad_setting_fails_before_any_run_trains(compose_config, tmp_path, no_training, overrides, message) -> None:

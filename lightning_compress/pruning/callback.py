@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lightning_compress.arguments import check_argument, is_int, is_number
 from lightning_compress.pruning.criteria import CRITERIA, element_scores, taylor_scores
 from lightning_compress.pruning.masks import (
     SCOPES,
@@ -90,13 +90,13 @@ class Pruning(L.Callback):
         remove_channels: bool = False,
         seed: int = 0,
     ) -> None:
-        _check_argument("amount", amount, amount is None or isinstance(amount, Mapping) or _is_number(amount), _AMOUNTS)
-        _check_argument("threshold", threshold, threshold is None or _is_number(threshold), "a number >= 0 or None")
-        _check_argument("schedule", schedule, isinstance(schedule, str) or callable(schedule), _SCHEDULE_KINDS)
-        _check_argument("start_epoch", start_epoch, _is_int(start_epoch), "an int >= 0")
-        _check_argument("end_epoch", end_epoch, end_epoch is None or _is_int(end_epoch), "an int >= start_epoch or None")
-        _check_argument("frequency", frequency, _is_int(frequency), "a positive int (epochs between pruning steps)")
-        _check_argument("rewind_epoch", rewind_epoch, rewind_epoch is None or _is_int(rewind_epoch), "an int in [0, start_epoch) or None")
+        check_argument("amount", amount, amount is None or isinstance(amount, Mapping) or is_number(amount), _AMOUNTS)
+        check_argument("threshold", threshold, threshold is None or is_number(threshold), "a number >= 0 or None")
+        check_argument("schedule", schedule, isinstance(schedule, str) or callable(schedule), _SCHEDULE_KINDS)
+        check_argument("start_epoch", start_epoch, is_int(start_epoch), "an int >= 0")
+        check_argument("end_epoch", end_epoch, end_epoch is None or is_int(end_epoch), "an int >= start_epoch or None")
+        check_argument("frequency", frequency, is_int(frequency), "a positive int (epochs between pruning steps)")
+        check_argument("rewind_epoch", rewind_epoch, rewind_epoch is None or is_int(rewind_epoch), "an int in [0, start_epoch) or None")
         self.n_of_m = _parse_granularity(granularity)
         channel = granularity == "channel"
         self.layer_amounts = _check_layer_amounts(amount, targets, threshold, self.n_of_m) if isinstance(amount, Mapping) else None
@@ -372,7 +372,7 @@ def _check_layer_amounts(amounts: Mapping[str, float], targets: TargetSpec, thre
     """Amounts per layer name, each in [0, 1); they name the targets, so targets, threshold and N:M are out."""
     if targets is not None or threshold is not None or n_of_m:
         raise ValueError("amount per layer names the layers and their sparsity itself: leave out targets, threshold and N:M granularity")
-    not_numbers = {layer: amount for layer, amount in amounts.items() if not _is_number(amount)}
+    not_numbers = {layer: amount for layer, amount in amounts.items() if not is_number(amount)}
     if not_numbers:
         kinds = ", ".join(f"{amount!r} ({type(amount).__name__}) for {layer!r}" for layer, amount in not_numbers.items())
         raise ValueError(f"amount per layer needs a number in [0, 1) for each layer; got {kinds}")
@@ -381,22 +381,6 @@ def _check_layer_amounts(amounts: Mapping[str, float], targets: TargetSpec, thre
     if not amounts or bad:
         raise ValueError(f"amount per layer needs at least one layer, each amount in [0, 1); got {bad or amounts}")
     return amounts
-
-
-def _is_number(value: object) -> bool:
-    """A real number (an int, a float, a numpy scalar), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_int(value: object) -> bool:
-    """A whole number of epochs (an int, a numpy integer), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_argument(name: str, value: object, allowed: bool, what: str) -> None:
-    """Fail naming the argument, its value and type, and ``what`` it may be, unless ``allowed``."""
-    if not allowed:
-        raise ValueError(f"{name} must be {what}; got {value!r} ({type(value).__name__})")
 
 
 def _parse_granularity(granularity: str) -> tuple[int, int] | None:
