@@ -10,6 +10,13 @@ only through operators that commute with rounding (ReLU, max-pooling, reshapes),
 is applied after the layer and after each of them (as uint8 from zero where a ReLU follows an int8 grid
 centred on zero): the numbers do not change, and ONNX Runtime fuses the chain into integer kernels
 (``QLinearConv``, ``QGemm``, int8 ``MaxPool``, the ReLU folded away).
+
+Weights whose range fits in four bits (``weight_bits=4``: ``[-7, 7]``, or ``[0, 15]`` when asymmetric)
+are stored as ``INT4`` / ``UINT4`` initializers, two integers a byte, and widened by a ``Cast`` to the
+8-bit type the ``DequantizeLinear`` reads (both need opset 21, to which such a graph is converted).
+ONNX Runtime folds the ``Cast`` of a constant when it loads the graph and runs the same integer kernels
+as for 8-bit weights; a ``DequantizeLinear`` reading the 4-bit integers directly would run too, but
+unpack them on every call (ten times slower on SmallCNN). Activations stay 8-bit.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from lightning_compress.analysis.measure import eval_mode, model_copy
@@ -34,11 +41,38 @@ from lightning_compress.quantization.layers import (
 # Operators f with round(f(x) / s) = f(round(x / s)) for a scale s > 0 and a grid holding zero.
 ROUNDING_COMMUTES = frozenset({"Relu", "MaxPool", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Transpose"})
 _LAYER_OPS = ("Conv", "Gemm")
+# 4-bit ONNX element types and the integers they hold; Cast reads them from opset 21 and IR version 10 on
+_FOUR_BIT_TYPES = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
+FOUR_BIT_OPSET = 21
 
 
 def _storage_type(quant_range: tuple[int, int]) -> type[np.integer]:
     low, high = quant_range
     return np.int8 if low >= -128 and high <= 127 else np.uint8
+
+
+def weight_storage(quant_range: tuple[int, int]) -> np.dtype:
+    """The type a weight's integers are stored in: INT4 or UINT4 where ``quant_range`` fits, else int8 or uint8.
+
+    A folded BatchNorm with a negative scale mirrors the integers inside the range (``low + high - q``),
+    so they fit the same type.
+
+    Example:
+        >>> from lightning_compress.quantization import QuantConfig
+        >>> [str(weight_storage(QuantConfig(weight_bits=4, symmetric=symmetric).weight_range)) for symmetric in (True, False)]
+        ['int4', 'uint4']
+        >>> weight_storage(QuantConfig(weight_bits=8).weight_range)
+        dtype('int8')
+    """
+    low, high = quant_range
+    for element_type, (smallest, largest) in _FOUR_BIT_TYPES.items():
+        if smallest <= low and high <= largest:
+            return np.dtype(helper.tensor_dtype_to_np_dtype(element_type))
+    return np.dtype(_storage_type(quant_range))
+
+
+def _is_four_bit(quant_range: tuple[int, int]) -> bool:
+    return helper.np_dtype_to_tensor_dtype(weight_storage(quant_range)) in _FOUR_BIT_TYPES
 
 
 @dataclass(frozen=True)
@@ -179,9 +213,16 @@ class _ActivationGrid:
 
 
 def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.ModelProto:
-    """Rewrite a float graph into the QDQ format; ``layers`` maps each quantized layer's weight initializer name to it."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+    """Rewrite a float graph into the QDQ format; ``layers`` maps each quantized layer's weight initializer name to it.
+
+    When a weight is stored in four bits (see :func:`weight_storage`), the graph is first converted to
+    opset :data:`FOUR_BIT_OPSET` if it is older, which reading 4-bit integers needs.
+    """
+    if any(_is_four_bit(layer.weight_range) for layer in layers.values()):
+        result = _at_least_opset(model, FOUR_BIT_OPSET)
+    else:
+        result = onnx.ModelProto()
+        result.CopyFrom(model)
     editor = _GraphEditor(result)
     users = editor.consumers()
     input_grids: dict[str, _ActivationGrid] = {}  # output of the QuantizeLinear before a layer -> its grid
@@ -216,6 +257,23 @@ def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.M
     return result
 
 
+def _at_least_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """A copy of ``model`` that imports the default operator set at ``version`` or later, and IR version 10 or later.
+
+    Converted by onnxscript's version converter (which torch's exporter uses for its ``opset_version``):
+    operators whose meaning changed between the versions are rewritten, the nodes' metadata is kept.
+    """
+    from onnxscript import ir  # the ONNX export needs onnxscript (EXPORT_FORMATS); importing this module does not
+    from onnxscript.version_converter import convert_version
+
+    converted = ir.from_proto(model)
+    if converted.opset_imports.get("", 1) < version:
+        convert_version(converted, version)
+    result = ir.to_proto(converted)
+    result.ir_version = max(result.ir_version, onnx.IR_VERSION_2024_3_25)  # IR version 10 brought INT4 and UINT4
+    return result
+
+
 def _layer_node(weight_name: str, users: dict[str, list[onnx.NodeProto]], editor: _GraphEditor) -> onnx.NodeProto:
     if weight_name not in editor.initializers:
         raise RuntimeError(f"the exported graph holds no initializer {weight_name!r}; found {sorted(editor.initializers)[:10]}")
@@ -233,12 +291,17 @@ def _layer_node(weight_name: str, users: dict[str, list[onnx.NodeProto]], editor
 
 def _quantize_weight_and_bias(editor: _GraphEditor, node: onnx.NodeProto, weight_name: str, layer: IntegerLayer) -> None:
     integers, scale, zero_point = layer.fit_to(editor.replace_initializer(weight_name), weight_name)
-    storage = _storage_type(layer.weight_range)
+    storage = _storage_type(layer.weight_range)  # the type DequantizeLinear reads, as ONNX Runtime's integer kernels do
+    stored = editor.constant(f"{weight_name}_int", integers.astype(weight_storage(layer.weight_range)))
+    if _is_four_bit(layer.weight_range):
+        widened = editor.name(f"{weight_name}_widened")
+        editor.before[node.output[0]].append(helper.make_node("Cast", [stored], [widened], to=helper.np_dtype_to_tensor_dtype(np.dtype(storage))))
+        stored = widened
     editor.before[node.output[0]].append(
         helper.make_node(
             "DequantizeLinear",
             [
-                editor.constant(f"{weight_name}_int", integers.astype(storage)),
+                stored,
                 editor.constant(f"{weight_name}_scale", scale),
                 editor.constant(f"{weight_name}_zero_point", zero_point.astype(storage)),
             ],
