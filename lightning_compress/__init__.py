@@ -3,7 +3,7 @@
 from lightning_compress.analysis import Report, profile_model
 from lightning_compress.callbacks import CompressionCheckpoint, CompressionReport, FiniteCheck
 from lightning_compress.clustering import WeightClustering
-from lightning_compress.deploy import export, half_precision, load_quantized
+from lightning_compress.deploy import compressed_bytes, export, half_precision, load_compressed, load_quantized
 from lightning_compress.distillation import DistillationModule
 from lightning_compress.models import ClassificationModule
 from lightning_compress.pruning import Pruning
@@ -23,8 +23,10 @@ __all__ = [
     "QuantizationAwareTraining",
     "Report",
     "WeightClustering",
+    "compressed_bytes",
     "export",
     "half_precision",
+    "load_compressed",
     "load_quantized",
     "profile_model",
 ]

@@ -1,5 +1,6 @@
-"""Deployment: artifacts exported out of PyTorch (ONNX with integer layers, fake-quant state dicts) and the runtimes that run them."""
+"""Deployment: artifacts exported out of PyTorch (ONNX with integer layers, fake-quant state dicts, compressed state dicts) and the runtimes that run them."""
 
+from lightning_compress.deploy.compressed import compressed_bytes, load_compressed
 from lightning_compress.deploy.export import (
     EXPORT_FORMATS,
     check_export_format,
@@ -14,8 +15,10 @@ __all__ = [
     "HALF_DTYPES",
     "OnnxRuntimeModel",
     "check_export_format",
+    "compressed_bytes",
     "export",
     "half_precision",
+    "load_compressed",
     "load_quantized",
     "onnx_bytes",
 ]

@@ -21,6 +21,7 @@ from lightning_compress.quantization.layers import quantize_model, quantized_lay
 EXPORT_FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
     "onnx": (("onnx", "onnxscript", "onnxruntime"), "pip install onnx onnxscript onnxruntime"),
     "torch": ((), ""),
+    "compressed": ((), ""),
 }
 _TORCH_FORMAT = "lightning_compress.fake_quant/1"
 
@@ -40,10 +41,15 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
 
     - ``"onnx"``: the graph for ONNX Runtime (or any ONNX runtime), dynamic in the batch dimension.
       Layers with fake quantization on are integer layers in the QDQ format: int8 weights (uint8 when
-      asymmetric), int32 biases, and the activation grids the model trained or calibrated. Pruned
+      asymmetric; INT4/UINT4 at opset 21 when their range fits in 4 bits), int32 biases, and the
+      activation grids the model trained or calibrated. Pruned
       weights are exact zeros there too. A float model gives the float graph.
     - ``"torch"``: the state dict with the quantizers' settings, which :func:`load_quantized` loads back
       into a fresh fake-quantized model.
+    - ``"compressed"``: the same, each quantized layer's weight as its fake-quantized value, each tensor
+      in its fewest exact bytes (pruned zeros left out, marked by a bitmask or gaps; quantized weights
+      as integer codes at their bit width; shared weights as a codebook; then xz), and no pickle:
+      :func:`~lightning_compress.deploy.compressed.load_compressed` loads it back.
 
     ``example_input`` is a batch of model inputs, one tensor (its batch size does not matter); for
     ``"onnx"`` the model runs on it once first, so an input it cannot take fails in one line, with the
@@ -67,11 +73,43 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
 
         graph = onnx_bytes(model, example_input)
         write_atomically(path, lambda temporary: temporary.write_bytes(graph))
+    elif format == "compressed":
+        from lightning_compress.deploy.compressed import (
+            compressed_bytes,  # it imports this module
+        )
+
+        data = compressed_bytes(model)
+        write_atomically(path, lambda temporary: temporary.write_bytes(data))
     else:
-        layers = {name: dataclasses.asdict(layer.quant_config) for name, layer in quantized_layers(model).items()}
-        saved = {"format": _TORCH_FORMAT, "quantized_layers": layers, "state_dict": model.state_dict()}
+        saved = {"format": _TORCH_FORMAT, "quantized_layers": quantizer_settings(model), "state_dict": model.state_dict()}
         write_atomically(path, lambda temporary: torch.save(saved, temporary))
     return path
+
+
+def quantizer_settings(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The settings of each quantized layer of ``model``, by name, as the exported files record them.
+
+    Example:
+        >>> from lightning_compress.quantization import QuantConfig, quantize_model
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> _ = quantize_model(model, QuantConfig(weight_bits=4))
+        >>> quantizer_settings(model)["0"]["weight_bits"]
+        4
+    """
+    return {name: dataclasses.asdict(layer.quant_config) for name, layer in quantized_layers(model).items()}
+
+
+def quantize_as_saved(model: nn.Module, settings: dict[str, dict[str, Any]]) -> None:
+    """Quantize the layers of ``model`` that ``settings`` (from :func:`quantizer_settings`) names, with those settings, in place.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> quantize_as_saved(model, {"0": {"weight_bits": 4}})
+        >>> type(model[0]).__name__, model[0].quant_config.weight_bits
+        ('QuantizedLinear', 4)
+    """
+    for name, layer_settings in settings.items():
+        quantize_model(model, QuantConfig(**layer_settings), targets=[name])
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -108,8 +146,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 def _load(model: nn.Module, saved: dict[str, Any]) -> nn.Module:
     """Quantize the layers ``saved`` names with their settings and load its state dict strictly."""
-    for name, settings in saved["quantized_layers"].items():
-        quantize_model(model, QuantConfig(**settings), targets=[name])
+    quantize_as_saved(model, saved["quantized_layers"])
     model.load_state_dict(saved["state_dict"], strict=True)
     return model
 

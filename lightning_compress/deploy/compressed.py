@@ -1,0 +1,408 @@
+"""``export(..., format="compressed")``: a state dict in the fewest bytes that restore it exactly, and ``load_compressed``.
+
+The file is the line ``lightning_compress.compressed/1``, a line naming the codec of the rest (``xz``
+or ``none``, whichever is smaller), then the payload: a JSON manifest on one line and the binary blobs
+it points into by ``[offset, length]``. Nothing in it is pickled: loading parses JSON and unpacks
+integers. For each tensor of the state dict, in order, the manifest holds its name, dtype, shape and
+encoding, chosen as the fewest bytes among:
+
+- positions: ``all`` (every element stored), or only the elements that are not zero, marked by a
+  ``bitmask`` (one bit per element) or by ``gaps`` (the zeros before each stored element, at the bit
+  width that costs least; the all-ones code skips that many zeros). The zeros left out come back as
+  ``0.0``: a negative zero (what a pruning mask makes of a negative weight) too, which is equal to
+  it and computes the same; keeping its sign would cost a bit per zero.
+- values: ``raw`` (the dtype's bytes), a ``codebook`` of at most 256 distinct bit patterns with
+  indices at ``ceil(log2 k)`` bits (clustered or shared weights), or, for the weight of a layer with
+  fake quantization enabled, its quantizer's integer ``codes`` at the grid's bit width, which
+  dequantize as ``(code - zero_point) * scale`` with the scale and zero point of the state dict.
+
+Bits are packed little-endian (first value in the lowest bits); bytes are little-endian.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import lzma
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lightning_compress.analysis.measure import eval_mode, model_copy
+from lightning_compress.deploy.export import _load, quantize_as_saved, quantizer_settings
+from lightning_compress.deploy.qdq import IntegerLayer
+from lightning_compress.quantization.layers import QuantizedLayer, quantized_layers
+
+MAGIC = b"lightning_compress.compressed/1\n"
+CODEBOOK_SIZE = 256  # the most distinct values a codebook holds (indices of at most 8 bits)
+_SIGNED_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_ENTRY_FIELDS = frozenset({"name", "dtype", "shape", "positions", "values"})
+_PACK_CHUNK = 1 << 20  # values packed at a time (a multiple of 8, so chunks end on byte boundaries)
+
+# (bytes it will take, writer that adds its blobs and returns its manifest fields)
+_Plan = tuple[int, Callable[["_Blobs"], dict[str, Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Codes:
+    """A fake-quantized weight as its quantizer's integers: ``codes + low`` on the grid ``[low, low + 2^bits - 1]``."""
+
+    codes: torch.Tensor  # flat, int64, from 0
+    low: int
+    bits: int
+    scale: torch.Tensor  # the weight quantizer's, per output channel or per tensor
+    zero_point: torch.Tensor
+    keys: tuple[str, str]  # their names in the state dict
+
+
+class _Blobs:
+    """The binary part of the payload, appended to; each blob is referred to as ``[offset, length]``."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, data: bytes) -> list[int]:
+        self.parts.append(data)
+        self.size += len(data)
+        return [self.size - len(data), len(data)]
+
+
+def compressed_bytes(model: nn.Module) -> bytes:
+    """The ``format="compressed"`` file of ``model``, without writing it: its length is the model's compressed size.
+
+    Every tensor of ``model.state_dict()`` is kept exactly, each quantized layer's weight (fake
+    quantization enabled) as its fake-quantized value ``(code - zero_point) * scale``. The quantized
+    layers' settings go in the file too, so :func:`load_compressed` can quantize a float model first.
+
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Linear(1000, 100, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.mul_(torch.rand(100, 1000) < 0.1)   # 90% zeros
+        >>> round(len(compressed_bytes(model)) / (4 * 100_000), 2)   # of the float32 bytes
+        0.11
+    """
+    targets = _quantized_weights(model)
+    blobs = _Blobs()
+    tensors = []
+    for name, tensor in model.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"state dict entry {name!r} is a {type(tensor).__name__}; the compressed format holds tensors only")
+        target, codes = targets.get(name, (tensor, None))
+        tensors.append({"name": name, **_encode(target, codes, blobs)})
+    manifest = {"format": MAGIC.decode().strip(), "quantized_layers": quantizer_settings(model), "tensors": tensors}
+    payload = json.dumps(manifest, separators=(",", ":")).encode() + b"\n" + b"".join(blobs.parts)
+    packed = lzma.compress(payload, format=lzma.FORMAT_XZ)
+    return MAGIC + (b"xz\n" + packed if len(packed) < len(payload) else b"none\n" + payload)
+
+
+
+def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an ``export(..., format="compressed")`` file into ``model``, in place, and return it.
+
+    ``model`` is the exported architecture, in float or quantized as in the file: the layers the file
+    names as quantized are quantized with its settings (layers already quantized must have the same
+    settings). Then its state dict is the exported one, each element's bits (a negative zero comes back
+    as ``0.0``), dtypes and shapes, with each quantized layer's weight its fake-quantized value: the
+    model computes the exported model's outputs exactly. The file is
+    checked against the model first, names, shapes and dtypes, on a copy: a file that does not fit
+    raises ``ValueError`` naming the first tensor that differs, and leaves ``model`` as it was.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from lightning_compress.deploy import export
+        >>> trained = torch.nn.Sequential(torch.nn.Linear(4, 2))
+        >>> path = export(trained, tempfile.mkdtemp() + "/model.lcz", torch.zeros(1, 4), format="compressed")
+        >>> fresh = load_compressed(torch.nn.Sequential(torch.nn.Linear(4, 2)), path)
+        >>> all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.state_dict().items())
+        True
+    """
+    manifest, blobs = _read(Path(path))
+    mismatch = _mismatch(model, manifest)
+    if mismatch:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: {mismatch}")
+    state_dict = _decode_all(manifest["tensors"], blobs, path)
+    return _load(model, {"quantized_layers": manifest["quantized_layers"], "state_dict": state_dict})
+
+
+@torch.no_grad()
+def _quantized_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, _Codes]]:
+    """By state dict key, the weight of each layer with fake quantization on: fake-quantized, and as its integers."""
+    weights = {}
+    with eval_mode(model):  # the weight quantizers must not observe
+        for name, layer in quantized_layers(model).items():
+            if not bool(layer.weight_quantizer.enabled):
+                continue
+            prefix = f"{name}." if name else ""
+            integer = IntegerLayer.of(layer)
+            low, high = integer.weight_range
+            codes = torch.from_numpy(integer.weight).reshape(-1) - low
+            quantizer = layer.weight_quantizer
+            keys = (f"{prefix}weight_quantizer.scale", f"{prefix}weight_quantizer.zero_point")
+            weights[f"{prefix}weight"] = (
+                quantizer(layer.weight).detach(),
+                _Codes(codes, low, (high - low).bit_length(), quantizer.scale.detach().cpu(), quantizer.zero_point.cpu(), keys),
+            )
+    return weights
+
+
+def _encode(tensor: torch.Tensor, codes: _Codes | None, blobs: _Blobs) -> dict[str, Any]:
+    """The manifest entry of ``tensor`` in its cheapest exact encoding, whose blobs go into ``blobs``."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    entry: dict[str, Any] = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+    signed = _SIGNED_OF_SIZE.get(tensor.dtype.itemsize)
+    if signed is None:  # no integer type of its size to compare bit patterns with (complex128): as it is
+        return {**entry, "positions": {"kind": "all"}, "values": {"kind": "raw", "blob": blobs.add(_raw(flat))}}
+    patterns = flat.view(signed)
+    zero = patterns == 0
+    if tensor.is_floating_point():
+        zero |= patterns == torch.iinfo(signed).min  # -0.0
+    everything = torch.arange(flat.numel())
+    plans = [
+        _combine((0, lambda _: {"kind": "all"}), _value_plan(patterns, everything, codes, flat)),
+        _combine(_position_plan(~zero), _value_plan(patterns[~zero], everything[~zero], codes, flat)),
+    ]
+    _, write = min(plans, key=lambda plan: plan[0])
+    return {**entry, **write(blobs)}
+
+
+def _combine(positions: _Plan, values: _Plan) -> _Plan:
+    """The plan of both manifest fields: their bytes summed, their writers run in order."""
+    return positions[0] + values[0], lambda blobs: {"positions": positions[1](blobs), "values": values[1](blobs)}
+
+
+def _value_plan(patterns: torch.Tensor, positions: torch.Tensor, codes: _Codes | None, flat: torch.Tensor) -> _Plan:
+    """The cheapest exact encoding of the bit ``patterns`` of the elements of ``flat`` at ``positions``."""
+    plans: list[_Plan] = [(patterns.numel() * patterns.element_size(), lambda blobs: {"kind": "raw", "blob": blobs.add(_raw(patterns))})]
+    head = patterns[: CODEBOOK_SIZE * 64]  # more distinct values there already rule a codebook out, at a fraction of the cost
+    if torch.unique(head).numel() <= CODEBOOK_SIZE:
+        table, indices = torch.unique(patterns, return_inverse=True)
+        if table.numel() <= CODEBOOK_SIZE:
+            bits = (table.numel() - 1).bit_length() if table.numel() else 0
+            plans.append(
+                (
+                    table.numel() * table.element_size() + _bytes(indices.numel() * bits),
+                    lambda blobs: {"kind": "codebook", "bits": bits, "table": blobs.add(_raw(table)), "blob": blobs.add(_pack(indices, bits))},
+                )
+            )
+    if codes is not None:
+        stored = codes.codes[positions]
+        decoded = _dequantize(stored, positions, codes.low, codes.scale, codes.zero_point, flat.numel()).to(flat.dtype)
+        if torch.equal(decoded.view(patterns.dtype), patterns):  # exact in this dtype (a half-precision weight may not be)
+            plans.append(
+                (
+                    _bytes(stored.numel() * codes.bits),
+                    lambda blobs: {
+                        "kind": "codes",
+                        "bits": codes.bits,
+                        "low": codes.low,
+                        "scale": codes.keys[0],
+                        "zero_point": codes.keys[1],
+                        "blob": blobs.add(_pack(stored, codes.bits)),
+                    },
+                )
+            )
+    return min(plans, key=lambda plan: plan[0])
+
+
+def _position_plan(mask: torch.Tensor) -> _Plan:
+    """The cheaper of a bitmask and gaps marking the true elements of the flat ``mask``."""
+    gaps = torch.diff(torch.nonzero(mask).reshape(-1), prepend=torch.tensor([-1])) - 1
+    largest = int(gaps.max()) if gaps.numel() else 0
+    # at b bits a gap g takes g // (2^b - 1) skip codes and one more; from (largest + 1).bit_length() bits none skip
+    costs = {bits: _bytes(bits * int((gaps // (2**bits - 1) + 1).sum())) for bits in range(1, (largest + 1).bit_length() + 1)}
+    bits = min(costs, key=costs.__getitem__)
+    if costs[bits] < _bytes(mask.numel()):
+        codes = _gap_codes(gaps, bits)
+        return costs[bits], lambda blobs: {"kind": "gaps", "bits": bits, "count": codes.numel(), "blob": blobs.add(_pack(codes, bits))}
+    return _bytes(mask.numel()), lambda blobs: {"kind": "bitmask", "blob": blobs.add(_pack(mask.long(), 1))}
+
+
+def _gap_codes(gaps: torch.Tensor, bits: int) -> torch.Tensor:
+    """``gaps`` as codes of ``bits`` bits: the all-ones code ``m`` skips ``m`` zeros, any other code ``g`` skips ``g`` and marks the next."""
+    skip = 2**bits - 1
+    skips = gaps // skip
+    ends = torch.cumsum(skips + 1, 0) - 1
+    codes = torch.full((int(ends[-1]) + 1 if ends.numel() else 0,), skip, dtype=torch.long)
+    codes[ends] = gaps - skips * skip
+    return codes
+
+
+def _marked(positions: dict[str, Any], blobs: memoryview, length: int) -> torch.Tensor:
+    """The flat indices, among ``length`` elements, that a ``bitmask`` or ``gaps`` entry marks."""
+    if positions["kind"] == "bitmask":
+        return torch.nonzero(_unpack(_blob(blobs, positions["blob"]), 1, length)).reshape(-1)
+    if positions["kind"] != "gaps":
+        raise ValueError(f"unknown positions kind {positions['kind']!r}")
+    skip = 2 ** positions["bits"] - 1
+    codes = _unpack(_blob(blobs, positions["blob"]), positions["bits"], positions["count"])
+    marks = codes != skip
+    indices = (torch.cumsum(codes + marks, 0) - 1)[marks]
+    if indices.numel() and int(indices[-1]) >= length:
+        raise ValueError(f"gaps run past the {length} elements of the tensor")
+    return indices
+
+
+def _dequantize(codes: torch.Tensor, positions: torch.Tensor, low: int, scale: torch.Tensor, zero_point: torch.Tensor, numel: int) -> torch.Tensor:
+    """``(code - zero_point) * scale`` in float32 for the elements at flat ``positions``, as ``torch.fake_quantize_*`` computes it."""
+    channel = positions // (numel // scale.numel())
+    return (codes + low - zero_point.reshape(-1).long()[channel]).float() * scale.reshape(-1).float()[channel]
+
+
+def _pack(values: torch.Tensor, bits: int) -> bytes:
+    """Non-negative integers at ``bits`` bits each, the first in the lowest bits of the first byte."""
+    shifts = torch.arange(bits)
+    chunks = (((chunk.reshape(-1, 1) >> shifts) & 1).to(torch.uint8).numpy() for chunk in values.reshape(-1).split(_PACK_CHUNK))
+    return b"".join(np.packbits(chunk.reshape(-1), bitorder="little").tobytes() for chunk in chunks)
+
+
+def _unpack(data: memoryview, bits: int, count: int) -> torch.Tensor:
+    """The ``count`` integers of ``bits`` bits that :func:`_pack` wrote into ``data``, as int64."""
+    if _bytes(count * bits) != len(data):
+        raise ValueError(f"{count} values of {bits} bits take {_bytes(count * bits)} bytes, the blob has {len(data)}")
+    if bits == 0:
+        return torch.zeros(count, dtype=torch.long)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    weights = torch.ones(bits, dtype=torch.long) << torch.arange(bits)
+    step = _PACK_CHUNK * bits // 8
+    chunks = [np.unpackbits(raw[start : start + step], bitorder="little") for start in range(0, len(raw), step)]
+    values = [(torch.from_numpy(chunk[: len(chunk) // bits * bits]).reshape(-1, bits).long() * weights).sum(1) for chunk in chunks]
+    return torch.cat(values)[:count] if values else torch.zeros(0, dtype=torch.long)
+
+
+def _bytes(bits: int) -> int:
+    return (bits + 7) // 8
+
+
+def _raw(tensor: torch.Tensor) -> bytes:
+    """The bytes of a contiguous tensor, as it holds them."""
+    return tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+
+
+def _from_raw(data: memoryview, dtype: torch.dtype, count: int) -> torch.Tensor:
+    if count * dtype.itemsize != len(data):
+        raise ValueError(f"{count} values of {dtype} take {count * dtype.itemsize} bytes, the blob has {len(data)}")
+    return torch.frombuffer(bytearray(data), dtype=dtype) if count else torch.empty(0, dtype=dtype)
+
+
+def _blob(blobs: memoryview, reference: list[int]) -> memoryview:
+    offset, length = reference
+    if offset < 0 or length < 0 or offset + length > len(blobs):
+        raise ValueError(f"blob [{offset}, {length}] lies outside the {len(blobs)} bytes of blobs")
+    return blobs[offset : offset + length]
+
+
+def _read(path: Path) -> tuple[dict[str, Any], memoryview]:
+    """The manifest and the blobs of a compressed file; ``ValueError`` for any other file."""
+    not_ours = f"{path} is not a file written by export(..., format='compressed')"
+    data = path.read_bytes()
+    if not data.startswith(MAGIC):
+        raise ValueError(not_ours)
+    codec, _, payload = data[len(MAGIC) :].partition(b"\n")
+    try:
+        if codec == b"xz":
+            payload = lzma.decompress(payload, format=lzma.FORMAT_XZ)
+        elif codec != b"none":
+            raise ValueError(f"unknown codec {codec[:20]!r}")
+        line, _, blobs = payload.partition(b"\n")
+        manifest = json.loads(line)
+        if not isinstance(manifest, dict) or not {"quantized_layers", "tensors"} <= manifest.keys():
+            raise ValueError("its manifest lacks quantized_layers or tensors")
+        if not all(isinstance(entry, dict) and _ENTRY_FIELDS <= entry.keys() for entry in manifest["tensors"]):
+            raise ValueError(f"a tensor of its manifest lacks one of {', '.join(sorted(_ENTRY_FIELDS))}")
+    except (lzma.LZMAError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{not_ours}: {error}") from error
+    return manifest, memoryview(blobs)
+
+
+def _mismatch(model: nn.Module, manifest: dict[str, Any]) -> str:
+    """Why ``model`` cannot take the file's tensors, or ``""``: its quantized layers, then the first tensor that differs.
+
+    The file's layers are quantized on a copy, so ``model`` stays as it is either way.
+    """
+    layers = dict(model.named_modules())
+    for name, settings in manifest["quantized_layers"].items():
+        layer = layers.get(name)
+        if isinstance(layer, QuantizedLayer) and dataclasses.asdict(layer.quant_config) != settings:
+            differ = [key for key, value in dataclasses.asdict(layer.quant_config).items() if settings.get(key) != value]
+            ours, theirs = (", ".join(f"{key}={values[key]!r}" for key in differ) for values in (dataclasses.asdict(layer.quant_config), settings))
+            return f"layer {name!r} is quantized with {ours} in the model but {theirs} in the file"
+    trial = model_copy(model) if manifest["quantized_layers"] else model
+    try:
+        quantize_as_saved(trial, manifest["quantized_layers"])
+    except (ValueError, TypeError) as error:
+        return f"its quantized layers are not the model's: {next(iter(str(error).splitlines()), type(error).__name__)}"
+    ours = {name: (str(tensor.dtype).removeprefix("torch."), list(tensor.shape)) for name, tensor in trial.state_dict().items()}
+    for entry in manifest["tensors"]:
+        name, theirs = entry["name"], (entry["dtype"], entry["shape"])
+        if name not in ours:
+            return f"tensor {name!r} of the file is not in the model"
+        if ours[name] != theirs:
+            return f"tensor {name!r} is {_describe(theirs)} in the file but {_describe(ours[name])} in the model"
+    missing = ours.keys() - {entry["name"] for entry in manifest["tensors"]}
+    return next((f"tensor {name!r} of the model is not in the file" for name in ours if name in missing), "")
+
+
+def _describe(dtype_and_shape: tuple[str, list[int]]) -> str:
+    dtype, shape = dtype_and_shape
+    return f"{dtype} {shape}"
+
+
+def _decode_all(entries: list[dict[str, Any]], blobs: memoryview, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the manifest by name; quantized weights last, as they read their layers' scales and zero points."""
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in sorted(entries, key=lambda entry: entry.get("values", {}).get("kind") == "codes"):  # stable: the file's order otherwise
+        try:
+            tensors[entry["name"]] = _decode(entry, blobs, tensors)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+            raise ValueError(f"{path} is damaged: tensor {entry['name']!r} cannot be read: {type(error).__name__}: {error}") from error
+    return {entry["name"]: tensors[entry["name"]] for entry in entries}
+
+
+def _decode(entry: dict[str, Any], blobs: memoryview, decoded: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor of one manifest entry; ``decoded`` holds the scales and zero points that ``codes`` refer to."""
+    dtype = getattr(torch, entry["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {entry['dtype']!r}")
+    numel = math.prod(entry["shape"])
+    storage = _SIGNED_OF_SIZE.get(dtype.itemsize, dtype)
+    everything = entry["positions"]["kind"] == "all"
+    positions = torch.arange(numel) if everything else _marked(entry["positions"], blobs, numel)
+    values = _values(entry["values"], blobs, storage, positions, numel, decoded, dtype)
+    if everything:
+        flat = values
+    else:
+        flat = torch.zeros(numel, dtype=storage)
+        flat[positions] = values
+    return flat.view(dtype).reshape(entry["shape"])
+
+
+def _values(
+    values: dict[str, Any],
+    blobs: memoryview,
+    storage: torch.dtype,
+    positions: torch.Tensor,
+    numel: int,
+    decoded: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The stored elements, at flat ``positions``, as bit patterns of the ``storage`` type."""
+    count = positions.numel()
+    if values["kind"] == "raw":
+        return _from_raw(_blob(blobs, values["blob"]), storage, count)
+    if values["kind"] == "codebook":
+        table = _from_raw(_blob(blobs, values["table"]), storage, len(_blob(blobs, values["table"])) // storage.itemsize)
+        return table[_unpack(_blob(blobs, values["blob"]), values["bits"], count)]
+    if values["kind"] == "codes":
+        codes = _unpack(_blob(blobs, values["blob"]), values["bits"], count)
+        weight = _dequantize(codes, positions, values["low"], decoded[values["scale"]], decoded[values["zero_point"]], numel)
+        return weight.to(dtype).view(storage)
+    raise ValueError(f"unknown values kind {values['kind']!r}")
