@@ -19,6 +19,7 @@ def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config
     report = train(cfg)
     assert [entry.name for entry in report.entries] == ["dense", "dense bfloat16", "pruning", "quantization", "pruning+quantization"]
     assert [entry.test_accuracy is not None for entry in report.entries] == [True, False, True, True, True]
+    assert all(entry.profile.compressed_bytes > 0 for entry in report.entries)  # every stage's compressed file
     stages = json.loads((tmp_path / "report.json").read_text())["stages"]
     assert [stage["test_accuracy"] for stage in stages] == [entry.test_accuracy for entry in report.entries]
     assert (tmp_path / "report.md").read_text() == report.to_markdown()

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_compress import ClassificationModule, CompressionReport
+from lightning_compress import ClassificationModule, CompressionReport, compressed_bytes
 from lightning_compress.analysis import Report, count_nonzero_parameters, count_parameters, profile_model, size_on_disk
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.models import SmallCNN
@@ -50,6 +50,23 @@ def test_a_stage_timed_in_another_runtime_names_it_and_has_no_latency_ratio() ->
     assert report.notes() == [f"bfloat16: {note}"]
     assert f"\n- bfloat16: {note}\n" in report.to_markdown()
     assert Report.from_dict(report.to_dict()).entries[1].note == note
+
+
+def test_the_compressed_row_is_the_compressed_file_against_the_first_stages_state_dict() -> None:
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Flatten(), nn.Linear(256, 64))
+    sparse = nn.Sequential(nn.Flatten(), nn.Linear(256, 64))
+    with torch.no_grad():
+        sparse[1].weight.mul_(torch.rand(64, 256) < 0.1)
+    report = Report()
+    report.add("dense", profile_model(dense, (256,), latency_batch_sizes=()))
+    report.add("pruned", profile_model(sparse, (256,), latency_batch_sizes=()))
+    assert [entry.profile.compressed_bytes for entry in report.entries] == [len(compressed_bytes(dense)), len(compressed_bytes(sparse))]
+    reference = report.entries[0].profile.size_bytes
+    cells = [row["compressed (KiB)"] for row in report.rows()]
+    assert cells == [f"{size / 1024:,.1f} ({size / reference:.3f}x)" for size in (entry.profile.compressed_bytes for entry in report.entries)]
+    assert report.entries[1].profile.compressed_bytes < 0.2 * reference  # 90% zeros pay in the file
+    assert profile_model(dense, (256,), latency_batch_sizes=(), compressed_size=False).compressed_bytes is None
 
 
 def test_report_files_are_written_and_round_trip(tmp_path) -> None:

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 
 def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
-    """Three panels: each stage's size and speed relative to the first stage (the bytes of the state dict
-    and of the deployed ONNX file among them), its accuracy, and the last stage's per-layer weight sparsity.
+    """Three panels: each stage's size and speed relative to the first stage (the bytes of the state dict,
+    of the deployed ONNX file and of the compressed file, the last against the first stage's state dict),
+    its accuracy, and the last stage's per-layer weight sparsity.
 
     A latency measured in another runtime than the first stage's has no ratio and no bar.
 
@@ -34,11 +35,10 @@ def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
         b'\x89PNG'
     """
     figure, (relative_axes, accuracy_axes, sparsity_axes) = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [3, 1.2, 1.6]})
-    reference = report.entries[0].profile
     metrics = _relative_metrics(report)
     width = 0.8 / len(report.entries)
     for index, entry in enumerate(report.entries):
-        ratios = [_ratio(get(entry.profile), get(reference)) for get in metrics.values()]
+        ratios = [_ratio(get(entry.profile), divisor) for get, divisor in metrics.values()]
         positions = [m + index * width for m in range(len(metrics))]
         relative_axes.bar(positions, ratios, width=width, label=entry.name)
     relative_axes.set_xticks([m + width * (len(report.entries) - 1) / 2 for m in range(len(metrics))], list(metrics), rotation=20)
@@ -71,18 +71,26 @@ def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
     plt.close(figure)
 
 
-def _relative_metrics(report: Report) -> dict[str, Callable[[ModelProfile], float | None]]:
-    """The plotted metrics: counts, the bytes of every artifact the report measured, MACs, and each latency
-    (``None`` where a stage lacks it, or was timed in another runtime than the first stage)."""
+Metric = tuple[Callable[["ModelProfile"], float | None], float | None]
+
+
+def _relative_metrics(report: Report) -> dict[str, Metric]:
+    """The plotted metrics, each as (the value of a stage, the first stage's value it is divided by): counts,
+    the bytes of every artifact the report measured (the compressed file against the first stage's state
+    dict), MACs, and each latency (``None`` where a stage lacks it, or was timed in another runtime than the
+    first stage)."""
     reference = report.entries[0].profile
-    metrics: dict[str, Callable[[ModelProfile], float | None]] = {
-        "parameters": lambda p: p.parameters,
-        "non-zeros": lambda p: p.nonzero_parameters,
-        "state dict bytes": lambda p: p.size_bytes,
+    measured = {field: any(getattr(entry.profile, field) is not None for entry in report.entries) for field in ("onnx_bytes", "compressed_bytes")}
+    metrics: dict[str, Metric] = {
+        "parameters": (lambda p: p.parameters, reference.parameters),
+        "non-zeros": (lambda p: p.nonzero_parameters, reference.nonzero_parameters),
+        "state dict bytes": (lambda p: p.size_bytes, reference.size_bytes),
     }
-    if any(entry.profile.onnx_bytes is not None for entry in report.entries):
-        metrics["ONNX bytes"] = lambda p: p.onnx_bytes
-    metrics["MACs"] = lambda p: p.macs
+    if measured["onnx_bytes"]:
+        metrics["ONNX bytes"] = (lambda p: p.onnx_bytes, reference.onnx_bytes)
+    if measured["compressed_bytes"]:
+        metrics["compressed bytes"] = (lambda p: p.compressed_bytes, reference.size_bytes)
+    metrics["MACs"] = (lambda p: p.macs, reference.macs)
     for batch in report.latency_batch_sizes():
         runtime = reference.latency[batch].runtime if batch in reference.latency else None
 
@@ -90,7 +98,7 @@ def _relative_metrics(report: Report) -> dict[str, Callable[[ModelProfile], floa
             result = p.latency.get(batch)
             return result.median_ms if result is not None and result.runtime == runtime else None
 
-        metrics[f"latency b{batch}"] = latency
+        metrics[f"latency b{batch}"] = (latency, latency(reference))
     return metrics
 
 

@@ -110,6 +110,8 @@ class Report:
                     if profile.onnx_bytes is None
                     else _with_ratio(profile.onnx_bytes / 1024, (reference.onnx_bytes or 0) / 1024 or None, entry, self, "{:,.1f}")
                 )
+            if any(other.profile.compressed_bytes is not None for other in self.entries):
+                row["compressed (KiB)"] = _compressed_cell(profile, reference)
             for batch in self.latency_batch_sizes():
                 here, there = profile.latency.get(batch), reference.latency.get(batch)
                 if here is None:
@@ -159,6 +161,13 @@ class Report:
         write_atomically(paths["markdown"], lambda path: path.write_text(self.to_markdown()))
         write_atomically(paths["plot"], lambda path: plot_report(self, path))
         return paths
+
+
+def _compressed_cell(profile: ModelProfile, reference: ModelProfile) -> str:
+    """The compressed file's KiB and its ratio to the first stage's state dict, on every stage (the first too)."""
+    if profile.compressed_bytes is None:
+        return "–"
+    return f"{profile.compressed_bytes / 1024:,.1f} ({profile.compressed_bytes / reference.size_bytes:.3f}x)"
 
 
 def _percent(value: float | None) -> str:

@@ -21,7 +21,8 @@ class CompressionReport(L.Callback):
     """Profile the model at the start and at the end of fit, log the numbers and write the report files.
 
     Each profile holds parameters, non-zero parameters, weight sparsity (global and per layer), bytes of
-    the saved state dict, MACs per sample and the median latency at each of ``latency_batch_sizes``
+    the saved state dict and of its ``export(..., format="compressed")`` file (``compressed_size=False``
+    leaves that out), MACs per sample and the median latency at each of ``latency_batch_sizes``
     (in eager PyTorch, or in ONNX Runtime on the CPU with ``latency_runtime="onnxruntime"``, where
     fake-quantized layers run as the integer layers :func:`lightning_compress.export` writes).
     With ``half_precision="float16"`` or ``"bfloat16"``, a float model gets a third stage after fit:
@@ -60,6 +61,7 @@ class CompressionReport(L.Callback):
         test_metric: str = "test/acc",
         evaluate_before: bool = True,
         half_precision: str | None = None,
+        compressed_size: bool = True,
         verbose: bool = True,
     ) -> None:
         check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads, latency_runtime)
@@ -76,6 +78,7 @@ class CompressionReport(L.Callback):
         self.test_metric = test_metric
         self.evaluate_before = evaluate_before
         self.half_precision = half_precision
+        self.compressed_size = compressed_size
         self.verbose = verbose
         self.report = Report()
         self.written: dict[str, Any] = {}
@@ -107,6 +110,7 @@ class CompressionReport(L.Callback):
             latency_repeats=self.latency_repeats,
             num_threads=self.num_threads,
             latency_runtime=latency_runtime or self.latency_runtime,
+            compressed_size=self.compressed_size,
         )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -175,6 +179,7 @@ class CompressionReport(L.Callback):
                 "nonzero_parameters": profile.nonzero_parameters,
                 "weight_sparsity": profile.weight_sparsity.sparsity,
                 "size_bytes": profile.size_bytes,
+                "compressed_bytes": profile.compressed_bytes,
                 "macs": profile.macs,
                 "val_accuracy": entry.val_accuracy,
                 "test_accuracy": entry.test_accuracy,

@@ -34,6 +34,7 @@ METRICS: dict[str, Callable[[ReportEntry], float | None]] = {
     "size_bytes": lambda entry: entry.profile.size_bytes,
     "onnx_bytes": lambda entry: entry.profile.onnx_bytes,
     "deployed_bytes": lambda entry: entry.profile.onnx_bytes or entry.profile.size_bytes,
+    "compressed_bytes": lambda entry: entry.profile.compressed_bytes,
     "macs": lambda entry: entry.profile.macs,
     "latency_ms": lambda entry: _latency_ms(entry),
 }
