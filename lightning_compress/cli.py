@@ -31,7 +31,7 @@ from torch import nn
 
 from lightning_compress.analysis import Report
 from lightning_compress.callbacks import CompressionReport
-from lightning_compress.deploy import check_export_format, export
+from lightning_compress.deploy import FILE_SUFFIXES, check_export_format, export
 from lightning_compress.files import write_atomically
 from lightning_compress.models import ClassificationModule
 from lightning_compress.preflight import check_resume_checkpoint, check_settings, check_writable, local_checkpoint, quiet
@@ -77,8 +77,7 @@ def fit_and_test(cfg: DictConfig, compression: list[L.Callback], wrap: Callable[
     if cfg.get("test"):
         trainer.test(module, datamodule=datamodule)
     if cfg.get("export") and trainer.is_global_zero:
-        suffix = {"onnx": "onnx", "torch": "pt"}[cfg.export]
-        export(module.cpu(), Path(cfg.output_dir) / f"model.{suffix}", module.example_input_array, format=cfg.export)
+        export(module.cpu(), Path(cfg.output_dir) / f"model.{FILE_SUFFIXES[cfg.export]}", module.example_input_array, format=cfg.export)
     reporter = next((callback for callback in callbacks if isinstance(callback, CompressionReport)), None)
     return Run(module, reporter.report if reporter is not None and trainer.is_global_zero else None)
 

@@ -8,9 +8,12 @@ import onnx
 import pytest
 import torch
 from commands import QUICK_REPORT, run_command
+from hydra.utils import instantiate
 from onnx import numpy_helper
 
+from lightning_compress import load_compressed
 from lightning_compress.cli import train
+from lightning_compress.quantization.layers import QuantizedLayer
 
 
 def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config, tmp_path) -> None:
@@ -191,3 +194,13 @@ def test_runs_choose_the_runs_of_a_job_and_bad_names_fail_before_training(compos
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['bytes'\]; choose from test_accuracy, val_accuracy"):
         train(bad_metric)
     assert not (tmp_path / "bad").exists()  # nothing trained
+
+
+def test_export_compressed_writes_the_file_the_report_measured_and_it_loads(compose_config, tmp_path) -> None:
+    cfg = compose_config("runs=[combined]", "trainer.fast_dev_run=true", "export=compressed", f"output_dir={tmp_path}", *QUICK_REPORT)
+    _, combined = train(cfg).entries
+    path = tmp_path / "pruning+quantization" / "model.lcz"
+    assert path.stat().st_size == combined.profile.compressed_bytes
+    fresh = instantiate(cfg.model)  # float: load_compressed quantizes it with the file's settings
+    load_compressed(fresh, path)
+    assert any(isinstance(module, QuantizedLayer) for module in fresh.modules())

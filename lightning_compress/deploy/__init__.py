@@ -3,6 +3,7 @@
 from lightning_compress.deploy.compressed import compressed_bytes, load_compressed
 from lightning_compress.deploy.export import (
     EXPORT_FORMATS,
+    FILE_SUFFIXES,
     check_export_format,
     export,
     load_quantized,
@@ -12,6 +13,7 @@ from lightning_compress.deploy.onnx import OnnxRuntimeModel, onnx_bytes
 
 __all__ = [
     "EXPORT_FORMATS",
+    "FILE_SUFFIXES",
     "HALF_DTYPES",
     "OnnxRuntimeModel",
     "check_export_format",

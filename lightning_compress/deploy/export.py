@@ -23,6 +23,8 @@ EXPORT_FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
     "torch": ((), ""),
     "compressed": ((), ""),
 }
+#: format -> the file name suffix the app gives it (``model.<suffix>``)
+FILE_SUFFIXES = {"onnx": "onnx", "torch": "pt", "compressed": "lcz"}
 _TORCH_FORMAT = "lightning_compress.fake_quant/1"
 
 
