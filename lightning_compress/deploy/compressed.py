@@ -61,6 +61,10 @@ class _Codes:
     keys: tuple[str, str]  # their names in the state dict
 
 
+#: xz's fastest preset: on dense float32 weights 3x the speed of its default (6), for files 0.3-0.6% larger.
+XZ_PRESET = 0
+
+
 class _Blobs:
     """The binary part of the payload, appended to; each blob is referred to as ``[offset, length]``."""
 
@@ -100,7 +104,7 @@ def compressed_bytes(model: nn.Module) -> bytes:
         tensors.append({"name": name, **_encode(target, codes, blobs)})
     manifest = {"format": MAGIC.decode().strip(), "quantized_layers": quantizer_settings(model), "tensors": tensors}
     payload = json.dumps(manifest, separators=(",", ":")).encode() + b"\n" + b"".join(blobs.parts)
-    packed = lzma.compress(payload, format=lzma.FORMAT_XZ)
+    packed = lzma.compress(payload, format=lzma.FORMAT_XZ, preset=XZ_PRESET)
     return MAGIC + (b"xz\n" + packed if len(packed) < len(payload) else b"none\n" + payload)
 
 
