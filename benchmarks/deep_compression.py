@@ -9,7 +9,7 @@ It records test accuracy, and for the compressed model the bytes of ``export(for
 the dense model's float32 state dict (``torch.save``), beside the same pruned and clustered model's
 float32 ONNX file and state dict through gzip -9 and xz -9. Deep Compression's published ratios (MNIST,
 pruning + sharing + Huffman coding) are in the table for reference. The order of the two runs rotates from
-seed to seed. Writes ``results/deep_compression.json`` and ``results/deep_compression.md``.
+seed to seed. Writes ``results/<name>.json`` and ``results/<name>.md`` (``--name``, ``deep_compression`` by default).
 
     apt-get install dataset-fashion-mnist
     python benchmarks/deep_compression.py --models lenet300_100 lenet5 --seeds 0 1 2
@@ -125,12 +125,16 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=16)
     parser.add_argument("--cluster-epoch", type=int, default=14)
     parser.add_argument("--idx-dir", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (two benchmarks side by side: 1 each)")
+    parser.add_argument("--name", default="deep_compression", help="results/<name>.json and .md")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     runs = {name: [measure(name, seed, args) for seed in args.seeds] for name in args.models}
     numbers = [key for key, value in runs[args.models[0]][0].items() if isinstance(value, (int, float)) and key != "seed"]
     summary = {name: {key: statistics.median(run[key] for run in model_runs) for key in numbers} for name, model_runs in runs.items()}
     settings = {key: getattr(args, key) for key in ("seeds", "epochs", "amount", "prune_start", "prune_end", "clusters", "cluster_epoch")}
-    write_results("deep_compression", {"settings": settings}, {"median": summary, "runs": runs, "published_mnist_ratio": PUBLISHED}, markdown(summary, args))
+    write_results(args.name, {"settings": settings}, {"median": summary, "runs": runs, "published_mnist_ratio": PUBLISHED}, markdown(summary, args))
 
 
 if __name__ == "__main__":

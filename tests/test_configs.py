@@ -30,6 +30,7 @@ def test_every_group_has_its_options() -> None:
     assert options("compression/pruning") == ["agp90", "nm24", "oneshot50", "sensitivity", "taylor_channel50"]
     assert options("compression/quantization") == ["int8_ptq", "int8_qat", "w4a8_lsq"]
     assert options("compression/distillation") == ["dkd", "fitnets", "kd"]
+    assert options("compression/clustering") == ["k16", "k32"]
     assert options("model/teacher") == ["resnet50", "small_cnn_wide"]
 
 

@@ -23,6 +23,7 @@ FAST = [
 
 def test_the_groups_hold_the_experiments_and_searches() -> None:
     assert options("experiment") == [
+        "deep_compression",
         "digits_resnet18",
         "distill_fashion_mnist",
         "fashion_mnist_cnn",
