@@ -12,7 +12,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_compress import ClassificationModule, CompressionReport, compressed_bytes
-from lightning_compress.analysis import Report, count_nonzero_parameters, count_parameters, profile_model, size_on_disk
+from lightning_compress.analysis import ModelProfile, Report, count_nonzero_parameters, count_parameters, profile_model, size_on_disk
+from lightning_compress.analysis.latency import LatencyResult
+from lightning_compress.analysis.measure import SparsityStats
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.models import SmallCNN
 
@@ -67,6 +69,34 @@ def test_the_compressed_row_is_the_compressed_file_against_the_first_stages_stat
     assert cells == [f"{size / 1024:,.1f} ({size / reference:.3f}x)" for size in (entry.profile.compressed_bytes for entry in report.entries)]
     assert report.entries[1].profile.compressed_bytes < 0.2 * reference  # 90% zeros pay in the file
     assert profile_model(dense, (256,), latency_batch_sizes=(), compressed_size=False).compressed_bytes is None
+
+
+def timed_profile(median_ms: float, low_ms: float, high_ms: float, macs: int = 8, quantized_layers: int = 0) -> ModelProfile:
+    timing = LatencyResult(1, median_ms, low_ms, high_ms, 10, 2, 1, "cpu", "onnxruntime")
+    return ModelProfile(10, 10, SparsityStats(0, 8), {}, 100, macs, {1: timing}, quantized_layers=quantized_layers)
+
+
+@pytest.mark.parametrize(
+    ("stage", "reason"),
+    [
+        (timed_profile(0.021, 0.019, 0.030), "slower than the first stage at batch 1 (1.05x), within the spread of repeated timings (its fastest run"),
+        (timed_profile(0.030, 0.028, 0.035), "slower than the first stage at batch 1 (1.50x): its zeros are unstructured, and dense kernels multiply them anyway"),
+        (timed_profile(0.030, 0.028, 0.035, quantized_layers=2), "(1.50x): at 8 MACs per sample, quantizing and dequantizing between layers costs more"),
+        (timed_profile(0.010, 0.009, 0.011), None),
+    ],
+    ids=["spread", "unstructured", "integer", "faster"],
+)
+def test_a_stage_slower_than_the_first_says_why_in_one_line(stage: ModelProfile, reason: str | None) -> None:
+    report = Report()
+    report.add("dense", timed_profile(0.020, 0.019, 0.022))
+    report.add("compressed", stage)
+    notes = report.notes()
+    if reason is None:
+        assert notes == []
+    else:
+        (note,) = notes
+        assert note.startswith("compressed: ") and reason in note
+        assert Report.from_dict(report.to_dict()).notes() == notes  # quantized_layers round-trips
 
 
 def test_report_files_are_written_and_round_trip(tmp_path) -> None:

@@ -22,6 +22,7 @@ from lightning_compress.analysis.measure import (
 )
 from lightning_compress.deploy.compressed import compressed_bytes
 from lightning_compress.deploy.onnx import OnnxRuntimeModel, onnx_bytes
+from lightning_compress.quantization.layers import quantized_layers
 
 
 @dataclass
@@ -49,6 +50,8 @@ class ModelProfile:
     latency: dict[int, LatencyResult] = field(default_factory=dict)
     onnx_bytes: int | None = None
     compressed_bytes: int | None = None
+    #: Layers with fake quantization on (integer layers in the ONNX export).
+    quantized_layers: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain numbers only, ready for JSON; latencies keyed by batch size as a string."""
@@ -76,6 +79,7 @@ class ModelProfile:
             latency={int(batch): LatencyResult(**values) for batch, values in data["latency"].items()},
             onnx_bytes=data.get("onnx_bytes"),
             compressed_bytes=data.get("compressed_bytes"),
+            quantized_layers=data.get("quantized_layers", 0),
         )
 
 
@@ -136,6 +140,7 @@ def profile_model(
         },
         onnx_bytes=len(graph) if graph is not None else None,
         compressed_bytes=len(compressed_bytes(model)) if compressed_size else None,
+        quantized_layers=sum(bool(layer.weight_quantizer.enabled) for layer in quantized_layers(model).values()),
     )
 
 

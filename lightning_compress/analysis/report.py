@@ -136,8 +136,15 @@ class Report:
         return "\n".join(lines) + ("\n" + stage_notes if stage_notes else "") + ("\n\n" + notes if notes else "") + "\n"
 
     def notes(self) -> list[str]:
-        """The stages' notes, one line each, as ``"<stage>: <note>"``."""
-        return [f"{entry.name}: {entry.note}" for entry in self.entries if entry.note]
+        """The stages' notes, one line each, as ``"<stage>: <note>"``: those given with the stage, and why a
+        stage is slower than the first one where it is (:func:`slower_because`)."""
+        notes = [f"{entry.name}: {entry.note}" for entry in self.entries if entry.note]
+        reference = self.entries[0].profile if self.entries else None
+        for entry in self.entries[1:]:
+            reason = slower_because(entry.profile, reference)
+            if reason is not None:
+                notes.append(f"{entry.name}: {reason}")
+        return notes
 
     def to_rich_table(self) -> Table:
         """The same cells as :meth:`rows`, one column per stage so the table fits a terminal."""
@@ -161,6 +168,43 @@ class Report:
         write_atomically(paths["markdown"], lambda path: path.write_text(self.to_markdown()))
         write_atomically(paths["plot"], lambda path: plot_report(self, path))
         return paths
+
+
+def slower_because(profile: ModelProfile, reference: ModelProfile) -> str | None:
+    """Why ``profile`` is slower than ``reference`` at some batch size (timed in the same runtime), in one
+    line, or ``None`` where it is not slower.
+
+    In order: a stage whose fastest run is as fast as the first stage's median run is within the spread
+    of repeated timings; a model with the same
+    MACs and no integer layers pays for unstructured zeros that dense kernels multiply anyway; an integer
+    model pays per operator (quantizing and dequantizing between layers) more than its arithmetic saves
+    at this size.
+
+    Example:
+        >>> from lightning_compress.analysis.latency import LatencyResult
+        >>> from lightning_compress.analysis.measure import SparsityStats
+        >>> def profile(ms, low, high, quantized=0):
+        ...     timing = LatencyResult(1, ms, low, high, 10, 2, 1, "cpu", "onnxruntime")
+        ...     return ModelProfile(10, 10, SparsityStats(0, 8), {}, 100, 8, {1: timing}, quantized_layers=quantized)
+        >>> slower_because(profile(0.03, 0.028, 0.035, quantized=2), profile(0.02, 0.019, 0.022))
+        'slower than the first stage at batch 1 (1.50x): at 8 MACs per sample, quantizing and dequantizing between layers costs more than integer arithmetic saves'
+    """
+    slower = {
+        batch: (here, reference.latency[batch])
+        for batch, here in profile.latency.items()
+        if batch in reference.latency and here.runtime == reference.latency[batch].runtime and here.median_ms > reference.latency[batch].median_ms
+    }
+    if not slower:
+        return None
+    batch, (here, there) = max(slower.items(), key=lambda item: item[1][0].median_ms / item[1][1].median_ms)
+    where = f"slower than the first stage at batch {batch} ({here.median_ms / there.median_ms:.2f}x)"
+    if all(mine.min_ms <= theirs.median_ms for mine, theirs in slower.values()):
+        return f"{where}, within the spread of repeated timings (its fastest run is as fast as the first stage's median)"
+    if profile.quantized_layers == 0 and profile.macs >= reference.macs:
+        return f"{where}: its zeros are unstructured, and dense kernels multiply them anyway (prune channels with remove_channels=True to cut MACs)"
+    if profile.quantized_layers:
+        return f"{where}: at {profile.macs:,} MACs per sample, quantizing and dequantizing between layers costs more than integer arithmetic saves"
+    return f"{where}"
 
 
 def _compressed_cell(profile: ModelProfile, reference: ModelProfile) -> str:
