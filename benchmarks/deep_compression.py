@@ -9,10 +9,12 @@ It records test accuracy, and for the compressed model the bytes of ``export(for
 the dense model's float32 state dict (``torch.save``), beside the same pruned and clustered model's
 float32 ONNX file and state dict through gzip -9 and xz -9. Deep Compression's published ratios (MNIST,
 pruning + sharing + Huffman coding) are in the table for reference. The order of the two runs rotates from
-seed to seed. Writes ``results/<name>.json`` and ``results/<name>.md`` (``--name``, ``deep_compression`` by default).
+seed to seed. Writes ``results/<name>.json`` and ``results/<name>.md`` (``--name``, ``deep_compression`` by default);
+``--combine`` merges results files of seeds run in separate processes into one table.
 
     apt-get install dataset-fashion-mnist
     python benchmarks/deep_compression.py --models lenet300_100 lenet5 --seeds 0 1 2
+    python benchmarks/deep_compression.py --combine results/a.json results/b.json --name deep_compression_lenet5
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
+import json
 import lzma
 import statistics
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -114,6 +118,21 @@ def markdown(summary: dict[str, dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def combine(paths: list[Path]) -> tuple[argparse.Namespace, dict[str, list[dict]]]:
+    """The settings and the runs of earlier results files (seeds run in separate processes), which must share
+    every setting but the seeds."""
+    loaded = [json.loads(path.read_text()) for path in paths]
+    settings = [{key: value for key, value in data["settings"].items() if key != "seeds"} for data in loaded]
+    if any(other != settings[0] for other in settings[1:]):
+        raise SystemExit(f"--combine: the files differ in settings other than the seeds: {settings}")
+    runs: dict[str, list[dict]] = {}
+    for data in loaded:
+        for name, model_runs in data["runs"].items():
+            runs.setdefault(name, []).extend(model_runs)
+    seeds = sorted({run["seed"] for model_runs in runs.values() for run in model_runs})
+    return argparse.Namespace(**settings[0], seeds=seeds), runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -127,11 +146,17 @@ def main() -> None:
     parser.add_argument("--idx-dir", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (two benchmarks side by side: 1 each)")
     parser.add_argument("--name", default="deep_compression", help="results/<name>.json and .md")
+    parser.add_argument("--combine", nargs="+", type=Path, help="instead of training: merge the runs of these results files (seeds run apart)")
     args = parser.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    runs = {name: [measure(name, seed, args) for seed in args.seeds] for name in args.models}
-    numbers = [key for key, value in runs[args.models[0]][0].items() if isinstance(value, (int, float)) and key != "seed"]
+    if args.combine:
+        name = args.name
+        args, runs = combine(args.combine)
+        args.name = name
+    else:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        runs = {name: [measure(name, seed, args) for seed in args.seeds] for name in args.models}
+    numbers = [key for key, value in next(iter(runs.values()))[0].items() if isinstance(value, (int, float)) and key != "seed"]
     summary = {name: {key: statistics.median(run[key] for run in model_runs) for key in numbers} for name, model_runs in runs.items()}
     settings = {key: getattr(args, key) for key in ("seeds", "epochs", "amount", "prune_start", "prune_end", "clusters", "cluster_epoch")}
     write_results(args.name, {"settings": settings}, {"median": summary, "runs": runs, "published_mnist_ratio": PUBLISHED}, markdown(summary, args))

@@ -44,3 +44,17 @@ def fit_digits(
     datamodule = DigitsDataModule()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer, module, datamodule
+
+
+def straight_and_resumed(
+    tmp_path, make_callback: Callable[[], L.Callback], max_epochs: int, stop_epochs: int = 2
+) -> tuple[tuple[L.Callback, ClassificationModule], tuple[L.Callback, ClassificationModule]]:
+    """The same seeded fit run straight to ``max_epochs``, and stopped after ``stop_epochs`` then resumed from
+    its ``last.ckpt``: the callback and the module of each, ``(straight, whole), (resumed, continued)``."""
+    straight = make_callback()
+    _, whole, _ = fit_digits(tmp_path / "a", [straight], max_epochs=max_epochs)
+    fit_digits(tmp_path / "b", [make_callback(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=stop_epochs)
+    resumed = make_callback()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    _, continued, _ = fit_digits(tmp_path / "b", [resumed, checkpoint], max_epochs=max_epochs, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    return (straight, whole), (resumed, continued)

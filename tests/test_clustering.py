@@ -5,9 +5,8 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-from digits import digits_module, fit_digits
+from digits import digits_module, fit_digits, straight_and_resumed
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_compress import Pruning, QuantizationAwareTraining
 from lightning_compress.callbacks.checkpoint import CompressionStage
@@ -157,12 +156,7 @@ RESUMABLE = {
 @pytest.mark.parametrize("options", RESUMABLE.values(), ids=RESUMABLE.keys())
 def test_a_resumed_run_ends_with_the_same_clusters_and_weights(tmp_path, options: dict) -> None:
     """Stopped after epoch 1 (clustered at its start, Adam's moments in flight) and resumed for epoch 2."""
-    straight = WeightClustering(**options)
-    _, whole, _ = fit_digits(tmp_path / "a", [straight], max_epochs=3)
-    fit_digits(tmp_path / "b", [WeightClustering(**options), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=2)
-    resumed = WeightClustering(**options)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
-    _, continued, _ = fit_digits(tmp_path / "b", [resumed, checkpoint], max_epochs=3, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    (straight, whole), (resumed, continued) = straight_and_resumed(tmp_path, lambda: WeightClustering(**options), max_epochs=3)
     assert straight.labels.keys() == resumed.labels.keys() == set(TARGETS)
     assert all(torch.equal(straight.labels[name], resumed.labels[name]) for name in TARGETS)
     for (name, value), other in zip(whole.state_dict().items(), continued.state_dict().values()):

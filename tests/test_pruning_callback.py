@@ -6,7 +6,7 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-from digits import digits_module, fit_digits
+from digits import digits_module, fit_digits, straight_and_resumed
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 
@@ -154,11 +154,7 @@ RESUMABLE = {
 @pytest.mark.parametrize("options", RESUMABLE.values(), ids=RESUMABLE.keys())
 def test_a_resumed_run_ends_with_the_same_masks_and_weights(tmp_path, options: dict) -> None:
     """Stopped after epoch 1 (mid-schedule, with Taylor sums or a rewind snapshot in flight) and resumed."""
-    straight = Pruning(**options)
-    _, whole, _ = fit_digits(tmp_path / "a", [straight], max_epochs=4)
-    fit_digits(tmp_path / "b", [Pruning(**options), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=2)
-    resumed = Pruning(**options)
-    _, continued, _ = fit_digits(tmp_path / "b", [resumed, ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=4, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    (straight, whole), (resumed, continued) = straight_and_resumed(tmp_path, lambda: Pruning(**options), max_epochs=4)
     assert resumed.pruned_epochs == straight.pruned_epochs == list(range(options["start_epoch"], 4))
     assert straight.masks.keys() == resumed.masks.keys() and len(straight.masks) >= len(TARGETS)
     assert all(torch.equal(straight.masks[name], resumed.masks[name]) for name in straight.masks)
