@@ -16,8 +16,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from hydra.experimental.callback import Callback
+from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from omegaconf import DictConfig
 
 from lightning_compress.arguments import is_int
