@@ -163,10 +163,12 @@ def _check_phases_on_model(cfg: DictConfig, recipes: dict[str, DictConfig], phas
                     module = _distill(recipes["distillation"], teacher, module)
             callbacks = {name: build(recipes[name]) for name in names if name != "distillation"}
             trainer: L.Trainer = build(cfg.trainer, callbacks=list(callbacks.values()), logger=False)
-            for hook in ("setup", "on_fit_start"):  # on_fit_start: a callback's checks that need the others set up
-                for name, callback in callbacks.items():
-                    with _named_recipe(name):
-                        getattr(callback, hook)(trainer, module, *(["fit"] if hook == "setup" else []))
+            for name, callback in callbacks.items():
+                with _named_recipe(name):
+                    callback.setup(trainer, module, "fit")
+            for name, callback in callbacks.items():  # the checks that need every callback set up (clustering after pruning)
+                with _named_recipe(name):
+                    callback.on_fit_start(trainer, module)
     return module
 
 
