@@ -26,7 +26,6 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
-from rich.console import Console
 from torch import nn
 
 from lightning_compress.analysis import Report
@@ -126,7 +125,7 @@ def _run_phases(cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[st
     if not recipes:
         report = fit_and_test(cfg, []).report
         if report is not None:
-            _print(report)
+            report.print()
         return report
     runs = {}
     if teacher_cfg is not None:
@@ -146,7 +145,7 @@ def _run_phases(cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[st
         entries.insert(0, runs[next(iter(phases))].report.entry("before"))
     report = Report(entries=entries, metadata=list(runs.values())[-1].report.metadata)
     report.write(cfg.output_dir)
-    _print(report)
+    report.print()
     return report
 
 
@@ -214,10 +213,6 @@ def _phases(kinds: list[str], recipes: list[str]) -> dict[str, list[str]]:
     if "combined" in kinds:
         phases["+".join(recipes)] = list(recipes)
     return phases
-
-
-def _print(report: Report) -> None:
-    Console(width=max(Console().width, 100)).print(report.to_rich_table())
 
 
 def _distill(recipe: DictConfig, teacher: nn.Module, module: ClassificationModule) -> L.LightningModule:

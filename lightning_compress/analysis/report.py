@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from lightning_compress.analysis.profile import ModelProfile
@@ -157,6 +159,14 @@ class Report:
             table.add_row(metric, *(row[metric] for row in rows))
         return table
 
+    def print(self) -> None:
+        """Print :meth:`to_rich_table` at its full width, wider than the terminal if need be: a narrow terminal
+        wraps the lines instead of cutting the ratios off the cells."""
+        table = self.to_rich_table()
+        console = Console()
+        console.width = max(console.width, Measurement.get(console, console.options.update_width(10_000), table).maximum)
+        console.print(table)
+
     def write(self, directory: str | os.PathLike[str]) -> dict[str, Path]:
         """Write ``report.json``, ``report.md`` and ``report.png`` into ``directory``, each atomically."""
         from lightning_compress.analysis.plots import plot_report
@@ -176,7 +186,7 @@ def slower_because(profile: ModelProfile, reference: ModelProfile) -> str | None
 
     In order: a stage whose fastest run is as fast as the first stage's median run is within the spread
     of repeated timings; a model with the same
-    MACs and no integer layers pays for unstructured zeros that dense kernels multiply anyway; an integer
+    MACs and no integer layers computes what the first stage does, so the difference is timing noise; an integer
     model pays per operator (quantizing and dequantizing between layers) more than its arithmetic saves
     at this size.
 
@@ -201,7 +211,10 @@ def slower_because(profile: ModelProfile, reference: ModelProfile) -> str | None
     if all(mine.min_ms <= theirs.median_ms for mine, theirs in slower.values()):
         return f"{where}, within the spread of repeated timings (its fastest run is as fast as the first stage's median)"
     if profile.quantized_layers == 0 and profile.macs >= reference.macs:
-        return f"{where}: its zeros are unstructured, and dense kernels multiply them anyway (prune channels with remove_channels=True to cut MACs)"
+        return (
+            f"{where}: it does the first stage's MACs (unstructured zeros are multiplied like any weight), so the "
+            "difference is the machine's timing noise; prune channels (remove_channels=True) to cut MACs and time"
+        )
     if profile.quantized_layers:
         return f"{where}: at {profile.macs:,} MACs per sample, quantizing and dequantizing between layers costs more than integer arithmetic saves"
     return f"{where}"

@@ -9,7 +9,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
-from rich.console import Console
 
 from lightning_compress.analysis import ModelProfile, Report, check_latency_options, evaluate_accuracy, profile_model
 from lightning_compress.callbacks.finite import describe_non_finite, non_finite_parameters
@@ -197,7 +196,7 @@ class CompressionReport(L.Callback):
     @rank_zero_only
     def print(self) -> None:
         """Print the report as a table on the console (rank zero only)."""
-        Console().print(self.report.to_rich_table())
+        self.report.print()
 
     def state_dict(self) -> dict[str, Any]:
         return {"report": self.report.to_dict()}
