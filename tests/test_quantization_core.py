@@ -72,6 +72,19 @@ def test_fake_quantizer_rounds_onto_the_grid_keeps_zero_and_passes_gradients_str
     assert x.grad.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]  # straight through inside the range, zero where clamped
 
 
+def test_a_symmetric_activation_grid_is_unsigned_while_everything_observed_is_non_negative() -> None:
+    quantizer = FakeQuantizer(Observer("minmax"), (-128, 127), True, unsigned_when_non_negative=True)
+    quantizer(torch.tensor([0.0, 0.51]))
+    assert quantizer.quant_range == (0, 255) and quantizer.scale.item() == pytest.approx(0.002)  # 0.51 / 255
+    set_quantization(quantizer, enabled=True)
+    assert quantizer.eval()(torch.tensor([-0.3, 0.2, 0.9])).tolist() == pytest.approx([0.0, 0.2, 0.51])  # 100 steps; clipped at 0 and 255
+    quantizer.train()(torch.tensor([-0.25, 0.5]))  # one negative value: signed again, the step from the largest magnitude
+    assert quantizer.quant_range == (-128, 127) and quantizer.scale.item() == pytest.approx(0.51 / 127)
+    weights = FakeQuantizer(Observer("latest"), (-127, 127), True)  # weights stay signed
+    weights(torch.tensor([0.0, 1.0]))
+    assert weights.quant_range == (-127, 127)
+
+
 def test_observers_move_only_in_training_mode() -> None:
     quantizer = FakeQuantizer(Observer("minmax"), (-127, 127), True)
     quantizer(torch.tensor([-1.0, 1.0]))

@@ -111,6 +111,38 @@ def test_without_batchnorm_the_artifact_computes_the_same_numbers() -> None:
         torch.testing.assert_close(run_onnx(onnx_bytes(model, inputs[:1]), inputs, optimized), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_behind_a_relu_activations_stay_uint8_from_layer_to_layer(tmp_path) -> None:
+    """A symmetric quantizer on non-negative inputs is unsigned (0 to 255): no int8 requantization between layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 3),
+    )  # fmt: skip
+    quantize_model(model, QuantConfig(reduce_range=True))
+    inputs = torch.randn(64, 1, 8, 8)
+    calibrate(model, inputs.split(16))
+    with torch.no_grad():
+        expected = model.eval()(inputs)
+    layers = quantized_layers(model)
+    assert [layer.input_quantizer.quant_range for layer in layers.values()] == [(-128, 127), (0, 255), (0, 255), (0, 255)]
+    for layer in list(layers.values())[1:]:  # the whole observed range on 256 steps from zero
+        assert layer.input_quantizer.scale.item() == pytest.approx(layer.input_quantizer.observer.max_val.item() / 255, rel=1e-6)
+
+    graph = onnx_bytes(model, inputs[:1])
+    initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in onnx.load_from_string(graph).graph.initializer}
+    quantize_types = [initializers[node.input[2]].dtype for node in onnx.load_from_string(graph).graph.node if node.op_type == "QuantizeLinear"]
+    assert quantize_types[0] == np.int8 and set(quantize_types[1:]) == {np.dtype(np.uint8)}
+    optimized = tmp_path / "optimized.onnx"
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(optimized)
+    session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": inputs.numpy()})[0]), expected, atol=1e-4, rtol=1e-4)
+    operators = [node.op_type for node in onnx.load(optimized).graph.node]
+    # one QuantizeLinear at the input, then integer kernels to the end: no ReLU, no DequantizeLinear in between
+    assert operators.count("QuantizeLinear") == 1 and "DequantizeLinear" not in operators and "Relu" not in operators, operators
+    assert operators.count("QLinearConv") == 2 and operators.count("QGemm") == 2, operators
+
+
 def test_torch_format_loads_back_into_a_fresh_model(qat_digits, tmp_path) -> None:
     module, inputs = qat_digits
     path = export(module, tmp_path / "model.pt", inputs[:1], format="torch")

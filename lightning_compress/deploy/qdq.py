@@ -7,9 +7,11 @@ or calibrated: each quantized layer's weight becomes an integer initializer behi
 bias an int32 initializer on the accumulator grid (input scale x weight scale), and its input passes a
 ``QuantizeLinear`` / ``DequantizeLinear`` pair. Where a layer's output reaches the next quantized layer
 only through operators that commute with rounding (ReLU, max-pooling, reshapes), the next layer's grid
-is applied after the layer and after each of them (as uint8 from zero where a ReLU follows an int8 grid
-centred on zero): the numbers do not change, and ONNX Runtime fuses the chain into integer kernels
-(``QLinearConv``, ``QGemm``, int8 ``MaxPool``, the ReLU folded away).
+is applied after the layer and after each of them: the numbers do not change, and ONNX Runtime fuses the
+chain into integer kernels (``QLinearConv``, ``QGemm``, 8-bit ``MaxPool``). Behind a ReLU that grid is
+uint8 from zero (a symmetric activation quantizer turns unsigned on non-negative inputs, see
+:class:`~lightning_compress.quantization.FakeQuantizer`), so ONNX Runtime drops the ReLU, which
+clipping at zero already does, and the tensor stays uint8 from one layer to the next.
 
 Weights whose range fits in four bits (``weight_bits=4``: ``[-7, 7]``, or ``[0, 15]`` when asymmetric)
 are stored as ``INT4`` / ``UINT4`` initializers, two integers a byte, and widened by a ``Cast`` to the
@@ -205,11 +207,10 @@ class _GraphEditor:
 
 @dataclass(frozen=True)
 class _ActivationGrid:
-    """Names of a grid's scale and zero point; ``signed_zero``: int8 with zero point 0 (see :func:`to_qdq`)."""
+    """Names of a grid's scale and zero point initializers."""
 
     scale: str
     zero_point: str
-    signed_zero: bool = False
 
 
 def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.ModelProto:
@@ -242,12 +243,6 @@ def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.M
     producers = {output: node for node in result.graph.node for output in node.output}
     for output in layer_outputs:
         tensors, grid = _path_to_next_quantizer(output, users, input_grids, graph_outputs)
-        if grid is not None and grid.signed_zero and any(users[tensor][0].op_type == "Relu" for tensor in tensors):
-            # The same steps as uint8 with zero point 0, up to the next layer's quantizer: a ReLU on the path
-            # zeroes what uint8 clips below zero, and that int8 quantizer clips what uint8 keeps above 127.
-            # ONNX Runtime then drops the ReLU (a uint8 grid starting at 0) and runs the path in 8 bits.
-            grid = _ActivationGrid(grid.scale, editor.constant(f"{output}_unsigned_zero_point", np.array(0, dtype=np.uint8)))
-            tensors.append(users[tensors[-1]][0].output[0])
         for tensor in tensors:
             added = _quantize_pair(editor, tensor, grid)
             for user in users[tensor]:
@@ -335,7 +330,6 @@ def _activation_grid(editor: _GraphEditor, layer: IntegerLayer, tensor: str) -> 
     return _ActivationGrid(
         scale=editor.constant(f"{tensor}_scale", np.array(layer.input_scale, dtype=np.float32)),
         zero_point=editor.constant(f"{tensor}_zero_point", np.array(layer.input_zero_point, dtype=storage)),
-        signed_zero=storage is np.int8 and layer.input_zero_point == 0,
     )
 
 

@@ -68,7 +68,8 @@ class QuantizationAwareTraining(_QuantizingCallback):
         weight_bits, activation_bits: 2 to 8.
         bias_bits: the accumulator the bias is rounded for, 8 to 32.
         per_channel: one weight scale per output channel (else one per tensor).
-        symmetric: signed ranges with zero point 0 (else unsigned ranges with a zero point).
+        symmetric: zero point 0, signed (activations unsigned where every observed input is non-negative,
+            as behind a ReLU); else unsigned ranges with a zero point.
         reduce_range: weights one bit short of ``weight_bits``, for int8 runtimes on x86 CPUs without VNNI
             (see :class:`QuantConfig`).
         observer: activation range estimate: ``"minmax"``, ``"moving_average"``, ``"mean_std"``, ``"percentile"``.

@@ -15,7 +15,9 @@ class QuantConfig:
 
     Weights use the restricted symmetric range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (zero point 0) or the
     unsigned range ``[0, 2^b - 1]`` with a zero point when ``symmetric=False``; activations use the full
-    signed range ``[-2^(b-1), 2^(b-1) - 1]`` or the unsigned one. Either way zero is exactly representable,
+    signed range ``[-2^(b-1), 2^(b-1) - 1]`` (``activation_range``) or the unsigned one. A symmetric
+    activation quantizer whose observed inputs are all non-negative (behind a ReLU) turns to the unsigned
+    range with zero point 0 (see :class:`FakeQuantizer`). Either way zero is exactly representable,
     so pruned weights stay exactly zero. Biases are rounded onto the accumulator's grid, step
     ``input scale * weight scale``, in a signed ``bias_bits`` range (32 by default, as int8 runtimes
     accumulate), like Intel Distiller's ``bits_accum``. ``reduce_range`` keeps weights one bit short of

@@ -23,6 +23,12 @@ class FakeQuantizer(nn.Module):
     ``learnable=True`` the scale is a parameter learned by LSQ (Esser et al. 2020): the observer sets it
     once, at the first enabled call, and the gradient trains it from then on.
 
+    With ``unsigned_when_non_negative=True`` (activations on a symmetric grid) the signed ``quant_range``
+    gives way to the unsigned range of the same width, ``[0, 2^bits - 1]`` with zero point 0, while every
+    value observed is non-negative (the output of a ReLU), as NNCF's symmetric quantizers decide their
+    sign from statistics: the sign bit would hold nothing there, so the step halves, and the integer
+    graph keeps such a tensor in uint8 from one layer to the next instead of requantizing it to int8.
+
     Example:
         >>> import torch
         >>> quantizer = FakeQuantizer(Observer("minmax"), quant_range=(-127, 127), symmetric=True)
@@ -31,6 +37,10 @@ class FakeQuantizer(nn.Module):
         tensor(True)
         >>> quantizer(torch.tensor([0.0, 0.5, 1.0])) * 127
         tensor([  0.,  64., 127.])
+        >>> after_relu = FakeQuantizer(Observer("minmax"), quant_range=(-128, 127), symmetric=True, unsigned_when_non_negative=True)
+        >>> _ = after_relu(torch.tensor([0.0, 2.0]))
+        >>> after_relu.quant_range, round(after_relu.scale.item() * 255, 4)
+        ((0, 255), 2.0)
     """
 
     def __init__(
@@ -40,11 +50,13 @@ class FakeQuantizer(nn.Module):
         symmetric: bool,
         channel_axis: int | None = None,
         learnable: bool = False,
+        unsigned_when_non_negative: bool = False,
     ) -> None:
         super().__init__()
         self.observer = observer
-        self.quant_min, self.quant_max = quant_range
+        self.signed_range = quant_range
         self.symmetric = symmetric
+        self.unsigned_when_non_negative = unsigned_when_non_negative
         self.channel_axis = channel_axis
         self.learnable = learnable
         shape = observer.min_val.shape
@@ -59,12 +71,28 @@ class FakeQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
 
     @property
+    def quant_range(self) -> tuple[int, int]:
+        """The integers the grid holds: ``quant_range`` as given, or unsigned from 0 (see the class)."""
+        low, high = self.signed_range
+        if self.unsigned_when_non_negative and low < 0 and bool((self.observer.min_val >= 0).all()):
+            return 0, high - low
+        return low, high
+
+    @property
+    def quant_min(self) -> int:
+        return self.quant_range[0]
+
+    @property
+    def quant_max(self) -> int:
+        return self.quant_range[1]
+
+    @property
     def bits(self) -> int:
         return int(self.quant_max - self.quant_min).bit_length()
 
     @torch.no_grad()
     def _update_qparams(self) -> None:
-        scale, zero_point = self.observer.qparams(self.quant_min, self.quant_max, self.symmetric)
+        scale, zero_point = self.observer.qparams(*self.quant_range, self.symmetric)
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
         self.initialized.fill_(True)
@@ -80,23 +108,22 @@ class FakeQuantizer(nn.Module):
             raise RuntimeError("fake quantization is enabled but the range was never observed; observe some inputs first")
         if self.learnable:
             return self._learnable(x)
+        quant_min, quant_max = self.quant_range
         if self.channel_axis is None:
-            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min, self.quant_max)
-        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.channel_axis, self.quant_min, self.quant_max)
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, quant_min, quant_max)
+        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.channel_axis, quant_min, quant_max)
 
     def _learnable(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ: the step size's gradient scaled by 1 / sqrt(values per step size * quant_max)."""
         per_scale = x.numel() // max(self.scale.numel(), 1) if self.channel_axis is not None else x[0].numel() if x.dim() > 1 else x.numel()
-        grad_factor = 1.0 / math.sqrt(per_scale * self.quant_max)
+        quant_min, quant_max = self.quant_range
+        grad_factor = 1.0 / math.sqrt(per_scale * quant_max)
         zero_point = self.zero_point.float()
         if self.channel_axis is None:
-            return torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.scale.reshape(1), zero_point.reshape(1), self.quant_min, self.quant_max, grad_factor
-            )
-        return torch._fake_quantize_learnable_per_channel_affine(
-            x, self.scale, zero_point, self.channel_axis, self.quant_min, self.quant_max, grad_factor
-        )
+            return torch._fake_quantize_learnable_per_tensor_affine(x, self.scale.reshape(1), zero_point.reshape(1), quant_min, quant_max, grad_factor)
+        return torch._fake_quantize_learnable_per_channel_affine(x, self.scale, zero_point, self.channel_axis, quant_min, quant_max, grad_factor)
 
     def extra_repr(self) -> str:
         granularity = "per tensor" if self.channel_axis is None else f"per channel (axis {self.channel_axis})"
-        return f"range=[{self.quant_min}, {self.quant_max}], {granularity}, observer={self.observer.kind}, learnable={self.learnable}"
+        low, high = self.quant_range
+        return f"range=[{low}, {high}], {granularity}, observer={self.observer.kind}, learnable={self.learnable}"

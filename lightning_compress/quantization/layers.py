@@ -132,7 +132,9 @@ def _convert(layer: nn.Module, config: QuantConfig) -> None:
     layer.weight_quantizer = FakeQuantizer(
         weight_observer, config.weight_range, config.symmetric, channel_axis=0 if config.per_channel else None, learnable=config.learnable_scales
     ).to(device)
-    layer.input_quantizer = FakeQuantizer(activation_observer, config.activation_range, config.symmetric, learnable=config.learnable_scales).to(device)
+    layer.input_quantizer = FakeQuantizer(
+        activation_observer, config.activation_range, config.symmetric, learnable=config.learnable_scales, unsigned_when_non_negative=config.symmetric
+    ).to(device)
 
 
 def dequantize_layer(layer: QuantizedLayer) -> None:
