@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, read_write
 from torch import nn
 
-from lightning_compress.analysis import Report
+from lightning_compress.analysis import Report, ReportEntry
 from lightning_compress.callbacks import CompressionReport
 from lightning_compress.deploy import FILE_SUFFIXES, check_export_format, export
 from lightning_compress.files import write_atomically
@@ -51,11 +51,15 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 @dataclasses.dataclass
 class Run:
-    """A finished run: the fitted module, and the ``CompressionReport``'s report on the global-zero process
+    """A finished run: the fitted module, and its ``CompressionReport`` on the global-zero process
     (``None`` elsewhere, since other ranks measure nothing, or when the configuration has no report)."""
 
     module: L.LightningModule
-    report: Report | None
+    reporter: CompressionReport | None
+
+    @property
+    def report(self) -> Report | None:
+        return self.reporter.report if self.reporter is not None else None
 
 
 def fit_and_test(cfg: DictConfig, compression: list[L.Callback], wrap: Callable[[ClassificationModule], L.LightningModule] | None = None) -> Run:
@@ -78,7 +82,7 @@ def fit_and_test(cfg: DictConfig, compression: list[L.Callback], wrap: Callable[
     if cfg.get("export") and trainer.is_global_zero:
         export(module.cpu(), Path(cfg.output_dir) / f"model.{FILE_SUFFIXES[cfg.export]}", module.example_input_array, format=cfg.export)
     reporter = next((callback for callback in callbacks if isinstance(callback, CompressionReport)), None)
-    return Run(module, reporter.report if reporter is not None and trainer.is_global_zero else None)
+    return Run(module, reporter if reporter is not None and trainer.is_global_zero else None)
 
 
 def train(cfg: DictConfig) -> Report | None:
@@ -136,17 +140,38 @@ def _run_phases(cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[st
         runs[name] = _phase(cfg, name, callbacks, resume=index == len(phases) - 1, wrap=wrap, dense=not names)
     if any(run.report is None for run in runs.values()):
         return None
-    entries = [dataclasses.replace(run.report.entry("after"), name=name) for name, run in runs.items()]
+    stages = {name: (run.report.entry("after"), run.reporter.models.get("after")) for name, run in runs.items()}
     if "dense" in runs:
-        half = [entry for entry in runs["dense"].report.entries if entry.name not in ("before", "after")]
-        entries.insert(0, entries.pop(list(runs).index("dense")))  # dense first: the reference of the ratios
-        entries[1:1] = [dataclasses.replace(entry, name=f"dense {entry.name}") for entry in half]
+        dense = runs["dense"].reporter
+        half = {f"dense {entry.name}": (entry, dense.models.get(entry.name)) for entry in dense.report.entries if entry.name not in ("before", "after")}
+        stages = {"dense": stages.pop("dense"), **half, **stages}  # dense first: the reference of the ratios
     else:  # the untrained model is the reference of the ratios: the dense model's size, MACs and latency
-        entries.insert(0, runs[next(iter(phases))].report.entry("before"))
+        first = runs[next(iter(phases))].reporter
+        stages = {"before": (first.report.entry("before"), first.models.get("before")), **stages}
+    entries = [dataclasses.replace(entry, name=name) for name, (entry, _) in stages.items()]
+    _time_together(entries, {name: model for name, (_, model) in stages.items()}, list(runs.values())[-1].reporter)
     report = Report(entries=entries, metadata=list(runs.values())[-1].report.metadata)
     report.write(cfg.output_dir)
     report.print()
     return report
+
+
+def _time_together(entries: list[ReportEntry], models: dict[str, nn.Module | None], reporter: CompressionReport) -> None:
+    """Give each entry the latency of its model timed with all the others, in ``reporter``'s interleaved
+    rounds, each in the runtime and on the device it was measured on: runs timed one after another saw
+    different noise. An entry without its model, or whose model has moved (``export`` moves it to the
+    CPU), keeps its run's timing."""
+    timed = {}
+    for entry in entries:
+        model, measured = models[entry.name], next(iter(entry.profile.latency.values()), None)
+        if model is not None and measured is not None and str(next(model.parameters()).device) == measured.device:
+            timed[entry.name] = (model, measured.runtime)
+    if len(timed) < 2:
+        return
+    results = reporter.time_stages({name: model for name, (model, _) in timed.items()}, {name: runtime for name, (_, runtime) in timed.items()})
+    for entry in entries:
+        if entry.name in results:
+            entry.profile = dataclasses.replace(entry.profile, latency=results[entry.name].latency)
 
 
 def _check_phases_on_model(cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[str, list[str]]) -> L.LightningModule:

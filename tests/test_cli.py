@@ -11,16 +11,23 @@ from commands import QUICK_REPORT, run_command
 from hydra.utils import instantiate
 from onnx import numpy_helper
 
+import lightning_compress.analysis.profile as profiling
 from lightning_compress import load_compressed
 from lightning_compress.cli import train
 from lightning_compress.quantization.layers import QuantizedLayer
 
 
-def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config, tmp_path) -> None:
+def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config, tmp_path, monkeypatch) -> None:
+    timed_together = []
+    measure_latencies = profiling.measure_latencies
+    monkeypatch.setattr(profiling, "measure_latencies", lambda contenders, **options: timed_together.append(list(contenders)) or measure_latencies(contenders, **options))
     # latency in eager torch: no ONNX export inside the report (each run still writes its model.onnx)
     cfg = compose_config("trainer.fast_dev_run=true", f"output_dir={tmp_path}", *QUICK_REPORT, "callbacks.compression_report.latency_runtime=torch")
     report = train(cfg)
     assert [entry.name for entry in report.entries] == ["dense", "dense bfloat16", "pruning", "quantization", "pruning+quantization"]
+    # each run times its stages together at its end, and the job all of its stages together at its end
+    assert timed_together[-1] == [entry.name for entry in report.entries]
+    assert ["before", "after", "bfloat16"] in timed_together and timed_together.count(["before", "after"]) == 3
     assert [entry.test_accuracy is not None for entry in report.entries] == [True, False, True, True, True]
     assert all(entry.profile.compressed_bytes > 0 for entry in report.entries)  # every stage's compressed file
     stages = json.loads((tmp_path / "report.json").read_text())["stages"]
@@ -130,7 +137,10 @@ def test_a_resumed_run_continues_from_its_last_checkpoint(compose_config, tmp_pa
     common = ["~compression/pruning", "~compression/quantization", f"output_dir={tmp_path}", *QUICK_REPORT, "test=false"]
     first = train(compose_config("trainer.max_epochs=1", *common))
     resumed = train(compose_config("trainer.max_epochs=2", f"ckpt_path={tmp_path}/checkpoints/last.ckpt", *common))
-    assert resumed.entry("before") == first.entry("before")
+    before, first_before = resumed.entry("before"), first.entry("before")
+    # the same stage; its latency is the one timed when the first fit started (its model is gone), and it says so
+    assert before.val_accuracy == first_before.val_accuracy and before.profile.to_dict() | {"latency": None} == first_before.profile.to_dict() | {"latency": None}
+    assert before.note.endswith("the run resumed")
     with open(tmp_path / "csv" / "version_1" / "metrics.csv") as handle:
         epochs = {row["epoch"] for row in csv.DictReader(handle) if row["train/loss_epoch"]}
     assert epochs == {"1"}  # the resumed run trained epoch 1 only

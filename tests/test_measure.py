@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -15,6 +16,7 @@ from lightning_compress.analysis import (
     evaluate_accuracy,
     global_sparsity,
     layer_sparsity,
+    measure_latencies,
     measure_latency,
     profile_model,
     size_on_disk,
@@ -93,6 +95,34 @@ def test_latency_result_and_thread_count_restored() -> None:
     assert result.min_ms <= result.median_ms <= result.max_ms
     assert torch.get_num_threads() == threads_before
     assert model.training
+
+
+class CallRecorder(nn.Module):
+    """Appends its name to ``calls`` at every forward."""
+
+    def __init__(self, name: str, calls: list[str]) -> None:
+        super().__init__()
+        self.name, self.calls = name, calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(self.name)
+        return x
+
+
+def test_models_are_timed_in_interleaved_rounds_of_shuffled_order() -> None:
+    calls: list[str] = []
+    contenders = {name: (CallRecorder(name, calls), torch.zeros(1, 2)) for name in "abc"}
+    results = measure_latencies(contenders, warmup=1, repeats=7, rounds=3, seed=1)
+    assert [result.repeats for result in results.values()] == [7, 7, 7]
+    assert sorted(calls[:3]) == ["a", "b", "c"]  # one warm-up call each
+    # 7 calls over 3 rounds: 3, 2 and 2 in a row for each model, every model once per round
+    rounds = [calls[3:12], calls[12:18], calls[18:]]
+    orders = [[name for name, _ in itertools.groupby(calls_of_round)] for calls_of_round in rounds]
+    assert [calls_of_round == [name for name in order for _ in range(len(calls_of_round) // 3)] for calls_of_round, order in zip(rounds, orders)] == [True] * 3
+    assert [sorted(order) for order in orders] == [["a", "b", "c"]] * 3 and len(calls) == 3 + 21
+    assert len({tuple(order) for order in orders}) > 1  # a new order each round
+    with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
+        measure_latencies(contenders, rounds=0)
 
 
 def test_latency_rejects_bad_repeats() -> None:

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+import lightning_compress.analysis.profile as profiling
 from lightning_compress import ClassificationModule, CompressionReport, compressed_bytes
 from lightning_compress.analysis import ModelProfile, Report, count_nonzero_parameters, count_parameters, profile_model, size_on_disk
 from lightning_compress.analysis.latency import LatencyResult
@@ -81,7 +82,7 @@ def timed_profile(median_ms: float, low_ms: float, high_ms: float, macs: int = 8
     [
         (timed_profile(0.021, 0.019, 0.030), "slower than the first stage at batch 1 (1.05x), within the spread of repeated timings (its fastest run"),
         (timed_profile(0.030, 0.028, 0.035), "slower than the first stage at batch 1 (1.50x): it does the first stage's MACs (unstructured zeros are multiplied like any weight), so the difference is the machine's timing noise"),
-        (timed_profile(0.030, 0.028, 0.035, quantized_layers=2), "(1.50x): at 8 MACs per sample, quantizing and dequantizing between layers costs more"),
+        (timed_profile(0.030, 0.028, 0.035, quantized_layers=2), "(1.50x): at 8 MACs per sample, the integer graph's fixed cost per call"),
         (timed_profile(0.010, 0.009, 0.011), None),
     ],
     ids=["spread", "unstructured", "integer", "faster"],
@@ -162,8 +163,26 @@ def test_resumed_run_keeps_the_before_stage(tmp_path) -> None:
     resumed = CompressionReport(output_dir=tmp_path / "resumed", **options)
     trainer, _, _ = fit_digits(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.current_epoch == 2
-    assert resumed.report.entry("before") == first.report.entry("before")
+    before, first_before = resumed.report.entry("before"), first.report.entry("before")
+    assert before.val_accuracy == first_before.val_accuracy and before.profile.to_dict() | {"latency": None} == first_before.profile.to_dict() | {"latency": None}
+    # its model is gone, so it keeps the latency timed at the first fit's start, and says so
+    assert before.note == "latency measured at the start of the first fit, not with the other stages: the run resumed"
     assert [entry.name for entry in resumed.report.entries] == ["before", "after"]
+    assert list(first.models) == ["before", "after"] and list(resumed.models) == ["after"]
+
+
+def test_every_stage_is_timed_with_the_others_at_the_end_of_fit(tmp_path, monkeypatch) -> None:
+    timed_together = []
+    measure_latencies = profiling.measure_latencies
+    monkeypatch.setattr(profiling, "measure_latencies", lambda contenders, **options: timed_together.append((list(contenders), options)) or measure_latencies(contenders, **options))
+    callback = CompressionReport(output_dir=tmp_path, latency_batch_sizes=(1, 4), latency_repeats=4, latency_rounds=2, half_precision="bfloat16", verbose=False)
+    _, module, _ = fit_digits(tmp_path, [callback], max_epochs=1)
+    # "before" alone at the start of fit; then, per batch size, every stage in the same rounds
+    assert [names for names, _ in timed_together] == [["model"], ["model"], ["before", "after", "bfloat16"], ["before", "after", "bfloat16"]]
+    assert timed_together[-1][1] == {"warmup": 5, "repeats": 4, "rounds": 2, "num_threads": None}
+    assert callback.models["after"] is module and callback.models["before"] is not module
+    assert [callback.report.entry(name).profile.latency[4].repeats for name in ("before", "after", "bfloat16")] == [4, 4, 4]
+    assert callback.report.entry("bfloat16").profile.latency[1].runtime == "torch"
 
 
 def test_fit_twice_keeps_before_and_remeasures_after(tmp_path) -> None:

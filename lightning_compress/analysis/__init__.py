@@ -1,6 +1,6 @@
 """Measurement in plain PyTorch: size, sparsity, MACs, latency, accuracy, and the report built from them."""
 
-from lightning_compress.analysis.latency import LATENCY_RUNTIMES, LatencyResult, check_latency_options, measure_latency
+from lightning_compress.analysis.latency import LATENCY_RUNTIMES, LatencyResult, check_latency_options, measure_latencies, measure_latency
 from lightning_compress.analysis.measure import (
     WEIGHT_LAYER_TYPES,
     SparsityStats,
@@ -13,7 +13,7 @@ from lightning_compress.analysis.measure import (
     size_on_disk,
     weight_layers,
 )
-from lightning_compress.analysis.profile import ModelProfile, evaluate_accuracy, profile_model
+from lightning_compress.analysis.profile import ModelProfile, TimedModel, evaluate_accuracy, profile_model, time_models
 from lightning_compress.analysis.report import Report, ReportEntry
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "Report",
     "ReportEntry",
     "SparsityStats",
+    "TimedModel",
     "check_latency_options",
     "count_macs",
     "count_nonzero_parameters",
@@ -32,8 +33,10 @@ __all__ = [
     "evaluate_accuracy",
     "global_sparsity",
     "layer_sparsity",
+    "measure_latencies",
     "measure_latency",
     "profile_model",
     "size_on_disk",
+    "time_models",
     "weight_layers",
 ]

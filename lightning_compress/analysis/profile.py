@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from lightning_compress.analysis.latency import LatencyResult, check_latency_options, measure_latency
+from lightning_compress.analysis.latency import LatencyResult, Runner, check_latency_options, measure_latencies
 from lightning_compress.analysis.measure import (
     SparsityStats,
     count_macs,
@@ -104,44 +104,89 @@ def profile_model(
 ) -> ModelProfile:
     """Measure ``model`` on inputs of ``input_shape`` (one sample, without the batch dimension).
 
-    MACs are per sample (batch of one); latency is measured at each of ``latency_batch_sizes`` on the
-    device the model's parameters are on, in eager PyTorch (``latency_runtime="torch"``) or in ONNX
-    Runtime on the CPU (``"onnxruntime"``: the model is exported once, with a dynamic batch dimension,
-    fake-quantized layers as integer layers, and the graph's size is recorded as ``onnx_bytes``).
-    ``compressed_size`` measures ``compressed_bytes`` (xz reads dense float weights at a few MB/s: leave
-    it out for large dense models when time matters).
+    MACs are per sample (batch of one); latency is measured at each of ``latency_batch_sizes`` as
+    :func:`time_models` measures it, in eager PyTorch (``latency_runtime="torch"``) or in ONNX Runtime
+    (``"onnxruntime"``, which records the graph's size as ``onnx_bytes``). ``compressed_size`` measures
+    ``compressed_bytes`` (xz reads dense float weights at a few MB/s: leave it out for large dense
+    models when time matters). To compare models' latencies, time them together with :func:`time_models`.
     """
     latency_batch_sizes = list(latency_batch_sizes)
     check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads, latency_runtime)
     device, dtype = _device_and_dtype(model)
-    shape = tuple(input_shape)
-    generator = torch.Generator().manual_seed(0)
-
-    def example(batch_size: int) -> torch.Tensor:
-        return torch.randn((batch_size, *shape), generator=generator).to(device=device, dtype=dtype)
-
-    runner: nn.Module | OnnxRuntimeModel = model
-    graph = None
-    if latency_runtime == "onnxruntime" and latency_batch_sizes:
-        if device.type != "cpu":
-            raise ValueError(f"latency_runtime='onnxruntime' measures on the CPU; the model is on {device}")
-        graph = onnx_bytes(model, example(1))
-        runner = OnnxRuntimeModel(graph, num_threads)
+    timed = time_models(
+        {"model": model}, input_shape, {"model": latency_runtime}, latency_batch_sizes, warmup=latency_warmup, repeats=latency_repeats, num_threads=num_threads
+    )["model"]
     return ModelProfile(
         parameters=count_parameters(model),
         nonzero_parameters=count_nonzero_parameters(model),
         weight_sparsity=global_sparsity(model),
         layer_sparsity=layer_sparsity(model),
         size_bytes=size_on_disk(model),
-        macs=count_macs(model, example(1)),
-        latency={
-            batch: measure_latency(runner, example(batch), warmup=latency_warmup, repeats=latency_repeats, num_threads=num_threads)
-            for batch in latency_batch_sizes
-        },
-        onnx_bytes=len(graph) if graph is not None else None,
+        macs=count_macs(model, _example_batch(input_shape, 1, device, dtype)),
+        latency=timed.latency,
+        onnx_bytes=timed.onnx_bytes,
         compressed_bytes=len(compressed_bytes(model)) if compressed_size else None,
         quantized_layers=sum(bool(layer.weight_quantizer.enabled) for layer in quantized_layers(model).values()),
     )
+
+
+class TimedModel(NamedTuple):
+    """A model's latency at each batch size, and the size of the ONNX graph that ran (``None`` in eager PyTorch)."""
+
+    latency: dict[int, LatencyResult]
+    onnx_bytes: int | None
+
+
+def time_models(
+    models: Mapping[str, nn.Module],
+    input_shape: Sequence[int],
+    runtimes: Mapping[str, str],
+    batch_sizes: Iterable[int] = (1,),
+    *,
+    warmup: int = 5,
+    repeats: int = 30,
+    rounds: int = 10,
+    num_threads: int | None = None,
+) -> dict[str, TimedModel]:
+    """The latency of each of ``models`` in its runtime (``runtimes[name]``), all timed together at each batch size.
+
+    A model runs in eager PyTorch (``"torch"``) on the device its parameters are on, or exported to ONNX
+    (with a dynamic batch dimension, fake-quantized layers as integer layers) in an ONNX Runtime CPU
+    session (``"onnxruntime"``). At each batch size every model gets the same random inputs, in its
+    dtype, and :func:`~lightning_compress.analysis.latency.measure_latencies` times them in
+    interleaved, shuffled rounds, so their medians sample the same stretch of a noisy machine.
+
+    Example:
+        >>> import torch
+        >>> models = {"dense": torch.nn.Linear(64, 64), "narrow": torch.nn.Linear(64, 4)}
+        >>> timed = time_models(models, (64,), {"dense": "torch", "narrow": "onnxruntime"}, (1, 8), repeats=4, rounds=2)
+        >>> sorted(timed["narrow"].latency), timed["narrow"].latency[8].runtime, timed["dense"].onnx_bytes
+        ([1, 8], 'onnxruntime', None)
+    """
+    batch_sizes = list(batch_sizes)
+    runners: dict[str, Runner] = {}
+    graph_sizes: dict[str, int | None] = {}
+    for name, model in models.items():
+        check_latency_options(batch_sizes, warmup, repeats, num_threads, runtimes[name], rounds)
+        device, dtype = _device_and_dtype(model)
+        runners[name], graph_sizes[name] = model, None
+        if runtimes[name] == "onnxruntime" and batch_sizes:
+            if device.type != "cpu":
+                raise ValueError(f"latency_runtime='onnxruntime' measures on the CPU; the model {name!r} is on {device}")
+            graph = onnx_bytes(model, _example_batch(input_shape, 1, device, dtype))
+            runners[name], graph_sizes[name] = OnnxRuntimeModel(graph, num_threads), len(graph)
+    latency: dict[str, dict[int, LatencyResult]] = {name: {} for name in models}
+    for batch in batch_sizes:
+        contenders = {name: (runners[name], _example_batch(input_shape, batch, *_device_and_dtype(model))) for name, model in models.items()}
+        for name, result in measure_latencies(contenders, warmup=warmup, repeats=repeats, rounds=rounds, num_threads=num_threads).items():
+            latency[name][batch] = result
+    return {name: TimedModel(latency[name], graph_sizes[name]) for name in models}
+
+
+def _example_batch(input_shape: Sequence[int], batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal inputs of ``(batch_size, *input_shape)``, the same for every model (seeded by the batch size)."""
+    generator = torch.Generator().manual_seed(batch_size)
+    return torch.randn((batch_size, *input_shape), generator=generator).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()

@@ -187,8 +187,8 @@ def slower_because(profile: ModelProfile, reference: ModelProfile) -> str | None
     In order: a stage whose fastest run is as fast as the first stage's median run is within the spread
     of repeated timings; a model with the same
     MACs and no integer layers computes what the first stage does, so the difference is timing noise; an integer
-    model pays per operator (quantizing and dequantizing between layers) more than its arithmetic saves
-    at this size.
+    model pays a fixed cost per call (quantizing its input, the integer kernels' layout) that its
+    arithmetic does not win back at this size.
 
     Example:
         >>> from lightning_compress.analysis.latency import LatencyResult
@@ -197,7 +197,7 @@ def slower_because(profile: ModelProfile, reference: ModelProfile) -> str | None
         ...     timing = LatencyResult(1, ms, low, high, 10, 2, 1, "cpu", "onnxruntime")
         ...     return ModelProfile(10, 10, SparsityStats(0, 8), {}, 100, 8, {1: timing}, quantized_layers=quantized)
         >>> slower_because(profile(0.03, 0.028, 0.035, quantized=2), profile(0.02, 0.019, 0.022))
-        'slower than the first stage at batch 1 (1.50x): at 8 MACs per sample, quantizing and dequantizing between layers costs more than integer arithmetic saves'
+        "slower than the first stage at batch 1 (1.50x): at 8 MACs per sample, the integer graph's fixed cost per call (quantizing the input, changing its layout for the integer kernels) is more than integer arithmetic saves"
     """
     slower = {
         batch: (here, reference.latency[batch])
@@ -216,7 +216,7 @@ def slower_because(profile: ModelProfile, reference: ModelProfile) -> str | None
             "difference is the machine's timing noise; prune channels (remove_channels=True) to cut MACs and time"
         )
     if profile.quantized_layers:
-        return f"{where}: at {profile.macs:,} MACs per sample, quantizing and dequantizing between layers costs more than integer arithmetic saves"
+        return f"{where}: at {profile.macs:,} MACs per sample, the integer graph's fixed cost per call (quantizing the input, changing its layout for the integer kernels) is more than integer arithmetic saves"
     return f"{where}"
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from lightning_compress.analysis import ModelProfile, Report, check_latency_options, evaluate_accuracy, profile_model
+from lightning_compress.analysis import ModelProfile, Report, TimedModel, check_latency_options, evaluate_accuracy, profile_model, time_models
+from lightning_compress.analysis.measure import model_copy
 from lightning_compress.callbacks.finite import describe_non_finite, non_finite_parameters
 from lightning_compress.deploy.half import HALF_DTYPES, half_precision
 from lightning_compress.quantization.layers import quantized_layers
@@ -23,7 +25,11 @@ class CompressionReport(L.Callback):
     the saved state dict and of its ``export(..., format="compressed")`` file (``compressed_size=False``
     leaves that out), MACs per sample and the median latency at each of ``latency_batch_sizes``
     (in eager PyTorch, or in ONNX Runtime on the CPU with ``latency_runtime="onnxruntime"``, where
-    fake-quantized layers run as the integer layers :func:`lightning_compress.export` writes).
+    fake-quantized layers run as the integer layers :func:`lightning_compress.export` writes). At the
+    end of fit every stage is timed again, together, in ``latency_rounds`` interleaved rounds of a new
+    random order (against a copy of the model kept from the start), so the ratios compare medians of
+    the same stretch of a noisy machine; ``models`` keeps each stage's model for timing it with others
+    (:meth:`time_stages`).
     With ``half_precision="float16"`` or ``"bfloat16"``, a float model gets a third stage after fit:
     the fitted model converted by :func:`lightning_compress.half_precision`, measured in eager PyTorch.
     Both stages, ``"before"`` and ``"after"``, get the accuracy over the datamodule's whole validation
@@ -54,6 +60,7 @@ class CompressionReport(L.Callback):
         latency_batch_sizes: Sequence[int] = (1, 256),
         latency_warmup: int = 5,
         latency_repeats: int = 30,
+        latency_rounds: int = 10,
         num_threads: int | None = None,
         latency_runtime: str = "torch",
         val_metric: str = "val/acc",
@@ -63,7 +70,7 @@ class CompressionReport(L.Callback):
         compressed_size: bool = True,
         verbose: bool = True,
     ) -> None:
-        check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads, latency_runtime)
+        check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads, latency_runtime, latency_rounds)
         if half_precision is not None and half_precision not in HALF_DTYPES:
             raise ValueError(f"half_precision must be None or one of {', '.join(HALF_DTYPES)}, got {half_precision!r}")
         self.output_dir = output_dir
@@ -71,6 +78,7 @@ class CompressionReport(L.Callback):
         self.latency_batch_sizes = tuple(latency_batch_sizes)
         self.latency_warmup = latency_warmup
         self.latency_repeats = latency_repeats
+        self.latency_rounds = latency_rounds
         self.num_threads = num_threads
         self.latency_runtime = latency_runtime
         self.val_metric = val_metric
@@ -80,6 +88,8 @@ class CompressionReport(L.Callback):
         self.compressed_size = compressed_size
         self.verbose = verbose
         self.report = Report()
+        #: The model of each stage measured in this process (``"before"`` is a copy of the model at the start of fit).
+        self.models: dict[str, torch.nn.Module] = {}
         self.written: dict[str, Any] = {}
         self._fit_input_shape: tuple[int, ...] | None = None
         self._checkpoint_report: Report | None = None
@@ -100,15 +110,29 @@ class CompressionReport(L.Callback):
                 f"`example_input_array` on {type(pl_module).__name__}"
             )
 
-    def _profile(self, model: torch.nn.Module, latency_runtime: str | None = None) -> ModelProfile:
+    def time_stages(self, models: Mapping[str, torch.nn.Module], runtimes: Mapping[str, str]) -> dict[str, TimedModel]:
+        """Time ``models`` (each in ``runtimes[name]``) together with this report's latency settings, in interleaved rounds."""
+        return time_models(
+            models,
+            self._fit_input_shape,
+            runtimes,
+            self.latency_batch_sizes,
+            warmup=self.latency_warmup,
+            repeats=self.latency_repeats,
+            rounds=self.latency_rounds,
+            num_threads=self.num_threads,
+        )
+
+    def _profile(self, model: torch.nn.Module, timed: bool = True) -> ModelProfile:
+        """``model``'s profile; with ``timed=False`` without latency (:meth:`_time_stages_together` adds it)."""
         return profile_model(
             model,
             self._fit_input_shape,
-            latency_batch_sizes=self.latency_batch_sizes,
+            latency_batch_sizes=self.latency_batch_sizes if timed else (),
             latency_warmup=self.latency_warmup,
             latency_repeats=self.latency_repeats,
             num_threads=self.num_threads,
-            latency_runtime=latency_runtime or self.latency_runtime,
+            latency_runtime=self.latency_runtime,
             compressed_size=self.compressed_size,
         )
 
@@ -125,6 +149,8 @@ class CompressionReport(L.Callback):
         )
         accuracy = _validation_accuracy(trainer, pl_module) if self.evaluate_before else None
         self.report.add("before", self._profile(pl_module), val_accuracy=accuracy)
+        if self.latency_batch_sizes:
+            self.models["before"] = model_copy(pl_module).eval()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -135,16 +161,31 @@ class CompressionReport(L.Callback):
         accuracy = _validation_accuracy(trainer, pl_module)
         if accuracy is None:
             accuracy = self._metric(trainer, self.val_metric)
-        self.report.add("after", self._profile(pl_module), val_accuracy=accuracy)
+        self.report.add("after", self._profile(pl_module, timed=False), val_accuracy=accuracy)
+        self.models["after"] = pl_module
         if self.half_precision is not None and not quantized_layers(pl_module):
             half = half_precision(pl_module, self.half_precision)
             # eager PyTorch: ONNX Runtime's CPU kernels mostly lack 16-bit floats
             note = None if self.latency_runtime == "torch" else f"latency in eager PyTorch: ONNX Runtime's CPU kernels lack {self.half_precision}, so it has no ratio"
-            self.report.add(self.half_precision, self._profile(half, latency_runtime="torch"), val_accuracy=_validation_accuracy(trainer, half), note=note)
+            self.report.add(self.half_precision, self._profile(half, timed=False), val_accuracy=_validation_accuracy(trainer, half), note=note)
+            self.models[self.half_precision] = half
+        self._time_stages_together()
         self._log(trainer)
         self._write(trainer)
         if self.verbose:
             self.print()
+
+    def _time_stages_together(self) -> None:
+        """Replace each stage's latency by one measured with every other stage, in interleaved rounds."""
+        if not self.latency_batch_sizes:
+            return
+        if "before" not in self.models:  # a resumed fit: the model it started from is gone
+            before = self.report.entry("before")
+            before.note = before.note or "latency measured at the start of the first fit, not with the other stages: the run resumed"
+        runtimes = {name: self.latency_runtime if name in ("before", "after") else "torch" for name in self.models}
+        for name, timed in self.time_stages(self.models, runtimes).items():
+            entry = self.report.entry(name)
+            entry.profile = dataclasses.replace(entry.profile, latency=timed.latency, onnx_bytes=timed.onnx_bytes)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or not self.report.entries:
