@@ -218,4 +218,4 @@ def test_the_recipes_cluster_after_the_default_pruning(compose_config, tmp_path,
     pruning.setup(trainer, module, "fit")
     clustering.setup(trainer, module, "fit")
     assert (type(clustering), clustering.clusters, clustering.preserve_sparsity) == (WeightClustering, clusters, True)
-    assert pruning.final_epoch() == 4 < clustering.final_epoch() == 5 < cfg.trainer.max_epochs == 10
+    assert pruning.final_epoch() == 9 < clustering.final_epoch() == 10 < cfg.trainer.max_epochs == 20

@@ -54,7 +54,7 @@ def save_checkpoint(module: L.LightningModule, path) -> None:
         (["+compression.quantization.exclude=[model.nothing]"], r"compression/quantization: the pattern 'model.nothing' matches no layer"),
         (
             ["+compression/clustering=k16", "compression.clustering.start_epoch=3"],
-            r"compression/clustering: start_epoch must be after Pruning's last step \(epoch 4\), as the clusters fix which weights are zero; got 3",
+            r"compression/clustering: start_epoch must be after Pruning's last step \(epoch 9\), as the clusters fix which weights are zero; got 3",
         ),
     ],
 )
