@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,14 @@ def cpu_trainer(max_epochs: int, callbacks: list[L.Callback], **options: Any) ->
         callbacks=callbacks,
         **options,
     )
+
+
+def cpu_description() -> dict[str, Any]:
+    """This machine's CPU model and whether it has VNNI, which decides how ONNX Runtime's int8 kernels accumulate."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return {"model": names[0] if names else platform.processor(), "vnni": any(flag in ("avx512_vnni", "avx_vnni") for flag in flags)}
 
 
 def write_results(name: str, settings: dict, results: dict, markdown: str) -> None:
