@@ -1,19 +1,34 @@
-"""Figures of the compression report, drawn with matplotlib's non-interactive backend."""
+"""Figures of the compression report, drawn off-screen on matplotlib ``Figure`` objects.
+
+No pyplot: drawing a report neither switches the process's matplotlib backend nor opens a figure a
+user's pyplot session would see, and importing this module does not import matplotlib.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from lightning_compress.analysis.profile import ModelProfile
     from lightning_compress.analysis.report import Report
+
+
+def new_figure(figsize: tuple[float, float], **subplots: Any) -> tuple[Figure, Any]:
+    """A figure of ``figsize`` inches and its axes (``Figure.subplots(**subplots)``), for ``figure.savefig``.
+
+    Example:
+        >>> figure, axes = new_figure((4, 3), ncols=2)
+        >>> len(axes), figure.get_size_inches().tolist()
+        (2, [4.0, 3.0])
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(**subplots)
 
 
 def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
@@ -34,7 +49,7 @@ def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
         >>> path.read_bytes()[:4]
         b'\x89PNG'
     """
-    figure, (relative_axes, accuracy_axes, sparsity_axes) = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [3, 1.2, 1.6]})
+    figure, (relative_axes, accuracy_axes, sparsity_axes) = new_figure((16, 4.8), ncols=3, gridspec_kw={"width_ratios": [3, 1.2, 1.6]})
     metrics = _relative_metrics(report)
     width = 0.8 / len(report.entries)
     for index, entry in enumerate(report.entries):
@@ -68,7 +83,6 @@ def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
     sparsity_axes.set_title(f"Zero weights per layer, '{last.name}'", fontsize="medium")
     figure.tight_layout()
     figure.savefig(path, dpi=100, format="png")
-    plt.close(figure)
 
 
 Metric = tuple[Callable[["ModelProfile"], float | None], float | None]

@@ -1,14 +1,18 @@
-"""ONNX export through torch's own exporter, and ONNX Runtime sessions that run the exported graph."""
+"""ONNX export through torch's own exporter, and ONNX Runtime sessions that run the exported graph.
+
+onnx and onnxruntime are imported when a graph is first made or run, not with this module, so a
+missing one is reported by :func:`~lightning_compress.deploy.export.check_export_format` with the
+``pip install`` that fixes it.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime
 import torch
 from torch import nn
 
 from lightning_compress.analysis.measure import eval_mode
-from lightning_compress.deploy.qdq import split_quantization, to_qdq
+from lightning_compress.deploy.integer_layers import split_quantization
 
 
 def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
@@ -26,6 +30,8 @@ def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:
         >>> [node.op_type for node in graph.graph.node]
         ['Gemm']
     """
+    from lightning_compress.deploy.qdq import to_qdq  # imports onnx
+
     check_example_input(model, example_input)
     example = example_input.detach()
     if example.shape[0] == 1:
@@ -107,6 +113,8 @@ class OnnxRuntimeModel:
     runtime = "onnxruntime"
 
     def __init__(self, graph: bytes, num_threads: int | None = None) -> None:
+        import onnxruntime
+
         options = onnxruntime.SessionOptions()
         # Threads as torch would use them, so latencies of both runtimes compare like for like.
         options.intra_op_num_threads = num_threads or torch.get_num_threads()

@@ -1,4 +1,4 @@
-"""Integer ONNX graphs in the QDQ format, made from a model's fake quantizers.
+"""Integer ONNX graphs in the QDQ format, made from the integer form of a model's fake-quantized layers (:mod:`.integer_layers`).
 
 The float graph that torch exports (its optimizer folds BatchNorm into the convolutions) is rewritten
 the way ONNX Runtime's own quantization tool writes int8 models, but with the scales the model trained
@@ -23,22 +23,15 @@ unpack them on every call (ten times slower on SmallCNN). Activations stay 8-bit
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import torch
-from onnx import TensorProto, helper, numpy_helper
-from torch import nn
+from onnx import TensorProto, helper
 
-from lightning_compress.analysis.measure import eval_mode, model_copy
-from lightning_compress.quantization.layers import (
-    QuantizedLayer,
-    dequantize_layer,
-    quantized_layers,
-)
+from lightning_compress.deploy.graph_editor import GraphEditor
+from lightning_compress.deploy.integer_layers import IntegerLayer
 
 # Operators f with round(f(x) / s) = f(round(x / s)) for a scale s > 0 and a grid holding zero.
 ROUNDING_COMMUTES = frozenset({"Relu", "MaxPool", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Transpose"})
@@ -78,134 +71,6 @@ def _is_four_bit(quant_range: tuple[int, int]) -> bool:
 
 
 @dataclass(frozen=True)
-class IntegerLayer:
-    """The integer form of one quantized layer, read from its fake quantizers.
-
-    Example:
-        >>> import torch
-        >>> from lightning_compress.quantization import QuantConfig, quantize_model, set_quantization
-        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 1, bias=False))
-        >>> _ = quantize_model(model, QuantConfig())
-        >>> with torch.no_grad():
-        ...     _ = model[0].weight.copy_(torch.tensor([[1.0, -0.5]]))
-        >>> _ = model(torch.tensor([[0.0, 2.0]]))   # observe
-        >>> set_quantization(model, enabled=True)
-        >>> IntegerLayer.of(model[0].eval()).weight
-        array([[127, -64]])
-    """
-
-    weight: np.ndarray
-    weight_scale: np.ndarray
-    weight_zero_point: np.ndarray
-    weight_range: tuple[int, int]
-    input_scale: float
-    input_zero_point: int
-    input_range: tuple[int, int]
-    bias_range: tuple[int, int]
-
-    @classmethod
-    @torch.no_grad()
-    def of(cls, layer: QuantizedLayer) -> IntegerLayer:
-        """Read ``layer`` (in eval mode, fake quantization enabled): integers exactly as its forward rounds them."""
-        quantizer = layer.weight_quantizer
-        channels = layer.weight.shape[0]
-        scale = quantizer.scale.detach().float().reshape(-1).expand(channels)
-        zero_point = quantizer.zero_point.reshape(-1).expand(channels)
-        per_channel = (-1,) + (1,) * (layer.weight.dim() - 1)
-        rounded = quantizer(layer.weight).detach().float()  # (q - z) * s, computed by the same operator as training
-        integers = torch.round(rounded / scale.view(per_channel)) + zero_point.view(per_channel)
-        return cls(
-            weight=integers.long().cpu().numpy(),
-            weight_scale=scale.cpu().numpy(),
-            weight_zero_point=zero_point.long().cpu().numpy(),
-            weight_range=(quantizer.quant_min, quantizer.quant_max),
-            input_scale=float(layer.input_quantizer.scale.reshape(-1)[0]),
-            input_zero_point=int(layer.input_quantizer.zero_point.reshape(-1)[0]),
-            input_range=(layer.input_quantizer.quant_min, layer.input_quantizer.quant_max),
-            bias_range=layer.quant_config.bias_range,
-        )
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """``(q - z) * s``: the float weight the fake-quantized layer computes with."""
-        shape = (-1,) + (1,) * (self.weight.ndim - 1)
-        centered = self.weight - self.weight_zero_point.reshape(shape)
-        return torch.from_numpy((centered * self.weight_scale.reshape(shape)).astype(np.float32))
-
-    def fit_to(self, exported: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Integers, scales and zero points whose dequantized values are ``exported``, the weight as the graph holds it.
-
-        The exporter may have folded a BatchNorm into the weight, multiplying each output channel by a
-        factor k: the same integers then hold with scale ``s·|k|``, mirrored inside the range where k < 0.
-        """
-        low, high = self.weight_range
-        channels = self.weight.shape[0]
-        dequantized = self.dequantized_weight().double().numpy().reshape(channels, -1)
-        target = exported.astype(np.float64).reshape(channels, -1)
-        norm = (dequantized**2).sum(1)
-        factor = np.where(norm > 0, (dequantized * target).sum(1) / np.where(norm > 0, norm, 1.0), 1.0)
-        error = np.abs(dequantized * factor[:, None] - target).max(initial=0.0)
-        if error > 1e-4 * max(np.abs(target).max(initial=0.0), 1e-12):
-            raise RuntimeError(f"the exported weight {name!r} is not a per-channel multiple of its quantized weight (error {error:.3g})")
-        shape = (-1,) + (1,) * (self.weight.ndim - 1)
-        flip = factor < 0
-        integers = np.where(flip.reshape(shape), low + high - self.weight, self.weight)
-        zero_point = np.where(flip, low + high - self.weight_zero_point, self.weight_zero_point)
-        integers = np.where((factor == 0).reshape(shape), zero_point.reshape(shape), integers)
-        scale = np.where(factor != 0, self.weight_scale * np.abs(factor), self.weight_scale)
-        return integers, scale.astype(np.float32), zero_point
-
-
-class _GraphEditor:
-    """Adds initializers and nodes (placed before or after an existing node) to an ONNX graph."""
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.model = model
-        self.graph = model.graph
-        self.initializers = {tensor.name: tensor for tensor in self.graph.initializer}
-        # nodes to add, keyed by the first output of the node they go before or after (protobuf
-        # messages are copied into the graph, so object identities do not last)
-        self.before: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        self.after: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        self._count = 0
-
-    def name(self, hint: str) -> str:
-        self._count += 1
-        return f"{hint}_q{self._count}"
-
-    def constant(self, hint: str, value: np.ndarray) -> str:
-        name = self.name(hint)
-        self.graph.initializer.append(numpy_helper.from_array(value, name))
-        return name
-
-    def replace_initializer(self, name: str) -> np.ndarray:
-        """Remove the initializer ``name`` from the graph and return its value."""
-        tensor = self.initializers.pop(name)
-        self.graph.initializer.remove(tensor)
-        return numpy_helper.to_array(tensor)
-
-    def consumers(self) -> dict[str, list[onnx.NodeProto]]:
-        users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in self.nodes():
-            for name in node.input:
-                users[name].append(node)
-        return users
-
-    def nodes(self) -> list[onnx.NodeProto]:
-        """Every node, the added ones in place: still in topological order."""
-        ordered = []
-        for node in self.graph.node:
-            ordered += [*self.before.get(node.output[0], []), node, *self.after.get(node.output[0], [])]
-        return ordered
-
-    def commit(self) -> None:
-        ordered = self.nodes()
-        del self.graph.node[:]
-        self.graph.node.extend(ordered)
-        self.before.clear()
-        self.after.clear()
-
-
-@dataclass(frozen=True)
 class _ActivationGrid:
     """Names of a grid's scale and zero point initializers."""
 
@@ -224,7 +89,7 @@ def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.M
     else:
         result = onnx.ModelProto()
         result.CopyFrom(model)
-    editor = _GraphEditor(result)
+    editor = GraphEditor(result)
     users = editor.consumers()
     input_grids: dict[str, _ActivationGrid] = {}  # output of the QuantizeLinear before a layer -> its grid
     layer_outputs = []
@@ -269,7 +134,7 @@ def _at_least_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     return result
 
 
-def _layer_node(weight_name: str, users: dict[str, list[onnx.NodeProto]], editor: _GraphEditor) -> onnx.NodeProto:
+def _layer_node(weight_name: str, users: dict[str, list[onnx.NodeProto]], editor: GraphEditor) -> onnx.NodeProto:
     if weight_name not in editor.initializers:
         raise RuntimeError(f"the exported graph holds no initializer {weight_name!r}; found {sorted(editor.initializers)[:10]}")
     nodes = users[weight_name]
@@ -284,7 +149,7 @@ def _layer_node(weight_name: str, users: dict[str, list[onnx.NodeProto]], editor
     return node
 
 
-def _quantize_weight_and_bias(editor: _GraphEditor, node: onnx.NodeProto, weight_name: str, layer: IntegerLayer) -> None:
+def _quantize_weight_and_bias(editor: GraphEditor, node: onnx.NodeProto, weight_name: str, layer: IntegerLayer) -> None:
     integers, scale, zero_point = layer.fit_to(editor.replace_initializer(weight_name), weight_name)
     storage = _storage_type(layer.weight_range)  # the type DequantizeLinear reads, as ONNX Runtime's integer kernels do
     stored = editor.constant(f"{weight_name}_int", integers.astype(weight_storage(layer.weight_range)))
@@ -325,7 +190,7 @@ def _quantize_weight_and_bias(editor: _GraphEditor, node: onnx.NodeProto, weight
     )
 
 
-def _activation_grid(editor: _GraphEditor, layer: IntegerLayer, tensor: str) -> _ActivationGrid:
+def _activation_grid(editor: GraphEditor, layer: IntegerLayer, tensor: str) -> _ActivationGrid:
     storage = _storage_type(layer.input_range)
     return _ActivationGrid(
         scale=editor.constant(f"{tensor}_scale", np.array(layer.input_scale, dtype=np.float32)),
@@ -342,7 +207,7 @@ def _clip_range(layer: IntegerLayer) -> tuple[float, float] | None:
 
 
 def _quantize_pair(
-    editor: _GraphEditor, tensor: str, grid: _ActivationGrid, clip_range: tuple[float, float] | None = None
+    editor: GraphEditor, tensor: str, grid: _ActivationGrid, clip_range: tuple[float, float] | None = None
 ) -> list[onnx.NodeProto]:
     """Nodes that put ``tensor`` on ``grid``: ``QuantizeLinear`` then ``DequantizeLinear``, whose output is the result.
 
@@ -383,24 +248,3 @@ def _path_to_next_quantizer(
         path.append(tensor)
         tensor = user.output[0]
     return [], None
-
-
-def split_quantization(model: nn.Module, prefix: str = "") -> tuple[nn.Module, dict[str, IntegerLayer]]:
-    """A float copy of ``model`` that computes what it computes, and the integer form of its quantized layers.
-
-    In the copy, each layer whose fake quantization is on is a plain float layer again with its
-    dequantized weight ``(q - z)·s``; the returned mapping, keyed by ``prefix + <layer>.weight`` (the
-    name the exported graph gives that weight), holds its integers and grids for :func:`to_qdq`.
-    Layers with fake quantization off compute in float and stay out of the mapping.
-    """
-    copy = model_copy(model)
-    integer_layers = {}
-    with eval_mode(copy):
-        for name, layer in quantized_layers(copy).items():
-            if bool(layer.weight_quantizer.enabled):
-                integer = IntegerLayer.of(layer)
-                integer_layers[f"{prefix}{name}.weight"] = integer
-                with torch.no_grad():
-                    layer.weight.copy_(integer.dequantized_weight())
-            dequantize_layer(layer)
-    return copy, integer_layers

@@ -18,7 +18,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from lightning_compress.analysis.plots import plt
+from lightning_compress.analysis.plots import new_figure
 from lightning_compress.analysis.profile import evaluate_accuracy
 from lightning_compress.files import write_atomically
 from lightning_compress.pruning.criteria import element_scores
@@ -154,7 +154,7 @@ def _previous_level(points: list[SensitivityPoint], point: SensitivityPoint) -> 
 
 def plot_sensitivity(points: Sequence[SensitivityPoint], path: str | os.PathLike[str]) -> None:
     """Accuracy against sparsity, one line per layer, the dense accuracy as a dashed line."""
-    figure, axes = plt.subplots(figsize=(8, 5))
+    figure, axes = new_figure((8, 5))
     dense = next((point.accuracy for point in points if point.layer == DENSE), None)
     for layer in dict.fromkeys(point.layer for point in points if point.layer != DENSE):
         curve = sorted((p.sparsity, p.accuracy) for p in points if p.layer == layer)
@@ -168,4 +168,3 @@ def plot_sensitivity(points: Sequence[SensitivityPoint], path: str | os.PathLike
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100, format="png")
-    plt.close(figure)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from lightning_compress.analysis.plots import plt
+from lightning_compress.analysis.plots import new_figure
 
 if TYPE_CHECKING:
     from lightning_compress.sweeps.summary import JobResult
@@ -26,7 +26,7 @@ def plot_pareto(jobs: list[JobResult], path: str | os.PathLike[str]) -> None:
     """
     from lightning_compress.sweeps.summary import METRICS, PARETO_AXES
 
-    figure, axes = plt.subplots(1, len(PARETO_AXES), figsize=(12, 4.5))
+    figure, axes = new_figure((12, 4.5), ncols=len(PARETO_AXES))
     labels = {"bytes": "deployed size (KiB)", "latency": "latency, smallest batch (ms)"}
     scale = {"bytes": 1 / 1024, "latency": 1.0}
     for panel, (axis, metric) in zip(axes, PARETO_AXES.items()):
@@ -51,4 +51,3 @@ def plot_pareto(jobs: list[JobResult], path: str | os.PathLike[str]) -> None:
             panel.legend(loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=100, format="png")
-    plt.close(figure)
