@@ -74,9 +74,10 @@ def test_dkd_splits_target_and_non_target_knowledge() -> None:
 
 
 def test_the_teacher_never_changes_and_is_not_saved(tmp_path) -> None:
-    teacher = teacher_net()
+    teacher, student = teacher_net(), student_net()
     original = copy.deepcopy(teacher.state_dict())
-    module = DistillationModule(student_net(), teacher, num_classes=10, input_shape=INPUT)
+    module = DistillationModule(student, teacher, num_classes=10, input_shape=INPUT)
+    assert module.student is student and module.model is student and module.teacher is teacher
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = fit(module, tmp_path, [checkpoint], max_epochs=2)
     for name, value in teacher.state_dict().items():

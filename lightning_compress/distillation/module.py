@@ -41,7 +41,7 @@ class DistillationModule(ClassificationModule):
     act on the student, and DDP needs no ``find_unused_parameters``), and ``.train()`` on the wrapper
     leaves it in eval mode; its forward runs under ``torch.no_grad()``. Validation and test measure the
     student alone. A checkpoint loads back with ``DistillationModule.load_from_checkpoint(path,
-    student=..., teacher=...)``; ``module.model`` is the student as a plain model.
+    student=..., teacher=...)``; ``module.student`` (also ``module.model``) is the student as a plain model.
 
     Args:
         student: the model to train (stored as ``model``, like ``ClassificationModule``).
@@ -122,6 +122,11 @@ class DistillationModule(ClassificationModule):
     def teacher(self) -> nn.Module:
         """The frozen teacher (not a submodule: see the class docstring)."""
         return self._frozen[0]
+
+    @property
+    def student(self) -> nn.Module:
+        """The model in training, the ``student`` given: ``model`` under the name distillation gives it."""
+        return self.model
 
     def distillation_loss(self, student_output: torch.Tensor, teacher_output: torch.Tensor, batch: Sequence[torch.Tensor]) -> torch.Tensor:
         """The distance between student and teacher outputs, weighted by ``kd_weight`` in the total loss."""
