@@ -272,9 +272,21 @@ def test_channel_options_fail_before_training(tmp_path) -> None:
         Pruning(amount=0.5, remove_channels=True)
     module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10)  # no example_input_array
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[Pruning(amount=0.5, granularity="channel")], default_root_dir=tmp_path)
-    with pytest.raises(ValueError, match="set `example_input_array`"):
-        trainer.fit(module, datamodule=DigitsDataModule())
+    datamodule = DigitsDataModule()
+    datamodule.setup("fit")
+    with pytest.raises(ValueError, match="set `example_input_array` on ClassificationModule, or fit with a LightningDataModule"):
+        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())  # no datamodule to take a batch from
     assert trainer.global_step == 0
+
+
+def test_channel_pruning_without_an_example_input_traces_the_first_training_batch(tmp_path) -> None:
+    module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10)  # no example_input_array
+    pruning = Pruning(amount=0.25, granularity="channel", criterion="l1", scope="layer", schedule="oneshot", start_epoch=0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, callbacks=[pruning], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=DigitsDataModule())
+    assert trainer.global_step > 0
+    # a quarter of each layer's output channels, as with an example_input_array
+    assert {name: int((~keep).sum()) for name, keep in pruning.channel_keep.items()} == {"model.features.0": 8, "model.features.4": 16, "model.classifier.1": 32}
 
 
 @pytest.mark.parametrize(

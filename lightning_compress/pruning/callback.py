@@ -168,7 +168,12 @@ class Pruning(L.Callback):
         if self.granularity == "channel" and self.channel_groups is None:
             example = getattr(pl_module, "example_input_array", None)
             if not isinstance(example, torch.Tensor):
-                raise ValueError(f"channel pruning traces the model: set `example_input_array` on {type(pl_module).__name__}")
+                example = _first_training_input(trainer)
+            if example is None:
+                raise ValueError(
+                    f"channel pruning traces the model on one input: set `example_input_array` on {type(pl_module).__name__}, "
+                    "or fit with a LightningDataModule, whose first training batch is then traced"
+                )
             self.channel_groups = ChannelGroups(pl_module, example.to(pl_module.device), layers)
         if self.layer_amounts is not None:
             prunable = self.channel_groups.channels if self.channel_groups is not None else layers
@@ -391,3 +396,13 @@ def _parse_granularity(granularity: str) -> tuple[int, int] | None:
     if match is None or not 0 < int(match[1]) < int(match[2]):
         raise ValueError(f"unknown granularity {granularity!r}; use {' or '.join(GRANULARITIES)} with 0 < N < M")
     return int(match[1]), int(match[2])
+
+
+def _first_training_input(trainer: L.Trainer) -> torch.Tensor | None:
+    """The inputs of the first batch of the Trainer's datamodule's ``train_dataloader()`` (a batch is a
+    tensor or a sequence whose first item is the inputs); ``None`` without a datamodule."""
+    if trainer.datamodule is None:
+        return None
+    batch = next(iter(trainer.datamodule.train_dataloader()))
+    inputs = batch if isinstance(batch, torch.Tensor) else batch[0]
+    return inputs if isinstance(inputs, torch.Tensor) else None
