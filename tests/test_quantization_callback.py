@@ -6,11 +6,12 @@ import lightning as L
 import pytest
 import torch
 from digits import digits_module, fit_digits
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_compress import Pruning, QuantizationAwareTraining
+from lightning_compress import PostTrainingQuantization, Pruning, QuantizationAwareTraining
 from lightning_compress.data import DigitsDataModule
-from lightning_compress.quantization import FakeQuantizer, quantized_layers
+from lightning_compress.quantization import FakeQuantizer, QuantConfig, quantized_layers
 
 
 class RecordEpochs(L.Callback):
@@ -103,6 +104,23 @@ def test_checkpoints_test_and_fit_twice(tmp_path) -> None:
     trainer.fit_loop.max_epochs = 3
     trainer.fit(module, datamodule=datamodule)
     assert trainer.current_epoch == 3 and len(quantized_layers(module)) == 4
+
+
+def test_settings_come_as_a_quant_config_or_as_its_fields_never_both() -> None:
+    config = QuantConfig(weight_bits=4, learnable_scales=True)
+    assert QuantizationAwareTraining(config=config).config is config
+    assert QuantizationAwareTraining(weight_bits=4, learnable_scales=True).config == config
+    assert PostTrainingQuantization(weight_bits=4).config == QuantConfig(weight_bits=4, observer="minmax", averaging_constant=None)
+    nested = {"_target_": "lightning_compress.QuantizationAwareTraining", "config": {"_target_": "lightning_compress.quantization.QuantConfig", "weight_bits": 4, "learnable_scales": True}}
+    assert instantiate(nested).config == config  # a Hydra recipe may nest the config
+    with pytest.raises(ValueError, match=r"as config=QuantConfig\(...\) or as keyword arguments, not both: got config and \['weight_bits'\]"):
+        QuantizationAwareTraining(config=config, weight_bits=8)
+    with pytest.raises(ValueError, match=r"unknown quantizer setting\(s\) \['wieght_bits'\]; the settings are weight_bits, activation_bits"):
+        QuantizationAwareTraining(wieght_bits=4)
+    with pytest.raises(ValueError, match=r"unknown quantizer setting\(s\) \['learnable_scales'\]"):  # step sizes are learned in training
+        PostTrainingQuantization(learnable_scales=True)
+    with pytest.raises(ValueError, match="weight_bits must be an integer from 2 to 8, got 9"):
+        PostTrainingQuantization(weight_bits=9)
 
 
 def test_bad_epochs_fail_in_init_and_bad_targets_before_training(tmp_path) -> None:

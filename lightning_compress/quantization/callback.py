@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning as L
@@ -19,6 +20,28 @@ from lightning_compress.quantization.layers import (
     set_quantization,
 )
 from lightning_compress.targets import TargetSpec
+
+#: The fields of :class:`QuantConfig`, which the callbacks also take as keyword arguments.
+QUANT_SETTINGS = tuple(field.name for field in dataclasses.fields(QuantConfig))
+
+
+def quant_config(config: QuantConfig | None, settings: dict[str, Any], defaults: dict[str, Any], allowed: tuple[str, ...] = QUANT_SETTINGS) -> QuantConfig:
+    """``config``, or a :class:`QuantConfig` of ``settings`` over ``defaults``: one or the other, never both.
+
+    Example:
+        >>> quant_config(None, {"weight_bits": 4}, {"observer": "minmax"})
+        QuantConfig(weight_bits=4, activation_bits=8, bias_bits=32, per_channel=True, symmetric=True, reduce_range=False, observer='minmax', learnable_scales=False, averaging_constant=0.01, n_std=3.0, percentile=99.99)
+    """
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown quantizer setting(s) {unknown}; the settings are {', '.join(allowed)} (or config=QuantConfig(...))")
+    if config is None:
+        return QuantConfig(**{**defaults, **settings})
+    if settings:
+        raise ValueError(f"give the quantizer settings as config=QuantConfig(...) or as keyword arguments, not both: got config and {sorted(settings)}")
+    if not isinstance(config, QuantConfig):
+        raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
+    return config
 
 
 class _QuantizingCallback(L.Callback):
@@ -65,18 +88,10 @@ class QuantizationAwareTraining(_QuantizingCallback):
     resumed run, ``test(ckpt_path=...)`` and a checkpoint loaded into a fresh module quantize the same.
 
     Args:
-        weight_bits, activation_bits: 2 to 8.
-        bias_bits: the accumulator the bias is rounded for, 8 to 32.
-        per_channel: one weight scale per output channel (else one per tensor).
-        symmetric: zero point 0, signed (activations unsigned where every observed input is non-negative,
-            as behind a ReLU); else unsigned ranges with a zero point.
-        reduce_range: weights one bit short of ``weight_bits``, for int8 runtimes on x86 CPUs without VNNI
-            (see :class:`QuantConfig`).
-        observer: activation range estimate: ``"minmax"``, ``"moving_average"``, ``"mean_std"``, ``"percentile"``.
-        learnable_scales: learn the step sizes (LSQ) once fake quantization starts.
+        config: the quantizer settings, a :class:`QuantConfig`; or its fields as keyword arguments
+            (``weight_bits=4``, ``reduce_range=True``, ``learnable_scales=True`` for LSQ, ...), not both.
         start_epoch, freeze_observers_epoch, freeze_bn_epoch: epoch boundaries, see above.
         targets, exclude: module types and name patterns (see ``select_layers``).
-        averaging_constant, n_std, percentile: settings of the moving-average, mean ± n std and percentile observers.
 
     Example:
         >>> import lightning as L
@@ -86,36 +101,16 @@ class QuantizationAwareTraining(_QuantizingCallback):
 
     def __init__(
         self,
-        weight_bits: int = 8,
-        activation_bits: int = 8,
-        bias_bits: int = 32,
-        per_channel: bool = True,
-        symmetric: bool = True,
-        reduce_range: bool = False,
-        observer: str = "moving_average",
-        learnable_scales: bool = False,
+        config: QuantConfig | None = None,
+        *,
         start_epoch: int = 0,
         freeze_observers_epoch: int | None = None,
         freeze_bn_epoch: int | None = None,
         targets: TargetSpec = None,
         exclude: TargetSpec = None,
-        averaging_constant: float = 0.01,
-        n_std: float = 3.0,
-        percentile: float = 99.99,
+        **settings: Any,
     ) -> None:
-        config = QuantConfig(
-            weight_bits=weight_bits,
-            activation_bits=activation_bits,
-            bias_bits=bias_bits,
-            per_channel=per_channel,
-            symmetric=symmetric,
-            reduce_range=reduce_range,
-            observer=observer,
-            learnable_scales=learnable_scales,
-            averaging_constant=averaging_constant,
-            n_std=n_std,
-            percentile=percentile,
-        )
+        config = quant_config(config, settings, defaults={})
         super().__init__(config, targets, exclude)
         if start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
@@ -177,7 +172,9 @@ class PostTrainingQuantization(_QuantizingCallback):
     (no clipping), ``"moving_average"`` (the mean of each batch's min and max; an exponential average
     with ``averaging_constant``), ``"mean_std"`` (mean ± ``n_std`` standard deviations) or
     ``"percentile"``; symmetric or asymmetric; per-channel or per-tensor weights; separate bits for
-    weights, activations and the bias accumulator.
+    weights, activations and the bias accumulator. The settings are a :class:`QuantConfig` given as
+    ``config=`` or its fields as keyword arguments (``learnable_scales`` aside; the default observer is
+    ``"minmax"``, averaged with the plain mean over batches), and ``calibration_batches`` (``None``: every batch).
 
     Example:
         >>> import torch
@@ -189,32 +186,16 @@ class PostTrainingQuantization(_QuantizingCallback):
 
     def __init__(
         self,
-        weight_bits: int = 8,
-        activation_bits: int = 8,
-        bias_bits: int = 32,
-        per_channel: bool = True,
-        symmetric: bool = True,
-        reduce_range: bool = False,
-        observer: str = "minmax",
+        config: QuantConfig | None = None,
+        *,
         calibration_batches: int | None = 32,
         targets: TargetSpec = None,
         exclude: TargetSpec = None,
-        averaging_constant: float | None = None,
-        n_std: float = 3.0,
-        percentile: float = 99.99,
+        **settings: Any,
     ) -> None:
-        config = QuantConfig(
-            weight_bits=weight_bits,
-            activation_bits=activation_bits,
-            bias_bits=bias_bits,
-            per_channel=per_channel,
-            symmetric=symmetric,
-            reduce_range=reduce_range,
-            observer=observer,
-            averaging_constant=averaging_constant,
-            n_std=n_std,
-            percentile=percentile,
-        )
+        # min-max over the plain mean of what calibration sees; learned step sizes need training
+        allowed = tuple(name for name in QUANT_SETTINGS if name != "learnable_scales")
+        config = quant_config(config, settings, defaults={"observer": "minmax", "averaging_constant": None}, allowed=allowed)
         super().__init__(config, targets, exclude)
         if calibration_batches is not None and calibration_batches < 1:
             raise ValueError(f"calibration_batches must be at least 1 or None (every batch), got {calibration_batches}")
