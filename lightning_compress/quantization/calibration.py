@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_compress.analysis.measure import eval_mode
+from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.layers import quantizers, set_quantization
 
 
@@ -31,18 +32,13 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
         >>> bool(model[0].input_quantizer.enabled)
         True
     """
-    observed = quantizers(model)
-    if not observed:
-        raise ValueError(f"{type(model).__name__} has no quantized layer to calibrate: quantize it first (quantize_model)")
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"num_batches must be at least 1 or None (every batch), got {num_batches}")
     first = next(model.parameters())
     used = 0
     with eval_mode(model):
-        for quantizer in observed:
-            quantizer.observer.reset()
+        for quantizer in start_calibration(model):
             quantizer.train()
-        set_quantization(model, enabled=False, observing=True)
         for batch in batches:
             if num_batches is not None and used >= num_batches:
                 break
@@ -51,5 +47,22 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
             used += 1
     if used == 0:
         raise ValueError("calibration got no batches")
-    set_quantization(model, enabled=True, observing=False)
+    finish_calibration(model)
     return used
+
+
+def start_calibration(model: nn.Module) -> list[FakeQuantizer]:
+    """Forget what the quantizers of ``model`` observed, switch fake quantization off and observing on;
+    returns them (they observe in training mode: :func:`calibrate` runs the model in eval mode around them)."""
+    observed = quantizers(model)
+    if not observed:
+        raise ValueError(f"{type(model).__name__} has no quantized layer to calibrate: quantize it first (quantize_model)")
+    for quantizer in observed:
+        quantizer.observer.reset()
+    set_quantization(model, enabled=False, observing=True)
+    return observed
+
+
+def finish_calibration(model: nn.Module) -> None:
+    """Freeze the observed ranges of ``model``'s quantizers and switch fake quantization on."""
+    set_quantization(model, enabled=True, observing=False)

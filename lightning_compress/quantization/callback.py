@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_compress.quantization.calibration import calibrate
+from lightning_compress.quantization.calibration import calibrate, finish_calibration, start_calibration
 from lightning_compress.quantization.config import QuantConfig
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.layers import (
@@ -214,9 +214,7 @@ class PostTrainingQuantization(_QuantizingCallback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._calibrating = trainer.state.fn == "validate"
         if self._calibrating:
-            for quantizer in quantizers(pl_module):
-                quantizer.observer.reset()
-            set_quantization(pl_module, enabled=False, observing=True)
+            start_calibration(pl_module)
 
     def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self._calibrating:
@@ -227,7 +225,7 @@ class PostTrainingQuantization(_QuantizingCallback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._calibrating:
-            set_quantization(pl_module, enabled=True, observing=False)
+            finish_calibration(pl_module)
             for quantizer in quantizers(pl_module):
                 quantizer.eval()
             self.share_ranges(trainer, pl_module)
