@@ -26,7 +26,9 @@ class StepTimer(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int
+    ) -> None:
         now = time.perf_counter()
         if self._last is not None and trainer.current_epoch >= self.from_epoch:
             self.intervals.append(now - self._last)
@@ -66,7 +68,10 @@ def cpu_description() -> dict[str, Any]:
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return {"model": names[0] if names else platform.processor(), "vnni": any(flag in ("avx512_vnni", "avx_vnni") for flag in flags)}
+    return {
+        "model": names[0] if names else platform.processor(),
+        "vnni": any(flag in ("avx512_vnni", "avx_vnni") for flag in flags),
+    }
 
 
 def write_results(name: str, settings: dict, results: dict, markdown: str) -> None:

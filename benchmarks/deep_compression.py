@@ -69,7 +69,10 @@ def generic_coders(module: nn.Module) -> dict[str, int]:
     return {
         f"{coder}_{kind}_bytes": len(compress(data))
         for kind, data in files.items()
-        for coder, compress in (("gzip", lambda data: gzip.compress(data, 9)), ("xz", lambda data: lzma.compress(data, preset=9)))
+        for coder, compress in (
+            ("gzip", lambda data: gzip.compress(data, 9)),
+            ("xz", lambda data: lzma.compress(data, preset=9)),
+        )
     }
 
 
@@ -112,7 +115,10 @@ def markdown(summary: dict[str, dict], args: argparse.Namespace) -> str:
         lines.append(
             f"| {name} | {100 * row['dense_accuracy']:.2f}% | {100 * row['compressed_accuracy']:.2f}% | {row['accuracy_drop_points']:.2f} | "
             f"{row['compressed_bytes'] / 1024:,.1f} KiB | **{row['compression_ratio']:.1f}x** | "
-            + " | ".join(f"{dense / row[key]:.1f}x" for key in ("gzip_onnx_bytes", "xz_onnx_bytes", "gzip_state_dict_bytes", "xz_state_dict_bytes"))
+            + " | ".join(
+                f"{dense / row[key]:.1f}x"
+                for key in ("gzip_onnx_bytes", "xz_onnx_bytes", "gzip_state_dict_bytes", "xz_state_dict_bytes")
+            )
             + f" | {PUBLISHED[name]:.0f}x |"
         )
     return "\n".join(lines) + "\n"
@@ -144,9 +150,16 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=16)
     parser.add_argument("--cluster-epoch", type=int, default=14)
     parser.add_argument("--idx-dir", default="/usr/share/datasets/fashion-mnist")
-    parser.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (two benchmarks side by side: 1 each)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch's intra-op threads (two benchmarks side by side: 1 each)"
+    )
     parser.add_argument("--name", default="deep_compression", help="results/<name>.json and .md")
-    parser.add_argument("--combine", nargs="+", type=Path, help="instead of training: merge the runs of these results files (seeds run apart)")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        help="instead of training: merge the runs of these results files (seeds run apart)",
+    )
     args = parser.parse_args()
     if args.combine:
         name = args.name
@@ -156,10 +169,23 @@ def main() -> None:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         runs = {name: [measure(name, seed, args) for seed in args.seeds] for name in args.models}
-    numbers = [key for key, value in next(iter(runs.values()))[0].items() if isinstance(value, (int, float)) and key != "seed"]
-    summary = {name: {key: statistics.median(run[key] for run in model_runs) for key in numbers} for name, model_runs in runs.items()}
-    settings = {key: getattr(args, key) for key in ("seeds", "epochs", "amount", "prune_start", "prune_end", "clusters", "cluster_epoch")}
-    write_results(args.name, {"settings": settings}, {"median": summary, "runs": runs, "published_mnist_ratio": PUBLISHED}, markdown(summary, args))
+    numbers = [
+        key for key, value in next(iter(runs.values()))[0].items() if isinstance(value, (int, float)) and key != "seed"
+    ]
+    summary = {
+        name: {key: statistics.median(run[key] for run in model_runs) for key in numbers}
+        for name, model_runs in runs.items()
+    }
+    settings = {
+        key: getattr(args, key)
+        for key in ("seeds", "epochs", "amount", "prune_start", "prune_end", "clusters", "cluster_epoch")
+    }
+    write_results(
+        args.name,
+        {"settings": settings},
+        {"median": summary, "runs": runs, "published_mnist_ratio": PUBLISHED},
+        markdown(summary, args),
+    )
 
 
 if __name__ == "__main__":

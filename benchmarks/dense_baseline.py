@@ -96,8 +96,15 @@ def main() -> None:
     parser.add_argument("--data-root", default="data")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    results = [summarize(name, [run(name, seed, args.epochs, args.data_root) for seed in args.seeds]) for name in args.models]
-    write_results("dense_baseline", {"epochs": args.epochs, "seeds": args.seeds}, {"results": results}, markdown(results, args.epochs, args.seeds))
+    results = [
+        summarize(name, [run(name, seed, args.epochs, args.data_root) for seed in args.seeds]) for name in args.models
+    ]
+    write_results(
+        "dense_baseline",
+        {"epochs": args.epochs, "seeds": args.seeds},
+        {"results": results},
+        markdown(results, args.epochs, args.seeds),
+    )
 
 
 if __name__ == "__main__":

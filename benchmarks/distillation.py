@@ -45,7 +45,9 @@ def student_net() -> SmallCNN:
     return SmallCNN(num_classes=10, image_size=28, channels=(8, 16), hidden=48)
 
 
-def fit(module: L.LightningModule, seed: int, epochs: int, datamodule: FashionMNISTDataModule, limit_batches: int | None) -> list[float]:
+def fit(
+    module: L.LightningModule, seed: int, epochs: int, datamodule: FashionMNISTDataModule, limit_batches: int | None
+) -> list[float]:
     L.seed_everything(seed)
     timer = EpochTimer()
     # the epoch time is training alone; nothing here reads validation
@@ -69,20 +71,30 @@ def student(method: str, seed: int, teacher: torch.nn.Module, epochs: int) -> L.
         "fitnets": {"ce_weight": 1.0, "kd_weight": 0.0, "hints": [("features.4", "features.4")], "hint_weight": 1.0},
         "dkd": {"ce_weight": 1.0, "kd_weight": 1.0, "logit_loss": "dkd"},
     }[method]
-    return DistillationModule(net, teacher, num_classes=10, temperature=4.0, input_shape=INPUT_SHAPE, scheduler=cosine(epochs), **settings)
+    return DistillationModule(
+        net, teacher, num_classes=10, temperature=4.0, input_shape=INPUT_SHAPE, scheduler=cosine(epochs), **settings
+    )
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
     def data(train_samples: int) -> FashionMNISTDataModule:
-        return FashionMNISTDataModule(root=args.data_root, batch_size=128, seed=seed, train_samples=train_samples or None)
+        return FashionMNISTDataModule(
+            root=args.data_root, batch_size=128, seed=seed, train_samples=train_samples or None
+        )
 
     datamodule = data(args.train_samples)
     datamodule.setup("test")
     test = list(datamodule.test_dataloader())
     torch.manual_seed(seed)
-    teacher = ClassificationModule(teacher_net(), num_classes=10, input_shape=INPUT_SHAPE, scheduler=cosine(args.teacher_epochs))
+    teacher = ClassificationModule(
+        teacher_net(), num_classes=10, input_shape=INPUT_SHAPE, scheduler=cosine(args.teacher_epochs)
+    )
     fit(teacher, seed, args.teacher_epochs, data(args.teacher_train_samples), args.limit_batches)
-    result = {"seed": seed, "teacher_test_accuracy": evaluate_accuracy(teacher, test), "teacher_parameters": count_parameters(teacher.model)}
+    result = {
+        "seed": seed,
+        "teacher_test_accuracy": evaluate_accuracy(teacher, test),
+        "teacher_parameters": count_parameters(teacher.model),
+    }
     rotation = seed % len(STUDENTS)
     for method in STUDENTS[rotation:] + STUDENTS[:rotation]:
         module = student(method, seed, teacher.model, args.epochs)
@@ -103,17 +115,26 @@ def summary(runs: list[dict]) -> dict:
         "teacher_test_accuracy": median(runs, "teacher_test_accuracy"),
         "parameters_ratio": median(runs, "student_parameters") / median(runs, "teacher_parameters"),
         "test_accuracy": {method: median(runs, f"{method}_test_accuracy") for method in STUDENTS},
-        "gain_points_vs_alone": {m: 100 * (median(runs, f"{m}_test_accuracy") - alone) for m in STUDENTS if m != "alone"},
+        "gain_points_vs_alone": {
+            m: 100 * (median(runs, f"{m}_test_accuracy") - alone) for m in STUDENTS if m != "alone"
+        },
         "gain_points_paired_median": {
-            m: 100 * statistics.median(run[f"{m}_test_accuracy"] - run["alone_test_accuracy"] for run in runs) for m in STUDENTS if m != "alone"
+            m: 100 * statistics.median(run[f"{m}_test_accuracy"] - run["alone_test_accuracy"] for run in runs)
+            for m in STUDENTS
+            if m != "alone"
         },
         "epoch_s": {method: median(runs, f"{method}_epoch_s") for method in STUDENTS},
-        "epoch_time_ratio_to_alone": {m: median(runs, f"{m}_epoch_s") / median(runs, "alone_epoch_s") for m in STUDENTS if m != "alone"},
+        "epoch_time_ratio_to_alone": {
+            m: median(runs, f"{m}_epoch_s") / median(runs, "alone_epoch_s") for m in STUDENTS if m != "alone"
+        },
     }
 
 
 def markdown(result: dict, args: argparse.Namespace) -> str:
-    accuracy, gain, paired, ratio = (result[k] for k in ("test_accuracy", "gain_points_vs_alone", "gain_points_paired_median", "epoch_time_ratio_to_alone"))
+    accuracy, gain, paired, ratio = (
+        result[k]
+        for k in ("test_accuracy", "gain_points_vs_alone", "gain_points_paired_median", "epoch_time_ratio_to_alone")
+    )
     names = {
         "alone": "student alone",
         "kd_cached": "KD, teacher cached",
@@ -133,19 +154,27 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
         f"| {names['alone']} | {100 * accuracy['alone']:.2f}% | – | – | 1.000x ({result['epoch_s']['alone']:.1f} s) |",
     ]
     for method in STUDENTS[1:]:
-        lines.append(f"| {names[method]} | {100 * accuracy[method]:.2f}% | {gain[method]:+.2f} | {paired[method]:+.2f} | {ratio[method]:.3f}x |")
+        lines.append(
+            f"| {names[method]} | {100 * accuracy[method]:.2f}% | {gain[method]:+.2f} | {paired[method]:+.2f} | {ratio[method]:.3f}x |"
+        )
     return "\n".join([*lines, ""])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=40)
-    parser.add_argument("--train-samples", type=int, default=5000, help="the students' training images (a seeded subset); 0 for all")
+    parser.add_argument(
+        "--train-samples", type=int, default=5000, help="the students' training images (a seeded subset); 0 for all"
+    )
     parser.add_argument("--teacher-epochs", type=int, default=12)
-    parser.add_argument("--teacher-train-samples", type=int, default=0, help="the teacher's training images; 0 (default) for all")
+    parser.add_argument(
+        "--teacher-train-samples", type=int, default=0, help="the teacher's training images; 0 (default) for all"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data-root", default="data")
-    parser.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (a quick check of the script)")
+    parser.add_argument(
+        "--limit-batches", type=int, default=None, help="training batches per epoch (a quick check of the script)"
+    )
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the cache acts from the second epoch")

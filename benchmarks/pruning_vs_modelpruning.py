@@ -57,7 +57,9 @@ def modelpruning_amounts(schedule: SparsitySchedule) -> dict[int, float]:
 
 def run(method: str, seed: int, epochs: int, data_root: str) -> dict:
     L.seed_everything(seed)
-    module = ClassificationModule(SmallCNN(num_classes=10, in_channels=1, image_size=28), num_classes=10, input_shape=INPUT_SHAPE)
+    module = ClassificationModule(
+        SmallCNN(num_classes=10, in_channels=1, image_size=28), num_classes=10, input_shape=INPUT_SHAPE
+    )
     weights = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     schedule = SparsitySchedule(amount=0.9, kind="agp", start_epoch=1, end_epoch=epochs - 2)
     timer = StepTimer()
@@ -74,7 +76,16 @@ def run(method: str, seed: int, epochs: int, data_root: str) -> dict:
             )
         ],
         "pruning_channel_50_removed": [
-            Pruning(amount=0.5, criterion="l1", granularity="channel", scope="layer", schedule="agp", start_epoch=1, end_epoch=epochs - 2, remove_channels=True)
+            Pruning(
+                amount=0.5,
+                criterion="l1",
+                granularity="channel",
+                scope="layer",
+                schedule="agp",
+                start_epoch=1,
+                end_epoch=epochs - 2,
+                remove_channels=True,
+            )
         ],
     }
     trainer = cpu_trainer(epochs, [timer, *methods[method]])
@@ -93,7 +104,14 @@ def run(method: str, seed: int, epochs: int, data_root: str) -> dict:
     }
     if method in ("dense", "pruning_channel_50_removed"):
         for runtime, prefix in (("torch", ""), ("onnxruntime", "ort_")):
-            profile = profile_model(model, INPUT_SHAPE, latency_batch_sizes=(1, 256), latency_repeats=50, num_threads=2, latency_runtime=runtime)
+            profile = profile_model(
+                model,
+                INPUT_SHAPE,
+                latency_batch_sizes=(1, 256),
+                latency_repeats=50,
+                num_threads=2,
+                latency_runtime=runtime,
+            )
             result |= {f"{prefix}latency_b{batch}_ms": profile.latency[batch].median_ms for batch in (1, 256)}
     return result
 
@@ -103,7 +121,9 @@ def median_of(runs: list[dict], method: str, key: str) -> float:
 
 
 def summary(runs: list[dict]) -> dict:
-    dense = {key: median_of(runs, "dense", key) for key in ("test_accuracy", "step_ms", "parameters", "macs", *LATENCIES)}
+    dense = {
+        key: median_of(runs, "dense", key) for key in ("test_accuracy", "step_ms", "parameters", "macs", *LATENCIES)
+    }
     result = {"dense": dense}
     for method in ("pruning_unstructured_90", "modelpruning_unstructured_90"):
         result[method] = {
@@ -122,7 +142,10 @@ def summary(runs: list[dict]) -> dict:
 
 
 def markdown(result: dict, epochs: int, seeds: list[int]) -> str:
-    dense, ours, theirs, channel = (result[k] for k in ("dense", "pruning_unstructured_90", "modelpruning_unstructured_90", "pruning_channel_50_removed"))
+    dense, ours, theirs, channel = (
+        result[k]
+        for k in ("dense", "pruning_unstructured_90", "modelpruning_unstructured_90", "pruning_channel_50_removed")
+    )
     return "\n".join(
         [
             f"Fashion-MNIST, SmallCNN, {epochs} epochs, Adam 1e-3, batch 128, seeds {seeds}; medians over seeds. "
@@ -139,7 +162,7 @@ def markdown(result: dict, epochs: int, seeds: list[int]) -> str:
             "| channel 50% (L1, per layer), removed | test acc | drop (points) | parameters | MACs "
             "| latency b1, ONNX Runtime | latency b256, ONNX Runtime | latency b1, eager torch | latency b256, eager torch |",
             "|---|---|---|---|---|---|---|---|---|",
-            f"| `Pruning(granularity=\"channel\", remove_channels=True)` | {100 * channel['test_accuracy']:.2f}% | "
+            f'| `Pruning(granularity="channel", remove_channels=True)` | {100 * channel["test_accuracy"]:.2f}% | '
             f"{channel['accuracy_drop_points']:.2f} | {channel['parameters_ratio']:.3f}x | {channel['macs_ratio']:.3f}x | "
             f"{channel['ort_latency_b1_ms_ratio']:.3f}x | {channel['ort_latency_b256_ms_ratio']:.3f}x | "
             f"{channel['latency_b1_ms_ratio']:.3f}x | {channel['latency_b256_ms_ratio']:.3f}x |",

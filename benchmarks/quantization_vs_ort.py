@@ -70,14 +70,24 @@ class Batches(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def train(method: str, seed: int, epochs: int, datamodule: FashionMNISTDataModule, limit_batches: int | None) -> tuple[ClassificationModule, float]:
+def train(
+    method: str, seed: int, epochs: int, datamodule: FashionMNISTDataModule, limit_batches: int | None
+) -> tuple[ClassificationModule, float]:
     L.seed_everything(seed)
-    module = ClassificationModule(SmallCNN(num_classes=10, in_channels=1, image_size=28), num_classes=10, input_shape=INPUT_SHAPE)
+    module = ClassificationModule(
+        SmallCNN(num_classes=10, in_channels=1, image_size=28), num_classes=10, input_shape=INPUT_SHAPE
+    )
     last = epochs - 1
     callbacks = {
         "fp32": [],
-        "qat_int8": [QuantizationAwareTraining(start_epoch=1, freeze_observers_epoch=last, freeze_bn_epoch=last, reduce_range=True)],
-        "qat_w4a8_lsq": [QuantizationAwareTraining(weight_bits=4, learnable_scales=True, start_epoch=1, freeze_bn_epoch=last)],
+        "qat_int8": [
+            QuantizationAwareTraining(
+                start_epoch=1, freeze_observers_epoch=last, freeze_bn_epoch=last, reduce_range=True
+            )
+        ],
+        "qat_w4a8_lsq": [
+            QuantizationAwareTraining(weight_bits=4, learnable_scales=True, start_epoch=1, freeze_bn_epoch=last)
+        ],
     }[method]
     timer = StepTimer(from_epoch=1)  # fake quantization is on from epoch 1
     trainer = cpu_trainer(epochs, [timer, *callbacks], limit_train_batches=limit_batches)
@@ -110,7 +120,13 @@ def time_graphs(directory: Path, seed: int) -> dict[str, float]:
         for batch in BATCHES:
             inputs = torch.randn((batch, *INPUT_SHAPE), generator=torch.Generator().manual_seed(batch))
             repeats = 600 if batch == 1 else 90
-            timed = measure_latencies({name: (runtime, inputs) for name, runtime in runtimes.items()}, warmup=20, repeats=repeats, rounds=30, seed=seed)
+            timed = measure_latencies(
+                {name: (runtime, inputs) for name, runtime in runtimes.items()},
+                warmup=20,
+                repeats=repeats,
+                rounds=30,
+                seed=seed,
+            )
             result |= {f"{name}_latency_t{threads}_b{batch}_ms": latency.median_ms for name, latency in timed.items()}
     return result
 
@@ -145,7 +161,9 @@ def run_seed(seed: int, epochs: int, data_root: str, limit_batches: int | None =
 
     for name, weight_bits in (("ptq_int8", 8), ("ptq_w4a8", 4)):
         quantized = copy.deepcopy(fp32)
-        PostTrainingQuantization(weight_bits=weight_bits, reduce_range=weight_bits == 8, calibration_batches=CALIBRATION_BATCHES).quantize(quantized, calibration)
+        PostTrainingQuantization(
+            weight_bits=weight_bits, reduce_range=weight_bits == 8, calibration_batches=CALIBRATION_BATCHES
+        ).quantize(quantized, calibration)
         result[f"{name}_test_accuracy"] = evaluate_accuracy(quantized, test)
 
     for method in ("qat_int8", "qat_w4a8_lsq"):
@@ -187,26 +205,39 @@ RATIOS = (("qat_int8", "fp32"), ("ort_static", "fp32"), ("qat_int8", "ort_static
 def summary(runs: list[dict]) -> dict:
     fp32 = median(runs, "fp32_test_accuracy")
     accuracies = {
-        method: median(runs, f"{method}_test_accuracy") for method in ("fp32", "qat_int8", "qat_w4a8_lsq", "ptq_int8", "ptq_w4a8")
+        method: median(runs, f"{method}_test_accuracy")
+        for method in ("fp32", "qat_int8", "qat_w4a8_lsq", "ptq_int8", "ptq_w4a8")
     }
     result = {
         "test_accuracy": accuracies,
-        "drop_points_vs_fp32": {method: 100 * (fp32 - accuracy) for method, accuracy in accuracies.items() if method != "fp32"},
+        "drop_points_vs_fp32": {
+            method: 100 * (fp32 - accuracy) for method, accuracy in accuracies.items() if method != "fp32"
+        },
         "ort_test_accuracy": {m: median(runs, f"{m}_ort_test_accuracy") for m in TIMED},
-        "ort_agreement_with_fake_quant": {m: median(runs, f"{m}_ort_agreement_with_fake_quant") for m in ("qat_int8", "qat_w4a8_lsq")},
+        "ort_agreement_with_fake_quant": {
+            m: median(runs, f"{m}_ort_agreement_with_fake_quant") for m in ("qat_int8", "qat_w4a8_lsq")
+        },
         "onnx_bytes": {m: median(runs, f"{m}_onnx_bytes") for m in TIMED},
-        "bytes_ratio_to_fp32": {m: median(runs, f"{m}_onnx_bytes") / median(runs, "fp32_onnx_bytes") for m in TIMED if m != "fp32"},
-        "ort_latency_ms": {f"{m}_t{t}_b{b}": median(runs, latency_key(m, t, b)) for m in TIMED for t in THREADS for b in BATCHES},
+        "bytes_ratio_to_fp32": {
+            m: median(runs, f"{m}_onnx_bytes") / median(runs, "fp32_onnx_bytes") for m in TIMED if m != "fp32"
+        },
+        "ort_latency_ms": {
+            f"{m}_t{t}_b{b}": median(runs, latency_key(m, t, b)) for m in TIMED for t in THREADS for b in BATCHES
+        },
         # the median over seeds of each seed's ratio: both sides of a ratio were timed in the same rounds
         "latency_ratio": {
-            f"{m}_vs_{reference}_t{t}_b{b}": statistics.median(run[latency_key(m, t, b)] / run[latency_key(reference, t, b)] for run in runs)
+            f"{m}_vs_{reference}_t{t}_b{b}": statistics.median(
+                run[latency_key(m, t, b)] / run[latency_key(reference, t, b)] for run in runs
+            )
             for m, reference in RATIOS
             for t in THREADS
             for b in BATCHES
         },
         "step_ms": {m: median(runs, f"{m}_step_ms") for m in ("fp32", "qat_int8", "qat_w4a8_lsq")},
     }
-    result["step_time_ratio_to_fp32"] = {m: result["step_ms"][m] / result["step_ms"]["fp32"] for m in ("qat_int8", "qat_w4a8_lsq")}
+    result["step_time_ratio_to_fp32"] = {
+        m: result["step_ms"][m] / result["step_ms"]["fp32"] for m in ("qat_int8", "qat_w4a8_lsq")
+    }
     return result
 
 
@@ -235,13 +266,28 @@ def markdown(result: dict, epochs: int, seeds: list[int]) -> str:
         "| model | bytes vs fp32 | threads | latency b1 | latency b256 | b1 vs fp32 | b256 vs fp32 | b1 vs peer | b256 vs peer |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    names = {"fp32": "fp32", "qat_int8": "ours, QAT int8", "ort_static": "peer, `quantize_static`", "qat_w4a8_lsq": "ours, QAT W4A8 (4-bit weights)"}
+    names = {
+        "fp32": "fp32",
+        "qat_int8": "ours, QAT int8",
+        "ort_static": "peer, `quantize_static`",
+        "qat_w4a8_lsq": "ours, QAT W4A8 (4-bit weights)",
+    }
     for threads in THREADS:
         for model in TIMED:
             size = f"1.000x ({result['onnx_bytes']['fp32']:,.0f} B)" if model == "fp32" else f"{nbytes[model]:.3f}x"
-            cells = [names[model], size, str(threads), *(f"{latency[f'{model}_t{threads}_b{batch}']:.3f} ms" for batch in BATCHES)]
+            cells = [
+                names[model],
+                size,
+                str(threads),
+                *(f"{latency[f'{model}_t{threads}_b{batch}']:.3f} ms" for batch in BATCHES),
+            ]
             for reference in ("fp32", "ort_static"):
-                cells += [f"{ratio[f'{model}_vs_{reference}_t{threads}_b{batch}']:.3f}x" if (model, reference) in RATIOS else "–" for batch in BATCHES]
+                cells += [
+                    f"{ratio[f'{model}_vs_{reference}_t{threads}_b{batch}']:.3f}x"
+                    if (model, reference) in RATIOS
+                    else "–"
+                    for batch in BATCHES
+                ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + [""])
 
@@ -251,8 +297,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--data-root", default="data")
-    parser.add_argument("--limit-batches", type=int, default=None, help="training batches per epoch (a quick check of the script)")
-    parser.add_argument("--time-graphs", type=Path, default=None, help=argparse.SUPPRESS)  # the timing process of ort_latencies
+    parser.add_argument(
+        "--limit-batches", type=int, default=None, help="training batches per epoch (a quick check of the script)"
+    )
+    parser.add_argument(
+        "--time-graphs", type=Path, default=None, help=argparse.SUPPRESS
+    )  # the timing process of ort_latencies
     args = parser.parse_args()
     if args.time_graphs is not None:
         print(json.dumps(time_graphs(args.time_graphs, args.seeds[0])))
@@ -263,7 +313,9 @@ def main() -> None:
     runs = [run_seed(seed, args.epochs, args.data_root, args.limit_batches) for seed in args.seeds]
     result = summary(runs)
     settings = {"epochs": args.epochs, "seeds": args.seeds, "cpu": cpu_description()}
-    write_results("quantization", settings, {"summary": result, "runs": runs}, markdown(result, args.epochs, args.seeds))
+    write_results(
+        "quantization", settings, {"summary": result, "runs": runs}, markdown(result, args.epochs, args.seeds)
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Measure any model in plain PyTorch (no Trainer): parameters, sparsity, bytes, MACs and latency.
 
-    python examples/measure_model.py --arch resnet18 --image-size 32
+python examples/measure_model.py --arch resnet18 --image-size 32
 """
 
 from __future__ import annotations

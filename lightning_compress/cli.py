@@ -33,7 +33,13 @@ from lightning_compress.callbacks import CompressionReport
 from lightning_compress.deploy import FILE_SUFFIXES, check_export_format, export
 from lightning_compress.files import write_atomically
 from lightning_compress.models import ClassificationModule
-from lightning_compress.preflight import check_resume_checkpoint, check_settings, check_writable, local_checkpoint, quiet
+from lightning_compress.preflight import (
+    check_resume_checkpoint,
+    check_settings,
+    check_writable,
+    local_checkpoint,
+    quiet,
+)
 from lightning_compress.run_folder import RunFolderError, claim_run_folder
 from lightning_compress.sweeps.summary import check_metrics, stage_metrics
 
@@ -62,7 +68,11 @@ class Run:
         return self.reporter.report if self.reporter is not None else None
 
 
-def fit_and_test(cfg: DictConfig, compression: list[L.Callback], wrap: Callable[[ClassificationModule], L.LightningModule] | None = None) -> Run:
+def fit_and_test(
+    cfg: DictConfig,
+    compression: list[L.Callback],
+    wrap: Callable[[ClassificationModule], L.LightningModule] | None = None,
+) -> Run:
     """One run: build data, model (passed through ``wrap``), callbacks (``compression`` first), loggers and
     trainer; fit, test, export. With ``export`` set, the final model is written to
     ``output_dir/model.<format>`` (int8 layers where it is quantized).
@@ -76,11 +86,18 @@ def fit_and_test(cfg: DictConfig, compression: list[L.Callback], wrap: Callable[
     callbacks: list[L.Callback] = [*compression, *(build(c) for c in (cfg.get("callbacks") or {}).values())]
     loggers = [build(logger) for logger in (cfg.get("logger") or {}).values()]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)  # no code runs from a checkpoint
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
+    )  # no code runs from a checkpoint
     if cfg.get("test"):
         trainer.test(module, datamodule=datamodule)
     if cfg.get("export") and trainer.is_global_zero:
-        export(module.cpu(), Path(cfg.output_dir) / f"model.{FILE_SUFFIXES[cfg.export]}", module.example_input_array, format=cfg.export)
+        export(
+            module.cpu(),
+            Path(cfg.output_dir) / f"model.{FILE_SUFFIXES[cfg.export]}",
+            module.example_input_array,
+            format=cfg.export,
+        )
     reporter = next((callback for callback in callbacks if isinstance(callback, CompressionReport)), None)
     return Run(module, reporter if reporter is not None and trainer.is_global_zero else None)
 
@@ -108,7 +125,9 @@ def train(cfg: DictConfig) -> Report | None:
     for node in recipes.values():
         build(node)  # each recipe checks its settings now, before the first run trains; each run builds its own
     if "distillation" in recipes and cfg.get("teacher") is None:
-        raise ValueError("compression/distillation needs a teacher: choose one with model/teacher=<name> (e.g. small_cnn_wide)")
+        raise ValueError(
+            "compression/distillation needs a teacher: choose one with model/teacher=<name> (e.g. small_cnn_wide)"
+        )
     teacher_cfg = _teacher_config(cfg) if "distillation" in recipes else None
     if teacher_cfg is not None:
         check_settings(teacher_cfg, key_prefix="teacher_run.")
@@ -124,7 +143,9 @@ def train(cfg: DictConfig) -> Report | None:
         return _run_phases(cfg, recipes, phases, teacher_cfg)
 
 
-def _run_phases(cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[str, list[str]], teacher_cfg: DictConfig | None) -> Report | None:
+def _run_phases(
+    cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[str, list[str]], teacher_cfg: DictConfig | None
+) -> Report | None:
     """Train the teacher (with distillation), then each run of ``phases``; one report of them all."""
     if not recipes:
         report = fit_and_test(cfg, []).report
@@ -136,14 +157,22 @@ def _run_phases(cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[st
         runs["teacher"] = _phase(teacher_cfg, "teacher", [], resume=False)
     for index, (name, names) in enumerate(phases.items()):
         callbacks = [build(recipes[recipe]) for recipe in names if recipe != "distillation"]
-        wrap = partial(_distill, recipes["distillation"], runs["teacher"].module.model) if "distillation" in names else None
+        wrap = (
+            partial(_distill, recipes["distillation"], runs["teacher"].module.model)
+            if "distillation" in names
+            else None
+        )
         runs[name] = _phase(cfg, name, callbacks, resume=index == len(phases) - 1, wrap=wrap, dense=not names)
     if any(run.report is None for run in runs.values()):
         return None
     stages = {name: (run.report.entry("after"), run.reporter.models.get("after")) for name, run in runs.items()}
     if "dense" in runs:
         dense = runs["dense"].reporter
-        half = {f"dense {entry.name}": (entry, dense.models.get(entry.name)) for entry in dense.report.entries if entry.name not in ("before", "after")}
+        half = {
+            f"dense {entry.name}": (entry, dense.models.get(entry.name))
+            for entry in dense.report.entries
+            if entry.name not in ("before", "after")
+        }
         stages = {"dense": stages.pop("dense"), **half, **stages}  # dense first: the reference of the ratios
     else:  # the untrained model is the reference of the ratios: the dense model's size, MACs and latency
         first = runs[next(iter(phases))].reporter
@@ -156,7 +185,9 @@ def _run_phases(cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[st
     return report
 
 
-def _time_together(entries: list[ReportEntry], models: dict[str, nn.Module | None], reporter: CompressionReport) -> None:
+def _time_together(
+    entries: list[ReportEntry], models: dict[str, nn.Module | None], reporter: CompressionReport
+) -> None:
     """Give each entry the latency of its model timed with all the others, in ``reporter``'s interleaved
     rounds, each in the runtime and on the device it was measured on: runs timed one after another saw
     different noise. An entry without its model, or whose model has moved (``export`` moves it to the
@@ -168,13 +199,17 @@ def _time_together(entries: list[ReportEntry], models: dict[str, nn.Module | Non
             timed[entry.name] = (model, measured.runtime)
     if len(timed) < 2:
         return
-    results = reporter.time_stages({name: model for name, (model, _) in timed.items()}, {name: runtime for name, (_, runtime) in timed.items()})
+    results = reporter.time_stages(
+        {name: model for name, (model, _) in timed.items()}, {name: runtime for name, (_, runtime) in timed.items()}
+    )
     for entry in entries:
         if entry.name in results:
             entry.profile = dataclasses.replace(entry.profile, latency=results[entry.name].latency)
 
 
-def _check_phases_on_model(cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[str, list[str]]) -> L.LightningModule:
+def _check_phases_on_model(
+    cfg: DictConfig, recipes: dict[str, DictConfig], phases: dict[str, list[str]]
+) -> L.LightningModule:
     """Set every run's compression callbacks up on a model and a Trainer of its own, as the run will (targets,
     N:M shapes, channel groups, distillation hints, the order of pruning and clustering), before any run
     trains; return the last run's model, set up."""
@@ -190,7 +225,10 @@ def _check_phases_on_model(cfg: DictConfig, recipes: dict[str, DictConfig], phas
             for name, callback in callbacks.items():
                 with _named_recipe(name):
                     callback.setup(trainer, module, "fit")
-            for name, callback in callbacks.items():  # the checks that need every callback set up (clustering after pruning)
+            for (
+                name,
+                callback,
+            ) in callbacks.items():  # the checks that need every callback set up (clustering after pruning)
                 with _named_recipe(name):
                     callback.on_fit_start(trainer, module)
     return module
@@ -210,7 +248,9 @@ def _teacher_config(cfg: DictConfig) -> DictConfig:
     changes = cfg.get("teacher_run") or {}
     unknown = [key for key in changes if key not in TEACHER_RUN_KEYS]
     if unknown:
-        raise ValueError(f"teacher_run: unknown key(s) {unknown}; it changes the teacher's {', '.join(TEACHER_RUN_KEYS)}")
+        raise ValueError(
+            f"teacher_run: unknown key(s) {unknown}; it changes the teacher's {', '.join(TEACHER_RUN_KEYS)}"
+        )
     teacher_cfg = OmegaConf.merge(cfg, changes)
     teacher_cfg.model = cfg.teacher
     return teacher_cfg
@@ -221,9 +261,13 @@ def _check_optimized_metrics(cfg: DictConfig) -> None:
     names = list(cfg.get("optimized_metrics") or [])
     check_metrics(names)
     if names and (cfg.get("callbacks") or {}).get("compression_report") is None:
-        raise ValueError(f"optimized_metrics {names} are read from the report: keep callbacks.compression_report (callbacks=default)")
+        raise ValueError(
+            f"optimized_metrics {names} are read from the report: keep callbacks.compression_report (callbacks=default)"
+        )
     if "test_accuracy" in names and not cfg.get("test"):
-        raise ValueError("optimized_metrics has test_accuracy, but test=false skips the test; use val_accuracy or test=true")
+        raise ValueError(
+            "optimized_metrics has test_accuracy, but test=false skips the test; use val_accuracy or test=true"
+        )
 
 
 def _phases(kinds: list[str], recipes: list[str]) -> dict[str, list[str]]:
@@ -254,7 +298,12 @@ def _distill(recipe: DictConfig, teacher: nn.Module, module: ClassificationModul
 
 
 def _phase(
-    cfg: DictConfig, name: str, compression: list[L.Callback], resume: bool, wrap: Callable[[ClassificationModule], L.LightningModule] | None = None, dense: bool = False
+    cfg: DictConfig,
+    name: str,
+    compression: list[L.Callback],
+    resume: bool,
+    wrap: Callable[[ClassificationModule], L.LightningModule] | None = None,
+    dense: bool = False,
 ) -> Run:
     """Run ``cfg`` with its outputs in ``output_dir/name``, resuming from ``ckpt_path`` only when ``resume``;
     the ``dense`` run's report adds the model in ``half_precision``."""

@@ -27,7 +27,9 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         (['notes.txt'], 'done')
     """
     _remove_abandoned_temporaries(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-{os.getpid()}@{_host()}-", suffix=path.suffix)
+    handle, temporary = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.stem}-{os.getpid()}@{_host()}-", suffix=path.suffix
+    )
     os.close(handle)
     try:
         write(Path(temporary))

@@ -43,10 +43,16 @@ TRAINER_SETTINGS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_epochs": (lambda v: is_int(v) and v >= 1, "a whole number >= 1: the epochs each run trains"),
     "min_epochs": (lambda v: v is None or (is_int(v) and v >= 0), "null or a whole number >= 0"),
     "max_steps": (lambda v: is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or a whole number >= 1"),
-    "limit_train_batches": (lambda v: _batches(v, 1), "null (all), a number of batches >= 1 or a fraction in (0, 1]: 0 trains nothing"),
+    "limit_train_batches": (
+        lambda v: _batches(v, 1),
+        "null (all), a number of batches >= 1 or a fraction in (0, 1]: 0 trains nothing",
+    ),
     "limit_val_batches": (lambda v: _batches(v, 0), "null (all), a number of batches >= 0 or a fraction in [0, 1]"),
     "limit_test_batches": (lambda v: _batches(v, 0), "null (all), a number of batches >= 0 or a fraction in [0, 1]"),
-    "fast_dev_run": (lambda v: isinstance(v, bool) or (is_int(v) and v >= 0), "true, false or a number of batches >= 0"),
+    "fast_dev_run": (
+        lambda v: isinstance(v, bool) or (is_int(v) and v >= 0),
+        "true, false or a number of batches >= 0",
+    ),
     "check_val_every_n_epoch": (lambda v: v is None or (is_int(v) and v >= 1), "null or a whole number >= 1"),
 }
 
@@ -64,7 +70,9 @@ def check_settings(cfg: DictConfig, key_prefix: str = "") -> None:
     """
     seed = cfg.get("seed")
     if seed is not None and not is_int(seed):
-        raise ValueError(f"{key_prefix}seed={seed!r} is not allowed: use a whole number, or null to leave randomness unseeded")
+        raise ValueError(
+            f"{key_prefix}seed={seed!r} is not allowed: use a whole number, or null to leave randomness unseeded"
+        )
     trainer = cfg.get("trainer") or {}
     for key, (allowed, description) in TRAINER_SETTINGS.items():
         if key in trainer and not allowed(trainer[key]):
@@ -83,7 +91,11 @@ def check_resume_checkpoint(path: str, module: L.LightningModule, max_epochs: in
         ValueError: ckpt_path='missing.ckpt': no such file; give the checkpoint of the run to resume, e.g. ckpt_path=<run folder>/checkpoints/last.ckpt
     """
     checkpoint = _read_checkpoint(path)
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, Mapping) else list(CHECKPOINT_KEYS)
+    missing = (
+        [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+        if isinstance(checkpoint, Mapping)
+        else list(CHECKPOINT_KEYS)
+    )
     if missing:
         raise ValueError(f"ckpt_path={path!r} is not a checkpoint that Lightning's Trainer wrote: it lacks {missing}")
     saved, expected = checkpoint["state_dict"], module.state_dict()
@@ -94,9 +106,17 @@ def check_resume_checkpoint(path: str, module: L.LightningModule, max_epochs: in
     ]
     unexpected = [name for name in saved if name not in expected]
     if wrong or unexpected:
-        problems = [f"{len(wrong)} of its tensors are missing or shaped otherwise: {', '.join(wrong[:3])}"] if wrong else []
-        problems += [f"the checkpoint holds {len(unexpected)} tensors it lacks: {', '.join(unexpected[:3])}"] if unexpected else []
-        raise ValueError(f"ckpt_path={path!r} does not fit the model {type(getattr(module, 'model', module)).__name__}: {'; '.join(problems)}")
+        problems = (
+            [f"{len(wrong)} of its tensors are missing or shaped otherwise: {', '.join(wrong[:3])}"] if wrong else []
+        )
+        problems += (
+            [f"the checkpoint holds {len(unexpected)} tensors it lacks: {', '.join(unexpected[:3])}"]
+            if unexpected
+            else []
+        )
+        raise ValueError(
+            f"ckpt_path={path!r} does not fit the model {type(getattr(module, 'model', module)).__name__}: {'; '.join(problems)}"
+        )
     finished = _finished_epochs(checkpoint)
     if finished is not None and finished >= max_epochs:
         raise ValueError(
@@ -134,7 +154,9 @@ def local_checkpoint(path: str, folder: Path) -> str:
 
 def _read_checkpoint(path: str) -> Any:
     if "://" not in path and not Path(path).is_file():
-        raise ValueError(f"ckpt_path={path!r}: no such file; give the checkpoint of the run to resume, e.g. ckpt_path=<run folder>/checkpoints/last.ckpt")
+        raise ValueError(
+            f"ckpt_path={path!r}: no such file; give the checkpoint of the run to resume, e.g. ckpt_path=<run folder>/checkpoints/last.ckpt"
+        )
     try:
         return load_checkpoint_file(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -145,9 +167,13 @@ def _read_checkpoint(path: str) -> Any:
                 "weights_only=True, which refuses it: use a checkpoint of tensors and plain values"
             ) from None
         reason = _UNPICKLER_REASON.search(str(error))
-        raise ValueError(f"ckpt_path={path!r} is not a checkpoint torch can read: {reason[1] if reason else error}") from None
+        raise ValueError(
+            f"ckpt_path={path!r} is not a checkpoint torch can read: {reason[1] if reason else error}"
+        ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-        raise ValueError(f"ckpt_path={path!r} is not a checkpoint torch can read: {str(error).splitlines()[0]}") from None
+        raise ValueError(
+            f"ckpt_path={path!r} is not a checkpoint torch can read: {str(error).splitlines()[0]}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -164,7 +190,6 @@ def quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-
 def check_writable(folder: str | Path, key: str) -> None:
     """``folder`` exists or can be made, and a file can be written in it; else ``ValueError`` naming ``key``.
 
@@ -179,7 +204,9 @@ def check_writable(folder: str | Path, key: str) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
-        raise ValueError(f"{key}={str(folder)!r} cannot be written: {error.strerror or error}; choose a folder you can write") from None
+        raise ValueError(
+            f"{key}={str(folder)!r} cannot be written: {error.strerror or error}; choose a folder you can write"
+        ) from None
 
 
 class CheckOutputFolder(Callback):

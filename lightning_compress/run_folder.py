@@ -46,7 +46,9 @@ class RunFolderError(RuntimeError):
 
 
 @contextlib.contextmanager
-def claim_run_folder(path: str | os.PathLike[str], *, resuming: bool = False, overwrite: bool = False, enabled: bool | None = None) -> Iterator[Path]:
+def claim_run_folder(
+    path: str | os.PathLike[str], *, resuming: bool = False, overwrite: bool = False, enabled: bool | None = None
+) -> Iterator[Path]:
     """Hold the run folder ``path`` (created if needed) for the ``with`` block: yields it as an absolute path.
 
     Example:
@@ -119,13 +121,19 @@ def _acquire(folder: Path, lock: Path) -> dict[str, Any]:
         if owner is not None:
             _refuse_live_owner(folder, lock, owner)
             if _take_over(lock, owner, mine):
-                rank_zero_warn(f"run folder {folder}: taking over the stale lock of pid {owner['pid']} (started {owner['started']}), which is no longer running")
+                rank_zero_warn(
+                    f"run folder {folder}: taking over the stale lock of pid {owner['pid']} (started {owner['started']}), which is no longer running"
+                )
                 return mine
         if time.monotonic() > deadline:
             marker = _marker(lock)
             if marker.exists():
-                raise RunFolderError(f"run folder {folder}: another process is taking over its stale lock {lock}; try again, or if none is, delete {marker}")
-            raise RunFolderError(f"run folder {folder}: its lock file {lock} is not a lightning-compress lock (JSON with pid, host, started); delete it if no run uses this folder")
+                raise RunFolderError(
+                    f"run folder {folder}: another process is taking over its stale lock {lock}; try again, or if none is, delete {marker}"
+                )
+            raise RunFolderError(
+                f"run folder {folder}: its lock file {lock} is not a lightning-compress lock (JSON with pid, host, started); delete it if no run uses this folder"
+            )
         time.sleep(0.01)
 
 
@@ -135,7 +143,12 @@ def _read_lock(lock: Path) -> dict[str, Any] | None:
         owner = json.loads(lock.read_text())
     except (FileNotFoundError, ValueError):
         return None
-    valid = isinstance(owner, dict) and isinstance(owner.get("pid"), int) and owner["pid"] > 0 and all(isinstance(owner.get(key), str) for key in ("host", "started"))
+    valid = (
+        isinstance(owner, dict)
+        and isinstance(owner.get("pid"), int)
+        and owner["pid"] > 0
+        and all(isinstance(owner.get(key), str) for key in ("host", "started"))
+    )
     return owner if valid else None
 
 
@@ -198,9 +211,13 @@ def _check_earlier_run(folder: Path, *, resuming: bool, overwrite: bool) -> None
     names = sorted(path.relative_to(folder).as_posix() + ("/" if path.is_dir() else "") for path in found)
     listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     if overwrite:
-        rank_zero_warn(f"run folder {folder} holds {listed} from an earlier run; overwrite=true: this run writes over them")
+        rank_zero_warn(
+            f"run folder {folder} holds {listed} from an earlier run; overwrite=true: this run writes over them"
+        )
         return
-    in_runs = not (folder / "checkpoints").exists() and any(path.name == "checkpoints" for path in found)  # a job's runs
+    in_runs = not (folder / "checkpoints").exists() and any(
+        path.name == "checkpoints" for path in found
+    )  # a job's runs
     run = "<last run>/" if in_runs else ""
     raise RunFolderError(
         f"run folder {folder} holds {listed} from an earlier run: choose another hydra.run.dir, "

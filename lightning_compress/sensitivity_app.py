@@ -35,7 +35,10 @@ def analyse(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = build(cfg.data)
     module: L.LightningModule = build(cfg.model)
     weights, settings_file = output_dir / "dense.pt", output_dir / "analysis.yaml"
-    analysed = yaml.safe_dump({key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("data", "model", "trainer")} | {"seed": cfg.get("seed")})
+    analysed = yaml.safe_dump(
+        {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("data", "model", "trainer")}
+        | {"seed": cfg.get("seed")}
+    )
     if weights.is_file():  # a resumed analysis measures the same model on the same data
         if settings_file.is_file() and settings_file.read_text() != analysed:
             raise ValueError(
@@ -51,10 +54,14 @@ def analyse(cfg: DictConfig) -> dict[str, float]:
     datamodule.setup("fit")
     batches = list(datamodule.val_dataloader())
     csv_path = output_dir / "sensitivity.csv"
-    points = sensitivity_analysis(module.cpu(), batches, settings.levels, csv_path, settings.get("targets"), settings.get("exclude"))
+    points = sensitivity_analysis(
+        module.cpu(), batches, settings.levels, csv_path, settings.get("targets"), settings.get("exclude")
+    )
     write_atomically(output_dir / "sensitivity.png", lambda path: plot_sensitivity(points, path))
     amounts = layer_amounts(csv_path, settings.max_accuracy_drop)
-    write_atomically(output_dir / "layer_amounts.yaml", lambda path: path.write_text(yaml.safe_dump(amounts, sort_keys=False)))
+    write_atomically(
+        output_dir / "layer_amounts.yaml", lambda path: path.write_text(yaml.safe_dump(amounts, sort_keys=False))
+    )
     print(f"per-layer amounts within {100 * settings.max_accuracy_drop:.1f} points of accuracy each:")
     print(yaml.safe_dump(amounts, sort_keys=False) or "(none: every layer is too sensitive at the lowest level)")
     print(f"written: {csv_path}, {output_dir / 'sensitivity.png'}, {output_dir / 'layer_amounts.yaml'}")

@@ -51,10 +51,13 @@ def select_layers(model: nn.Module, targets: TargetSpec = None, exclude: TargetS
     selected = {
         name: module
         for name, module in candidates.items()
-        if (not include or any(_matches(name, module, s) for s in include)) and not any(_matches(name, module, s) for s in skip)
+        if (not include or any(_matches(name, module, s) for s in include))
+        and not any(_matches(name, module, s) for s in skip)
     }
     if not selected:
-        raise ValueError(f"targets={include or 'Conv/Linear'} with exclude={skip} leave no layer to compress in {type(model).__name__}")
+        raise ValueError(
+            f"targets={include or 'Conv/Linear'} with exclude={skip} leave no layer to compress in {type(model).__name__}"
+        )
     return selected
 
 

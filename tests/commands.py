@@ -6,8 +6,13 @@ import subprocess
 from pathlib import Path
 
 # A quick report: latency at batch 1 only, two repeats.
-QUICK_REPORT = ["callbacks.compression_report.latency_batch_sizes=[1]", "callbacks.compression_report.latency_repeats=2"]
+QUICK_REPORT = [
+    "callbacks.compression_report.latency_batch_sizes=[1]",
+    "callbacks.compression_report.latency_repeats=2",
+]
 
 
-def run_command(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_command(
+    *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -16,7 +16,9 @@ from lightning_compress.models import SmallCNN
 
 
 def digits_module(optimizer: Callable[[Iterable[nn.Parameter]], Optimizer] | None = None) -> ClassificationModule:
-    return ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10, input_shape=(1, 8, 8), optimizer=optimizer)
+    return ClassificationModule(
+        SmallCNN(num_classes=10, image_size=8), num_classes=10, input_shape=(1, 8, 8), optimizer=optimizer
+    )
 
 
 def fit_digits(
@@ -53,8 +55,14 @@ def straight_and_resumed(
     its ``last.ckpt``: the callback and the module of each, ``(straight, whole), (resumed, continued)``."""
     straight = make_callback()
     _, whole, _ = fit_digits(tmp_path / "a", [straight], max_epochs=max_epochs)
-    fit_digits(tmp_path / "b", [make_callback(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=stop_epochs)
+    fit_digits(
+        tmp_path / "b",
+        [make_callback(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)],
+        max_epochs=stop_epochs,
+    )
     resumed = make_callback()
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
-    _, continued, _ = fit_digits(tmp_path / "b", [resumed, checkpoint], max_epochs=max_epochs, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    _, continued, _ = fit_digits(
+        tmp_path / "b", [resumed, checkpoint], max_epochs=max_epochs, ckpt_path=str(tmp_path / "b" / "last.ckpt")
+    )
     return (straight, whole), (resumed, continued)

@@ -19,7 +19,11 @@ class SaveRankState(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pruning = next(callback for callback in trainer.callbacks if isinstance(callback, Pruning))
-        state = {name: tensor.detach().cpu() for name, tensor in pl_module.state_dict().items() if "running_" not in name and "num_batches" not in name}
+        state = {
+            name: tensor.detach().cpu()
+            for name, tensor in pl_module.state_dict().items()
+            if "running_" not in name and "num_batches" not in name
+        }
         masks = {name: mask.cpu() for name, mask in pruning.masks.items()}
         self.directory.mkdir(parents=True, exist_ok=True)
         torch.save({"masks": masks, "state": state}, self.directory / f"rank{trainer.global_rank}.pt")

@@ -41,7 +41,9 @@ def zeros_in(checkpoint_path: str | Path, weights: list[str]) -> int:
 def test_last_is_the_last_epoch_and_best_the_best_epoch_at_the_final_sparsity(tmp_path) -> None:
     pruning = Pruning(amount=0.98, schedule="oneshot", start_epoch=2)
     accuracies = ValidationAccuracies()
-    checkpoint = CompressionCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/acc", mode="max", save_top_k=1, filename="{epoch}")
+    checkpoint = CompressionCheckpoint(
+        dirpath=tmp_path / "checkpoints", monitor="val/acc", mode="max", save_top_k=1, filename="{epoch}"
+    )
     fit_digits(tmp_path, [pruning, accuracies, checkpoint], max_epochs=5)
     dense, pruned = accuracies.accuracies[:2], accuracies.accuracies[2:]
     assert max(dense) > max(pruned)  # the accuracy falls: a plain "best val/acc" is a dense epoch
@@ -58,7 +60,10 @@ def test_last_is_the_last_epoch_and_best_the_best_epoch_at_the_final_sparsity(tm
 
 def test_a_fit_that_ends_before_the_final_state_keeps_no_best_but_its_last_epoch(tmp_path) -> None:
     checkpoint = CompressionCheckpoint(dirpath=tmp_path / "checkpoints", monitor="val/acc", mode="max")
-    with pytest.warns(UserWarning, match=r"reaches its final state at epoch 3, after this fit's last epoch \(1\): no best checkpoint is kept"):
+    with pytest.warns(
+        UserWarning,
+        match=r"reaches its final state at epoch 3, after this fit's last epoch \(1\): no best checkpoint is kept",
+    ):
         fit_digits(tmp_path, [Pruning(amount=0.5, start_epoch=1, end_epoch=3), checkpoint], max_epochs=2)
     assert checkpoint.best_model_path == ""
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["last.ckpt"]
@@ -74,14 +79,23 @@ def nan_loader() -> DataLoader:
 
 def quiet_trainer(tmp_path: Path, callbacks: list[L.Callback], max_epochs: int = 2) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", max_epochs=max_epochs, logger=False, callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
 
 
 def test_a_nan_loss_stops_the_run_before_anything_is_checkpointed(tmp_path) -> None:
     checkpoint = CompressionCheckpoint(dirpath=tmp_path / "checkpoints")
     trainer = quiet_trainer(tmp_path, [Pruning(amount=0.5, schedule="oneshot"), FiniteCheck(), checkpoint])
-    with pytest.raises(FloatingPointError, match=r"the training loss is nan \(or not finite on another process\) at epoch 0, batch 0: training diverged or the inputs hold NaN"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"the training loss is nan \(or not finite on another process\) at epoch 0, batch 0: training diverged or the inputs hold NaN",
+    ):
         trainer.fit(digits_module(), nan_loader(), nan_loader())
     assert trainer.global_step == 1 and not (tmp_path / "checkpoints").exists()
 
@@ -96,16 +110,30 @@ def test_non_finite_weights_stop_the_run_after_the_epochs_last_batch_before_its_
     loader = DataLoader(TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))), batch_size=16)
     checkpoint = CompressionCheckpoint(dirpath=tmp_path / "checkpoints")
     trainer = quiet_trainer(tmp_path, [Overflow(), FiniteCheck(), checkpoint], max_epochs=3)
-    with pytest.raises(FloatingPointError, match=r"after the training batches of epoch 1, 1 parameter elements \(1 of 'model.features.0.weight'\) are NaN or infinite"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"after the training batches of epoch 1, 1 parameter elements \(1 of 'model.features.0.weight'\) are NaN or infinite",
+    ):
         trainer.fit(digits_module(), loader, loader)
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0  # epoch 1 was never checkpointed
+    assert (
+        torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+    )  # epoch 1 was never checkpointed
 
 
 def test_without_the_check_a_nan_model_has_no_zeros_and_is_not_reported(tmp_path) -> None:
     pruning = Pruning(amount=0.5, schedule="oneshot")
-    report = CompressionReport(output_dir=tmp_path / "report", latency_batch_sizes=(1,), latency_repeats=1, evaluate_before=False, verbose=False)
+    report = CompressionReport(
+        output_dir=tmp_path / "report",
+        latency_batch_sizes=(1,),
+        latency_repeats=1,
+        evaluate_before=False,
+        verbose=False,
+    )
     trainer = quiet_trainer(tmp_path, [pruning, report])
-    with pytest.raises(FloatingPointError, match=r"CompressionReport: the fitted model has \d+ parameter elements \(.*\) that are NaN or infinite; it is not reported"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"CompressionReport: the fitted model has \d+ parameter elements \(.*\) that are NaN or infinite; it is not reported",
+    ):
         trainer.fit(digits_module(), nan_loader(), nan_loader())
     assert sum(int((~mask).sum()) for mask in pruning.masks.values()) > 0  # masks were set ...
     assert pruning.sparsity()["pruning/sparsity"] == 0.0  # ... but NaN * 0 is NaN: no weight is really zero
@@ -148,14 +176,23 @@ def test_a_planted_checkpoint_on_a_loopback_server_runs_no_code(compose_config, 
     address, folder = loopback_server
     marker = tmp_path / "ran"
     module = digits_module()
-    torch.save({"state_dict": module.state_dict(), "epoch": 0, "global_step": 0, "loops": {}, "planted": Planted(marker)}, folder / "planted.ckpt")
-    torch.load(folder / "planted.ckpt", weights_only=False)  # the file is really hostile: loading it unsafely runs its code
+    torch.save(
+        {"state_dict": module.state_dict(), "epoch": 0, "global_step": 0, "loops": {}, "planted": Planted(marker)},
+        folder / "planted.ckpt",
+    )
+    torch.load(
+        folder / "planted.ckpt", weights_only=False
+    )  # the file is really hostile: loading it unsafely runs its code
     assert marker.read_text() == "ran"
     marker.unlink()
-    with pytest.raises(ValueError, match=r"ckpt_path=.*/resume-from.ckpt' refers to exec, code that loading it would run"):
+    with pytest.raises(
+        ValueError, match=r"ckpt_path=.*/resume-from.ckpt' refers to exec, code that loading it would run"
+    ):
         cli.train(compose_config(f"ckpt_path={address}/planted.ckpt", f"output_dir={tmp_path / 'run'}"))
     with pytest.raises(pickle.UnpicklingError, match="Unsupported global: GLOBAL exec"):
-        ClassificationModule.load_from_checkpoint(f"{address}/planted.ckpt", model=SmallCNN(num_classes=10, image_size=8))
+        ClassificationModule.load_from_checkpoint(
+            f"{address}/planted.ckpt", model=SmallCNN(num_classes=10, image_size=8)
+        )
     assert not marker.exists()
 
 
@@ -166,7 +203,9 @@ def test_a_safe_checkpoint_on_a_loopback_server_resumes(compose_config, loopback
     cli.train(compose_config("trainer.max_epochs=1", f"output_dir={first}", *common))
     (folder / "last.ckpt").write_bytes((first / "checkpoints" / "last.ckpt").read_bytes())
     resumed = tmp_path / "resumed"
-    cli.train(compose_config("trainer.max_epochs=2", f"ckpt_path={address}/last.ckpt", f"output_dir={resumed}", *common))
+    cli.train(
+        compose_config("trainer.max_epochs=2", f"ckpt_path={address}/last.ckpt", f"output_dir={resumed}", *common)
+    )
     assert (resumed / "resume-from.ckpt").read_bytes() == (folder / "last.ckpt").read_bytes()
     last = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (1, 2 * 21)  # epoch 1 trained on top of epoch 0: 21 batches each

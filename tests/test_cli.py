@@ -20,11 +20,28 @@ from lightning_compress.quantization.layers import QuantizedLayer
 def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config, tmp_path, monkeypatch) -> None:
     timed_together = []
     measure_latencies = profiling.measure_latencies
-    monkeypatch.setattr(profiling, "measure_latencies", lambda contenders, **options: timed_together.append(list(contenders)) or measure_latencies(contenders, **options))
+    monkeypatch.setattr(
+        profiling,
+        "measure_latencies",
+        lambda contenders, **options: (
+            timed_together.append(list(contenders)) or measure_latencies(contenders, **options)
+        ),
+    )
     # latency in eager torch: no ONNX export inside the report (each run still writes its model.onnx)
-    cfg = compose_config("trainer.fast_dev_run=true", f"output_dir={tmp_path}", *QUICK_REPORT, "callbacks.compression_report.latency_runtime=torch")
+    cfg = compose_config(
+        "trainer.fast_dev_run=true",
+        f"output_dir={tmp_path}",
+        *QUICK_REPORT,
+        "callbacks.compression_report.latency_runtime=torch",
+    )
     report = train(cfg)
-    assert [entry.name for entry in report.entries] == ["dense", "dense bfloat16", "pruning", "quantization", "pruning+quantization"]
+    assert [entry.name for entry in report.entries] == [
+        "dense",
+        "dense bfloat16",
+        "pruning",
+        "quantization",
+        "pruning+quantization",
+    ]
     # each run times its stages together at its end, and the job all of its stages together at its end
     assert timed_together[-1] == [entry.name for entry in report.entries]
     assert ["before", "after", "bfloat16"] in timed_together and timed_together.count(["before", "after"]) == 3
@@ -34,7 +51,10 @@ def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config
     assert [stage["test_accuracy"] for stage in stages] == [entry.test_accuracy for entry in report.entries]
     assert (tmp_path / "report.md").read_text() == report.to_markdown()
     assert (tmp_path / "report.png").stat().st_size > 0
-    expected = {"dense": ["before", "after", "bfloat16"], **{phase: ["before", "after"] for phase in ("pruning", "quantization", "pruning+quantization")}}
+    expected = {
+        "dense": ["before", "after", "bfloat16"],
+        **{phase: ["before", "after"] for phase in ("pruning", "quantization", "pruning+quantization")},
+    }
     for phase, names in expected.items():  # each run keeps its own report, and its model for deployment
         assert [s["name"] for s in json.loads((tmp_path / phase / "report.json").read_text())["stages"]] == names
         assert (tmp_path / phase / "model.onnx").stat().st_size > 0
@@ -42,7 +62,11 @@ def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config
 
 def test_without_compression_the_app_reports_before_and_after_one_fit(compose_config, tmp_path) -> None:
     cfg = compose_config(
-        "~compression/pruning", "~compression/quantization", "trainer.fast_dev_run=true", f"output_dir={tmp_path}", "callbacks.compression_report.latency_repeats=2"
+        "~compression/pruning",
+        "~compression/quantization",
+        "trainer.fast_dev_run=true",
+        f"output_dir={tmp_path}",
+        "callbacks.compression_report.latency_repeats=2",
     )
     report = train(cfg)
     assert [entry.name for entry in report.entries] == ["before", "after"]
@@ -50,16 +74,23 @@ def test_without_compression_the_app_reports_before_and_after_one_fit(compose_co
 
 
 def test_default_pruning_recipe_reaches_its_sparsity(compose_config, tmp_path) -> None:
-    cfg = compose_config("trainer.max_epochs=3", "~compression/quantization", "runs=[each]", f"output_dir={tmp_path}", *QUICK_REPORT)
+    cfg = compose_config(
+        "trainer.max_epochs=3", "~compression/quantization", "runs=[each]", f"output_dir={tmp_path}", *QUICK_REPORT
+    )
     before, pruned = train(cfg).entries  # without a dense run, the untrained model is the reference
     assert (before.name, pruned.name) == ("before", "pruning")
     assert before.profile.weight_sparsity.zeros == 0
     stats = pruned.profile.weight_sparsity
     assert stats.zeros >= round(0.9 * stats.total)  # agp90: 90% of the Conv/Linear weights, each counted once
     assert pruned.test_accuracy > 0.8
-    checkpoints = {path.name: torch.load(path, weights_only=True)["epoch"] for path in (tmp_path / "pruning" / "checkpoints").iterdir()}
+    checkpoints = {
+        path.name: torch.load(path, weights_only=True)["epoch"]
+        for path in (tmp_path / "pruning" / "checkpoints").iterdir()
+    }
     assert checkpoints.pop("last.ckpt") == 2  # the last epoch
-    assert [epoch >= 1 for epoch in checkpoints.values()] == [True]  # the best, among the epochs after the last pruning step (1)
+    assert [epoch >= 1 for epoch in checkpoints.values()] == [
+        True
+    ]  # the best, among the epochs after the last pruning step (1)
 
 
 def test_channel_recipe_shrinks_the_model(compose_config, tmp_path) -> None:
@@ -91,7 +122,9 @@ def test_pruned_and_quantized_together_keep_zeros_in_the_int8_artifact(compose_c
     dense, pruned, quantized, both = train(cfg).entries
     assert [entry.name for entry in (pruned, quantized, both)] == ["pruning", "quantization", "pruning+quantization"]
     assert quantized.profile.onnx_bytes < 0.4 * dense.profile.onnx_bytes  # int8 weights in the ONNX graph
-    assert both.profile.weight_sparsity.zeros == pruned.profile.weight_sparsity.zeros  # masks enforced under fake quantization
+    assert (
+        both.profile.weight_sparsity.zeros == pruned.profile.weight_sparsity.zeros
+    )  # masks enforced under fake quantization
     assert quantized.test_accuracy > dense.test_accuracy - 0.05
     assert both.test_accuracy > 0.7  # 90% pruned at once and quantized at once, two epochs to recover
     graph = onnx.load(tmp_path / "pruning+quantization" / "model.onnx")
@@ -116,14 +149,28 @@ def test_distillation_trains_the_teacher_then_the_student_in_one_command(compose
     assert [dense.name, teacher.name, distilled.name] == ["dense", "teacher", "distillation"]
     assert teacher.profile.parameters > 3 * dense.profile.parameters == 3 * distilled.profile.parameters
     assert distilled.test_accuracy > 0.7  # two epochs of 640 images
-    steps = {run: torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] for run in ("teacher", "distillation")}
-    assert steps == {"teacher": 3 * 21, "distillation": 2 * 10}  # batches of 64: 21 per epoch of 1,294 images, 10 of 640
+    steps = {
+        run: torch.load(tmp_path / run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        for run in ("teacher", "distillation")
+    }
+    assert steps == {
+        "teacher": 3 * 21,
+        "distillation": 2 * 10,
+    }  # batches of 64: 21 per epoch of 1,294 images, 10 of 640
     checkpoint = torch.load(tmp_path / "distillation" / "checkpoints" / "last.ckpt", weights_only=True)
     assert {key.split(".")[0] for key in checkpoint["state_dict"]} == {"model"}  # the student only
     with pytest.raises(ValueError, match="compression/distillation needs a teacher"):
         train(compose_config("+compression/distillation=kd", "~model/teacher", f"output_dir={tmp_path}"))
-    with pytest.raises(ValueError, match=r"teacher_run: unknown key\(s\) \['model'\]; it changes the teacher's trainer, data, seed"):
-        train(compose_config("+compression/distillation=kd", "teacher_run={model: {num_classes: 3}}", f"output_dir={tmp_path / 'refused'}"))
+    with pytest.raises(
+        ValueError, match=r"teacher_run: unknown key\(s\) \['model'\]; it changes the teacher's trainer, data, seed"
+    ):
+        train(
+            compose_config(
+                "+compression/distillation=kd",
+                "teacher_run={model: {num_classes: 3}}",
+                f"output_dir={tmp_path / 'refused'}",
+            )
+        )
     assert not (tmp_path / "refused").exists()
 
 
@@ -134,12 +181,20 @@ def test_an_unknown_export_format_stops_before_training(compose_config, tmp_path
 
 
 def test_a_resumed_run_continues_from_its_last_checkpoint(compose_config, tmp_path) -> None:
-    common = ["~compression/pruning", "~compression/quantization", f"output_dir={tmp_path}", *QUICK_REPORT, "test=false"]
+    common = [
+        "~compression/pruning",
+        "~compression/quantization",
+        f"output_dir={tmp_path}",
+        *QUICK_REPORT,
+        "test=false",
+    ]
     first = train(compose_config("trainer.max_epochs=1", *common))
     resumed = train(compose_config("trainer.max_epochs=2", f"ckpt_path={tmp_path}/checkpoints/last.ckpt", *common))
     before, first_before = resumed.entry("before"), first.entry("before")
     # the same stage; its latency is the one timed when the first fit started (its model is gone), and it says so
-    assert before.val_accuracy == first_before.val_accuracy and before.profile.to_dict() | {"latency": None} == first_before.profile.to_dict() | {"latency": None}
+    assert before.val_accuracy == first_before.val_accuracy and before.profile.to_dict() | {
+        "latency": None
+    } == first_before.profile.to_dict() | {"latency": None}
     assert before.note.endswith("the run resumed")
     with open(tmp_path / "csv" / "version_1" / "metrics.csv") as handle:
         epochs = {row["epoch"] for row in csv.DictReader(handle) if row["train/loss_epoch"]}
@@ -192,9 +247,14 @@ def test_ddp_distills_without_find_unused_parameters(tmp_path) -> None:
 
 
 def test_runs_choose_the_runs_of_a_job_and_bad_names_fail_before_training(compose_config, tmp_path) -> None:
-    cfg = compose_config("runs=[combined]", "trainer.fast_dev_run=true", "export=null", f"output_dir={tmp_path}", *QUICK_REPORT)
+    cfg = compose_config(
+        "runs=[combined]", "trainer.fast_dev_run=true", "export=null", f"output_dir={tmp_path}", *QUICK_REPORT
+    )
     before, combined = train(cfg).entries
-    assert (before.name, combined.name) == ("before", "pruning+quantization")  # the untrained model: the reference of the ratios
+    assert (before.name, combined.name) == (
+        "before",
+        "pruning+quantization",
+    )  # the untrained model: the reference of the ratios
     assert before.profile.parameters == combined.profile.parameters
     assert sorted(path.name for path in tmp_path.iterdir() if path.is_dir()) == ["pruning+quantization"]
     bad_runs = compose_config("runs=[dense,both]", f"output_dir={tmp_path / 'bad'}")
@@ -207,7 +267,9 @@ def test_runs_choose_the_runs_of_a_job_and_bad_names_fail_before_training(compos
 
 
 def test_export_compressed_writes_the_file_the_report_measured_and_it_loads(compose_config, tmp_path) -> None:
-    cfg = compose_config("runs=[combined]", "trainer.fast_dev_run=true", "export=compressed", f"output_dir={tmp_path}", *QUICK_REPORT)
+    cfg = compose_config(
+        "runs=[combined]", "trainer.fast_dev_run=true", "export=compressed", f"output_dir={tmp_path}", *QUICK_REPORT
+    )
     _, combined = train(cfg).entries
     path = tmp_path / "pruning+quantization" / "model.lcz"
     assert path.stat().st_size == combined.profile.compressed_bytes

@@ -14,7 +14,12 @@ from lightning_compress.clustering import KEPT_ZERO, SharedWeights, WeightCluste
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.quantization.layers import quantized_layers
 
-TARGETS = ["model.features.0.weight", "model.features.4.weight", "model.classifier.1.weight", "model.classifier.4.weight"]
+TARGETS = [
+    "model.features.0.weight",
+    "model.features.4.weight",
+    "model.classifier.1.weight",
+    "model.classifier.4.weight",
+]
 
 
 class CaptureClustered(L.Callback):
@@ -41,8 +46,14 @@ def distinct(weight: torch.Tensor, per_channel: bool = False) -> list[int]:
 def test_kmeans_labels_number_clusters_by_centroid_and_keep_zeros_out() -> None:
     weight = torch.tensor([[0.0, -1.0, -0.9, 0.5, 0.55, 2.0], [0.0, 0.0, 3.0, 3.1, -2.0, 0.1]])
     assert kmeans_labels(weight, clusters=3, init="linear").tolist() == [[-1, 0, 0, 1, 1, 2], [-1, -1, 2, 2, 0, 1]]
-    assert kmeans_labels(weight, clusters=2, init="linear", per_channel=True).tolist() == [[-1, 0, 0, 1, 1, 1], [-1, -1, 1, 1, 0, 0]]
-    assert kmeans_labels(weight, clusters=3, init="linear", preserve_zeros=False).tolist() == [[1, 0, 0, 1, 1, 2], [1, 1, 2, 2, 0, 1]]
+    assert kmeans_labels(weight, clusters=2, init="linear", per_channel=True).tolist() == [
+        [-1, 0, 0, 1, 1, 1],
+        [-1, -1, 1, 1, 0, 0],
+    ]
+    assert kmeans_labels(weight, clusters=3, init="linear", preserve_zeros=False).tolist() == [
+        [1, 0, 0, 1, 1, 2],
+        [1, 1, 2, 2, 0, 1],
+    ]
     # fewer distinct values than clusters: one cluster for each value; a row of zeros only: all kept
     few = torch.tensor([[0.2, -0.1, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]])
     assert kmeans_labels(few, clusters=8, per_channel=True).tolist() == [[1, 0, 1, -1], [-1, -1, -1, -1]]
@@ -50,7 +61,9 @@ def test_kmeans_labels_number_clusters_by_centroid_and_keep_zeros_out() -> None:
 
 
 def test_kmeans_labels_are_seeded_and_each_init_counts() -> None:
-    weight = torch.cat([torch.randn(900, generator=torch.Generator().manual_seed(0)) * 0.05, torch.linspace(1.0, 4.0, 100)])
+    weight = torch.cat(
+        [torch.randn(900, generator=torch.Generator().manual_seed(0)) * 0.05, torch.linspace(1.0, 4.0, 100)]
+    )
     labels = {init: kmeans_labels(weight, clusters=8, init=init, seed=1) for init in ("kmeans++", "linear", "density")}
     assert torch.equal(labels["kmeans++"], kmeans_labels(weight, clusters=8, init="kmeans++", seed=1))
     assert all(int(label.max()) == 7 and int(label.min()) == 0 for label in labels.values())
@@ -83,7 +96,10 @@ def test_the_shared_update_is_the_centroid_gradient_and_ties_per_element_optimiz
 
 @pytest.mark.parametrize(
     "optimizer",
-    [partial(torch.optim.SGD, lr=1e-4, momentum=0.9, weight_decay=1e-2), partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1)],
+    [
+        partial(torch.optim.SGD, lr=1e-4, momentum=0.9, weight_decay=1e-2),
+        partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
+    ],
     ids=["sgd-momentum-wd", "adamw"],
 )
 def test_every_tensor_ends_with_exactly_the_clusters_and_they_trained(tmp_path, optimizer) -> None:
@@ -103,7 +119,9 @@ def test_every_tensor_ends_with_exactly_the_clusters_and_they_trained(tmp_path, 
 
 
 def test_per_channel_clusters_each_output_channel_and_state_goes_to_a_fresh_callback(tmp_path) -> None:
-    clustering = WeightClustering(clusters=4, init="density", start_epoch=1, per_channel=True, exclude=["model.classifier.4"])
+    clustering = WeightClustering(
+        clusters=4, init="density", start_epoch=1, per_channel=True, exclude=["model.classifier.4"]
+    )
     _, module, _ = fit_digits(tmp_path, [clustering], max_epochs=2)
     state = module.state_dict()
     assert list(clustering.labels) == TARGETS[:3]
@@ -132,7 +150,9 @@ def test_after_pruning_the_zeros_stay_and_the_non_zeros_take_the_clusters(tmp_pa
 
 
 @pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel-scales", "per-tensor-scale"])
-def test_with_quantization_aware_training_the_integer_codes_take_at_most_the_clusters(tmp_path, per_channel: bool) -> None:
+def test_with_quantization_aware_training_the_integer_codes_take_at_most_the_clusters(
+    tmp_path, per_channel: bool
+) -> None:
     qat = QuantizationAwareTraining(weight_bits=8, activation_bits=8, per_channel=per_channel, start_epoch=0)
     clustering = WeightClustering(clusters=8, start_epoch=1)
     _, module, _ = fit_digits(tmp_path, [qat, clustering], max_epochs=2)
@@ -143,7 +163,9 @@ def test_with_quantization_aware_training_the_integer_codes_take_at_most_the_clu
         scale = quantizer.scale.reshape(-1, *[1] * (layer.weight.dim() - 1)) if per_channel else quantizer.scale
         codes = (quantizer(layer.weight) / scale).round()
         assert torch.all(codes.abs() <= 127) and torch.all(quantizer.zero_point == 0)
-        assert all(1 <= count <= 8 for count in distinct(codes, per_channel=per_channel)), name  # each channel's / the tensor's
+        assert all(1 <= count <= 8 for count in distinct(codes, per_channel=per_channel)), (
+            name
+        )  # each channel's / the tensor's
         assert distinct(layer.weight.detach()) == [8], name  # the float centroids: 8 for the whole tensor
 
 
@@ -156,13 +178,17 @@ RESUMABLE = {
 @pytest.mark.parametrize("options", RESUMABLE.values(), ids=RESUMABLE.keys())
 def test_a_resumed_run_ends_with_the_same_clusters_and_weights(tmp_path, options: dict) -> None:
     """Stopped after epoch 1 (clustered at its start, Adam's moments in flight) and resumed for epoch 2."""
-    (straight, whole), (resumed, continued) = straight_and_resumed(tmp_path, lambda: WeightClustering(**options), max_epochs=3)
+    (straight, whole), (resumed, continued) = straight_and_resumed(
+        tmp_path, lambda: WeightClustering(**options), max_epochs=3
+    )
     assert straight.labels.keys() == resumed.labels.keys() == set(TARGETS)
     assert all(torch.equal(straight.labels[name], resumed.labels[name]) for name in TARGETS)
     for (name, value), other in zip(whole.state_dict().items(), continued.state_dict().values()):
         torch.testing.assert_close(value, other, rtol=0, atol=1e-6, msg=name)
     for name in TARGETS:
-        assert distinct(continued.state_dict()[name], options.get("per_channel", False)) == distinct(whole.state_dict()[name], options.get("per_channel", False))
+        assert distinct(continued.state_dict()[name], options.get("per_channel", False)) == distinct(
+            whole.state_dict()[name], options.get("per_channel", False)
+        )
 
 
 @pytest.mark.parametrize(
@@ -188,20 +214,35 @@ def test_bad_arguments_fail_in_init(options: dict, message: str) -> None:
 @pytest.mark.parametrize(
     "callbacks, message",
     [
-        ([WeightClustering(start_epoch=2)], "start_epoch must be < max_epochs=2, so that this fit clusters the weights; got 2"),
+        (
+            [WeightClustering(start_epoch=2)],
+            "start_epoch must be < max_epochs=2, so that this fit clusters the weights; got 2",
+        ),
         ([WeightClustering(targets=["model.feature.*"])], "'model.feature.\\*' matches no layer.*model.features"),
         (
             [Pruning(amount=0.5, start_epoch=0, end_epoch=1), WeightClustering(start_epoch=1)],
             "start_epoch must be after Pruning's last step \\(epoch 1\\), as the clusters fix which weights are zero; got 1",
         ),
-        ([WeightClustering(start_epoch=1, preserve_sparsity=False), Pruning(amount=0.5, schedule="oneshot")], "preserve_sparsity=False would cluster the zeros"),
+        (
+            [WeightClustering(start_epoch=1, preserve_sparsity=False), Pruning(amount=0.5, schedule="oneshot")],
+            "preserve_sparsity=False would cluster the zeros",
+        ),
     ],
     ids=["start_epoch-past-training", "pattern", "pruning-not-done", "pruning-without-preserve_sparsity"],
 )
-def test_settings_that_cannot_work_fail_before_a_training_step(tmp_path, callbacks: list[L.Callback], message: str) -> None:
+def test_settings_that_cannot_work_fail_before_a_training_step(
+    tmp_path, callbacks: list[L.Callback], message: str
+) -> None:
     module = digits_module()
     before = {name: value.clone() for name, value in module.state_dict().items()}
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, callbacks=callbacks, default_root_dir=tmp_path, enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+    )
     with pytest.raises(ValueError, match=message):
         trainer.fit(module, datamodule=DigitsDataModule())
     assert trainer.global_step == 0

@@ -21,7 +21,13 @@ WEIGHTS = ("0.weight", "4.weight", "6.weight")  # of small_cnn's Conv2d and Line
 
 def small_cnn(hidden: int = 32) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, 10),
     )
 
 
@@ -51,7 +57,11 @@ def entries(data: bytes) -> dict[str, dict]:
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal dtype, shape and bit patterns (a float compared as the integer of its size)."""
     views = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(views[a.element_size()]), b.reshape(-1).view(views[b.element_size()]))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(views[a.element_size()]), b.reshape(-1).view(views[b.element_size()]))
+    )
 
 
 def prune(model: nn.Module, keep: float) -> None:
@@ -71,8 +81,13 @@ def test_a_90_percent_sparse_model_round_trips_exactly_in_an_eighth_of_torch_sav
     original = model.state_dict()
     assert list(loaded) == list(original)
     # every tensor equal, dtype and shape included, with the bits of every element (a -0.0 comes back as 0.0)
-    assert all(same_bits(loaded[name], torch.where(tensor == 0, torch.zeros_like(tensor), tensor)) for name, tensor in original.items())
-    assert any(bool(torch.signbit(layer.weight[layer.weight == 0]).any()) for layer in weight_layers(model))  # there were -0.0s
+    assert all(
+        same_bits(loaded[name], torch.where(tensor == 0, torch.zeros_like(tensor), tensor))
+        for name, tensor in original.items()
+    )
+    assert any(
+        bool(torch.signbit(layer.weight[layer.weight == 0]).any()) for layer in weight_layers(model)
+    )  # there were -0.0s
 
     data = path.read_bytes()
     _, manifest_bytes = manifest_of(data)
@@ -94,10 +109,14 @@ def test_weights_of_16_distinct_values_take_4_bits_each(tmp_path) -> None:
     model = nn.Linear(128, 128)
     codebook = torch.randn(16)
     with torch.no_grad():
-        model.weight.copy_(codebook[torch.randint(0, 16, model.weight.shape)])  # uniform indices: 4 bits of entropy each
+        model.weight.copy_(
+            codebook[torch.randint(0, 16, model.weight.shape)]
+        )  # uniform indices: 4 bits of entropy each
     data = compressed_bytes(model)
     entry = entries(data)["weight"]
-    assert entry["positions"] == {"kind": "all"} and entry["values"]["kind"] == "codebook" and entry["values"]["bits"] == 4
+    assert (
+        entry["positions"] == {"kind": "all"} and entry["values"]["kind"] == "codebook" and entry["values"]["bits"] == 4
+    )
     weight_bytes = model.weight.numel() * 4 // 8  # 8192
     rest = 16 * 4 + model.bias.numel() * 4 + manifest_of(data)[1] + len(MAGIC) + 64  # the codebook, the float32 bias
     assert 0.97 * weight_bytes <= len(data) <= weight_bytes + rest, len(data)
@@ -111,11 +130,16 @@ def test_weights_of_16_distinct_values_take_4_bits_each(tmp_path) -> None:
     [
         (QuantConfig(weight_bits=8), 1.0),
         (QuantConfig(weight_bits=4), 1.0),
-        (QuantConfig(weight_bits=4, symmetric=False, per_channel=False), 0.5),  # zero points, pruned zeros as codes = zero point
+        (
+            QuantConfig(weight_bits=4, symmetric=False, per_channel=False),
+            0.5,
+        ),  # zero points, pruned zeros as codes = zero point
     ],
     ids=["int8", "int4", "uint4-per-tensor-pruned"],
 )
-def test_a_quantized_model_stores_its_integer_codes_and_computes_the_same_outputs(tmp_path, config: QuantConfig, keep: float) -> None:
+def test_a_quantized_model_stores_its_integer_codes_and_computes_the_same_outputs(
+    tmp_path, config: QuantConfig, keep: float
+) -> None:
     torch.manual_seed(0)
     model = small_cnn()
     with torch.no_grad():
@@ -132,8 +156,14 @@ def test_a_quantized_model_stores_its_integer_codes_and_computes_the_same_output
 
     fresh = load_compressed(small_cnn(), path).eval()  # a float model: the file quantizes it first
     assert torch.equal(fresh(x), expected)
-    assert {name: layer.quant_config for name, layer in quantized_layers(fresh).items()} == {"0": config, "4": config, "6": config}
-    fake_quantized = {f"{name}.weight": layer.weight_quantizer(layer.weight) for name, layer in quantized_layers(model).items()}
+    assert {name: layer.quant_config for name, layer in quantized_layers(fresh).items()} == {
+        "0": config,
+        "4": config,
+        "6": config,
+    }
+    fake_quantized = {
+        f"{name}.weight": layer.weight_quantizer(layer.weight) for name, layer in quantized_layers(model).items()
+    }
     assert list(fake_quantized) == list(WEIGHTS)
     state = fresh.state_dict()
     assert all(same_bits(state[name], fake_quantized.get(name, tensor)) for name, tensor in model.state_dict().items())
@@ -141,7 +171,9 @@ def test_a_quantized_model_stores_its_integer_codes_and_computes_the_same_output
     data = path.read_bytes()
     bits = config.weight_bits
     levels = config.weight_range[1] - config.weight_range[0] + 1  # 255 or 16
-    assert [(entries(data)[name]["values"]["kind"], entries(data)[name]["values"]["bits"]) for name in WEIGHTS] == [("codes", bits)] * 3
+    assert [(entries(data)[name]["values"]["kind"], entries(data)[name]["values"]["bits"]) for name in WEIGHTS] == [
+        ("codes", bits)
+    ] * 3
     weights = [layer.weight for layer in weight_layers(model)]
     stored = sum(int(w.count_nonzero()) if keep < 1 else w.numel() for w in weights)
     positions = sum(w.numel() for w in weights) if keep < 1 else 0  # a bitmask, incompressible at half density
@@ -157,21 +189,31 @@ def test_a_quantized_model_stores_its_integer_codes_and_computes_the_same_output
 @pytest.mark.parametrize(
     "other, reason",
     [
-        (lambda: small_cnn(hidden=16), "tensor '4.weight' is float32 [32, 288] in the file but float32 [16, 288] in the model"),
-        (lambda: small_cnn().double(), "tensor '0.weight' is float32 [8, 3, 3, 3] in the file but float64 [8, 3, 3, 3] in the model"),
+        (
+            lambda: small_cnn(hidden=16),
+            "tensor '4.weight' is float32 [32, 288] in the file but float32 [16, 288] in the model",
+        ),
+        (
+            lambda: small_cnn().double(),
+            "tensor '0.weight' is float32 [8, 3, 3, 3] in the file but float64 [8, 3, 3, 3] in the model",
+        ),
         (lambda: nn.Sequential(*small_cnn()[:5]), "tensor '6.weight' of the file is not in the model"),
         (lambda: nn.Sequential(*small_cnn(), nn.Linear(10, 2)), "tensor '7.weight' of the model is not in the file"),
     ],
     ids=["shape", "dtype", "fewer", "more"],
 )
-def test_a_file_of_another_architecture_names_the_first_tensor_that_differs_and_changes_nothing(tmp_path, other, reason: str) -> None:
+def test_a_file_of_another_architecture_names_the_first_tensor_that_differs_and_changes_nothing(
+    tmp_path, other, reason: str
+) -> None:
     torch.manual_seed(0)
     path = export(small_cnn(), tmp_path / "model.lcz", torch.zeros(1, *INPUT), format="compressed")
     model = other()
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with pytest.raises(ValueError, match=f"^{re.escape(f'{path} does not fit Sequential: {reason}')}$"):
         load_compressed(model, path)
-    assert all(same_bits(tensor, state[name]) for name, tensor in model.state_dict().items()) and list(model.state_dict()) == list(state)
+    assert all(same_bits(tensor, state[name]) for name, tensor in model.state_dict().items()) and list(
+        model.state_dict()
+    ) == list(state)
 
 
 @pytest.mark.parametrize(
@@ -181,7 +223,10 @@ def test_a_file_of_another_architecture_names_the_first_tensor_that_differs_and_
             lambda: quantize_model(model := small_cnn(), QuantConfig(weight_bits=4)) and model,
             "layer '0' is quantized with weight_bits=4 in the model but weight_bits=8 in the file",
         ),
-        (lambda: nn.Sequential(*small_cnn()[:4]), "its quantized layers are not the model's: the pattern '4' matches no layer with a weight; near names: ['0']"),
+        (
+            lambda: nn.Sequential(*small_cnn()[:4]),
+            "its quantized layers are not the model's: the pattern '4' matches no layer with a weight; near names: ['0']",
+        ),
     ],
     ids=["settings", "layers"],
 )
@@ -220,8 +265,16 @@ def test_every_dtype_and_shape_comes_back_exactly(tmp_path) -> None:
     assert all(same_bits(getattr(fresh, name), tensor) for name, tensor in tensors.items())
     stored = entries(path.read_bytes())
     assert stored["sparse"]["positions"]["kind"] == "gaps"  # 2 of 100,000: gaps take bytes where a bitmask takes 12,500
-    assert stored["mask"]["values"]["kind"] == "codebook" and stored["mask"]["values"]["bits"] == 0  # where True is, is all there is
-    assert stored["scalar"] == {"name": "scalar", "dtype": "float32", "shape": [], "positions": {"kind": "all"}, "values": {"kind": "raw", "blob": stored["scalar"]["values"]["blob"]}}
+    assert (
+        stored["mask"]["values"]["kind"] == "codebook" and stored["mask"]["values"]["bits"] == 0
+    )  # where True is, is all there is
+    assert stored["scalar"] == {
+        "name": "scalar",
+        "dtype": "float32",
+        "shape": [],
+        "positions": {"kind": "all"},
+        "values": {"kind": "raw", "blob": stored["scalar"]["values"]["blob"]},
+    }
 
 
 def test_loading_unpickles_nothing_and_the_manifest_is_json(tmp_path, monkeypatch) -> None:
@@ -230,7 +283,10 @@ def test_loading_unpickles_nothing_and_the_manifest_is_json(tmp_path, monkeypatc
     prune(model, keep=0.3)
     path = export(model, tmp_path / "model.lcz", torch.zeros(1, *INPUT), format="compressed")
     data = path.read_bytes()
-    assert data.startswith(b"lightning_compress.compressed/1\n") and data[len(MAGIC) :].split(b"\n")[0] in (b"xz", b"none")
+    assert data.startswith(b"lightning_compress.compressed/1\n") and data[len(MAGIC) :].split(b"\n")[0] in (
+        b"xz",
+        b"none",
+    )
     manifest, _ = manifest_of(data)
     assert manifest["format"] == "lightning_compress.compressed/1" and manifest["quantized_layers"] == {}
     assert [entry["name"] for entry in manifest["tensors"]] == list(model.state_dict())
@@ -250,7 +306,10 @@ def test_other_files_and_format_names_are_refused(tmp_path) -> None:
         export(model, tmp_path / "m.zip", torch.zeros(1, 4), format="zip")
     assert not (tmp_path / "m.zip").exists()
     torch_file = export(model, tmp_path / "m.pt", torch.zeros(1, 4), format="torch")
-    with pytest.raises(ValueError, match=f"^{re.escape(f'{torch_file} is not a file written by export(..., format=' + repr('compressed') + ')')}$"):
+    with pytest.raises(
+        ValueError,
+        match=f"^{re.escape(f'{torch_file} is not a file written by export(..., format=' + repr('compressed') + ')')}$",
+    ):
         load_compressed(model, torch_file)
     truncated = tmp_path / "truncated.lcz"
     truncated.write_bytes(compressed_bytes(model)[:-10])

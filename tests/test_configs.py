@@ -60,7 +60,9 @@ def test_every_trainer_config_composes(compose_config, tmp_path, trainer: str) -
 @pytest.mark.parametrize("logger", options("logger"))
 def test_every_logger_config_builds(compose_config, tmp_path, logger: str) -> None:
     cfg = compose_config(f"logger={logger}", f"output_dir={tmp_path}")
-    if logger == "tensorboard" and not (importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
+    if logger == "tensorboard" and not (
+        importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+    ):
         pytest.skip("the tensorboard extra is not installed")
     built = [instantiate(entry) for entry in (cfg.logger or {}).values()]
     assert len(built) == (0 if logger == "none" else 1)
@@ -70,7 +72,9 @@ def test_every_logger_config_builds(compose_config, tmp_path, logger: str) -> No
 def test_every_callbacks_config_builds(compose_config, tmp_path, callbacks: str) -> None:
     cfg = compose_config(f"callbacks={callbacks}", f"output_dir={tmp_path}")
     built = [instantiate(entry) for entry in (cfg.callbacks or {}).values()]
-    assert [type(c).__name__ for c in built] == ([] if callbacks == "none" else ["CompressionReport", "CompressionCheckpoint", "FiniteCheck"])
+    assert [type(c).__name__ for c in built] == (
+        [] if callbacks == "none" else ["CompressionReport", "CompressionCheckpoint", "FiniteCheck"]
+    )
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -84,10 +88,20 @@ def test_every_experiment_composes_and_builds(compose_config, tmp_path, experime
 def test_every_pruning_recipe_builds(compose_config, tmp_path, recipe: str) -> None:
     sensitivity = tmp_path / "sensitivity.csv"
     write_points(sensitivity, [SensitivityPoint(DENSE, 0.0, 0.9), SensitivityPoint("model.features.4", 0.7, 0.9)])
-    cfg = compose_config(f"compression/pruning={recipe}", f"output_dir={tmp_path}", *([f"compression.pruning.amount.path={sensitivity}"] if recipe == "sensitivity" else []))
+    cfg = compose_config(
+        f"compression/pruning={recipe}",
+        f"output_dir={tmp_path}",
+        *([f"compression.pruning.amount.path={sensitivity}"] if recipe == "sensitivity" else []),
+    )
     pruning = instantiate(cfg.compression.pruning, _convert_="all")
     assert isinstance(pruning, Pruning)
-    expected = {"agp90": (0.9, "unstructured"), "oneshot50": (0.5, "unstructured"), "taylor_channel50": (0.5, "channel"), "nm24": (0.5, "2:4"), "sensitivity": (0.7, "unstructured")}
+    expected = {
+        "agp90": (0.9, "unstructured"),
+        "oneshot50": (0.5, "unstructured"),
+        "taylor_channel50": (0.5, "channel"),
+        "nm24": (0.5, "2:4"),
+        "sensitivity": (0.7, "unstructured"),
+    }
     assert (pruning.amount, pruning.granularity) == expected[recipe]
     assert pruning.layer_amounts == ({"model.features.4": 0.7} if recipe == "sensitivity" else None)
 
@@ -96,16 +110,24 @@ def test_every_pruning_recipe_builds(compose_config, tmp_path, recipe: str) -> N
 def test_every_quantization_recipe_builds(compose_config, tmp_path, recipe: str) -> None:
     cfg = compose_config(f"compression/quantization={recipe}", f"output_dir={tmp_path}")
     callback = instantiate(cfg.compression.quantization)
-    expected = {"int8_qat": (QuantizationAwareTraining, 8, False), "w4a8_lsq": (QuantizationAwareTraining, 4, True), "int8_ptq": (PostTrainingQuantization, 8, False)}
+    expected = {
+        "int8_qat": (QuantizationAwareTraining, 8, False),
+        "w4a8_lsq": (QuantizationAwareTraining, 4, True),
+        "int8_ptq": (PostTrainingQuantization, 8, False),
+    }
     assert (type(callback), callback.config.weight_bits, callback.config.learnable_scales) == expected[recipe]
     assert callback.config.activation_bits == 8
 
 
 @pytest.mark.parametrize("recipe", options("compression/distillation"))
-def test_every_distillation_recipe_builds_around_the_model_and_its_teacher(compose_config, tmp_path, recipe: str) -> None:
+def test_every_distillation_recipe_builds_around_the_model_and_its_teacher(
+    compose_config, tmp_path, recipe: str
+) -> None:
     cfg = compose_config(f"+compression/distillation={recipe}", f"output_dir={tmp_path}")
     student, teacher = instantiate(cfg.model), instantiate(cfg.teacher)
-    module = instantiate(cfg.compression.distillation)(student=student.model, teacher=teacher.model, num_classes=10, input_shape=[1, 8, 8])
+    module = instantiate(cfg.compression.distillation)(
+        student=student.model, teacher=teacher.model, num_classes=10, input_shape=[1, 8, 8]
+    )
     assert isinstance(module, DistillationModule) and module.teacher is teacher.model
     expected = {"kd": ("kd", 0), "dkd": ("dkd", 0), "fitnets": ("kd", 1)}
     assert (module.logit_loss, len(module.hints)) == expected[recipe]
@@ -117,7 +139,9 @@ def test_compression_can_be_left_out(compose_config, tmp_path) -> None:
 
 
 def test_command_line_overrides_reach_the_objects(compose_config, tmp_path) -> None:
-    cfg = compose_config("data.batch_size=7", "model.optimizer.lr=0.5", "trainer.max_epochs=3", f"output_dir={tmp_path}")
+    cfg = compose_config(
+        "data.batch_size=7", "model.optimizer.lr=0.5", "trainer.max_epochs=3", f"output_dir={tmp_path}"
+    )
     assert instantiate(cfg.data).batch_size == 7
     assert instantiate(cfg.model).configure_optimizers().param_groups[0]["lr"] == 0.5
     assert instantiate(cfg.trainer, logger=False).max_epochs == 3

@@ -91,7 +91,9 @@ def test_bad_split_fractions_fail_early() -> None:
 @pytest.mark.parametrize("compress", [True, False])
 def test_fashion_mnist_reads_idx_files(tmp_path: Path, fake_fashion_idx, compress: bool) -> None:
     idx_dir, arrays = fake_fashion_idx(compress)
-    datamodule = FashionMNISTDataModule(root=str(tmp_path / "root"), idx_dir=str(idx_dir), batch_size=4, val_fraction=0.25)
+    datamodule = FashionMNISTDataModule(
+        root=str(tmp_path / "root"), idx_dir=str(idx_dir), batch_size=4, val_fraction=0.25
+    )
     datamodule.prepare_data()
     datamodule.setup()
     assert {split: len(d) for split, d in datamodule.splits.items()} == {"train": 18, "val": 6, "test": 8}
@@ -107,7 +109,9 @@ def test_fashion_mnist_reads_idx_files(tmp_path: Path, fake_fashion_idx, compres
 def test_fashion_mnist_reads_torchvision_layout_without_idx_dir(tmp_path: Path, fake_fashion_idx) -> None:
     idx_dir, _ = fake_fashion_idx(False)
     FashionMNISTDataModule(root=str(tmp_path / "root"), idx_dir=str(idx_dir)).prepare_data()
-    datamodule = FashionMNISTDataModule(root=str(tmp_path / "root"), idx_dir=str(tmp_path / "nowhere"), val_fraction=0.25)
+    datamodule = FashionMNISTDataModule(
+        root=str(tmp_path / "root"), idx_dir=str(tmp_path / "nowhere"), val_fraction=0.25
+    )
     datamodule.setup()
     assert len(datamodule.splits["test"]) == 8
 
@@ -138,11 +142,15 @@ def test_missing_cifar10_fails_with_a_message_instead_of_downloading(tmp_path: P
 
 
 def test_train_samples_keep_a_seeded_subset_of_the_training_split_and_the_same_validation() -> None:
-    full, subset, again, other = (DigitsDataModule(seed=seed, train_samples=n) for seed, n in ((3, None), (3, 100), (3, 100), (4, 100)))
+    full, subset, again, other = (
+        DigitsDataModule(seed=seed, train_samples=n) for seed, n in ((3, None), (3, 100), (3, 100), (4, 100))
+    )
     for datamodule in (full, subset, again, other):
         datamodule.setup()
     assert (len(full.splits["train"]), len(subset.splits["train"])) == (1294, 100)
-    assert torch.equal(subset.splits["val"].tensors[0], full.splits["val"].tensors[0])  # the same validation images, normalized alike
+    assert torch.equal(
+        subset.splits["val"].tensors[0], full.splits["val"].tensors[0]
+    )  # the same validation images, normalized alike
     assert any(torch.equal(image, subset.splits["train"].tensors[0][0]) for image in full.splits["train"].tensors[0])
     assert torch.equal(subset.splits["train"].tensors[0], again.splits["train"].tensors[0])  # seeded
     assert not torch.equal(subset.splits["train"].tensors[1], other.splits["train"].tensors[1])

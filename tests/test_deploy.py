@@ -80,7 +80,9 @@ def test_export_of_an_input_the_model_cannot_take_names_both_shapes(tmp_path, fe
     model = _Tiny().train()
     model.norm.eval()  # a frozen part
     state = {name: value.clone() for name, value in model.state_dict().items()}
-    message = f"example_input of shape (1, {features}) does not fit _Tiny: {reason}; its example_input_array has shape (2, 4)"
+    message = (
+        f"example_input of shape (1, {features}) does not fit _Tiny: {reason}; its example_input_array has shape (2, 4)"
+    )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         export(model, tmp_path / "model.onnx", torch.zeros(1, features))
     assert model.training and model.linear.training and not model.norm.training  # every mode as it was

@@ -70,7 +70,9 @@ def test_dkd_splits_target_and_non_target_knowledge() -> None:
     others_t = F.softmax(teacher.masked_fill(mask, -1e9), -1)
     torch.testing.assert_close(nckd, (others_t * (others_t.clamp_min(1e-30).log() - others_s)).sum(-1).mean())
     features = torch.randn(2, 4, 3, 3)
-    assert attention_loss(features, features * 2).item() < 1e-12 < attention_loss(features, torch.randn(2, 6, 3, 3)).item()
+    assert (
+        attention_loss(features, features * 2).item() < 1e-12 < attention_loss(features, torch.randn(2, 6, 3, 3)).item()
+    )
 
 
 def test_the_teacher_never_changes_and_is_not_saved(tmp_path) -> None:
@@ -89,7 +91,9 @@ def test_the_teacher_never_changes_and_is_not_saved(tmp_path) -> None:
     assert all(key.startswith("model.") for key in module.state_dict())
     saved = torch.load(checkpoint.last_model_path, weights_only=True)
     assert all(not key.startswith("teacher") for key in saved["state_dict"])
-    restored = DistillationModule.load_from_checkpoint(checkpoint.last_model_path, student=student_net(), teacher=teacher_net())
+    restored = DistillationModule.load_from_checkpoint(
+        checkpoint.last_model_path, student=student_net(), teacher=teacher_net()
+    )
     for name, value in module.model.state_dict().items():
         assert torch.equal(restored.model.state_dict()[name], value), name
     plain = SmallCNN(num_classes=10, image_size=8, channels=(8, 16), hidden=32)
@@ -99,21 +103,41 @@ def test_the_teacher_never_changes_and_is_not_saved(tmp_path) -> None:
 
 def test_pruning_and_quantization_act_on_the_student_only(tmp_path) -> None:
     teacher = teacher_net()
-    module = DistillationModule(student_net(), teacher, num_classes=10, input_shape=INPUT, hints=[("features.4", "features.4")])
-    fit(module, tmp_path, [Pruning(amount=0.5, schedule="oneshot", start_epoch=1), QuantizationAwareTraining(start_epoch=1)], max_epochs=2)
-    assert set(quantized_layers(module)) == {"model.features.0", "model.features.4", "model.classifier.1", "model.classifier.4"}
+    module = DistillationModule(
+        student_net(), teacher, num_classes=10, input_shape=INPUT, hints=[("features.4", "features.4")]
+    )
+    fit(
+        module,
+        tmp_path,
+        [Pruning(amount=0.5, schedule="oneshot", start_epoch=1), QuantizationAwareTraining(start_epoch=1)],
+        max_epochs=2,
+    )
+    assert set(quantized_layers(module)) == {
+        "model.features.0",
+        "model.features.4",
+        "model.classifier.1",
+        "model.classifier.4",
+    }
     assert not quantized_layers(teacher) and all(type(m) in (nn.Conv2d, nn.Identity) for m in module.adapters)
-    assert all((layer.weight != 0).all() for layer in [*teacher.modules(), *module.adapters] if isinstance(layer, (nn.Conv2d, nn.Linear)))
+    assert all(
+        (layer.weight != 0).all()
+        for layer in [*teacher.modules(), *module.adapters]
+        if isinstance(layer, (nn.Conv2d, nn.Linear))
+    )
     zeros = sum(int((layer.weight == 0).sum()) for layer in quantized_layers(module).values())
     assert zeros == round(0.5 * sum(layer.weight.numel() for layer in quantized_layers(module).values()))
 
 
 def test_a_checkpoint_with_adapters_loads_back_given_the_teacher(tmp_path) -> None:
     hints = [("features.4", "features.4")]
-    module = DistillationModule(student_net(), teacher_net(), num_classes=10, input_shape=INPUT, hints=hints, attention_weight=1.0)
+    module = DistillationModule(
+        student_net(), teacher_net(), num_classes=10, input_shape=INPUT, hints=hints, attention_weight=1.0
+    )
     trainer = fit(module, tmp_path)
     trainer.save_checkpoint(tmp_path / "distilled.ckpt")
-    restored = DistillationModule.load_from_checkpoint(tmp_path / "distilled.ckpt", student=student_net(), teacher=teacher_net())
+    restored = DistillationModule.load_from_checkpoint(
+        tmp_path / "distilled.ckpt", student=student_net(), teacher=teacher_net()
+    )
     assert restored.hints == hints and restored.attention_weight == 1.0
     for name, value in module.state_dict().items():
         assert torch.equal(restored.state_dict()[name], value), name  # student and adapter
@@ -127,7 +151,9 @@ def test_a_subclass_changes_only_the_distance(tmp_path) -> None:
             MSEDistillation.calls += 1
             return F.mse_loss(student_output, teacher_output)
 
-    module = MSEDistillation(student_net(), teacher_net(), num_classes=10, ce_weight=0.0, kd_weight=1.0, input_shape=INPUT)
+    module = MSEDistillation(
+        student_net(), teacher_net(), num_classes=10, ce_weight=0.0, kd_weight=1.0, input_shape=INPUT
+    )
     before = [p.detach().clone() for p in module.model.parameters()]
     trainer = fit(module, tmp_path)
     assert MSEDistillation.calls == trainer.global_step > 0
@@ -139,7 +165,9 @@ def test_teacher_from_a_classification_checkpoint(tmp_path) -> None:
     trained = ClassificationModule(teacher_net(), num_classes=10, input_shape=INPUT)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "teacher", save_last=True)
     fit(trained, tmp_path, [checkpoint])
-    module = DistillationModule(student_net(), checkpoint.last_model_path, num_classes=10, teacher_model=SmallCNN(num_classes=10, image_size=8))
+    module = DistillationModule(
+        student_net(), checkpoint.last_model_path, num_classes=10, teacher_model=SmallCNN(num_classes=10, image_size=8)
+    )
     for name, value in trained.model.state_dict().items():
         assert torch.equal(module.teacher.state_dict()[name], value), name
     with pytest.raises(ValueError, match="is a checkpoint path: pass teacher_model="):
@@ -156,13 +184,17 @@ def test_bad_input_fails_before_training() -> None:
     with pytest.raises(ValueError, match="unknown logit_loss 'kl'; use one of kd, dkd"):
         DistillationModule(student_net(), teacher_net(), num_classes=10, logit_loss="kl")
     with pytest.raises(ValueError, match="the teacher has no module 'feature.4'; near names: \\['features.4'"):
-        DistillationModule(student_net(), teacher_net(), num_classes=10, input_shape=INPUT, hints=[("features.4", "feature.4")])
+        DistillationModule(
+            student_net(), teacher_net(), num_classes=10, input_shape=INPUT, hints=[("features.4", "feature.4")]
+        )
 
 
 def test_cached_teacher_outputs_train_the_same_student_without_the_teacher_after_epoch_one(tmp_path) -> None:
     runs = {}
     for cache in (False, True):
-        module = DistillationModule(student_net(), teacher_net(), num_classes=10, input_shape=INPUT, cache_teacher=cache)
+        module = DistillationModule(
+            student_net(), teacher_net(), num_classes=10, input_shape=INPUT, cache_teacher=cache
+        )
         calls = []
         module.teacher.register_forward_hook(lambda m, i, o, calls=calls: calls.append(len(i[0])))
         trainer = fit(module, tmp_path, max_epochs=2)
@@ -174,4 +206,11 @@ def test_cached_teacher_outputs_train_the_same_student_without_the_teacher_after
     train_size = len(trainer.datamodule.train_dataloader().dataset)
     assert cached_samples == train_size == plain_samples // 2  # the second epoch read every logit from the cache
     with pytest.raises(ValueError, match="cache_teacher keeps the teacher's logits only"):
-        DistillationModule(student_net(), teacher_net(), num_classes=10, input_shape=INPUT, cache_teacher=True, hints=[("features.4", "features.4")])
+        DistillationModule(
+            student_net(),
+            teacher_net(),
+            num_classes=10,
+            input_shape=INPUT,
+            cache_teacher=True,
+            hints=[("features.4", "features.4")],
+        )

@@ -16,11 +16,24 @@ def run_example(name: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_every_example_is_tested() -> None:
-    assert sorted(path.name for path in EXAMPLES.glob("*.py")) == ["measure_model.py", "prune_and_report.py", "train_and_report.py"]
+    assert sorted(path.name for path in EXAMPLES.glob("*.py")) == [
+        "measure_model.py",
+        "prune_and_report.py",
+        "train_and_report.py",
+    ]
 
 
 def test_train_and_report(tmp_path, monkeypatch, capsys) -> None:
-    run_example("train_and_report.py", "--max-epochs", "1", "--output-dir", str(tmp_path), "--latency-repeats", "2", monkeypatch=monkeypatch)
+    run_example(
+        "train_and_report.py",
+        "--max-epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path),
+        "--latency-repeats",
+        "2",
+        monkeypatch=monkeypatch,
+    )
     stages = json.loads((tmp_path / "report.json").read_text())["stages"]
     assert [stage["name"] for stage in stages] == ["before", "after"]
     assert stages[-1]["test_accuracy"] is not None
@@ -28,7 +41,9 @@ def test_train_and_report(tmp_path, monkeypatch, capsys) -> None:
 
 
 def test_measure_model(monkeypatch, capsys) -> None:
-    run_example("measure_model.py", "--image-size", "8", "--batch-sizes", "1", "--repeats", "1", monkeypatch=monkeypatch)
+    run_example(
+        "measure_model.py", "--image-size", "8", "--batch-sizes", "1", "--repeats", "1", monkeypatch=monkeypatch
+    )
     out = capsys.readouterr().out
     assert "half of conv weights zeroed" in out
     assert "11,173,962" in out  # ResNet-18 with 10 classes and the small stem

@@ -36,14 +36,30 @@ def test_the_groups_hold_the_experiments_and_searches() -> None:
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_runs_with_fast_dev_run(compose_config, fake_fashion_idx, tmp_path, experiment: str) -> None:
-    overrides = [f"experiment={experiment}", *FAST, "runs=[combined]", f"output_dir={tmp_path / 'run'}"]  # all recipes in one run
+    overrides = [
+        f"experiment={experiment}",
+        *FAST,
+        "runs=[combined]",
+        f"output_dir={tmp_path / 'run'}",
+    ]  # all recipes in one run
     if compose_config(*overrides).data._target_.endswith("FashionMNISTDataModule"):
-        idx_dir, _ = fake_fashion_idx(False)  # 24 made-up images in Fashion-MNIST's files, so no download or package is needed
-        overrides += [f"data.idx_dir={idx_dir}", f"data.root={tmp_path / 'data'}", "data.batch_size=8", "data.train_samples=null"]
+        idx_dir, _ = fake_fashion_idx(
+            False
+        )  # 24 made-up images in Fashion-MNIST's files, so no download or package is needed
+        overrides += [
+            f"data.idx_dir={idx_dir}",
+            f"data.root={tmp_path / 'data'}",
+            "data.batch_size=8",
+            "data.train_samples=null",
+        ]
     cfg = compose_config(*overrides)
     report = train(cfg)
     recipes = [name for name, node in (cfg.get("compression") or {}).items() if node is not None]
-    expected = ["before", *(["teacher"] if "distillation" in recipes else []), "+".join(recipes)] if recipes else ["before", "after"]
+    expected = (
+        ["before", *(["teacher"] if "distillation" in recipes else []), "+".join(recipes)]
+        if recipes
+        else ["before", "after"]
+    )
     assert [entry.name for entry in report.entries] == expected
     assert all(entry.test_accuracy is not None for entry in report.entries[1:])
 
@@ -51,7 +67,11 @@ def test_every_experiment_runs_with_fast_dev_run(compose_config, fake_fashion_id
 def test_the_pipeline_is_teacher_resnet50_student_resnet18_taylor_int8_and_kd(compose_config, tmp_path) -> None:
     cfg = compose_config("experiment=resnet_pipeline", f"output_dir={tmp_path}")
     assert (cfg.teacher.model.arch, cfg.model.model.arch, cfg.model.model.small_input) == ("resnet50", "resnet18", True)
-    assert (cfg.compression.pruning.criterion, cfg.compression.pruning.amount, cfg.compression.pruning.remove_channels) == ("taylor", 0.5, True)
+    assert (
+        cfg.compression.pruning.criterion,
+        cfg.compression.pruning.amount,
+        cfg.compression.pruning.remove_channels,
+    ) == ("taylor", 0.5, True)
     assert (cfg.compression.quantization.weight_bits, cfg.compression.quantization.activation_bits) == (8, 8)
     assert (cfg.compression.distillation.ce_weight, cfg.compression.distillation.kd_weight) == (0.5, 0.5)
     assert cfg.data._target_.endswith("DigitsDataModule") and list(cfg.runs) == ["dense", "each", "combined"]
@@ -85,6 +105,10 @@ def test_every_search_runs_two_optuna_trials_and_summarizes_them(tmp_path, searc
     front = {tuple(solution["values"]) for solution in results["solutions"]}
     trials = {tuple(float(row[name]) for name in metrics) for row in rows}
     assert front and front <= trials  # Optuna's front holds the values the jobs returned
-    assert {tuple(float(row[name]) for name in metrics) for row in rows if row["pareto_bytes" if "bytes" in metrics[1] else "pareto_latency"] == "True"} == front
+    assert {
+        tuple(float(row[name]) for name in metrics)
+        for row in rows
+        if row["pareto_bytes" if "bytes" in metrics[1] else "pareto_latency"] == "True"
+    } == front
     assert "Number of Pareto solutions" in done.stdout + done.stderr
     assert "Joblib.Parallel(n_jobs=2" in done.stdout + done.stderr

@@ -12,7 +12,9 @@ def test_a_write_removes_the_temporaries_of_dead_writers_and_keeps_a_live_ones(t
     names = []
     write_atomically(target, lambda temporary: names.append(temporary.name) or temporary.write_bytes(b"first"))
     (name,) = names
-    assert name.startswith(f".report-{os.getpid()}@") and name.endswith(".png")  # matplotlib reads the format from the suffix
+    assert name.startswith(f".report-{os.getpid()}@") and name.endswith(
+        ".png"
+    )  # matplotlib reads the format from the suffix
     with subprocess.Popen([sys.executable, "-c", ""]) as finished:
         finished.wait(timeout=30)
     live = tmp_path / name  # as if this process were writing the target right now

@@ -24,7 +24,14 @@ W4 = {"symmetric": (TensorProto.INT4, (-7, 7)), "asymmetric": (TensorProto.UINT4
 def conv_batchnorm_linear() -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(2, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 4)
+        nn.Conv2d(2, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, 4),
     )
     with torch.no_grad():  # negative BatchNorm scales: the folded integers are mirrored inside the 4-bit range
         model[1].weight.copy_(torch.tensor([1.5, -0.7, 0.9, -2.0, 1.1, -1.0, 0.6, 1.3]))
@@ -50,7 +57,9 @@ def without_batchnorm_shift(model: nn.Sequential) -> nn.Sequential:
     return model
 
 
-def run_onnx(graph: bytes, inputs: torch.Tensor, level: onnxruntime.GraphOptimizationLevel, optimized_path: str = "") -> torch.Tensor:
+def run_onnx(
+    graph: bytes, inputs: torch.Tensor, level: onnxruntime.GraphOptimizationLevel, optimized_path: str = ""
+) -> torch.Tensor:
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = level
     options.optimized_model_filepath = optimized_path
@@ -77,7 +86,9 @@ def stored_weights(graph: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 def test_w4_weights_are_stored_in_four_bits_and_compute_the_fake_quantized_numbers(symmetric: bool, tmp_path) -> None:
     element_type, (low, high) = W4["symmetric" if symmetric else "asymmetric"]
     inputs = torch.randn(128, 2, 10, 10, generator=torch.Generator().manual_seed(1))
-    model = without_batchnorm_shift(trained_like_qat(conv_batchnorm_linear(), QuantConfig(weight_bits=4, symmetric=symmetric), inputs))
+    model = without_batchnorm_shift(
+        trained_like_qat(conv_batchnorm_linear(), QuantConfig(weight_bits=4, symmetric=symmetric), inputs)
+    )
     with torch.no_grad():
         expected = model(inputs)
     path = export(model, tmp_path / "w4.onnx", inputs[:1])
@@ -96,9 +107,14 @@ def test_w4_weights_are_stored_in_four_bits_and_compute_the_fake_quantized_numbe
 
     level = onnxruntime.GraphOptimizationLevel
     optimized = str(tmp_path / "optimized.onnx")
-    for as_run in (level.ORT_DISABLE_ALL, level.ORT_ENABLE_EXTENDED):  # as written, and with ONNX Runtime's integer kernels
+    for as_run in (
+        level.ORT_DISABLE_ALL,
+        level.ORT_ENABLE_EXTENDED,
+    ):  # as written, and with ONNX Runtime's integer kernels
         # the same integers on the same grids: float rounding differences only, as without BatchNorm at 8 bits
-        torch.testing.assert_close(run_onnx(path.read_bytes(), inputs, as_run, optimized), expected, atol=1e-4, rtol=1e-4, msg=str(as_run))
+        torch.testing.assert_close(
+            run_onnx(path.read_bytes(), inputs, as_run, optimized), expected, atol=1e-4, rtol=1e-4, msg=str(as_run)
+        )
     # ONNX Runtime folds the Cast of the 4-bit constants and runs its int8 kernels, as for 8-bit weights
     operators = {node.op_type for node in onnx.load(optimized).graph.node}
     assert {"QLinearConv", "QGemm"} <= operators and not operators & {"Cast", "Conv", "Gemm"}, operators
@@ -116,16 +132,24 @@ def test_w4_batchnorm_shift_moves_few_activations_one_step() -> None:
     with torch.no_grad():
         expected = model(inputs)
     graph = onnx_bytes(model, inputs[:1])
-    for as_run in (onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL, onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED):
+    for as_run in (
+        onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    ):
         predicted = run_onnx(graph, inputs, as_run)
         assert (predicted.argmax(1) == expected.argmax(1)).float().mean() >= 0.99, as_run
         assert (predicted - expected).abs().median() < 1e-3, as_run
-        torch.testing.assert_close(predicted, expected, atol=0.05 * expected.abs().max().item(), rtol=0, msg=str(as_run))
+        torch.testing.assert_close(
+            predicted, expected, atol=0.05 * expected.abs().max().item(), rtol=0, msg=str(as_run)
+        )
 
 
 def test_w4_file_is_smaller_than_w8_by_half_the_weight_bytes() -> None:
     inputs = torch.randn(96, 2, 10, 10, generator=torch.Generator().manual_seed(2))
-    files = {bits: onnx_bytes(trained_like_qat(conv_batchnorm_linear(), QuantConfig(weight_bits=bits), inputs), inputs[:1]) for bits in (4, 8)}
+    files = {
+        bits: onnx_bytes(trained_like_qat(conv_batchnorm_linear(), QuantConfig(weight_bits=bits), inputs), inputs[:1])
+        for bits in (4, 8)
+    }
     sizes = [module.weight.numel() for module in conv_batchnorm_linear() if isinstance(module, (nn.Conv2d, nn.Linear))]
     saved = sum(size - math.ceil(size / 2) for size in sizes)
     # each weight loses half its bytes; each layer gains one Cast node (its name, output and type: under 100 bytes)
@@ -149,6 +173,8 @@ def test_smallcnn_w4_file_is_at_most_016_of_its_float_file() -> None:
     model = SmallCNN(num_classes=10, image_size=28)
     inputs = torch.randn(64, 1, 28, 28)
     float_bytes = len(onnx_bytes(model.eval(), inputs[:1]))
-    w4_bytes = len(onnx_bytes(trained_like_qat(model, QuantConfig(weight_bits=4, activation_bits=8), inputs), inputs[:1]))
+    w4_bytes = len(
+        onnx_bytes(trained_like_qat(model, QuantConfig(weight_bits=4, activation_bits=8), inputs), inputs[:1])
+    )
     # 4-bit weights are an eighth of float32; int32 biases, float scales and the graph's text make up the rest
     assert w4_bytes <= 0.16 * float_bytes, w4_bytes / float_bytes

@@ -118,7 +118,10 @@ def test_models_are_timed_in_interleaved_rounds_of_shuffled_order() -> None:
     # 7 calls over 3 rounds: 3, 2 and 2 in a row for each model, every model once per round
     rounds = [calls[3:12], calls[12:18], calls[18:]]
     orders = [[name for name, _ in itertools.groupby(calls_of_round)] for calls_of_round in rounds]
-    assert [calls_of_round == [name for name in order for _ in range(len(calls_of_round) // 3)] for calls_of_round, order in zip(rounds, orders)] == [True] * 3
+    assert [
+        calls_of_round == [name for name in order for _ in range(len(calls_of_round) // 3)]
+        for calls_of_round, order in zip(rounds, orders)
+    ] == [True] * 3
     assert [sorted(order) for order in orders] == [["a", "b", "c"]] * 3 and len(calls) == 3 + 21
     assert len({tuple(order) for order in orders}) > 1  # a new order each round
     with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
@@ -171,8 +174,18 @@ def test_evaluate_accuracy_casts_inputs_to_a_half_precision_model() -> None:
 
 def test_profile_measures_latency_in_onnx_runtime() -> None:
     model = SmallCNN(num_classes=3, image_size=8).train()
-    profile = profile_model(model, (1, 8, 8), latency_batch_sizes=(1, 4), latency_warmup=1, latency_repeats=2, num_threads=1, latency_runtime="onnxruntime")
-    assert {batch: (result.runtime, result.num_threads, result.batch_size) for batch, result in profile.latency.items()} == {
+    profile = profile_model(
+        model,
+        (1, 8, 8),
+        latency_batch_sizes=(1, 4),
+        latency_warmup=1,
+        latency_repeats=2,
+        num_threads=1,
+        latency_runtime="onnxruntime",
+    )
+    assert {
+        batch: (result.runtime, result.num_threads, result.batch_size) for batch, result in profile.latency.items()
+    } == {
         1: ("onnxruntime", 1, 1),
         4: ("onnxruntime", 1, 4),
     }
@@ -183,7 +196,11 @@ def test_profile_measures_latency_in_onnx_runtime() -> None:
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"latency_batch_sizes": (0,)}, "got \\[0\\]"), ({"num_threads": 0}, "got 0"), ({"latency_runtime": "tvm"}, "'tvm'.*torch, onnxruntime")],
+    [
+        ({"latency_batch_sizes": (0,)}, "got \\[0\\]"),
+        ({"num_threads": 0}, "got 0"),
+        ({"latency_runtime": "tvm"}, "'tvm'.*torch, onnxruntime"),
+    ],
 )
 def test_profile_rejects_bad_latency_options(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

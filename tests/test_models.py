@@ -43,14 +43,23 @@ def test_resnet_unknown_architecture_lists_the_known_ones() -> None:
 def test_classifier_learns_digits_and_its_checkpoint_loads_into_the_plain_model(tmp_path) -> None:
     L.seed_everything(0)
     module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10, input_shape=(1, 8, 8))
-    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     datamodule = DigitsDataModule()
     trainer.fit(module, datamodule=datamodule)
     accuracy = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
     assert accuracy > 0.9
 
     trainer.save_checkpoint(tmp_path / "model.ckpt")
-    restored = ClassificationModule.load_from_checkpoint(tmp_path / "model.ckpt", model=SmallCNN(num_classes=10, image_size=8))
+    restored = ClassificationModule.load_from_checkpoint(
+        tmp_path / "model.ckpt", model=SmallCNN(num_classes=10, image_size=8)
+    )
     assert restored.hparams.num_classes == 10
     plain = SmallCNN(num_classes=10, image_size=8)
     state = torch.load(tmp_path / "model.ckpt", weights_only=True)["state_dict"]

@@ -15,7 +15,12 @@ from lightning_compress.data import DigitsDataModule
 from lightning_compress.models import SmallCNN
 from lightning_compress.pruning import Pruning
 
-TARGETS = ["model.features.0.weight", "model.features.4.weight", "model.classifier.1.weight", "model.classifier.4.weight"]
+TARGETS = [
+    "model.features.0.weight",
+    "model.features.4.weight",
+    "model.classifier.1.weight",
+    "model.classifier.4.weight",
+]
 
 
 def zeros(module: ClassificationModule) -> dict[str, int]:
@@ -31,14 +36,19 @@ def test_global_amount_is_exact_and_the_checkpoint_loads_into_the_plain_model(tm
     assert pruning.sparsity()["pruning/sparsity"] == pytest.approx(round(0.9 * total) / total)
     assert list(module.state_dict()) == list(digits_module().state_dict())  # no weight_orig / weight_mask
     plain = SmallCNN(num_classes=10, image_size=8)
-    plain.load_state_dict({key.removeprefix("model."): value for key, value in module.state_dict().items()}, strict=True)
+    plain.load_state_dict(
+        {key.removeprefix("model."): value for key, value in module.state_dict().items()}, strict=True
+    )
     inputs = torch.randn(5, 1, 8, 8)
     assert torch.equal(module.eval()(inputs), plain.eval()(inputs))
 
 
 @pytest.mark.parametrize(
     "optimizer",
-    [partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-2), partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1)],
+    [
+        partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=1e-2),
+        partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1),
+    ],
     ids=["sgd-momentum-wd", "adamw"],
 )
 def test_pruned_weights_stay_exactly_zero_through_the_optimizer(tmp_path, optimizer) -> None:
@@ -54,7 +64,10 @@ def test_pruned_weights_stay_exactly_zero_through_the_optimizer(tmp_path, optimi
     fit_digits(tmp_path, [pruning, RecordMasks()], max_epochs=4, optimizer=optimizer)
     for earlier, later in zip(masks_per_epoch, masks_per_epoch[1:]):
         assert all(torch.all(later[name] <= earlier[name]) for name in TARGETS)  # masks only grow
-    assert [round(1 - sum(m.sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values()), 3) for masks in masks_per_epoch] == [
+    assert [
+        round(1 - sum(m.sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values()), 3)
+        for masks in masks_per_epoch
+    ] == [
         0.267,
         0.533,
         0.8,
@@ -71,7 +84,12 @@ def test_a_lower_later_target_does_not_revive_weights(tmp_path) -> None:
 
 
 def test_sparsity_is_logged_at_each_pruning_step(tmp_path) -> None:
-    fit_digits(tmp_path, [Pruning(amount=0.5, schedule="linear", start_epoch=0, end_epoch=1)], max_epochs=2, logger=CSVLogger(tmp_path, name="csv"))
+    fit_digits(
+        tmp_path,
+        [Pruning(amount=0.5, schedule="linear", start_epoch=0, end_epoch=1)],
+        max_epochs=2,
+        logger=CSVLogger(tmp_path, name="csv"),
+    )
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as handle:
         rows = [row for row in csv.DictReader(handle) if row["pruning/sparsity"]]
     assert [float(row["pruning/sparsity"]) for row in rows] == pytest.approx([0.25, 0.5], abs=1e-4)
@@ -146,8 +164,22 @@ def test_rewinding_resets_survivors_to_the_rewind_epoch(tmp_path) -> None:
 RESUMABLE = {
     "magnitude": {"amount": 0.9, "schedule": "agp", "start_epoch": 0, "end_epoch": 3},
     "taylor": {"amount": 0.8, "criterion": "taylor", "start_epoch": 1, "end_epoch": 3},
-    "random_rewind": {"amount": 0.8, "criterion": "random", "schedule": "linear", "start_epoch": 1, "end_epoch": 3, "rewind_epoch": 0, "seed": 3},
-    "taylor_channel": {"amount": 0.5, "criterion": "taylor", "granularity": "channel", "start_epoch": 1, "end_epoch": 3},
+    "random_rewind": {
+        "amount": 0.8,
+        "criterion": "random",
+        "schedule": "linear",
+        "start_epoch": 1,
+        "end_epoch": 3,
+        "rewind_epoch": 0,
+        "seed": 3,
+    },
+    "taylor_channel": {
+        "amount": 0.5,
+        "criterion": "taylor",
+        "granularity": "channel",
+        "start_epoch": 1,
+        "end_epoch": 3,
+    },
 }
 
 
@@ -171,7 +203,12 @@ def test_fit_twice_validate_test_and_test_from_checkpoint(tmp_path) -> None:
     assert pruning.pruned_epochs == [0]
     assert sum(zeros(module).values()) >= round(0.5 * sum(module.state_dict()[n].numel() for n in TARGETS))
     assert trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/acc"] > 0.5
-    assert trainer.test(module, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)[0]["test/acc"] > 0.5
+    assert (
+        trainer.test(module, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)[0][
+            "test/acc"
+        ]
+        > 0.5
+    )
 
 
 @pytest.mark.parametrize(
@@ -200,14 +237,22 @@ def test_bad_arguments_fail_in_init(options: dict, message: str) -> None:
 
 
 def test_an_end_epoch_past_training_warns_at_setup(tmp_path) -> None:
-    with pytest.warns(UserWarning, match="end_epoch=2 .* max_epochs=2: the target is reached only if training is resumed"):
+    with pytest.warns(
+        UserWarning, match="end_epoch=2 .* max_epochs=2: the target is reached only if training is resumed"
+    ):
         fit_digits(tmp_path, [Pruning(amount=0.5, end_epoch=2)], max_epochs=2)
 
 
 def test_a_pattern_that_matches_nothing_fails_before_training(tmp_path) -> None:
     module = digits_module()
     before = {name: value.clone() for name, value in module.state_dict().items()}
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[Pruning(amount=0.5, targets=["model.feature.*"])], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        callbacks=[Pruning(amount=0.5, targets=["model.feature.*"])],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="'model.feature.\\*' matches no layer.*model.features"):
         trainer.fit(module, datamodule=DigitsDataModule())
     assert trainer.global_step == 0
@@ -226,13 +271,25 @@ class CaptureOutputs(L.Callback):
 @pytest.mark.parametrize("criterion", ["l1", "l2", "taylor", "random"])
 def test_channel_pruning_with_removal_gives_a_smaller_model_with_the_same_outputs(tmp_path, criterion) -> None:
     capture = CaptureOutputs()
-    pruning = Pruning(amount=0.5, criterion=criterion, granularity="channel", scope="layer", schedule="oneshot", start_epoch=1, remove_channels=True)
+    pruning = Pruning(
+        amount=0.5,
+        criterion=criterion,
+        granularity="channel",
+        scope="layer",
+        schedule="oneshot",
+        start_epoch=1,
+        remove_channels=True,
+    )
     _, module, _ = fit_digits(tmp_path, [capture, pruning], max_epochs=2)
     with torch.no_grad():
         torch.testing.assert_close(module.eval()(capture.inputs), capture.outputs, rtol=0, atol=1e-5)
     assert capture.outputs.shape == (16, 10)
     model = module.model
-    assert (model.features[0].out_channels, model.features[4].out_channels, model.classifier[1].out_features) == (16, 32, 64)
+    assert (model.features[0].out_channels, model.features[4].out_channels, model.classifier[1].out_features) == (
+        16,
+        32,
+        64,
+    )
     assert model.classifier[4].out_features == 10  # the output layer keeps its classes
     # conv 1*16*9 + bn 2*16 + conv 16*32*9 + bn 2*32 + linear 32*2*2*64 + 64 + linear 64*10 + 10, by hand:
     assert sum(p.numel() for p in module.parameters()) == 144 + 32 + 4608 + 64 + 8192 + 64 + 650
@@ -243,7 +300,9 @@ def test_checkpoints_from_before_removal_load_into_the_removed_model(tmp_path) -
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_top_k=1)
     trainer, module, datamodule = fit_digits(tmp_path, [pruning, checkpoint], max_epochs=2)
     assert module.model.features[0].out_channels == 16
-    full_size = ClassificationModule.load_from_checkpoint(checkpoint.best_model_path, model=SmallCNN(num_classes=10, image_size=8))
+    full_size = ClassificationModule.load_from_checkpoint(
+        checkpoint.best_model_path, model=SmallCNN(num_classes=10, image_size=8)
+    )
     assert full_size.model.features[0].out_channels == 32  # the checkpoint holds the masked full-size model
     metrics = trainer.test(module, datamodule=datamodule, ckpt_path="best", verbose=False)[0]
     assert metrics["test/acc"] == trainer.test(full_size, datamodule=datamodule, verbose=False)[0]["test/acc"]
@@ -271,41 +330,80 @@ def test_channel_options_fail_before_training(tmp_path) -> None:
     with pytest.raises(ValueError, match="remove_channels=True .* needs granularity='channel', not 'unstructured'"):
         Pruning(amount=0.5, remove_channels=True)
     module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10)  # no example_input_array
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[Pruning(amount=0.5, granularity="channel")], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        callbacks=[Pruning(amount=0.5, granularity="channel")],
+        default_root_dir=tmp_path,
+    )
     datamodule = DigitsDataModule()
     datamodule.setup("fit")
-    with pytest.raises(ValueError, match="set `example_input_array` on ClassificationModule, or fit with a LightningDataModule"):
+    with pytest.raises(
+        ValueError, match="set `example_input_array` on ClassificationModule, or fit with a LightningDataModule"
+    ):
         trainer.fit(module, train_dataloaders=datamodule.train_dataloader())  # no datamodule to take a batch from
     assert trainer.global_step == 0
 
 
 def test_channel_pruning_without_an_example_input_traces_the_first_training_batch(tmp_path) -> None:
     module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10)  # no example_input_array
-    pruning = Pruning(amount=0.25, granularity="channel", criterion="l1", scope="layer", schedule="oneshot", start_epoch=0)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, callbacks=[pruning], default_root_dir=tmp_path)
+    pruning = Pruning(
+        amount=0.25, granularity="channel", criterion="l1", scope="layer", schedule="oneshot", start_epoch=0
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[pruning],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=DigitsDataModule())
     assert trainer.global_step > 0
     # a quarter of each layer's output channels, as with an example_input_array
-    assert {name: int((~keep).sum()) for name, keep in pruning.channel_keep.items()} == {"model.features.0": 8, "model.features.4": 16, "model.classifier.1": 32}
+    assert {name: int((~keep).sum()) for name, keep in pruning.channel_keep.items()} == {
+        "model.features.0": 8,
+        "model.features.4": 16,
+        "model.classifier.1": 32,
+    }
 
 
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"amount": "0.5"}, "amount must be a number in \\[0, 1\\), a dict of layer name -> amount, or None \\(with threshold or a callable schedule\\); got '0.5' \\(str\\)$"),
+        (
+            {"amount": "0.5"},
+            "amount must be a number in \\[0, 1\\), a dict of layer name -> amount, or None \\(with threshold or a callable schedule\\); got '0.5' \\(str\\)$",
+        ),
         ({"amount": True}, "amount must be a number .*; got True \\(bool\\)$"),
         ({"amount": [0.5]}, "amount must be a number .*; got \\[0.5\\] \\(list\\)$"),
-        ({"amount": {"model.features.0": "0.5"}}, "amount per layer needs a number in \\[0, 1\\) for each layer; got '0.5' \\(str\\) for 'model.features.0'$"),
+        (
+            {"amount": {"model.features.0": "0.5"}},
+            "amount per layer needs a number in \\[0, 1\\) for each layer; got '0.5' \\(str\\) for 'model.features.0'$",
+        ),
         ({"threshold": "0.1"}, "threshold must be a number >= 0 or None; got '0.1' \\(str\\)$"),
         ({"threshold": float("nan")}, "threshold=nan needs a value >= 0"),
-        ({"amount": 0.5, "schedule": 3}, "schedule must be one of oneshot, linear, agp or a callable epoch -> sparsity; got 3 \\(int\\)$"),
+        (
+            {"amount": 0.5, "schedule": 3},
+            "schedule must be one of oneshot, linear, agp or a callable epoch -> sparsity; got 3 \\(int\\)$",
+        ),
         ({"amount": 0.5, "start_epoch": "1"}, "start_epoch must be an int >= 0; got '1' \\(str\\)$"),
         ({"amount": 0.5, "start_epoch": 1.5}, "start_epoch must be an int >= 0; got 1.5 \\(float\\)$"),
         ({"amount": 0.5, "end_epoch": "3"}, "end_epoch must be an int >= start_epoch or None; got '3' \\(str\\)$"),
         ({"amount": 0.5, "end_epoch": 2.5}, "end_epoch must be an int >= start_epoch or None; got 2.5 \\(float\\)$"),
-        ({"amount": 0.5, "frequency": "2"}, "frequency must be a positive int \\(epochs between pruning steps\\); got '2' \\(str\\)$"),
-        ({"amount": 0.5, "frequency": True}, "frequency must be a positive int \\(epochs between pruning steps\\); got True \\(bool\\)$"),
-        ({"amount": 0.5, "start_epoch": 2, "rewind_epoch": "1"}, "rewind_epoch must be an int in \\[0, start_epoch\\) or None; got '1' \\(str\\)$"),
+        (
+            {"amount": 0.5, "frequency": "2"},
+            "frequency must be a positive int \\(epochs between pruning steps\\); got '2' \\(str\\)$",
+        ),
+        (
+            {"amount": 0.5, "frequency": True},
+            "frequency must be a positive int \\(epochs between pruning steps\\); got True \\(bool\\)$",
+        ),
+        (
+            {"amount": 0.5, "start_epoch": 2, "rewind_epoch": "1"},
+            "rewind_epoch must be an int in \\[0, start_epoch\\) or None; got '1' \\(str\\)$",
+        ),
     ],
 )
 def test_arguments_of_the_wrong_type_fail_in_init_naming_the_argument(options: dict, message: str) -> None:
@@ -340,13 +438,23 @@ class _Recorder(Logger):
 
 def test_sparsity_counts_the_weights_that_are_zero_not_the_masks() -> None:
     module, recorder, pruning = _TwoLinears(), _Recorder(), Pruning(amount=0.5, schedule="oneshot")
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=recorder, callbacks=[pruning], enable_progress_bar=False)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=2, logger=recorder, callbacks=[pruning], enable_progress_bar=False
+    )
     pruning.setup(trainer, module, "fit")
     pruning.on_train_epoch_start(trainer, module)  # epoch 0: the one-shot step, logged
-    expected = {"pruning/sparsity": 9 / 18, "pruning/sparsity/first.weight": 4 / 12, "pruning/sparsity/second.weight": 5 / 6}
+    expected = {
+        "pruning/sparsity": 9 / 18,
+        "pruning/sparsity/first.weight": 4 / 12,
+        "pruning/sparsity/second.weight": 5 / 6,
+    }
     assert recorder.logged == [expected] and pruning.sparsity() == expected
     with torch.no_grad():
         module.first.weight.fill_(float("nan"))
         module.second.weight.fill_(float("nan"))
     pruning.apply_masks()  # NaN * 0 is NaN: nothing is zero any more, whatever the masks say
-    assert pruning.sparsity() == {"pruning/sparsity": 0.0, "pruning/sparsity/first.weight": 0.0, "pruning/sparsity/second.weight": 0.0}
+    assert pruning.sparsity() == {
+        "pruning/sparsity": 0.0,
+        "pruning/sparsity/first.weight": 0.0,
+        "pruning/sparsity/second.weight": 0.0,
+    }

@@ -40,7 +40,10 @@ def test_linear_oneshot_frequency_and_callable_schedules() -> None:
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"kind": "cubic"}, "unknown schedule 'cubic'"), ({"start_epoch": 3, "end_epoch": 2}, "end_epoch \\(2\\) must not be before start_epoch \\(3\\)")],
+    [
+        ({"kind": "cubic"}, "unknown schedule 'cubic'"),
+        ({"start_epoch": 3, "end_epoch": 2}, "end_epoch \\(2\\) must not be before start_epoch \\(3\\)"),
+    ],
 )
 def test_schedule_rejects_bad_settings(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -58,7 +61,9 @@ def test_global_and_layer_masks_prune_exact_counts() -> None:
 
 
 def test_min_keep_protects_each_layer_in_a_global_ranking() -> None:
-    masks = rank_masks({"small": torch.tensor([0.1, 0.2]), "large": torch.tensor([5.0, 6.0, 7.0, 8.0])}, 0.5, min_keep=1)
+    masks = rank_masks(
+        {"small": torch.tensor([0.1, 0.2]), "large": torch.tensor([5.0, 6.0, 7.0, 8.0])}, 0.5, min_keep=1
+    )
     assert masks["small"].tolist() == [False, True]
     assert int((~masks["large"]).sum()) == 2
 
@@ -91,7 +96,10 @@ def test_scores_by_hand() -> None:
     assert channel_scores(weight, "l1").tolist() == [7.0, 1.0]
     assert channel_scores(weight, "l2").tolist() == [5.0, 1.0]
     generator = torch.Generator().manual_seed(0)
-    assert torch.equal(element_scores(weight, "random", generator=generator), torch.rand(2, 2, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(
+        element_scores(weight, "random", generator=generator),
+        torch.rand(2, 2, generator=torch.Generator().manual_seed(0)),
+    )
     with pytest.raises(ValueError, match="unknown criterion 'size'"):
         element_scores(weight, "size")
 
@@ -108,7 +116,11 @@ def test_select_layers_by_type_pattern_and_exclusion() -> None:
     model = SmallCNN(image_size=8)
     assert list(select_layers(model)) == ["features.0", "features.4", "classifier.1", "classifier.4"]
     assert list(select_layers(model, targets=["features.*"])) == ["features.0", "features.4"]
-    assert list(select_layers(model, targets=[nn.Linear, "features.0"])) == ["features.0", "classifier.1", "classifier.4"]
+    assert list(select_layers(model, targets=[nn.Linear, "features.0"])) == [
+        "features.0",
+        "classifier.1",
+        "classifier.4",
+    ]
     assert list(select_layers(model, exclude=["classifier.4"])) == ["features.0", "features.4", "classifier.1"]
     assert list(select_layers(model, targets=nn.BatchNorm2d)) == ["features.1", "features.5"]
     with pytest.raises(ValueError, match="'feature.0' matches no layer.*'features.0'"):
@@ -141,5 +153,7 @@ def test_channel_groups_follow_residual_connections() -> None:
     groups.remove(keep)
     with torch.no_grad():
         torch.testing.assert_close(model(inputs), masked, rtol=0, atol=1e-5)
-    assert model.layer1[0].conv2.out_channels == model.layer1[1].conv2.out_channels == model.conv1.out_channels  # coupled by the adds
+    assert (
+        model.layer1[0].conv2.out_channels == model.layer1[1].conv2.out_channels == model.conv1.out_channels
+    )  # coupled by the adds
     assert sum(p.numel() for p in model.parameters()) < 0.5 * 11_172_810

@@ -13,8 +13,12 @@ CASES = [("taylor", "unstructured"), ("random", "channel")]
 
 
 def test_every_rank_holds_the_same_masks(tmp_path) -> None:
-    cases = [f"{criterion}:{granularity}" for criterion, granularity in CASES]  # one after the other in the same two processes
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), *cases], capture_output=True, text=True, timeout=300)
+    cases = [
+        f"{criterion}:{granularity}" for criterion, granularity in CASES
+    ]  # one after the other in the same two processes
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), *cases], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     for criterion, granularity in CASES:
         folder = tmp_path / f"{criterion}-{granularity}"

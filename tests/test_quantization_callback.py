@@ -67,7 +67,9 @@ def test_trained_weights_live_on_the_integer_grid_and_accuracy_holds(tmp_path, w
 
 def test_pruned_weights_stay_zero_under_fake_quantization(tmp_path) -> None:
     pruning = Pruning(amount=0.5, schedule="oneshot", start_epoch=0)
-    _, module, _ = fit_digits(tmp_path, [pruning, QuantizationAwareTraining(weight_bits=4, start_epoch=1)], max_epochs=2)
+    _, module, _ = fit_digits(
+        tmp_path, [pruning, QuantizationAwareTraining(weight_bits=4, start_epoch=1)], max_epochs=2
+    )
     parameters = dict(module.named_parameters())
     pruned = total = 0
     for name, mask in pruning.masks.items():
@@ -85,7 +87,12 @@ def test_resumed_run_matches_the_run_that_never_stopped(tmp_path) -> None:
 
     _, whole, _ = fit_digits(tmp_path / "a", [qat()], max_epochs=3)
     fit_digits(tmp_path / "b", [qat(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=2)
-    _, continued, _ = fit_digits(tmp_path / "b", [qat(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=3, ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    _, continued, _ = fit_digits(
+        tmp_path / "b",
+        [qat(), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)],
+        max_epochs=3,
+        ckpt_path=str(tmp_path / "b" / "last.ckpt"),
+    )
     assert whole.state_dict().keys() == continued.state_dict().keys()
     for (name, value), other in zip(whole.state_dict().items(), continued.state_dict().values()):
         torch.testing.assert_close(value, other, rtol=0, atol=1e-6, msg=name)
@@ -93,12 +100,26 @@ def test_resumed_run_matches_the_run_that_never_stopped(tmp_path) -> None:
 
 def test_checkpoints_test_and_fit_twice(tmp_path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer, module, datamodule = fit_digits(tmp_path, [QuantizationAwareTraining(start_epoch=1), checkpoint], max_epochs=2)
+    trainer, module, datamodule = fit_digits(
+        tmp_path, [QuantizationAwareTraining(start_epoch=1), checkpoint], max_epochs=2
+    )
     in_memory = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
-    assert trainer.test(module, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)[0]["test/acc"] == in_memory
+    assert (
+        trainer.test(module, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)[0][
+            "test/acc"
+        ]
+        == in_memory
+    )
     fresh = digits_module()  # a new float module: the callback quantizes it at setup, then the checkpoint loads
-    tester = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[QuantizationAwareTraining(start_epoch=1)])
-    assert tester.test(fresh, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)[0]["test/acc"] == in_memory
+    tester = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[QuantizationAwareTraining(start_epoch=1)]
+    )
+    assert (
+        tester.test(fresh, datamodule=datamodule, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), verbose=False)[0][
+            "test/acc"
+        ]
+        == in_memory
+    )
     inputs = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(fresh.eval()(x=inputs), module.eval()(inputs))  # keyword arguments reach forward
     trainer.fit_loop.max_epochs = 3
@@ -110,14 +131,31 @@ def test_settings_come_as_a_quant_config_or_as_its_fields_never_both() -> None:
     config = QuantConfig(weight_bits=4, learnable_scales=True)
     assert QuantizationAwareTraining(config=config).config is config
     assert QuantizationAwareTraining(weight_bits=4, learnable_scales=True).config == config
-    assert PostTrainingQuantization(weight_bits=4).config == QuantConfig(weight_bits=4, observer="minmax", averaging_constant=None)
-    nested = {"_target_": "lightning_compress.QuantizationAwareTraining", "config": {"_target_": "lightning_compress.quantization.QuantConfig", "weight_bits": 4, "learnable_scales": True}}
+    assert PostTrainingQuantization(weight_bits=4).config == QuantConfig(
+        weight_bits=4, observer="minmax", averaging_constant=None
+    )
+    nested = {
+        "_target_": "lightning_compress.QuantizationAwareTraining",
+        "config": {
+            "_target_": "lightning_compress.quantization.QuantConfig",
+            "weight_bits": 4,
+            "learnable_scales": True,
+        },
+    }
     assert instantiate(nested).config == config  # a Hydra recipe may nest the config
-    with pytest.raises(ValueError, match=r"as config=QuantConfig\(...\) or as keyword arguments, not both: got config and \['weight_bits'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"as config=QuantConfig\(...\) or as keyword arguments, not both: got config and \['weight_bits'\]",
+    ):
         QuantizationAwareTraining(config=config, weight_bits=8)
-    with pytest.raises(ValueError, match=r"unknown quantizer setting\(s\) \['wieght_bits'\]; the settings are weight_bits, activation_bits"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown quantizer setting\(s\) \['wieght_bits'\]; the settings are weight_bits, activation_bits",
+    ):
         QuantizationAwareTraining(wieght_bits=4)
-    with pytest.raises(ValueError, match=r"unknown quantizer setting\(s\) \['learnable_scales'\]"):  # step sizes are learned in training
+    with pytest.raises(
+        ValueError, match=r"unknown quantizer setting\(s\) \['learnable_scales'\]"
+    ):  # step sizes are learned in training
         PostTrainingQuantization(learnable_scales=True)
     with pytest.raises(ValueError, match="weight_bits must be an integer from 2 to 8, got 9"):
         PostTrainingQuantization(weight_bits=9)
@@ -129,7 +167,13 @@ def test_bad_epochs_fail_in_init_and_bad_targets_before_training(tmp_path) -> No
     with pytest.raises(ValueError, match="start_epoch must be >= 0, got -1"):
         QuantizationAwareTraining(start_epoch=-1)
     module = digits_module()
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[QuantizationAwareTraining(targets=["model.clasifier.*"])], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        callbacks=[QuantizationAwareTraining(targets=["model.clasifier.*"])],
+        default_root_dir=tmp_path,
+    )
     with pytest.raises(ValueError, match="'model.clasifier.\\*' matches no layer.*model.classifier"):
         trainer.fit(module, datamodule=DigitsDataModule())
     assert trainer.global_step == 0
@@ -145,9 +189,19 @@ class CopyBeforeRemoval(L.Callback):
 
 
 @pytest.mark.parametrize("quantization_first", [False, True])
-def test_channel_removal_after_quantization_cuts_the_weight_scales_and_keeps_the_outputs(tmp_path, quantization_first) -> None:
+def test_channel_removal_after_quantization_cuts_the_weight_scales_and_keeps_the_outputs(
+    tmp_path, quantization_first
+) -> None:
     copy_before = CopyBeforeRemoval()
-    removal = Pruning(amount=0.5, granularity="channel", criterion="l1", scope="layer", schedule="oneshot", start_epoch=0, remove_channels=True)
+    removal = Pruning(
+        amount=0.5,
+        granularity="channel",
+        criterion="l1",
+        scope="layer",
+        schedule="oneshot",
+        start_epoch=0,
+        remove_channels=True,
+    )
     qat = QuantizationAwareTraining(start_epoch=1)
     callbacks = [copy_before, qat, removal] if quantization_first else [copy_before, removal, qat]
     _, module, datamodule = fit_digits(tmp_path, callbacks, max_epochs=2)

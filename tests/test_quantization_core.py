@@ -18,7 +18,11 @@ from lightning_compress.quantization import (
 
 def test_observers_track_ranges_their_own_way() -> None:
     batches = [torch.tensor([-1.0, 2.0]), torch.tensor([-3.0, 1.0])]
-    expected = {"minmax": (-3.0, 2.0), "latest": (-3.0, 1.0), "moving_average": (-1.0 + 0.5 * (-3.0 + 1.0), 2.0 + 0.5 * (1.0 - 2.0))}
+    expected = {
+        "minmax": (-3.0, 2.0),
+        "latest": (-3.0, 1.0),
+        "moving_average": (-1.0 + 0.5 * (-3.0 + 1.0), 2.0 + 0.5 * (1.0 - 2.0)),
+    }
     for kind, (low, high) in expected.items():
         observer = Observer(kind, averaging_constant=0.5)
         for batch in batches:
@@ -57,7 +61,9 @@ def test_per_channel_scales_and_asymmetric_zero_points() -> None:
 
 
 @pytest.mark.parametrize("symmetric, quant_range", [(True, (-127, 127)), (False, (0, 255))])
-def test_fake_quantizer_rounds_onto_the_grid_keeps_zero_and_passes_gradients_straight_through(symmetric, quant_range) -> None:
+def test_fake_quantizer_rounds_onto_the_grid_keeps_zero_and_passes_gradients_straight_through(
+    symmetric, quant_range
+) -> None:
     quantizer = FakeQuantizer(Observer("minmax"), quant_range, symmetric)
     quantizer(torch.tensor([-0.9, 1.3]))  # observe
     quantizer.eval()
@@ -77,8 +83,12 @@ def test_a_symmetric_activation_grid_is_unsigned_while_everything_observed_is_no
     quantizer(torch.tensor([0.0, 0.51]))
     assert quantizer.quant_range == (0, 255) and quantizer.scale.item() == pytest.approx(0.002)  # 0.51 / 255
     set_quantization(quantizer, enabled=True)
-    assert quantizer.eval()(torch.tensor([-0.3, 0.2, 0.9])).tolist() == pytest.approx([0.0, 0.2, 0.51])  # 100 steps; clipped at 0 and 255
-    quantizer.train()(torch.tensor([-0.25, 0.5]))  # one negative value: signed again, the step from the largest magnitude
+    assert quantizer.eval()(torch.tensor([-0.3, 0.2, 0.9])).tolist() == pytest.approx(
+        [0.0, 0.2, 0.51]
+    )  # 100 steps; clipped at 0 and 255
+    quantizer.train()(
+        torch.tensor([-0.25, 0.5])
+    )  # one negative value: signed again, the step from the largest magnitude
     assert quantizer.quant_range == (-128, 127) and quantizer.scale.item() == pytest.approx(0.51 / 127)
     weights = FakeQuantizer(Observer("latest"), (-127, 127), True)  # weights stay signed
     weights(torch.tensor([0.0, 1.0]))
@@ -113,7 +123,10 @@ def test_quantize_model_keeps_parameters_and_their_names() -> None:
     assert list(layers) == ["features.0", "features.4", "classifier.1", "classifier.4"]
     assert all(before[name] is parameter for name, parameter in model.named_parameters() if name in before)
     assert set(before) <= set(model.state_dict())
-    assert {name for name in model.state_dict() if name not in before} >= {"features.0.weight_quantizer.scale", "features.0.input_quantizer.enabled"}
+    assert {name for name in model.state_dict() if name not in before} >= {
+        "features.0.weight_quantizer.scale",
+        "features.0.input_quantizer.enabled",
+    }
     assert quantize_model(model, QuantConfig()).keys() == layers.keys()  # a second call changes nothing
     assert quantized_layers(model)["features.0"].weight_quantizer.quant_max == 7
 
@@ -142,7 +155,10 @@ def test_quantized_model_matches_float_until_enabled_and_then_sits_on_the_grid()
     [
         ({"weight_bits": 1}, "weight_bits must be an integer from 2 to 8, got 1"),
         ({"activation_bits": 16}, "activation_bits must be an integer from 2 to 8, got 16"),
-        ({"observer": "histogram"}, "unknown observer 'histogram'; use one of minmax, moving_average, mean_std, percentile"),
+        (
+            {"observer": "histogram"},
+            "unknown observer 'histogram'; use one of minmax, moving_average, mean_std, percentile",
+        ),
         ({"percentile": 30}, "percentile must be in \\(50, 100\\], got 30"),
     ],
 )
@@ -155,4 +171,6 @@ def test_a_model_without_quantizable_layers_is_refused() -> None:
     with pytest.raises(ValueError, match="ConvTranspose2d has no layer to quantize|has no layer to quantize"):
         quantize_model(nn.Sequential(nn.ConvTranspose2d(1, 2, 3)), QuantConfig())
     with pytest.raises(ValueError, match="cannot be quantized.*'0': 'ConvTranspose2d'"):
-        quantize_model(nn.Sequential(nn.ConvTranspose2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)), QuantConfig(), targets=["0"])
+        quantize_model(
+            nn.Sequential(nn.ConvTranspose2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2)), QuantConfig(), targets=["0"]
+        )

@@ -66,12 +66,16 @@ def test_weights_are_stored_as_int8_with_the_pruned_zeros(qat_digits) -> None:
     module, inputs = qat_digits
     graph = onnx.load_from_string(onnx_bytes(module, inputs[:1]))
     initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.graph.initializer}
-    dequantized_from = {node.output[0]: node.input[0] for node in graph.graph.node if node.op_type == "DequantizeLinear"}
+    dequantized_from = {
+        node.output[0]: node.input[0] for node in graph.graph.node if node.op_type == "DequantizeLinear"
+    }
     for name, layer in quantized_layers(module).items():
         stored = initializers[dequantized_from[f"model.{name}.weight"]]
         assert stored.dtype == np.int8 and stored.shape == tuple(layer.weight.shape)
         assert np.abs(stored).max() <= 63  # reduce_range: 7-bit weights
-        assert (stored == 0).sum() == (layer.weight == 0).sum().item(), name  # zeros stay exactly zero, and only they round to zero here
+        assert (stored == 0).sum() == (layer.weight == 0).sum().item(), (
+            name
+        )  # zeros stay exactly zero, and only they round to zero here
     floats = sum(array.size for array in initializers.values() if array.dtype == np.float32)
     integers = sum(array.size for array in initializers.values() if array.dtype == np.int8)
     assert floats < 0.01 * integers  # only scales and the shape constant are float
@@ -96,7 +100,9 @@ def test_batchnorm_folding_is_exact_for_negative_scales_and_asymmetric_grids() -
         # accumulator grid, and a float ulp may move an activation one step: rare, small differences.
         difference = (predicted - expected).abs()
         assert difference.median() < 1e-4 and difference.mean() < 0.01 * expected.abs().max(), config
-        torch.testing.assert_close(predicted, expected, atol=0.05 * expected.abs().max().item(), rtol=0, msg=str(config))
+        torch.testing.assert_close(
+            predicted, expected, atol=0.05 * expected.abs().max().item(), rtol=0, msg=str(config)
+        )
 
 
 def test_without_batchnorm_the_artifact_computes_the_same_numbers() -> None:
@@ -108,7 +114,9 @@ def test_without_batchnorm_the_artifact_computes_the_same_numbers() -> None:
     with torch.no_grad():
         expected = model.eval()(inputs)
     for optimized in (False, True):
-        torch.testing.assert_close(run_onnx(onnx_bytes(model, inputs[:1]), inputs, optimized), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            run_onnx(onnx_bytes(model, inputs[:1]), inputs, optimized), expected, atol=1e-4, rtol=1e-4
+        )
 
 
 def test_behind_a_relu_activations_stay_uint8_from_layer_to_layer(tmp_path) -> None:
@@ -124,22 +132,39 @@ def test_behind_a_relu_activations_stay_uint8_from_layer_to_layer(tmp_path) -> N
     with torch.no_grad():
         expected = model.eval()(inputs)
     layers = quantized_layers(model)
-    assert [layer.input_quantizer.quant_range for layer in layers.values()] == [(-128, 127), (0, 255), (0, 255), (0, 255)]
+    assert [layer.input_quantizer.quant_range for layer in layers.values()] == [
+        (-128, 127),
+        (0, 255),
+        (0, 255),
+        (0, 255),
+    ]
     for layer in list(layers.values())[1:]:  # the whole observed range on 256 steps from zero
-        assert layer.input_quantizer.scale.item() == pytest.approx(layer.input_quantizer.observer.max_val.item() / 255, rel=1e-6)
+        assert layer.input_quantizer.scale.item() == pytest.approx(
+            layer.input_quantizer.observer.max_val.item() / 255, rel=1e-6
+        )
 
     graph = onnx_bytes(model, inputs[:1])
-    initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in onnx.load_from_string(graph).graph.initializer}
-    quantize_types = [initializers[node.input[2]].dtype for node in onnx.load_from_string(graph).graph.node if node.op_type == "QuantizeLinear"]
+    initializers = {
+        tensor.name: numpy_helper.to_array(tensor) for tensor in onnx.load_from_string(graph).graph.initializer
+    }
+    quantize_types = [
+        initializers[node.input[2]].dtype
+        for node in onnx.load_from_string(graph).graph.node
+        if node.op_type == "QuantizeLinear"
+    ]
     assert quantize_types[0] == np.int8 and set(quantize_types[1:]) == {np.dtype(np.uint8)}
     optimized = tmp_path / "optimized.onnx"
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(optimized)
     session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-    torch.testing.assert_close(torch.from_numpy(session.run(None, {"x": inputs.numpy()})[0]), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.from_numpy(session.run(None, {"x": inputs.numpy()})[0]), expected, atol=1e-4, rtol=1e-4
+    )
     operators = [node.op_type for node in onnx.load(optimized).graph.node]
     # one QuantizeLinear at the input, then integer kernels to the end: no ReLU, no DequantizeLinear in between
-    assert operators.count("QuantizeLinear") == 1 and "DequantizeLinear" not in operators and "Relu" not in operators, operators
+    assert operators.count("QuantizeLinear") == 1 and "DequantizeLinear" not in operators and "Relu" not in operators, (
+        operators
+    )
     assert operators.count("QLinearConv") == 2 and operators.count("QGemm") == 2, operators
 
 
@@ -161,7 +186,9 @@ def test_export_refuses_unknown_or_missing_formats(tmp_path, monkeypatch) -> Non
         export(model, tmp_path / "m", torch.zeros(1, 4), format="tflite")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
-    with pytest.raises(ImportError, match="needs onnxscript, which is not installed: pip install onnx onnxscript onnxruntime"):
+    with pytest.raises(
+        ImportError, match="needs onnxscript, which is not installed: pip install onnx onnxscript onnxruntime"
+    ):
         export(model, tmp_path / "m.onnx", torch.zeros(1, 4))
     assert not (tmp_path / "m.onnx").exists()
 
@@ -169,10 +196,19 @@ def test_export_refuses_unknown_or_missing_formats(tmp_path, monkeypatch) -> Non
 @pytest.mark.parametrize(
     "other_layers, reason",
     [
-        (lambda: (nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)), "shapes (file vs model): 0.weight [3, 4] vs [5, 4], 0.bias [3] vs [5], 0.weight_quantizer.scale [3] vs [5] and 4 more"),
-        (lambda: (nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2)), "missing keys: 4.weight, 4.bias"),
+        (
+            lambda: (nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2)),
+            "shapes (file vs model): 0.weight [3, 4] vs [5, 4], 0.bias [3] vs [5], 0.weight_quantizer.scale [3] vs [5] and 4 more",
+        ),
+        (
+            lambda: (nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2)),
+            "missing keys: 4.weight, 4.bias",
+        ),
         # layer 0 quantizes, then layer 2 is not there: nothing may stay quantized
-        (lambda: (nn.Linear(4, 3), nn.Linear(3, 2)), "its quantized layers are not the model's: the pattern '2' matches no layer with a weight; near names: ['0', '1']"),
+        (
+            lambda: (nn.Linear(4, 3), nn.Linear(3, 2)),
+            "its quantized layers are not the model's: the pattern '2' matches no layer with a weight; near names: ['0', '1']",
+        ),
     ],
     ids=["shapes", "keys", "layers"],
 )
@@ -182,8 +218,13 @@ def test_a_file_of_another_architecture_leaves_the_model_unchanged(tmp_path, oth
     quantize_model(saved, QuantConfig())
     path = export(saved, tmp_path / "model.pt", torch.zeros(1, 4), format="torch")
     other = nn.Sequential(*other_layers())
-    types, state = [type(module) for module in other.modules()], {name: value.clone() for name, value in other.state_dict().items()}
+    types, state = (
+        [type(module) for module in other.modules()],
+        {name: value.clone() for name, value in other.state_dict().items()},
+    )
     with pytest.raises(ValueError, match=f"^{re.escape(f'{path} does not fit Sequential: {reason}')}$"):
         load_quantized(other, path)
     assert [type(module) for module in other.modules()] == types
-    assert list(other.state_dict()) == list(state) and all(torch.equal(value, state[name]) for name, value in other.state_dict().items())
+    assert list(other.state_dict()) == list(state) and all(
+        torch.equal(value, state[name]) for name, value in other.state_dict().items()
+    )

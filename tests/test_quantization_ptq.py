@@ -34,7 +34,12 @@ def test_validate_calibrates_on_the_first_batches_and_quantizes(float_digits) ->
     trained, datamodule = float_digits
     module = copy.deepcopy(trained)
     weights = {name: p.detach().clone() for name, p in module.named_parameters()}
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[PostTrainingQuantization(calibration_batches=3)])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[PostTrainingQuantization(calibration_batches=3)],
+    )
     trainer.validate(module, dataloaders=datamodule.train_dataloader())
     layers = quantized_layers(module)
     assert len(layers) == 4
@@ -105,7 +110,9 @@ def test_half_precision_halves_the_bytes_and_keeps_accuracy(float_digits) -> Non
 
 
 def test_report_adds_the_half_precision_stage(tmp_path) -> None:
-    report = CompressionReport(output_dir=tmp_path, latency_batch_sizes=(1,), latency_repeats=2, half_precision="bfloat16", verbose=False)
+    report = CompressionReport(
+        output_dir=tmp_path, latency_batch_sizes=(1,), latency_repeats=2, half_precision="bfloat16", verbose=False
+    )
     fit_digits(tmp_path, [report], max_epochs=1)
     after, half = report.report.entry("after"), report.report.entry("bfloat16")
     assert half.profile.parameters == after.profile.parameters

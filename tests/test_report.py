@@ -13,7 +13,14 @@ from torch import nn
 
 import lightning_compress.analysis.profile as profiling
 from lightning_compress import ClassificationModule, CompressionReport, compressed_bytes
-from lightning_compress.analysis import ModelProfile, Report, count_nonzero_parameters, count_parameters, profile_model, size_on_disk
+from lightning_compress.analysis import (
+    ModelProfile,
+    Report,
+    count_nonzero_parameters,
+    count_parameters,
+    profile_model,
+    size_on_disk,
+)
 from lightning_compress.analysis.latency import LatencyResult
 from lightning_compress.analysis.measure import SparsityStats
 from lightning_compress.data import DigitsDataModule
@@ -29,7 +36,11 @@ def half_zero_model() -> nn.Module:
 
 def test_report_rows_show_ratios_to_the_first_stage() -> None:
     report = Report()
-    report.add("before", profile_model(nn.Sequential(nn.Flatten(), nn.Linear(4, 4, bias=False)), (4,), latency_batch_sizes=()), 0.5)
+    report.add(
+        "before",
+        profile_model(nn.Sequential(nn.Flatten(), nn.Linear(4, 4, bias=False)), (4,), latency_batch_sizes=()),
+        0.5,
+    )
     report.add("after", profile_model(half_zero_model(), (4,), latency_batch_sizes=()), 0.75)
     before, after = report.rows()
     assert before["non-zeros"] == "16" and after["non-zeros"] == "8 (0.50x)"
@@ -43,12 +54,16 @@ def test_report_rows_show_ratios_to_the_first_stage() -> None:
 def test_a_stage_timed_in_another_runtime_names_it_and_has_no_latency_ratio() -> None:
     linear = nn.Linear(4, 2)
     report = Report()
-    report.add("dense", profile_model(linear, (4,), latency_batch_sizes=(1,), latency_repeats=2, latency_runtime="onnxruntime"))
+    report.add(
+        "dense", profile_model(linear, (4,), latency_batch_sizes=(1,), latency_repeats=2, latency_runtime="onnxruntime")
+    )
     note = "latency in eager PyTorch: ONNX Runtime's CPU kernels lack bfloat16, so it has no ratio"
     report.add("bfloat16", profile_model(linear, (4,), latency_batch_sizes=(1,), latency_repeats=2), note=note)
     dense, half = report.rows()
     milliseconds = report.entries[1].profile.latency[1].median_ms
-    assert half["latency b1 (ms)"] == f"{milliseconds:.3f} (eager PyTorch)"  # no "(12.27x)" beside the ONNX Runtime rows
+    assert (
+        half["latency b1 (ms)"] == f"{milliseconds:.3f} (eager PyTorch)"
+    )  # no "(12.27x)" beside the ONNX Runtime rows
     assert half["size (KiB)"].endswith("(1.00x)")  # the other columns keep their ratios
     assert report.notes() == [f"bfloat16: {note}"]
     assert f"\n- bfloat16: {note}\n" in report.to_markdown()
@@ -64,15 +79,23 @@ def test_the_compressed_row_is_the_compressed_file_against_the_first_stages_stat
     report = Report()
     report.add("dense", profile_model(dense, (256,), latency_batch_sizes=()))
     report.add("pruned", profile_model(sparse, (256,), latency_batch_sizes=()))
-    assert [entry.profile.compressed_bytes for entry in report.entries] == [len(compressed_bytes(dense)), len(compressed_bytes(sparse))]
+    assert [entry.profile.compressed_bytes for entry in report.entries] == [
+        len(compressed_bytes(dense)),
+        len(compressed_bytes(sparse)),
+    ]
     reference = report.entries[0].profile.size_bytes
     cells = [row["compressed (KiB)"] for row in report.rows()]
-    assert cells == [f"{size / 1024:,.1f} ({size / reference:.3f}x)" for size in (entry.profile.compressed_bytes for entry in report.entries)]
+    assert cells == [
+        f"{size / 1024:,.1f} ({size / reference:.3f}x)"
+        for size in (entry.profile.compressed_bytes for entry in report.entries)
+    ]
     assert report.entries[1].profile.compressed_bytes < 0.2 * reference  # 90% zeros pay in the file
     assert profile_model(dense, (256,), latency_batch_sizes=(), compressed_size=False).compressed_bytes is None
 
 
-def timed_profile(median_ms: float, low_ms: float, high_ms: float, macs: int = 8, quantized_layers: int = 0) -> ModelProfile:
+def timed_profile(
+    median_ms: float, low_ms: float, high_ms: float, macs: int = 8, quantized_layers: int = 0
+) -> ModelProfile:
     timing = LatencyResult(1, median_ms, low_ms, high_ms, 10, 2, 1, "cpu", "onnxruntime")
     return ModelProfile(10, 10, SparsityStats(0, 8), {}, 100, macs, {1: timing}, quantized_layers=quantized_layers)
 
@@ -80,9 +103,18 @@ def timed_profile(median_ms: float, low_ms: float, high_ms: float, macs: int = 8
 @pytest.mark.parametrize(
     ("stage", "reason"),
     [
-        (timed_profile(0.021, 0.019, 0.030), "slower than the first stage at batch 1 (1.05x), within the spread of repeated timings (its fastest run"),
-        (timed_profile(0.030, 0.028, 0.035), "slower than the first stage at batch 1 (1.50x): it does the first stage's MACs (unstructured zeros are multiplied like any weight), so the difference is the machine's timing noise"),
-        (timed_profile(0.030, 0.028, 0.035, quantized_layers=2), "(1.50x): at 8 MACs per sample, the integer graph's fixed cost per call"),
+        (
+            timed_profile(0.021, 0.019, 0.030),
+            "slower than the first stage at batch 1 (1.05x), within the spread of repeated timings (its fastest run",
+        ),
+        (
+            timed_profile(0.030, 0.028, 0.035),
+            "slower than the first stage at batch 1 (1.50x): it does the first stage's MACs (unstructured zeros are multiplied like any weight), so the difference is the machine's timing noise",
+        ),
+        (
+            timed_profile(0.030, 0.028, 0.035, quantized_layers=2),
+            "(1.50x): at 8 MACs per sample, the integer graph's fixed cost per call",
+        ),
         (timed_profile(0.010, 0.009, 0.011), None),
     ],
     ids=["spread", "unstructured", "integer", "faster"],
@@ -111,7 +143,9 @@ def test_report_files_are_written_and_round_trip(tmp_path) -> None:
 
 
 def test_callback_measures_before_and_after_and_logs(tmp_path) -> None:
-    callback = CompressionReport(output_dir=tmp_path / "report", latency_batch_sizes=(1, 8), latency_repeats=2, verbose=False)
+    callback = CompressionReport(
+        output_dir=tmp_path / "report", latency_batch_sizes=(1, 8), latency_repeats=2, verbose=False
+    )
     trainer, module, datamodule = fit_digits(tmp_path, [callback], logger=CSVLogger(tmp_path, name="csv"))
     val_accuracy = float(trainer.callback_metrics["val/acc"])
     test_accuracy = trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"]
@@ -136,7 +170,9 @@ def test_callback_measures_before_and_after_and_logs(tmp_path) -> None:
 def test_callback_needs_an_input_shape_before_training(tmp_path) -> None:
     module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10)  # no input_shape
     weights = {key: value.clone() for key, value in module.state_dict().items()}
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[CompressionReport()], default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, callbacks=[CompressionReport()], default_root_dir=tmp_path
+    )
     with pytest.raises(ValueError, match="input_shape=\\(C, H, W\\).*ClassificationModule"):
         trainer.fit(module, datamodule=DigitsDataModule())
     assert trainer.global_step == 0
@@ -161,10 +197,17 @@ def test_resumed_run_keeps_the_before_stage(tmp_path) -> None:
     first = CompressionReport(output_dir=tmp_path / "first", **options)
     fit_digits(tmp_path, [first, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=1)
     resumed = CompressionReport(output_dir=tmp_path / "resumed", **options)
-    trainer, _, _ = fit_digits(tmp_path, [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)], max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    trainer, _, _ = fit_digits(
+        tmp_path,
+        [resumed, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        max_epochs=2,
+        ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"),
+    )
     assert trainer.current_epoch == 2
     before, first_before = resumed.report.entry("before"), first.report.entry("before")
-    assert before.val_accuracy == first_before.val_accuracy and before.profile.to_dict() | {"latency": None} == first_before.profile.to_dict() | {"latency": None}
+    assert before.val_accuracy == first_before.val_accuracy and before.profile.to_dict() | {
+        "latency": None
+    } == first_before.profile.to_dict() | {"latency": None}
     # its model is gone, so it keeps the latency timed at the first fit's start, and says so
     assert before.note == "latency measured at the start of the first fit, not with the other stages: the run resumed"
     assert [entry.name for entry in resumed.report.entries] == ["before", "after"]
@@ -174,14 +217,36 @@ def test_resumed_run_keeps_the_before_stage(tmp_path) -> None:
 def test_every_stage_is_timed_with_the_others_at_the_end_of_fit(tmp_path, monkeypatch) -> None:
     timed_together = []
     measure_latencies = profiling.measure_latencies
-    monkeypatch.setattr(profiling, "measure_latencies", lambda contenders, **options: timed_together.append((list(contenders), options)) or measure_latencies(contenders, **options))
-    callback = CompressionReport(output_dir=tmp_path, latency_batch_sizes=(1, 4), latency_repeats=4, latency_rounds=2, half_precision="bfloat16", verbose=False)
+    monkeypatch.setattr(
+        profiling,
+        "measure_latencies",
+        lambda contenders, **options: (
+            timed_together.append((list(contenders), options)) or measure_latencies(contenders, **options)
+        ),
+    )
+    callback = CompressionReport(
+        output_dir=tmp_path,
+        latency_batch_sizes=(1, 4),
+        latency_repeats=4,
+        latency_rounds=2,
+        half_precision="bfloat16",
+        verbose=False,
+    )
     _, module, _ = fit_digits(tmp_path, [callback], max_epochs=1)
     # "before" alone at the start of fit; then, per batch size, every stage in the same rounds
-    assert [names for names, _ in timed_together] == [["model"], ["model"], ["before", "after", "bfloat16"], ["before", "after", "bfloat16"]]
+    assert [names for names, _ in timed_together] == [
+        ["model"],
+        ["model"],
+        ["before", "after", "bfloat16"],
+        ["before", "after", "bfloat16"],
+    ]
     assert timed_together[-1][1] == {"warmup": 5, "repeats": 4, "rounds": 2, "num_threads": None}
     assert callback.models["after"] is module and callback.models["before"] is not module
-    assert [callback.report.entry(name).profile.latency[4].repeats for name in ("before", "after", "bfloat16")] == [4, 4, 4]
+    assert [callback.report.entry(name).profile.latency[4].repeats for name in ("before", "after", "bfloat16")] == [
+        4,
+        4,
+        4,
+    ]
     assert callback.report.entry("bfloat16").profile.latency[1].runtime == "torch"
 
 
@@ -211,7 +276,9 @@ def test_test_accuracy_of_another_checkpoint_is_not_put_on_the_fitted_model(tmp_
 
 
 def test_a_misspelt_metric_name_warns_with_the_logged_names(tmp_path) -> None:
-    callback = CompressionReport(output_dir=tmp_path, latency_batch_sizes=(1,), latency_repeats=2, verbose=False, test_metric="test/accuracy")
+    callback = CompressionReport(
+        output_dir=tmp_path, latency_batch_sizes=(1,), latency_repeats=2, verbose=False, test_metric="test/accuracy"
+    )
     trainer, module, datamodule = fit_digits(tmp_path, [callback], max_epochs=1)
     with pytest.warns(UserWarning, match="no metric 'test/accuracy'.*'test/acc'"):
         trainer.test(module, datamodule=datamodule, verbose=False)
@@ -220,7 +287,9 @@ def test_a_misspelt_metric_name_warns_with_the_logged_names(tmp_path) -> None:
 def test_validate_and_test_alone_need_no_input_shape(tmp_path) -> None:
     module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10)
     callback = CompressionReport()
-    trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, callbacks=[callback], enable_progress_bar=False, default_root_dir=tmp_path
+    )
     assert 0.0 <= trainer.validate(module, datamodule=DigitsDataModule(), verbose=False)[0]["val/acc"] <= 1.0
     assert 0.0 <= trainer.test(module, datamodule=DigitsDataModule(), verbose=False)[0]["test/acc"] <= 1.0
     assert callback.report.entries == [] and not list(tmp_path.glob("**/report.json"))  # nothing measured outside fit

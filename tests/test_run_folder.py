@@ -62,14 +62,18 @@ def live_holder(folder: Path) -> Iterator[int]:
 
 def dead_pid() -> int:
     """The pid of a process that has ended (and been reaped)."""
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=30, check=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=30, check=True
+    )
     return int(finished.stdout)
 
 
 def write_lock(folder: Path, pid: int, host: str | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
-    lock.write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": STARTED, "token": "earlier"}))
+    lock.write_text(
+        json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": STARTED, "token": "earlier"})
+    )
     return lock
 
 
@@ -96,7 +100,12 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path: Path) -> None:
     assert not lock.exists()
 
 
-def _race(folder: str, barrier: multiprocessing.synchronize.Barrier, results: multiprocessing.queues.Queue, release: multiprocessing.synchronize.Event) -> None:
+def _race(
+    folder: str,
+    barrier: multiprocessing.synchronize.Barrier,
+    results: multiprocessing.queues.Queue,
+    release: multiprocessing.synchronize.Event,
+) -> None:
     barrier.wait(timeout=10)
     try:
         with warnings.catch_warnings(), claim_run_folder(folder, enabled=True):
@@ -107,7 +116,9 @@ def _race(folder: str, barrier: multiprocessing.synchronize.Barrier, results: mu
         results.put(("refused", str(error)))
 
 
-def test_of_processes_taking_over_a_stale_lock_at_once_one_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_of_processes_taking_over_a_stale_lock_at_once_one_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     read_lock = run_folder._read_lock
 
     def slow_read_lock(lock: Path) -> dict | None:  # each contender reads the stale lock before any replaces it
@@ -121,7 +132,10 @@ def test_of_processes_taking_over_a_stale_lock_at_once_one_wins(tmp_path: Path, 
         folder = tmp_path / str(attempt)
         write_lock(folder, dead_pid())
         barrier, results, release = FORK.Barrier(contenders), FORK.Queue(), FORK.Event()
-        processes = [FORK.Process(target=_race, args=(str(folder), barrier, results, release), daemon=True) for _ in range(contenders)]
+        processes = [
+            FORK.Process(target=_race, args=(str(folder), barrier, results, release), daemon=True)
+            for _ in range(contenders)
+        ]
         try:
             for process in processes:
                 process.start()
@@ -237,7 +251,9 @@ def test_what_hydra_writes_first_does_not_count_as_a_finished_run(tmp_path: Path
 
 
 @pytest.mark.parametrize(("rank", "environment"), [(1, {}), (0, {"NODE_RANK": "1"}), (0, {"GROUP_RANK": "2"})])
-def test_only_global_rank_zero_claims_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: int, environment: dict[str, str]) -> None:
+def test_only_global_rank_zero_claims_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rank: int, environment: dict[str, str]
+) -> None:
     monkeypatch.setattr(rank_zero_only, "rank", rank)
     for key, value in environment.items():
         monkeypatch.setenv(key, value)

@@ -30,7 +30,9 @@ def test_each_layer_alone_is_pruned_to_each_level_and_the_weights_come_back(trai
     before = {name: tensor.clone() for name, tensor in module.state_dict().items()}
     points = sensitivity_analysis(module, batches, LEVELS, tmp_path / "s.csv", progress=False)
     layers = ["model.features.0", "model.features.4", "model.classifier.1", "model.classifier.4"]
-    assert [(p.layer, p.sparsity) for p in points] == [(DENSE, 0.0)] + [(layer, level) for layer in layers for level in LEVELS]
+    assert [(p.layer, p.sparsity) for p in points] == [(DENSE, 0.0)] + [
+        (layer, level) for layer in layers for level in LEVELS
+    ]
     assert all(torch.equal(tensor, before[name]) for name, tensor in module.state_dict().items())
     conv = module.model.features[4]
     with torch.no_grad():  # the point of one layer by hand: its 90% smallest weights zeroed
@@ -57,7 +59,13 @@ def test_an_interrupted_analysis_measures_only_the_missing_points(trained, tmp_p
 
 def test_layer_amounts_feed_pruning_each_layer_to_its_own_sparsity(tmp_path) -> None:
     path = tmp_path / "s.csv"
-    rows = [(DENSE, 0.0, 0.90), ("model.features.4", 0.5, 0.90), ("model.features.4", 0.9, 0.895), ("model.classifier.1", 0.5, 0.899), ("model.classifier.1", 0.9, 0.80)]
+    rows = [
+        (DENSE, 0.0, 0.90),
+        ("model.features.4", 0.5, 0.90),
+        ("model.features.4", 0.9, 0.895),
+        ("model.classifier.1", 0.5, 0.899),
+        ("model.classifier.1", 0.9, 0.80),
+    ]
     rows += [("model.features.0", 0.5, 0.70), ("model.features.0", 0.9, 0.895)]  # a failing lower level stops the layer
     write_points(path, [SensitivityPoint(*row) for row in rows])
     amounts = layer_amounts(path, max_accuracy_drop=0.01)
@@ -82,7 +90,10 @@ def test_the_command_trains_analyses_and_resumes_from_its_folder(compose_config,
     from hydra import compose
 
     compose_config()  # initializes Hydra with the packaged configs
-    cfg = compose(config_name="sensitivity", overrides=["trainer.max_epochs=1", "sensitivity.levels=[0.5]", f"output_dir={tmp_path}"])
+    cfg = compose(
+        config_name="sensitivity",
+        overrides=["trainer.max_epochs=1", "sensitivity.levels=[0.5]", f"output_dir={tmp_path}"],
+    )
     amounts = analyse(cfg)
     assert (tmp_path / "dense.pt").is_file() and (tmp_path / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
     assert yaml.safe_load((tmp_path / "layer_amounts.yaml").read_text()) == amounts
@@ -92,14 +103,24 @@ def test_the_command_trains_analyses_and_resumes_from_its_folder(compose_config,
     (tmp_path / "sensitivity.png").unlink()
     assert analyse(cfg) == amounts  # the same trained weights (dense.pt), the missing points measured again
     assert read_points(tmp_path / "sensitivity.csv") == points
-    other = compose(config_name="sensitivity", overrides=["trainer.max_epochs=2", "sensitivity.levels=[0.5]", f"output_dir={tmp_path}"])
+    other = compose(
+        config_name="sensitivity",
+        overrides=["trainer.max_epochs=2", "sensitivity.levels=[0.5]", f"output_dir={tmp_path}"],
+    )
     with pytest.raises(ValueError, match="holds an analysis of other data, model, trainer or seed settings"):
         analyse(other)
 
 
 def test_amounts_per_layer_that_pruning_would_leave_out_fail_before_training(tmp_path) -> None:
-    pruning = Pruning(amount={"model.features.0": 0.5, "model.classifier.4": 0.5}, granularity="channel", criterion="l1", start_epoch=0)
-    with pytest.raises(ValueError, match=r"amount per layer names \['model.classifier.4'\], which this pruning would leave"):
+    pruning = Pruning(
+        amount={"model.features.0": 0.5, "model.classifier.4": 0.5},
+        granularity="channel",
+        criterion="l1",
+        start_epoch=0,
+    )
+    with pytest.raises(
+        ValueError, match=r"amount per layer names \['model.classifier.4'\], which this pruning would leave"
+    ):
         fit_digits(tmp_path, [pruning])
     excluded = Pruning(amount={"model.features.0": 0.5, "model.features.4": 0.5}, exclude=["model.features.0"])
     with pytest.raises(ValueError, match=r"names \['model.features.0'\]"):

@@ -51,7 +51,11 @@ def test_a_failed_job_of_a_submitit_sweep_keeps_the_others_and_the_summary_says_
     assert (sweep / "0" / "report.json").is_file()
     failure = json.loads((sweep / "1" / "failure.json").read_text())
     reason = "ValueError('amount must be in [0, 1), got 1.5')"
-    assert failure["type"] == "InstantiationException" and reason in failure["message"] and "full_key: compression.pruning" in failure["message"]
+    assert (
+        failure["type"] == "InstantiationException"
+        and reason in failure["message"]
+        and "full_key: compression.pruning" in failure["message"]
+    )
     assert "Traceback" in failure["traceback"]
     assert not (sweep / "1" / "pruning").exists()  # the recipes are checked before the job's run trains
     summary = run_command(sys.executable, "-m", "lightning_compress.sweeps.commands", str(sweep), cwd=tmp_path)
@@ -60,7 +64,10 @@ def test_a_failed_job_of_a_submitit_sweep_keeps_the_others_and_the_summary_says_
     assert [(row["job"], row["status"]) for row in rows] == [("0", "completed"), ("1", "failed")]
     assert rows[0]["error"] == "" and reason in rows[1]["error"] and "\n" not in rows[1]["error"]
     assert rows[0]["pareto_bytes"] == "True"
-    assert "- 1 (`compression.pruning.amount=1.5`): failed, InstantiationException: Error in call to target" in summary.stdout
+    assert (
+        "- 1 (`compression.pruning.amount=1.5`): failed, InstantiationException: Error in call to target"
+        in summary.stdout
+    )
     files = {name: (sweep / name).read_bytes() for name in ("summary.csv", "summary.md")}
     summary_command([str(sweep)])  # again, in this process
     assert {name: (sweep / name).read_bytes() for name in files} == files  # idempotent
@@ -105,9 +112,13 @@ def test_a_ddp_sweep_runs_each_job_once_on_two_processes_with_identical_masks_an
     assert not (tmp_path / "outputs").exists()  # the second processes wrote into their job's folder, nowhere else
     for job, amount in (("0", 0.5), ("1", 0.9)):
         first, second = (torch.load(sweep / job / "pruning+quantization" / f"rank{rank}.pt") for rank in (0, 1))
-        assert first["masks"].keys() == second["masks"].keys() and all(torch.equal(first["masks"][k], second["masks"][k]) for k in first["masks"])
+        assert first["masks"].keys() == second["masks"].keys() and all(
+            torch.equal(first["masks"][k], second["masks"][k]) for k in first["masks"]
+        )
         pruned = sum(int((~mask).sum()) for name, mask in first["masks"].items() if name.endswith("weight"))
-        assert pruned >= round(amount * sum(mask.numel() for name, mask in first["masks"].items() if name.endswith("weight")))
+        assert pruned >= round(
+            amount * sum(mask.numel() for name, mask in first["masks"].items() if name.endswith("weight"))
+        )
         ranges = [name for name in first["state"] if "input_quantizer.observer.max_val" in name]
         assert ranges and all(float(first["state"][name]) > 0 for name in ranges)
         assert first["state"].keys() == second["state"].keys()
@@ -128,13 +139,23 @@ def test_a_ddp_sweep_runs_each_job_once_on_two_processes_with_identical_masks_an
     assert "| job | overrides |" in done.stdout  # the summary is printed when the sweep ends
 
 
-def write_job(folder: Path, overrides: list[str], accuracy: float | None = None, onnx_bytes: int | None = None, error: str | None = None) -> None:
+def write_job(
+    folder: Path,
+    overrides: list[str],
+    accuracy: float | None = None,
+    onnx_bytes: int | None = None,
+    error: str | None = None,
+) -> None:
     """A job folder as a sweep leaves it: overrides, and a report with one final stage, or a failure."""
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {override}\n" for override in overrides))
     if accuracy is not None:
-        profile = dataclasses.replace(profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=()), onnx_bytes=onnx_bytes)
-        report = Report(entries=[ReportEntry("before", profile), ReportEntry("pruning", profile, test_accuracy=accuracy)])
+        profile = dataclasses.replace(
+            profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=()), onnx_bytes=onnx_bytes
+        )
+        report = Report(
+            entries=[ReportEntry("before", profile), ReportEntry("pruning", profile, test_accuracy=accuracy)]
+        )
         (folder / "report.json").write_text(json.dumps(report.to_dict()))
     if error is not None:
         (folder / "failure.json").write_text(json.dumps({"type": "ValueError", "message": error, "traceback": ""}))
@@ -144,14 +165,19 @@ def test_pareto_marks_the_jobs_no_other_job_beats_on_both_accuracy_and_bytes(tmp
     points = [(0.90, 100), (0.85, 50), (0.85, 120), (0.90, 100), (0.80, 50)]  # 2 is beaten by 0; 4 by 1; 0 and 3 tie
     for number, (accuracy, size) in enumerate(points):
         write_job(tmp_path / str(number), ["seed=1", f"compression.pruning.amount=0.{number}"], accuracy, size)
-    write_job(tmp_path / "5", ["seed=1", "compression.pruning.amount=1.5"], error="amount must be in [0, 1)\nsee the docs")
+    write_job(
+        tmp_path / "5", ["seed=1", "compression.pruning.amount=1.5"], error="amount must be in [0, 1)\nsee the docs"
+    )
     write_job(tmp_path / "10", ["seed=1", "compression.pruning.amount=0.7"])  # still running, or killed
     jobs = collect(tmp_path)
     assert [job.folder.name for job in jobs] == ["0", "1", "2", "3", "4", "5", "10"]  # by job number, not by name
     assert [job.status for job in jobs] == ["completed"] * 5 + ["failed", "incomplete"]
     assert [job.pareto.get("bytes") for job in jobs] == [True, True, False, True, False, None, None]
     assert jobs[0].pareto.get("latency") is None  # no latency measured: no front
-    assert [job.swept for job in jobs][:2] == [["compression.pruning.amount=0.0"], ["compression.pruning.amount=0.1"]]  # seed=1 is shared
+    assert [job.swept for job in jobs][:2] == [
+        ["compression.pruning.amount=0.0"],
+        ["compression.pruning.amount=0.1"],
+    ]  # seed=1 is shared
     assert jobs[5].error == "ValueError: amount must be in [0, 1) see the docs"
     markdown = to_markdown([job.row(tmp_path) for job in jobs])
     assert markdown.count("| pruning |") == 5

@@ -1,6 +1,12 @@
 """Measurement in plain PyTorch: size, sparsity, MACs, latency, accuracy, and the report built from them."""
 
-from lightning_compress.analysis.latency import LATENCY_RUNTIMES, LatencyResult, check_latency_options, measure_latencies, measure_latency
+from lightning_compress.analysis.latency import (
+    LATENCY_RUNTIMES,
+    LatencyResult,
+    check_latency_options,
+    measure_latencies,
+    measure_latency,
+)
 from lightning_compress.analysis.measure import (
     WEIGHT_LAYER_TYPES,
     SparsityStats,

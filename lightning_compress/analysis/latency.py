@@ -98,7 +98,9 @@ def measure_latency(
     result, since latency on CPU depends on it. To compare models, time them together with
     :func:`measure_latencies`.
     """
-    return measure_latencies({"model": (model, example_input)}, warmup=warmup, repeats=repeats, num_threads=num_threads)["model"]
+    return measure_latencies(
+        {"model": (model, example_input)}, warmup=warmup, repeats=repeats, num_threads=num_threads
+    )["model"]
 
 
 @torch.inference_mode()
@@ -145,7 +147,10 @@ def measure_latencies(
                 order.shuffle(names)
                 for name in names:
                     timings_ms[name] += _run(*contenders[name], calls)
-            threads = {name: torch.get_num_threads() if isinstance(model, nn.Module) else model.num_threads for name, (model, _) in contenders.items()}
+            threads = {
+                name: torch.get_num_threads() if isinstance(model, nn.Module) else model.num_threads
+                for name, (model, _) in contenders.items()
+            }
         finally:
             torch.set_num_threads(previous_threads)
     return {

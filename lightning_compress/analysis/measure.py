@@ -70,7 +70,9 @@ def count_nonzero_parameters(model: nn.Module) -> int:
     return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
 
 
-def weight_layers(model: nn.Module, layer_types: tuple[type[nn.Module], ...] = WEIGHT_LAYER_TYPES) -> Iterator[tuple[str, nn.Module]]:
+def weight_layers(
+    model: nn.Module, layer_types: tuple[type[nn.Module], ...] = WEIGHT_LAYER_TYPES
+) -> Iterator[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs of ``layer_types`` with a weight, each weight tensor once.
 
     A weight shared by two layers (tied embeddings, a reused block) is yielded under the first name only.
@@ -83,7 +85,9 @@ def weight_layers(model: nn.Module, layer_types: tuple[type[nn.Module], ...] = W
             yield name, module
 
 
-def layer_sparsity(model: nn.Module, layer_types: tuple[type[nn.Module], ...] = WEIGHT_LAYER_TYPES) -> dict[str, SparsityStats]:
+def layer_sparsity(
+    model: nn.Module, layer_types: tuple[type[nn.Module], ...] = WEIGHT_LAYER_TYPES
+) -> dict[str, SparsityStats]:
     """Zeros in the weight of each layer of ``layer_types`` (Conv and Linear by default), by module name."""
     return {
         name: SparsityStats(zeros=int((module.weight == 0).sum()), total=module.weight.numel())

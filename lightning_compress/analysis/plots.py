@@ -49,22 +49,33 @@ def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
         >>> path.read_bytes()[:4]
         b'\x89PNG'
     """
-    figure, (relative_axes, accuracy_axes, sparsity_axes) = new_figure((16, 4.8), ncols=3, gridspec_kw={"width_ratios": [3, 1.2, 1.6]})
+    figure, (relative_axes, accuracy_axes, sparsity_axes) = new_figure(
+        (16, 4.8), ncols=3, gridspec_kw={"width_ratios": [3, 1.2, 1.6]}
+    )
     metrics = _relative_metrics(report)
     width = 0.8 / len(report.entries)
     for index, entry in enumerate(report.entries):
         ratios = [_ratio(get(entry.profile), divisor) for get, divisor in metrics.values()]
         positions = [m + index * width for m in range(len(metrics))]
         relative_axes.bar(positions, ratios, width=width, label=entry.name)
-    relative_axes.set_xticks([m + width * (len(report.entries) - 1) / 2 for m in range(len(metrics))], list(metrics), rotation=20)
+    relative_axes.set_xticks(
+        [m + width * (len(report.entries) - 1) / 2 for m in range(len(metrics))], list(metrics), rotation=20
+    )
     relative_axes.axhline(1.0, color="grey", linewidth=0.8)
     relative_axes.set_ylabel(f"ratio to '{report.entries[0].name}'")
     relative_axes.set_title("Size and speed relative to the first stage (lower is better)")
     relative_axes.legend(fontsize="small")
 
     names = [entry.name for entry in report.entries]
-    for offset, (label, values) in enumerate((("val", [e.val_accuracy for e in report.entries]), ("test", [e.test_accuracy for e in report.entries]))):
-        accuracy_axes.barh([i + 0.4 * offset for i in range(len(names))], [100 * v if v is not None else float("nan") for v in values], height=0.4, label=label)
+    for offset, (label, values) in enumerate(
+        (("val", [e.val_accuracy for e in report.entries]), ("test", [e.test_accuracy for e in report.entries]))
+    ):
+        accuracy_axes.barh(
+            [i + 0.4 * offset for i in range(len(names))],
+            [100 * v if v is not None else float("nan") for v in values],
+            height=0.4,
+            label=label,
+        )
     known = [100 * v for e in report.entries for v in (e.val_accuracy, e.test_accuracy) if v is not None]
     accuracy_axes.set_yticks([i + 0.2 for i in range(len(names))], names, fontsize="small")
     accuracy_axes.invert_yaxis()
@@ -94,7 +105,10 @@ def _relative_metrics(report: Report) -> dict[str, Metric]:
     dict), MACs, and each latency (``None`` where a stage lacks it, or was timed in another runtime than the
     first stage)."""
     reference = report.entries[0].profile
-    measured = {field: any(getattr(entry.profile, field) is not None for entry in report.entries) for field in ("onnx_bytes", "compressed_bytes")}
+    measured = {
+        field: any(getattr(entry.profile, field) is not None for entry in report.entries)
+        for field in ("onnx_bytes", "compressed_bytes")
+    }
     metrics: dict[str, Metric] = {
         "parameters": (lambda p: p.parameters, reference.parameters),
         "non-zeros": (lambda p: p.nonzero_parameters, reference.nonzero_parameters),

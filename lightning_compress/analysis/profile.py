@@ -114,7 +114,13 @@ def profile_model(
     check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads, latency_runtime)
     device, dtype = _device_and_dtype(model)
     timed = time_models(
-        {"model": model}, input_shape, {"model": latency_runtime}, latency_batch_sizes, warmup=latency_warmup, repeats=latency_repeats, num_threads=num_threads
+        {"model": model},
+        input_shape,
+        {"model": latency_runtime},
+        latency_batch_sizes,
+        warmup=latency_warmup,
+        repeats=latency_repeats,
+        num_threads=num_threads,
     )["model"]
     return ModelProfile(
         parameters=count_parameters(model),
@@ -172,18 +178,27 @@ def time_models(
         runners[name], graph_sizes[name] = model, None
         if runtimes[name] == "onnxruntime" and batch_sizes:
             if device.type != "cpu":
-                raise ValueError(f"latency_runtime='onnxruntime' measures on the CPU; the model {name!r} is on {device}")
+                raise ValueError(
+                    f"latency_runtime='onnxruntime' measures on the CPU; the model {name!r} is on {device}"
+                )
             graph = onnx_bytes(model, _example_batch(input_shape, 1, device, dtype))
             runners[name], graph_sizes[name] = OnnxRuntimeModel(graph, num_threads), len(graph)
     latency: dict[str, dict[int, LatencyResult]] = {name: {} for name in models}
     for batch in batch_sizes:
-        contenders = {name: (runners[name], _example_batch(input_shape, batch, *_device_and_dtype(model))) for name, model in models.items()}
-        for name, result in measure_latencies(contenders, warmup=warmup, repeats=repeats, rounds=rounds, num_threads=num_threads).items():
+        contenders = {
+            name: (runners[name], _example_batch(input_shape, batch, *_device_and_dtype(model)))
+            for name, model in models.items()
+        }
+        for name, result in measure_latencies(
+            contenders, warmup=warmup, repeats=repeats, rounds=rounds, num_threads=num_threads
+        ).items():
             latency[name][batch] = result
     return {name: TimedModel(latency[name], graph_sizes[name]) for name in models}
 
 
-def _example_batch(input_shape: Sequence[int], batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _example_batch(
+    input_shape: Sequence[int], batch_size: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """Standard normal inputs of ``(batch_size, *input_shape)``, the same for every model (seeded by the batch size)."""
     generator = torch.Generator().manual_seed(batch_size)
     return torch.randn((batch_size, *input_shape), generator=generator).to(device=device, dtype=dtype)

@@ -39,7 +39,13 @@ class ReportEntry:
     note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "val_accuracy": self.val_accuracy, "test_accuracy": self.test_accuracy, "note": self.note, **self.profile.to_dict()}
+        return {
+            "name": self.name,
+            "val_accuracy": self.val_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "note": self.note,
+            **self.profile.to_dict(),
+        }
 
 
 @dataclass
@@ -103,14 +109,18 @@ class Report:
                 "parameters": _with_ratio(profile.parameters, reference.parameters, entry, self, "{:,}"),
                 "non-zeros": _with_ratio(profile.nonzero_parameters, reference.nonzero_parameters, entry, self, "{:,}"),
                 "weight sparsity": f"{100 * profile.weight_sparsity.sparsity:.1f}%",
-                "size (KiB)": _with_ratio(profile.size_bytes / 1024, reference.size_bytes / 1024, entry, self, "{:,.1f}"),
+                "size (KiB)": _with_ratio(
+                    profile.size_bytes / 1024, reference.size_bytes / 1024, entry, self, "{:,.1f}"
+                ),
                 "MACs": _with_ratio(profile.macs, reference.macs, entry, self, "{:,}"),
             }
             if any(other.profile.onnx_bytes is not None for other in self.entries):
                 row["ONNX size (KiB)"] = (
                     "–"
                     if profile.onnx_bytes is None
-                    else _with_ratio(profile.onnx_bytes / 1024, (reference.onnx_bytes or 0) / 1024 or None, entry, self, "{:,.1f}")
+                    else _with_ratio(
+                        profile.onnx_bytes / 1024, (reference.onnx_bytes or 0) / 1024 or None, entry, self, "{:,.1f}"
+                    )
                 )
             if any(other.profile.compressed_bytes is not None for other in self.entries):
                 row["compressed (KiB)"] = _compressed_cell(profile, reference)
@@ -118,7 +128,9 @@ class Report:
                 here, there = profile.latency.get(batch), reference.latency.get(batch)
                 if here is None:
                     cell = "–"
-                elif there is not None and here.runtime != there.runtime:  # timed elsewhere: no ratio, the runtime named
+                elif (
+                    there is not None and here.runtime != there.runtime
+                ):  # timed elsewhere: no ratio, the runtime named
                     cell = f"{here.median_ms:.3f} ({RUNTIME_NAMES.get(here.runtime, here.runtime)})"
                 else:
                     cell = _with_ratio(here.median_ms, there.median_ms if there else None, entry, self, "{:.3f}")
@@ -164,7 +176,9 @@ class Report:
         wraps the lines instead of cutting the ratios off the cells."""
         table = self.to_rich_table()
         console = Console()
-        console.width = max(console.width, Measurement.get(console, console.options.update_width(10_000), table).maximum)
+        console.width = max(
+            console.width, Measurement.get(console, console.options.update_width(10_000), table).maximum
+        )
         console.print(table)
 
     def write(self, directory: str | os.PathLike[str]) -> dict[str, Path]:
@@ -173,7 +187,11 @@ class Report:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        paths = {"json": directory / "report.json", "markdown": directory / "report.md", "plot": directory / "report.png"}
+        paths = {
+            "json": directory / "report.json",
+            "markdown": directory / "report.md",
+            "plot": directory / "report.png",
+        }
         write_atomically(paths["json"], lambda path: path.write_text(json.dumps(self.to_dict(), indent=2) + "\n"))
         write_atomically(paths["markdown"], lambda path: path.write_text(self.to_markdown()))
         write_atomically(paths["plot"], lambda path: plot_report(self, path))
@@ -202,14 +220,18 @@ def slower_because(profile: ModelProfile, reference: ModelProfile) -> str | None
     slower = {
         batch: (here, reference.latency[batch])
         for batch, here in profile.latency.items()
-        if batch in reference.latency and here.runtime == reference.latency[batch].runtime and here.median_ms > reference.latency[batch].median_ms
+        if batch in reference.latency
+        and here.runtime == reference.latency[batch].runtime
+        and here.median_ms > reference.latency[batch].median_ms
     }
     if not slower:
         return None
     batch, (here, there) = max(slower.items(), key=lambda item: item[1][0].median_ms / item[1][1].median_ms)
     where = f"slower than the first stage at batch {batch} ({here.median_ms / there.median_ms:.2f}x)"
     if all(mine.min_ms <= theirs.median_ms for mine, theirs in slower.values()):
-        return f"{where}, within the spread of repeated timings (its fastest run is as fast as the first stage's median)"
+        return (
+            f"{where}, within the spread of repeated timings (its fastest run is as fast as the first stage's median)"
+        )
     if profile.quantized_layers == 0 and profile.macs >= reference.macs:
         return (
             f"{where}: it does the first stage's MACs (unstructured zeros are multiplied like any weight), so the "

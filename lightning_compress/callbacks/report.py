@@ -11,7 +11,15 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-from lightning_compress.analysis import ModelProfile, Report, TimedModel, check_latency_options, evaluate_accuracy, profile_model, time_models
+from lightning_compress.analysis import (
+    ModelProfile,
+    Report,
+    TimedModel,
+    check_latency_options,
+    evaluate_accuracy,
+    profile_model,
+    time_models,
+)
 from lightning_compress.analysis.measure import model_copy
 from lightning_compress.callbacks.finite import describe_non_finite, non_finite_parameters
 from lightning_compress.deploy.half import HALF_DTYPES, half_precision
@@ -70,7 +78,9 @@ class CompressionReport(L.Callback):
         compressed_size: bool = True,
         verbose: bool = True,
     ) -> None:
-        check_latency_options(latency_batch_sizes, latency_warmup, latency_repeats, num_threads, latency_runtime, latency_rounds)
+        check_latency_options(
+            latency_batch_sizes, latency_warmup, latency_repeats, num_threads, latency_runtime, latency_rounds
+        )
         if half_precision is not None and half_precision not in HALF_DTYPES:
             raise ValueError(f"half_precision must be None or one of {', '.join(HALF_DTYPES)}, got {half_precision!r}")
         self.output_dir = output_dir
@@ -157,7 +167,9 @@ class CompressionReport(L.Callback):
             return
         broken = non_finite_parameters(pl_module)
         if broken:
-            raise FloatingPointError(f"CompressionReport: the fitted model has {describe_non_finite(broken)} that are NaN or infinite; it is not reported")
+            raise FloatingPointError(
+                f"CompressionReport: the fitted model has {describe_non_finite(broken)} that are NaN or infinite; it is not reported"
+            )
         accuracy = _validation_accuracy(trainer, pl_module)
         if accuracy is None:
             accuracy = self._metric(trainer, self.val_metric)
@@ -166,8 +178,17 @@ class CompressionReport(L.Callback):
         if self.half_precision is not None and not quantized_layers(pl_module):
             half = half_precision(pl_module, self.half_precision)
             # eager PyTorch: ONNX Runtime's CPU kernels mostly lack 16-bit floats
-            note = None if self.latency_runtime == "torch" else f"latency in eager PyTorch: ONNX Runtime's CPU kernels lack {self.half_precision}, so it has no ratio"
-            self.report.add(self.half_precision, self._profile(half, timed=False), val_accuracy=_validation_accuracy(trainer, half), note=note)
+            note = (
+                None
+                if self.latency_runtime == "torch"
+                else f"latency in eager PyTorch: ONNX Runtime's CPU kernels lack {self.half_precision}, so it has no ratio"
+            )
+            self.report.add(
+                self.half_precision,
+                self._profile(half, timed=False),
+                val_accuracy=_validation_accuracy(trainer, half),
+                note=note,
+            )
             self.models[self.half_precision] = half
         self._time_stages_together()
         self._log(trainer)
@@ -181,7 +202,10 @@ class CompressionReport(L.Callback):
             return
         if "before" not in self.models:  # a resumed fit: the model it started from is gone
             before = self.report.entry("before")
-            before.note = before.note or "latency measured at the start of the first fit, not with the other stages: the run resumed"
+            before.note = (
+                before.note
+                or "latency measured at the start of the first fit, not with the other stages: the run resumed"
+            )
         runtimes = {name: self.latency_runtime if name in ("before", "after") else "torch" for name in self.models}
         for name, timed in self.time_stages(self.models, runtimes).items():
             entry = self.report.entry(name)
@@ -206,7 +230,9 @@ class CompressionReport(L.Callback):
     def _metric(self, trainer: L.Trainer, name: str) -> float | None:
         value = trainer.callback_metrics.get(name)
         if value is None:
-            rank_zero_warn(f"CompressionReport: no metric {name!r} was logged; the logged ones are {sorted(trainer.callback_metrics)}")
+            rank_zero_warn(
+                f"CompressionReport: no metric {name!r} was logged; the logged ones are {sorted(trainer.callback_metrics)}"
+            )
             return None
         return float(value)
 
@@ -225,7 +251,9 @@ class CompressionReport(L.Callback):
                 "test_accuracy": entry.test_accuracy,
                 **{f"latency_b{batch}_ms": result.median_ms for batch, result in profile.latency.items()},
             }
-            metrics.update({f"report/{entry.name}/{key}": float(value) for key, value in values.items() if value is not None})
+            metrics.update(
+                {f"report/{entry.name}/{key}": float(value) for key, value in values.items() if value is not None}
+            )
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()

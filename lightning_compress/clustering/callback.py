@@ -103,14 +103,23 @@ class WeightClustering(L.Callback):
         layers = select_layers(pl_module, self.targets, self.exclude)
         self._weights = {f"{name}.weight": module.weight for name, module in layers.items()}
         max_epochs = trainer.max_epochs
-        if stage == "fit" and not trainer.fast_dev_run and max_epochs is not None and 0 <= max_epochs <= self.start_epoch:
-            raise ValueError(f"start_epoch must be < max_epochs={max_epochs}, so that this fit clusters the weights; got {self.start_epoch}")
+        if (
+            stage == "fit"
+            and not trainer.fast_dev_run
+            and max_epochs is not None
+            and 0 <= max_epochs <= self.start_epoch
+        ):
+            raise ValueError(
+                f"start_epoch must be < max_epochs={max_epochs}, so that this fit clusters the weights; got {self.start_epoch}"
+            )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse a Pruning that would move zeros once the clusters are fixed (all callbacks are set up now)."""
         for pruning in (callback for callback in trainer.callbacks if isinstance(callback, Pruning)):
             if not self.preserve_sparsity:
-                raise ValueError("preserve_sparsity=False would cluster the zeros that Pruning keeps at zero; use preserve_sparsity=True with Pruning")
+                raise ValueError(
+                    "preserve_sparsity=False would cluster the zeros that Pruning keeps at zero; use preserve_sparsity=True with Pruning"
+                )
             if pruning.final_epoch() >= self.start_epoch:
                 raise ValueError(
                     f"start_epoch must be after Pruning's last step (epoch {pruning.final_epoch()}), as the clusters fix which "
@@ -122,13 +131,18 @@ class WeightClustering(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Labels restored from a checkpoint arrive on the CPU; the index goes beside the weights.
         self._share_labels()
-        self._step_hooks = [optimizer.register_step_post_hook(lambda optimizer, *_: self.tie_weights(optimizer)) for optimizer in trainer.optimizers]
+        self._step_hooks = [
+            optimizer.register_step_post_hook(lambda optimizer, *_: self.tie_weights(optimizer))
+            for optimizer in trainer.optimizers
+        ]
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.clustered and trainer.current_epoch >= self.start_epoch:
             self._cluster(trainer)
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         # Gradients here are whole (accumulated), unscaled under mixed precision, not yet clipped.
         for name in self._held_by(optimizer):
             grad = self._weights[name].grad
@@ -147,7 +161,9 @@ class WeightClustering(L.Callback):
         labels = None
         if trainer.is_global_zero:
             labels = {
-                name: kmeans_labels(weight, self.clusters, self.init, self.per_channel, self.preserve_sparsity, self.seed)
+                name: kmeans_labels(
+                    weight, self.clusters, self.init, self.per_channel, self.preserve_sparsity, self.seed
+                )
                 for name, weight in self._weights.items()
             }
         self.labels = trainer.strategy.broadcast(labels, src=0)
@@ -156,7 +172,8 @@ class WeightClustering(L.Callback):
 
     def _share_labels(self) -> None:
         self._shared = {
-            name: SharedWeights(labels.to(self._weights[name].device), self.clusters, self.per_channel) for name, labels in self.labels.items()
+            name: SharedWeights(labels.to(self._weights[name].device), self.clusters, self.per_channel)
+            for name, labels in self.labels.items()
         }
 
     def _held_by(self, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -173,7 +190,9 @@ class WeightClustering(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(clusters=self.clusters, init=self.init, per_channel=self.per_channel, targets=str(self.targets))
+        return self._generate_state_key(
+            clusters=self.clusters, init=self.init, per_channel=self.per_channel, targets=str(self.targets)
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"labels": {name: labels.cpu() for name, labels in self.labels.items()}}

@@ -113,7 +113,9 @@ class SharedWeights:
     def _sums(self, values: torch.Tensor) -> torch.Tensor:
         """Each slot's sum of ``values`` (in float32 at least), the kept zero's forced to 0."""
         dtype = torch.promote_types(values.dtype, torch.float32)
-        sums = torch.zeros(self.counts.shape, dtype=dtype, device=values.device).scatter_add_(0, self.index, values.reshape(-1).to(dtype))
+        sums = torch.zeros(self.counts.shape, dtype=dtype, device=values.device).scatter_add_(
+            0, self.index, values.reshape(-1).to(dtype)
+        )
         sums[-1] = 0
         return sums
 

@@ -34,7 +34,12 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
     input_shape: tuple[int, int, int]
 
     def __init__(
-        self, batch_size: int = 64, val_fraction: float = 0.1, num_workers: int = 0, seed: int = 0, train_samples: int | None = None
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.1,
+        num_workers: int = 0,
+        seed: int = 0,
+        train_samples: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -66,7 +71,9 @@ class InMemoryImageDataModule(L.LightningDataModule, ABC):
         std = train_x[train_index].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-8)
         if self.train_samples is not None:
             if self.train_samples > len(train_index):
-                raise ValueError(f"train_samples={self.train_samples} is more than the {len(train_index)} training images")
+                raise ValueError(
+                    f"train_samples={self.train_samples} is more than the {len(train_index)} training images"
+                )
             train_index = train_index[: self.train_samples]  # a seeded random subset: the order is random
 
         def split(images: torch.Tensor, labels: torch.Tensor) -> TensorDataset:

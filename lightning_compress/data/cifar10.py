@@ -34,7 +34,13 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         seed: int = 0,
         train_samples: int | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, val_fraction=val_fraction, num_workers=num_workers, seed=seed, train_samples=train_samples)
+        super().__init__(
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            num_workers=num_workers,
+            seed=seed,
+            train_samples=train_samples,
+        )
         self.root = Path(root)
         self.download = download
 
@@ -54,7 +60,12 @@ class CIFAR10DataModule(InMemoryImageDataModule):
 
     def load_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         train, test = self._dataset(train=True), self._dataset(train=False)
-        return _as_images(train.data), torch.as_tensor(train.targets), _as_images(test.data), torch.as_tensor(test.targets)
+        return (
+            _as_images(train.data),
+            torch.as_tensor(train.targets),
+            _as_images(test.data),
+            torch.as_tensor(test.targets),
+        )
 
 
 def _as_images(data: object) -> torch.Tensor:

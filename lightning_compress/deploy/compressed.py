@@ -99,14 +99,15 @@ def compressed_bytes(model: nn.Module) -> bytes:
     tensors = []
     for name, tensor in model.state_dict().items():
         if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"state dict entry {name!r} is a {type(tensor).__name__}; the compressed format holds tensors only")
+            raise ValueError(
+                f"state dict entry {name!r} is a {type(tensor).__name__}; the compressed format holds tensors only"
+            )
         target, codes = targets.get(name, (tensor, None))
         tensors.append({"name": name, **_encode(target, codes, blobs)})
     manifest = {"format": MAGIC.decode().strip(), "quantized_layers": quantizer_settings(model), "tensors": tensors}
     payload = json.dumps(manifest, separators=(",", ":")).encode() + b"\n" + b"".join(blobs.parts)
     packed = lzma.compress(payload, format=lzma.FORMAT_XZ, preset=XZ_PRESET)
     return MAGIC + (b"xz\n" + packed if len(packed) < len(payload) else b"none\n" + payload)
-
 
 
 def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -153,7 +154,14 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, _Codes
             keys = (f"{prefix}weight_quantizer.scale", f"{prefix}weight_quantizer.zero_point")
             weights[f"{prefix}weight"] = (
                 quantizer(layer.weight).detach(),
-                _Codes(codes, low, (high - low).bit_length(), quantizer.scale.detach().cpu(), quantizer.zero_point.cpu(), keys),
+                _Codes(
+                    codes,
+                    low,
+                    (high - low).bit_length(),
+                    quantizer.scale.detach().cpu(),
+                    quantizer.zero_point.cpu(),
+                    keys,
+                ),
             )
     return weights
 
@@ -185,8 +193,12 @@ def _combine(positions: _Plan, values: _Plan) -> _Plan:
 
 def _value_plan(patterns: torch.Tensor, positions: torch.Tensor, codes: _Codes | None, flat: torch.Tensor) -> _Plan:
     """The cheapest exact encoding of the bit ``patterns`` of the elements of ``flat`` at ``positions``."""
-    plans: list[_Plan] = [(patterns.numel() * patterns.element_size(), lambda blobs: {"kind": "raw", "blob": blobs.add(_raw(patterns))})]
-    head = patterns[: CODEBOOK_SIZE * 64]  # more distinct values there already rule a codebook out, at a fraction of the cost
+    plans: list[_Plan] = [
+        (patterns.numel() * patterns.element_size(), lambda blobs: {"kind": "raw", "blob": blobs.add(_raw(patterns))})
+    ]
+    head = patterns[
+        : CODEBOOK_SIZE * 64
+    ]  # more distinct values there already rule a codebook out, at a fraction of the cost
     if torch.unique(head).numel() <= CODEBOOK_SIZE:
         table, indices = torch.unique(patterns, return_inverse=True)
         if table.numel() <= CODEBOOK_SIZE:
@@ -194,13 +206,20 @@ def _value_plan(patterns: torch.Tensor, positions: torch.Tensor, codes: _Codes |
             plans.append(
                 (
                     table.numel() * table.element_size() + _bytes(indices.numel() * bits),
-                    lambda blobs: {"kind": "codebook", "bits": bits, "table": blobs.add(_raw(table)), "blob": blobs.add(_pack(indices, bits))},
+                    lambda blobs: {
+                        "kind": "codebook",
+                        "bits": bits,
+                        "table": blobs.add(_raw(table)),
+                        "blob": blobs.add(_pack(indices, bits)),
+                    },
                 )
             )
     if codes is not None:
         stored = codes.codes[positions]
         decoded = _dequantize(stored, positions, codes.low, codes.scale, codes.zero_point, flat.numel()).to(flat.dtype)
-        if torch.equal(decoded.view(patterns.dtype), patterns):  # exact in this dtype (a half-precision weight may not be)
+        if torch.equal(
+            decoded.view(patterns.dtype), patterns
+        ):  # exact in this dtype (a half-precision weight may not be)
             plans.append(
                 (
                     _bytes(stored.numel() * codes.bits),
@@ -222,11 +241,18 @@ def _position_plan(mask: torch.Tensor) -> _Plan:
     gaps = torch.diff(torch.nonzero(mask).reshape(-1), prepend=torch.tensor([-1])) - 1
     largest = int(gaps.max()) if gaps.numel() else 0
     # at b bits a gap g takes g // (2^b - 1) skip codes and one more; from (largest + 1).bit_length() bits none skip
-    costs = {bits: _bytes(bits * int((gaps // (2**bits - 1) + 1).sum())) for bits in range(1, (largest + 1).bit_length() + 1)}
+    costs = {
+        bits: _bytes(bits * int((gaps // (2**bits - 1) + 1).sum())) for bits in range(1, (largest + 1).bit_length() + 1)
+    }
     bits = min(costs, key=costs.__getitem__)
     if costs[bits] < _bytes(mask.numel()):
         codes = _gap_codes(gaps, bits)
-        return costs[bits], lambda blobs: {"kind": "gaps", "bits": bits, "count": codes.numel(), "blob": blobs.add(_pack(codes, bits))}
+        return costs[bits], lambda blobs: {
+            "kind": "gaps",
+            "bits": bits,
+            "count": codes.numel(),
+            "blob": blobs.add(_pack(codes, bits)),
+        }
     return _bytes(mask.numel()), lambda blobs: {"kind": "bitmask", "blob": blobs.add(_pack(mask.long(), 1))}
 
 
@@ -255,7 +281,9 @@ def _marked(positions: dict[str, Any], blobs: memoryview, length: int) -> torch.
     return indices
 
 
-def _dequantize(codes: torch.Tensor, positions: torch.Tensor, low: int, scale: torch.Tensor, zero_point: torch.Tensor, numel: int) -> torch.Tensor:
+def _dequantize(
+    codes: torch.Tensor, positions: torch.Tensor, low: int, scale: torch.Tensor, zero_point: torch.Tensor, numel: int
+) -> torch.Tensor:
     """``(code - zero_point) * scale`` in float32 for the elements at flat ``positions``, as ``torch.fake_quantize_*`` computes it."""
     channel = positions // (numel // scale.numel())
     return (codes + low - zero_point.reshape(-1).long()[channel]).float() * scale.reshape(-1).float()[channel]
@@ -264,7 +292,10 @@ def _dequantize(codes: torch.Tensor, positions: torch.Tensor, low: int, scale: t
 def _pack(values: torch.Tensor, bits: int) -> bytes:
     """Non-negative integers at ``bits`` bits each, the first in the lowest bits of the first byte."""
     shifts = torch.arange(bits)
-    chunks = (((chunk.reshape(-1, 1) >> shifts) & 1).to(torch.uint8).numpy() for chunk in values.reshape(-1).split(_PACK_CHUNK))
+    chunks = (
+        ((chunk.reshape(-1, 1) >> shifts) & 1).to(torch.uint8).numpy()
+        for chunk in values.reshape(-1).split(_PACK_CHUNK)
+    )
     return b"".join(np.packbits(chunk.reshape(-1), bitorder="little").tobytes() for chunk in chunks)
 
 
@@ -278,7 +309,10 @@ def _unpack(data: memoryview, bits: int, count: int) -> torch.Tensor:
     weights = torch.ones(bits, dtype=torch.long) << torch.arange(bits)
     step = _PACK_CHUNK * bits // 8
     chunks = [np.unpackbits(raw[start : start + step], bitorder="little") for start in range(0, len(raw), step)]
-    values = [(torch.from_numpy(chunk[: len(chunk) // bits * bits]).reshape(-1, bits).long() * weights).sum(1) for chunk in chunks]
+    values = [
+        (torch.from_numpy(chunk[: len(chunk) // bits * bits]).reshape(-1, bits).long() * weights).sum(1)
+        for chunk in chunks
+    ]
     return torch.cat(values)[:count] if values else torch.zeros(0, dtype=torch.long)
 
 
@@ -336,15 +370,23 @@ def _mismatch(model: nn.Module, manifest: dict[str, Any]) -> str:
     for name, settings in manifest["quantized_layers"].items():
         layer = layers.get(name)
         if isinstance(layer, QuantizedLayer) and dataclasses.asdict(layer.quant_config) != settings:
-            differ = [key for key, value in dataclasses.asdict(layer.quant_config).items() if settings.get(key) != value]
-            ours, theirs = (", ".join(f"{key}={values[key]!r}" for key in differ) for values in (dataclasses.asdict(layer.quant_config), settings))
+            differ = [
+                key for key, value in dataclasses.asdict(layer.quant_config).items() if settings.get(key) != value
+            ]
+            ours, theirs = (
+                ", ".join(f"{key}={values[key]!r}" for key in differ)
+                for values in (dataclasses.asdict(layer.quant_config), settings)
+            )
             return f"layer {name!r} is quantized with {ours} in the model but {theirs} in the file"
     trial = model_copy(model) if manifest["quantized_layers"] else model
     try:
         quantize_as_saved(trial, manifest["quantized_layers"])
     except (ValueError, TypeError) as error:
         return f"its quantized layers are not the model's: {next(iter(str(error).splitlines()), type(error).__name__)}"
-    ours = {name: (str(tensor.dtype).removeprefix("torch."), list(tensor.shape)) for name, tensor in trial.state_dict().items()}
+    ours = {
+        name: (str(tensor.dtype).removeprefix("torch."), list(tensor.shape))
+        for name, tensor in trial.state_dict().items()
+    }
     for entry in manifest["tensors"]:
         name, theirs = entry["name"], (entry["dtype"], entry["shape"])
         if name not in ours:
@@ -363,11 +405,15 @@ def _describe(dtype_and_shape: tuple[str, list[int]]) -> str:
 def _decode_all(entries: list[dict[str, Any]], blobs: memoryview, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of the manifest by name; quantized weights last, as they read their layers' scales and zero points."""
     tensors: dict[str, torch.Tensor] = {}
-    for entry in sorted(entries, key=lambda entry: entry.get("values", {}).get("kind") == "codes"):  # stable: the file's order otherwise
+    for entry in sorted(
+        entries, key=lambda entry: entry.get("values", {}).get("kind") == "codes"
+    ):  # stable: the file's order otherwise
         try:
             tensors[entry["name"]] = _decode(entry, blobs, tensors)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
-            raise ValueError(f"{path} is damaged: tensor {entry['name']!r} cannot be read: {type(error).__name__}: {error}") from error
+            raise ValueError(
+                f"{path} is damaged: tensor {entry['name']!r} cannot be read: {type(error).__name__}: {error}"
+            ) from error
     return {entry["name"]: tensors[entry["name"]] for entry in entries}
 
 
@@ -403,10 +449,14 @@ def _values(
     if values["kind"] == "raw":
         return _from_raw(_blob(blobs, values["blob"]), storage, count)
     if values["kind"] == "codebook":
-        table = _from_raw(_blob(blobs, values["table"]), storage, len(_blob(blobs, values["table"])) // storage.itemsize)
+        table = _from_raw(
+            _blob(blobs, values["table"]), storage, len(_blob(blobs, values["table"])) // storage.itemsize
+        )
         return table[_unpack(_blob(blobs, values["blob"]), values["bits"], count)]
     if values["kind"] == "codes":
         codes = _unpack(_blob(blobs, values["blob"]), values["bits"], count)
-        weight = _dequantize(codes, positions, values["low"], decoded[values["scale"]], decoded[values["zero_point"]], numel)
+        weight = _dequantize(
+            codes, positions, values["low"], decoded[values["scale"]], decoded[values["zero_point"]], numel
+        )
         return weight.to(dtype).view(storage)
     raise ValueError(f"unknown values kind {values['kind']!r}")

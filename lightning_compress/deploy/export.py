@@ -83,7 +83,11 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
         data = compressed_bytes(model)
         write_atomically(path, lambda temporary: temporary.write_bytes(data))
     else:
-        saved = {"format": _TORCH_FORMAT, "quantized_layers": quantizer_settings(model), "state_dict": model.state_dict()}
+        saved = {
+            "format": _TORCH_FORMAT,
+            "quantized_layers": quantizer_settings(model),
+            "state_dict": model.state_dict(),
+        }
         write_atomically(path, lambda temporary: torch.save(saved, temporary))
     return path
 
@@ -142,7 +146,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     try:
         _load(trial, saved)
     except (RuntimeError, ValueError, TypeError) as error:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: {_misfit(trial, saved['state_dict'], error)}") from error
+        raise ValueError(
+            f"{path} does not fit {type(model).__name__}: {_misfit(trial, saved['state_dict'], error)}"
+        ) from error
     return _load(model, saved)
 
 

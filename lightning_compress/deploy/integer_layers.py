@@ -89,7 +89,9 @@ class IntegerLayer:
         factor = np.where(norm > 0, (dequantized * target).sum(1) / np.where(norm > 0, norm, 1.0), 1.0)
         error = np.abs(dequantized * factor[:, None] - target).max(initial=0.0)
         if error > 1e-4 * max(np.abs(target).max(initial=0.0), 1e-12):
-            raise RuntimeError(f"the exported weight {name!r} is not a per-channel multiple of its quantized weight (error {error:.3g})")
+            raise RuntimeError(
+                f"the exported weight {name!r} is not a per-channel multiple of its quantized weight (error {error:.3g})"
+            )
         shape = (-1,) + (1,) * (self.weight.ndim - 1)
         flip = factor < 0
         integers = np.where(flip.reshape(shape), low + high - self.weight, self.weight)

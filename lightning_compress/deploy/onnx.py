@@ -71,7 +71,11 @@ def check_example_input(model: nn.Module, example_input: object) -> None:
             raise ValueError(
                 f"example_input of shape {tuple(example.shape)} does not fit {type(model).__name__}: "
                 + (f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)
-                + (f"; its example_input_array has shape {tuple(expected.shape)}" if isinstance(expected, torch.Tensor) else "")
+                + (
+                    f"; its example_input_array has shape {tuple(expected.shape)}"
+                    if isinstance(expected, torch.Tensor)
+                    else ""
+                )
             ) from error
 
 
@@ -124,7 +128,9 @@ class OnnxRuntimeModel:
         self._input_name = self.session.get_inputs()[0].name
 
     @classmethod
-    def from_module(cls, model: nn.Module, example_input: torch.Tensor, num_threads: int | None = None) -> OnnxRuntimeModel:
+    def from_module(
+        cls, model: nn.Module, example_input: torch.Tensor, num_threads: int | None = None
+    ) -> OnnxRuntimeModel:
         """Export ``model`` (see :func:`onnx_bytes`) and open a session on it."""
         return cls(onnx_bytes(model, _one_tensor(example_input).cpu()), num_threads)
 

@@ -34,7 +34,9 @@ from lightning_compress.deploy.graph_editor import GraphEditor
 from lightning_compress.deploy.integer_layers import IntegerLayer
 
 # Operators f with round(f(x) / s) = f(round(x / s)) for a scale s > 0 and a grid holding zero.
-ROUNDING_COMMUTES = frozenset({"Relu", "MaxPool", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Transpose"})
+ROUNDING_COMMUTES = frozenset(
+    {"Relu", "MaxPool", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Transpose"}
+)
 _LAYER_OPS = ("Conv", "Gemm")
 # 4-bit ONNX element types and the integers they hold; Cast reads them from opset 21 and IR version 10 on
 _FOUR_BIT_TYPES = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
@@ -136,11 +138,15 @@ def _at_least_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
 
 def _layer_node(weight_name: str, users: dict[str, list[onnx.NodeProto]], editor: GraphEditor) -> onnx.NodeProto:
     if weight_name not in editor.initializers:
-        raise RuntimeError(f"the exported graph holds no initializer {weight_name!r}; found {sorted(editor.initializers)[:10]}")
+        raise RuntimeError(
+            f"the exported graph holds no initializer {weight_name!r}; found {sorted(editor.initializers)[:10]}"
+        )
     nodes = users[weight_name]
     if len(nodes) != 1 or nodes[0].op_type not in _LAYER_OPS or list(nodes[0].input).index(weight_name) != 1:
         found = [node.op_type for node in nodes]
-        raise RuntimeError(f"{weight_name!r} should be the weight of one {' or '.join(_LAYER_OPS)} node in the exported graph, found {found}")
+        raise RuntimeError(
+            f"{weight_name!r} should be the weight of one {' or '.join(_LAYER_OPS)} node in the exported graph, found {found}"
+        )
     node = nodes[0]
     if node.op_type == "Gemm":
         attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
@@ -155,7 +161,9 @@ def _quantize_weight_and_bias(editor: GraphEditor, node: onnx.NodeProto, weight_
     stored = editor.constant(f"{weight_name}_int", integers.astype(weight_storage(layer.weight_range)))
     if _is_four_bit(layer.weight_range):
         widened = editor.name(f"{weight_name}_widened")
-        editor.before[node.output[0]].append(helper.make_node("Cast", [stored], [widened], to=helper.np_dtype_to_tensor_dtype(np.dtype(storage))))
+        editor.before[node.output[0]].append(
+            helper.make_node("Cast", [stored], [widened], to=helper.np_dtype_to_tensor_dtype(np.dtype(storage)))
+        )
         stored = widened
     editor.before[node.output[0]].append(
         helper.make_node(
@@ -232,7 +240,10 @@ def _full_range(storage: type[np.integer]) -> tuple[int, int]:
 
 
 def _path_to_next_quantizer(
-    tensor: str, users: dict[str, list[onnx.NodeProto]], input_grids: dict[str, _ActivationGrid], graph_outputs: set[str]
+    tensor: str,
+    users: dict[str, list[onnx.NodeProto]],
+    input_grids: dict[str, _ActivationGrid],
+    graph_outputs: set[str],
 ) -> tuple[list[str], _ActivationGrid | None]:
     """The tensors from ``tensor`` through rounding-commuting operators to the next layer's quantizer, and its grid.
 

@@ -31,7 +31,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def dkd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, temperature: float, alpha: float = 1.0, beta: float = 8.0
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    alpha: float = 1.0,
+    beta: float = 8.0,
 ) -> torch.Tensor:
     """Decoupled KD (Zhao et al. 2022): ``alpha`` · target-class KD + ``beta`` · non-target-class KD, each times T².
 
@@ -78,7 +83,9 @@ def attention_loss(student_features: torch.Tensor, teacher_features: torch.Tenso
         0.0
     """
     if student_features.shape[2:] != teacher_features.shape[2:]:
-        raise ValueError(f"attention transfer needs equal spatial sizes, got {tuple(student_features.shape)} and {tuple(teacher_features.shape)}")
+        raise ValueError(
+            f"attention transfer needs equal spatial sizes, got {tuple(student_features.shape)} and {tuple(teacher_features.shape)}"
+        )
 
     def attention(features: torch.Tensor) -> torch.Tensor:
         return F.normalize(features.float().pow(2).mean(1).flatten(1), dim=1)

@@ -87,7 +87,12 @@ class DistillationModule(ClassificationModule):
         input_shape: Sequence[int] | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
-        weights = {"ce_weight": ce_weight, "kd_weight": kd_weight, "hint_weight": hint_weight, "attention_weight": attention_weight}
+        weights = {
+            "ce_weight": ce_weight,
+            "kd_weight": kd_weight,
+            "hint_weight": hint_weight,
+            "attention_weight": attention_weight,
+        }
         for name, value in weights.items():
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -102,14 +107,22 @@ class DistillationModule(ClassificationModule):
             "num_classes", "input_shape", "label_smoothing", "ce_weight", "kd_weight", "temperature", "logit_loss",
             "dkd_alpha", "dkd_beta", "hints", "hint_weight", "attention_weight", "cache_teacher", logger=False,
         )  # fmt: skip
-        self.ce_weight, self.kd_weight, self.hint_weight, self.attention_weight = ce_weight, kd_weight, hint_weight, attention_weight
+        self.ce_weight, self.kd_weight, self.hint_weight, self.attention_weight = (
+            ce_weight,
+            kd_weight,
+            hint_weight,
+            attention_weight,
+        )
         self.temperature = temperature
         self.logit_loss = logit_loss
         self.dkd_alpha, self.dkd_beta = dkd_alpha, dkd_beta
         self._cache: dict[bytes, torch.Tensor] | None = {} if cache_teacher else None
         self._frozen = (_frozen_teacher(teacher, teacher_model),)  # a tuple: outside the module tree
         self.hints = [(str(student_path), str(teacher_path)) for student_path, teacher_path in hints or []]
-        self._features: dict[str, list[torch.Tensor | None]] = {"student": [None] * len(self.hints), "teacher": [None] * len(self.hints)}
+        self._features: dict[str, list[torch.Tensor | None]] = {
+            "student": [None] * len(self.hints),
+            "teacher": [None] * len(self.hints),
+        }
         self._hook_features()
         self.adapters = nn.ModuleList()
         self._outputs_checked = False
@@ -128,7 +141,9 @@ class DistillationModule(ClassificationModule):
         """The model in training, the ``student`` given: ``model`` under the name distillation gives it."""
         return self.model
 
-    def distillation_loss(self, student_output: torch.Tensor, teacher_output: torch.Tensor, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    def distillation_loss(
+        self, student_output: torch.Tensor, teacher_output: torch.Tensor, batch: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         """The distance between student and teacher outputs, weighted by ``kd_weight`` in the total loss."""
         if self.logit_loss == "dkd":
             return dkd_loss(student_output, teacher_output, batch[1], self.temperature, self.dkd_alpha, self.dkd_beta)
@@ -178,7 +193,9 @@ class DistillationModule(ClassificationModule):
 
     def _feature_loss(self) -> torch.Tensor | float:
         total: torch.Tensor | float = 0.0
-        for adapter, student, teacher in zip(self.adapters, self._features["student"], self._features["teacher"], strict=True):
+        for adapter, student, teacher in zip(
+            self.adapters, self._features["student"], self._features["teacher"], strict=True
+        ):
             if self.hint_weight:
                 total = total + self.hint_weight * hint_loss(adapter(student), teacher)
             if self.attention_weight:
@@ -210,16 +227,24 @@ class DistillationModule(ClassificationModule):
             teacher_output = self._run_teacher(example)
         _check_same_shape(student_output, teacher_output)
         self._outputs_checked = True
-        for pair, student, teacher in zip(self.hints, self._features["student"], self._features["teacher"], strict=True):
+        for pair, student, teacher in zip(
+            self.hints, self._features["student"], self._features["teacher"], strict=True
+        ):
             self.adapters.append(_adapter(pair, student, teacher))
 
 
 def _frozen_teacher(teacher: nn.Module | str | os.PathLike[str], teacher_model: nn.Module | None) -> nn.Module:
     if not isinstance(teacher, nn.Module):
         if teacher_model is None:
-            raise ValueError(f"teacher={str(teacher)!r} is a checkpoint path: pass teacher_model=, the architecture to load it into")
+            raise ValueError(
+                f"teacher={str(teacher)!r} is a checkpoint path: pass teacher_model=, the architecture to load it into"
+            )
         checkpoint = torch.load(teacher, map_location="cpu", weights_only=True)
-        weights = {key.removeprefix("model."): value for key, value in checkpoint["state_dict"].items() if key.startswith("model.")}
+        weights = {
+            key.removeprefix("model."): value
+            for key, value in checkpoint["state_dict"].items()
+            if key.startswith("model.")
+        }
         teacher_model.load_state_dict(weights, strict=True)
         teacher = teacher_model
     return teacher.requires_grad_(False).eval()
@@ -227,7 +252,9 @@ def _frozen_teacher(teacher: nn.Module | str | os.PathLike[str], teacher_model: 
 
 def _check_same_shape(student_output: torch.Tensor, teacher_output: torch.Tensor) -> None:
     if student_output.shape != teacher_output.shape:
-        raise ValueError(f"student and teacher outputs differ in shape: {tuple(student_output.shape)} and {tuple(teacher_output.shape)}")
+        raise ValueError(
+            f"student and teacher outputs differ in shape: {tuple(student_output.shape)} and {tuple(teacher_output.shape)}"
+        )
 
 
 def _adapter(pair: tuple[str, str], student: torch.Tensor | None, teacher: torch.Tensor | None) -> nn.Module:
@@ -240,4 +267,6 @@ def _adapter(pair: tuple[str, str], student: torch.Tensor | None, teacher: torch
         return nn.Conv2d(student.shape[1], teacher.shape[1], kernel_size=1, bias=False)
     if student.dim() == teacher.dim() == 2:
         return nn.Linear(student.shape[1], teacher.shape[1], bias=False)
-    raise ValueError(f"hint {pair}: features of shapes {tuple(student.shape)} and {tuple(teacher.shape)} need equal spatial sizes")
+    raise ValueError(
+        f"hint {pair}: features of shapes {tuple(student.shape)} and {tuple(teacher.shape)} need equal spatial sizes"
+    )

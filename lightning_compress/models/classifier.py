@@ -74,7 +74,9 @@ class ClassificationModule(L.LightningModule):
     ) -> Self:
         """Lightning's ``load_from_checkpoint`` with ``weights_only=True`` by default, local and ``http(s)`` paths
         alike (Lightning's own default loads remote files with ``weights_only=False``): no code runs from the file."""
-        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only=weights_only, **kwargs)
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only=weights_only, **kwargs
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.model(*args, **kwargs)
@@ -102,4 +104,7 @@ class ClassificationModule(L.LightningModule):
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
+        }

@@ -96,10 +96,17 @@ class Pruning(L.Callback):
         check_argument("start_epoch", start_epoch, is_int(start_epoch), "an int >= 0")
         check_argument("end_epoch", end_epoch, end_epoch is None or is_int(end_epoch), "an int >= start_epoch or None")
         check_argument("frequency", frequency, is_int(frequency), "a positive int (epochs between pruning steps)")
-        check_argument("rewind_epoch", rewind_epoch, rewind_epoch is None or is_int(rewind_epoch), "an int in [0, start_epoch) or None")
+        check_argument(
+            "rewind_epoch",
+            rewind_epoch,
+            rewind_epoch is None or is_int(rewind_epoch),
+            "an int in [0, start_epoch) or None",
+        )
         self.n_of_m = _parse_granularity(granularity)
         channel = granularity == "channel"
-        self.layer_amounts = _check_layer_amounts(amount, targets, threshold, self.n_of_m) if isinstance(amount, Mapping) else None
+        self.layer_amounts = (
+            _check_layer_amounts(amount, targets, threshold, self.n_of_m) if isinstance(amount, Mapping) else None
+        )
         if self.layer_amounts is not None:
             targets, amount = list(self.layer_amounts), max(self.layer_amounts.values())
         if criterion not in CRITERIA or (criterion in ("l1", "l2") and not channel):
@@ -109,29 +116,41 @@ class Pruning(L.Callback):
                 + (" (l1 and l2 rank whole channels: granularity='channel')" if criterion in ("l1", "l2") else "")
             )
         if remove_channels and not channel:
-            raise ValueError(f"remove_channels=True removes whole channels, so it needs granularity='channel', not {granularity!r}")
+            raise ValueError(
+                f"remove_channels=True removes whole channels, so it needs granularity='channel', not {granularity!r}"
+            )
         if scope not in SCOPES:
             raise ValueError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
         if threshold is not None:
             if amount is not None:
                 raise ValueError(f"give either amount ({amount}) or threshold ({threshold}), not both")
             if not threshold >= 0 or criterion != "magnitude" or granularity != "unstructured":  # NaN is not >= 0
-                raise ValueError(f"threshold={threshold} needs a value >= 0 with criterion='magnitude' and unstructured granularity")
+                raise ValueError(
+                    f"threshold={threshold} needs a value >= 0 with criterion='magnitude' and unstructured granularity"
+                )
         elif self.n_of_m:
             n, m = self.n_of_m
             if amount is not None and abs(amount - (m - n) / m) > 1e-9:
-                raise ValueError(f"granularity {granularity!r} means sparsity {(m - n) / m}; amount={amount} contradicts it (leave it out)")
+                raise ValueError(
+                    f"granularity {granularity!r} means sparsity {(m - n) / m}; amount={amount} contradicts it (leave it out)"
+                )
             amount = (m - n) / m
         elif amount is None and not callable(schedule):
             raise ValueError("give amount, the target sparsity in [0, 1), or threshold (or a callable schedule)")
         if amount is not None and not 0.0 <= amount < 1.0:
             raise ValueError(f"amount must be in [0, 1), got {amount}")
         # The schedule checks its own settings (kind, start_epoch, end_epoch, frequency) now, before training.
-        SparsitySchedule(amount or 0.0, schedule, start_epoch, start_epoch if end_epoch is None else end_epoch, frequency)
+        SparsitySchedule(
+            amount or 0.0, schedule, start_epoch, start_epoch if end_epoch is None else end_epoch, frequency
+        )
         if criterion == "taylor" and start_epoch == 0:
-            raise ValueError("criterion='taylor' accumulates |w * grad| over the epoch before each pruning step, so start_epoch must be >= 1")
+            raise ValueError(
+                "criterion='taylor' accumulates |w * grad| over the epoch before each pruning step, so start_epoch must be >= 1"
+            )
         if rewind_epoch is not None and not 0 <= rewind_epoch < start_epoch:
-            raise ValueError(f"rewind_epoch must be in [0, start_epoch={start_epoch}) so its weights exist before pruning starts, got {rewind_epoch}")
+            raise ValueError(
+                f"rewind_epoch must be in [0, start_epoch={start_epoch}) so its weights exist before pruning starts, got {rewind_epoch}"
+            )
         self.amount = amount
         self.criterion = criterion
         self.granularity = granularity
@@ -190,7 +209,9 @@ class Pruning(L.Callback):
                     f"Pruning runs until end_epoch={end_epoch} (start_epoch={self.start_epoch}), but this fit stops "
                     f"after max_epochs={trainer.max_epochs}: the target is reached only if training is resumed further"
                 )
-            self.schedule = SparsitySchedule(self.amount or 0.0, self.schedule_kind, self.start_epoch, end_epoch, self.frequency)
+            self.schedule = SparsitySchedule(
+                self.amount or 0.0, self.schedule_kind, self.start_epoch, end_epoch, self.frequency
+            )
 
     def _drop_layers_without_n_of_m_groups(self) -> None:
         """Skip (default targets) or refuse (explicit targets) weights whose input dimension is not a multiple of M."""
@@ -198,7 +219,9 @@ class Pruning(L.Callback):
         unfit = [name for name, weight in self._parameters.items() if weight.dim() < 2 or weight.shape[1] % m]
         if unfit and self.targets is not None:
             shapes = {name: tuple(self._parameters[name].shape) for name in unfit}
-            raise ValueError(f"{n}:{m} sparsity needs the input dimension of each target divisible by {m}; these are not: {shapes}")
+            raise ValueError(
+                f"{n}:{m} sparsity needs the input dimension of each target divisible by {m}; these are not: {shapes}"
+            )
         if len(unfit) == len(self._parameters):
             raise ValueError(f"{n}:{m} sparsity needs input dimensions divisible by {m}; no targeted layer has one")
         if unfit:
@@ -228,7 +251,9 @@ class Pruning(L.Callback):
         self.masks = self._beside_weights(self.masks)
         self._rewind_weights = self._beside_weights(self._rewind_weights)
         self._taylor = self._beside_weights(self._taylor)
-        self._step_hooks = [optimizer.register_step_post_hook(lambda *_: self.apply_masks()) for optimizer in trainer.optimizers]
+        self._step_hooks = [
+            optimizer.register_step_post_hook(lambda *_: self.apply_masks()) for optimizer in trainer.optimizers
+        ]
 
     def _beside_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: tensor.to(self._all_parameters[name].device) for name, tensor in tensors.items()}
@@ -238,10 +263,14 @@ class Pruning(L.Callback):
         if epoch in self.schedule.pruning_epochs() and epoch not in self.pruned_epochs:
             self._prune(trainer, epoch)
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         # Gradients here are whole (accumulated) and unscaled under mixed precision; skip a step that overflowed.
         if self.criterion == "taylor" and trainer.current_epoch + 1 in self.schedule.pruning_epochs():
-            scores = {name: taylor_scores(weight) for name, weight in self._parameters.items() if weight.grad is not None}
+            scores = {
+                name: taylor_scores(weight) for name, weight in self._parameters.items() if weight.grad is not None
+            }
             if all(torch.isfinite(score).all() for score in scores.values()):
                 for name, score in scores.items():
                     self._taylor[name] = self._taylor[name] + score if name in self._taylor else score
@@ -272,8 +301,12 @@ class Pruning(L.Callback):
                 masks = n_of_m_masks(scores, *self.n_of_m)
             else:
                 masks = rank_masks(scores, *self._target(epoch, suffix=".weight"))
-        masks = {name: mask & self.masks[name] if name in self.masks else mask for name, mask in masks.items()}  # never revive
-        self.masks = self._beside_weights(trainer.strategy.broadcast({name: mask.cpu() for name, mask in masks.items()}, src=0))
+        masks = {
+            name: mask & self.masks[name] if name in self.masks else mask for name, mask in masks.items()
+        }  # never revive
+        self.masks = self._beside_weights(
+            trainer.strategy.broadcast({name: mask.cpu() for name, mask in masks.items()}, src=0)
+        )
         self._taylor = {}
         self.apply_masks()
         if self._rewind_weights:
@@ -284,10 +317,14 @@ class Pruning(L.Callback):
 
     def _channel_masks(self, trainer: L.Trainer, epoch: int) -> dict[str, torch.Tensor]:
         """Rank channel groups (scores normalized by each group's mean, so layers compare) and mask what they touch."""
-        scores = self.channel_groups.scores(self.criterion, self._reduced_taylor(trainer, epoch), self._generator(epoch))
+        scores = self.channel_groups.scores(
+            self.criterion, self._reduced_taylor(trainer, epoch), self._generator(epoch)
+        )
         scores = {name: score / score.mean().clamp_min(1e-12) for name, score in scores.items()}
         keep = rank_masks(forget_pruned(scores, self.channel_keep), *self._target(epoch, suffix=""), min_keep=1)
-        keep = {name: kept & self.channel_keep[name] if name in self.channel_keep else kept for name, kept in keep.items()}
+        keep = {
+            name: kept & self.channel_keep[name] if name in self.channel_keep else kept for name, kept in keep.items()
+        }
         self.channel_keep = trainer.strategy.broadcast(keep, src=0)
         return self.channel_groups.masks(self.channel_keep)
 
@@ -308,12 +345,17 @@ class Pruning(L.Callback):
         if self.criterion != "taylor":
             return {}
         if not self._taylor:
-            raise RuntimeError(f"no gradients were seen in epoch {epoch - 1}, so there is no Taylor importance to prune by")
+            raise RuntimeError(
+                f"no gradients were seen in epoch {epoch - 1}, so there is no Taylor importance to prune by"
+            )
         return {name: trainer.strategy.reduce(score, reduce_op="sum") for name, score in self._taylor.items()}
 
     def _scores(self, trainer: L.Trainer, weights: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
         taylor, generator = self._reduced_taylor(trainer, epoch), self._generator(epoch)
-        return {name: element_scores(weight, self.criterion, taylor.get(name), generator) for name, weight in weights.items()}
+        return {
+            name: element_scores(weight, self.criterion, taylor.get(name), generator)
+            for name, weight in weights.items()
+        }
 
     def sparsity(self) -> dict[str, float]:
         """``{"pruning/sparsity": global, "pruning/sparsity/<weight>": per layer}``: the targeted weights' fraction of exact zeros.
@@ -351,7 +393,12 @@ class Pruning(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(amount=self.layer_amounts or self.amount, criterion=self.criterion, granularity=self.granularity, targets=str(self.targets))
+        return self._generate_state_key(
+            amount=self.layer_amounts or self.amount,
+            criterion=self.criterion,
+            granularity=self.granularity,
+            targets=str(self.targets),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -373,13 +420,19 @@ class Pruning(L.Callback):
         self._taylor = dict(state_dict["taylor"])
 
 
-def _check_layer_amounts(amounts: Mapping[str, float], targets: TargetSpec, threshold: float | None, n_of_m: tuple[int, int] | None) -> dict[str, float]:
+def _check_layer_amounts(
+    amounts: Mapping[str, float], targets: TargetSpec, threshold: float | None, n_of_m: tuple[int, int] | None
+) -> dict[str, float]:
     """Amounts per layer name, each in [0, 1); they name the targets, so targets, threshold and N:M are out."""
     if targets is not None or threshold is not None or n_of_m:
-        raise ValueError("amount per layer names the layers and their sparsity itself: leave out targets, threshold and N:M granularity")
+        raise ValueError(
+            "amount per layer names the layers and their sparsity itself: leave out targets, threshold and N:M granularity"
+        )
     not_numbers = {layer: amount for layer, amount in amounts.items() if not is_number(amount)}
     if not_numbers:
-        kinds = ", ".join(f"{amount!r} ({type(amount).__name__}) for {layer!r}" for layer, amount in not_numbers.items())
+        kinds = ", ".join(
+            f"{amount!r} ({type(amount).__name__}) for {layer!r}" for layer, amount in not_numbers.items()
+        )
         raise ValueError(f"amount per layer needs a number in [0, 1) for each layer; got {kinds}")
     amounts = {str(layer): float(amount) for layer, amount in amounts.items()}
     bad = {layer: amount for layer, amount in amounts.items() if not 0.0 <= amount < 1.0}

@@ -7,7 +7,9 @@ import torch
 CRITERIA = ("magnitude", "l1", "l2", "taylor", "random")
 
 
-def element_scores(weight: torch.Tensor, criterion: str, taylor: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def element_scores(
+    weight: torch.Tensor, criterion: str, taylor: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One score per weight: ``|w|``, accumulated ``|w * dL/dw|`` (``taylor``), or uniform noise (``random``).
 
     Example:
@@ -26,7 +28,9 @@ def element_scores(weight: torch.Tensor, criterion: str, taylor: torch.Tensor | 
     raise ValueError(f"unknown criterion {criterion!r}; use one of {', '.join(CRITERIA)}")
 
 
-def channel_scores(weight: torch.Tensor, criterion: str, taylor: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def channel_scores(
+    weight: torch.Tensor, criterion: str, taylor: torch.Tensor | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One score per output channel (dimension 0): L1 norm (``magnitude`` and ``l1``), L2 norm, summed Taylor, random.
 
     Example:

@@ -13,7 +13,10 @@ SCOPES = ("global", "layer")
 
 def forget_pruned(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Scores with the entries pruned by ``masks`` set to ``-inf``, so that no later step revives them."""
-    return {name: score.masked_fill(~masks[name], float("-inf")) if name in masks else score for name, score in scores.items()}
+    return {
+        name: score.masked_fill(~masks[name], float("-inf")) if name in masks else score
+        for name, score in scores.items()
+    }
 
 
 def _prune_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -84,7 +87,9 @@ def n_of_m_masks(scores: dict[str, torch.Tensor], n: int, m: int) -> dict[str, t
     masks = {}
     for name, score in scores.items():
         if score.dim() < 2 or score.shape[1] % m:
-            raise ValueError(f"{n}:{m} sparsity needs the input dimension of {name!r} divisible by {m}, but its weight is {tuple(score.shape)}")
+            raise ValueError(
+                f"{n}:{m} sparsity needs the input dimension of {name!r} divisible by {m}, but its weight is {tuple(score.shape)}"
+            )
         channels_last = score.movedim(1, -1)
         groups = channels_last.reshape(-1, m).float()
         keep = torch.zeros_like(groups, dtype=torch.bool)

@@ -33,7 +33,9 @@ class SparsitySchedule:
 
     def __post_init__(self) -> None:
         if isinstance(self.kind, str) and self.kind not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.kind!r}; use one of {', '.join(SCHEDULES)} or a callable epoch -> sparsity")
+            raise ValueError(
+                f"unknown schedule {self.kind!r}; use one of {', '.join(SCHEDULES)} or a callable epoch -> sparsity"
+            )
         if self.start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {self.start_epoch}")
         if self.end_epoch < self.start_epoch:
@@ -58,7 +60,9 @@ class SparsitySchedule:
         if callable(self.kind):
             target = float(self.kind(done[-1]))
             if not 0.0 <= target < 1.0:
-                raise ValueError(f"the schedule callable returned {target} for epoch {done[-1]}; sparsity must be in [0, 1)")
+                raise ValueError(
+                    f"the schedule callable returned {target} for epoch {done[-1]}; sparsity must be in [0, 1)"
+                )
             return target
         progress = len(done) / len(epochs)
         if self.kind == "linear":

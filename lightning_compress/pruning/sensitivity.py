@@ -82,7 +82,9 @@ def sensitivity_analysis(
         task = bar.add_task("pruning sensitivity", total=len(todo), completed=sum(key in done for key in todo))
         for layer, level in todo:
             if (layer, level) not in done:
-                done[(layer, level)] = SensitivityPoint(layer, level, _accuracy_with_pruned(model, batches, layers.get(layer), level))
+                done[(layer, level)] = SensitivityPoint(
+                    layer, level, _accuracy_with_pruned(model, batches, layers.get(layer), level)
+                )
                 write_points(csv_path, [done[key] for key in todo if key in done])
                 bar.advance(task)
             points.append(done[(layer, level)])
@@ -91,7 +93,9 @@ def sensitivity_analysis(
 
 
 @torch.no_grad()
-def _accuracy_with_pruned(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]], layer: nn.Module | None, level: float) -> float:
+def _accuracy_with_pruned(
+    model: nn.Module, batches: Iterable[Sequence[torch.Tensor]], layer: nn.Module | None, level: float
+) -> float:
     if layer is None:
         return evaluate_accuracy(model, batches)
     original = layer.weight.detach().clone()
@@ -106,7 +110,10 @@ def _accuracy_with_pruned(model: nn.Module, batches: Iterable[Sequence[torch.Ten
 def read_points(path: str | os.PathLike[str]) -> list[SensitivityPoint]:
     """The points of a sensitivity CSV."""
     with Path(path).open(newline="") as handle:
-        return [SensitivityPoint(row["layer"], float(row["sparsity"]), float(row["accuracy"])) for row in csv.DictReader(handle)]
+        return [
+            SensitivityPoint(row["layer"], float(row["sparsity"]), float(row["accuracy"]))
+            for row in csv.DictReader(handle)
+        ]
 
 
 def write_points(path: Path, points: Iterable[SensitivityPoint]) -> None:

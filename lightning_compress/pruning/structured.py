@@ -56,7 +56,8 @@ class ChannelGroups:
     def _has_readers(self, group: tp.Group) -> bool:
         """Whether some weight layer reads the group's channels as its inputs (else they are model outputs)."""
         return any(
-            isinstance(item.dep.target.module, WEIGHT_LAYER_TYPES) and self.graph.is_in_channel_pruning_fn(item.dep.handler)
+            isinstance(item.dep.target.module, WEIGHT_LAYER_TYPES)
+            and self.graph.is_in_channel_pruning_fn(item.dep.handler)
             for item in group
         )
 
@@ -98,7 +99,9 @@ class ChannelGroups:
                 module, idxs = item.dep.target.module, list(item.idxs)
                 for tensor_name, tensor, dim in self._touched(module, item.dep.handler):
                     if isinstance(tensor, nn.Parameter):
-                        mask = masks.setdefault(f"{self._names[module]}.{tensor_name}", torch.ones_like(tensor, dtype=torch.bool))
+                        mask = masks.setdefault(
+                            f"{self._names[module]}.{tensor_name}", torch.ones_like(tensor, dtype=torch.bool)
+                        )
                         mask.index_fill_(dim, torch.tensor(idxs, device=mask.device), False)
         return masks
 
@@ -156,7 +159,11 @@ def _replace_tensor(module: nn.Module, dotted_name: str, value: torch.Tensor) ->
     owner_name, _, attribute = dotted_name.rpartition(".")
     owner = module.get_submodule(owner_name)
     old = getattr(owner, attribute)
-    setattr(owner, attribute, nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value)
+    setattr(
+        owner,
+        attribute,
+        nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else value,
+    )
 
 
 class _CutOnLoad:

@@ -56,7 +56,9 @@ def start_calibration(model: nn.Module) -> list[FakeQuantizer]:
     returns them (they observe in training mode: :func:`calibrate` runs the model in eval mode around them)."""
     observed = quantizers(model)
     if not observed:
-        raise ValueError(f"{type(model).__name__} has no quantized layer to calibrate: quantize it first (quantize_model)")
+        raise ValueError(
+            f"{type(model).__name__} has no quantized layer to calibrate: quantize it first (quantize_model)"
+        )
     for quantizer in observed:
         quantizer.observer.reset()
     set_quantization(model, enabled=False, observing=True)

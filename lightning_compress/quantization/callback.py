@@ -25,7 +25,12 @@ from lightning_compress.targets import TargetSpec
 QUANT_SETTINGS = tuple(field.name for field in dataclasses.fields(QuantConfig))
 
 
-def quant_config(config: QuantConfig | None, settings: dict[str, Any], defaults: dict[str, Any], allowed: tuple[str, ...] = QUANT_SETTINGS) -> QuantConfig:
+def quant_config(
+    config: QuantConfig | None,
+    settings: dict[str, Any],
+    defaults: dict[str, Any],
+    allowed: tuple[str, ...] = QUANT_SETTINGS,
+) -> QuantConfig:
     """``config``, or a :class:`QuantConfig` of ``settings`` over ``defaults``: one or the other, never both.
 
     Example:
@@ -34,11 +39,15 @@ def quant_config(config: QuantConfig | None, settings: dict[str, Any], defaults:
     """
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown quantizer setting(s) {unknown}; the settings are {', '.join(allowed)} (or config=QuantConfig(...))")
+        raise ValueError(
+            f"unknown quantizer setting(s) {unknown}; the settings are {', '.join(allowed)} (or config=QuantConfig(...))"
+        )
     if config is None:
         return QuantConfig(**{**defaults, **settings})
     if settings:
-        raise ValueError(f"give the quantizer settings as config=QuantConfig(...) or as keyword arguments, not both: got config and {sorted(settings)}")
+        raise ValueError(
+            f"give the quantizer settings as config=QuantConfig(...) or as keyword arguments, not both: got config and {sorted(settings)}"
+        )
     if not isinstance(config, QuantConfig):
         raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
     return config
@@ -127,7 +136,12 @@ class QuantizationAwareTraining(_QuantizingCallback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.start_epoch:
+        if (
+            stage == "fit"
+            and not trainer.fast_dev_run
+            and trainer.max_epochs is not None
+            and 0 <= trainer.max_epochs <= self.start_epoch
+        ):
             rank_zero_warn(
                 f"QuantizationAwareTraining(start_epoch={self.start_epoch}) never switches fake quantization on within "
                 f"max_epochs={trainer.max_epochs}: the model stays float unless training is resumed further"
@@ -136,7 +150,11 @@ class QuantizationAwareTraining(_QuantizingCallback):
     def final_epoch(self) -> int:
         """The epoch of the last switch (fake quantization on, observers or BatchNorm frozen): from its end on,
         the model quantizes as it will be exported."""
-        return max(epoch for epoch in (self.start_epoch, self.freeze_observers_epoch, self.freeze_bn_epoch) if epoch is not None)
+        return max(
+            epoch
+            for epoch in (self.start_epoch, self.freeze_observers_epoch, self.freeze_bn_epoch)
+            if epoch is not None
+        )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -195,7 +213,9 @@ class PostTrainingQuantization(_QuantizingCallback):
     ) -> None:
         # min-max over the plain mean of what calibration sees; learned step sizes need training
         allowed = tuple(name for name in QUANT_SETTINGS if name != "learnable_scales")
-        config = quant_config(config, settings, defaults={"observer": "minmax", "averaging_constant": None}, allowed=allowed)
+        config = quant_config(
+            config, settings, defaults={"observer": "minmax", "averaging_constant": None}, allowed=allowed
+        )
         super().__init__(config, targets, exclude)
         if calibration_batches is not None and calibration_batches < 1:
             raise ValueError(f"calibration_batches must be at least 1 or None (every batch), got {calibration_batches}")
@@ -216,7 +236,9 @@ class PostTrainingQuantization(_QuantizingCallback):
         if self._calibrating:
             start_calibration(pl_module)
 
-    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if not self._calibrating:
             return
         observing = self.calibration_batches is None or batch_idx < self.calibration_batches
@@ -240,4 +262,3 @@ def _quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, FakeQuantizer)
         for tensor_name, tensor in [*module.named_parameters(), *module.named_buffers()]
     }
-

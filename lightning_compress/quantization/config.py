@@ -56,11 +56,15 @@ class QuantConfig:
                     "(for 16-bit floating point use lightning_compress.half_precision)"
                 )
         if not isinstance(self.bias_bits, int) or self.bias_bits not in BIAS_BITS:
-            raise ValueError(f"bias_bits must be an integer from {BIAS_BITS.start} to {BIAS_BITS.stop - 1}, got {self.bias_bits!r}")
+            raise ValueError(
+                f"bias_bits must be an integer from {BIAS_BITS.start} to {BIAS_BITS.stop - 1}, got {self.bias_bits!r}"
+            )
         if self.observer not in OBSERVERS:
             raise ValueError(f"unknown observer {self.observer!r}; use one of {', '.join(OBSERVERS)}")
         if self.averaging_constant is not None and not 0.0 < self.averaging_constant <= 1.0:
-            raise ValueError(f"averaging_constant must be in (0, 1] or None (the plain mean over batches), got {self.averaging_constant}")
+            raise ValueError(
+                f"averaging_constant must be in (0, 1] or None (the plain mean over batches), got {self.averaging_constant}"
+            )
         if self.n_std <= 0:
             raise ValueError(f"n_std must be positive, got {self.n_std}")
         if not 50.0 < self.percentile <= 100.0:

@@ -105,23 +105,37 @@ class FakeQuantizer(nn.Module):
         if not bool(self.enabled):
             return x
         if not bool(self.initialized):
-            raise RuntimeError("fake quantization is enabled but the range was never observed; observe some inputs first")
+            raise RuntimeError(
+                "fake quantization is enabled but the range was never observed; observe some inputs first"
+            )
         if self.learnable:
             return self._learnable(x)
         quant_min, quant_max = self.quant_range
         if self.channel_axis is None:
             return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, quant_min, quant_max)
-        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.channel_axis, quant_min, quant_max)
+        return torch.fake_quantize_per_channel_affine(
+            x, self.scale, self.zero_point, self.channel_axis, quant_min, quant_max
+        )
 
     def _learnable(self, x: torch.Tensor) -> torch.Tensor:
         """LSQ: the step size's gradient scaled by 1 / sqrt(values per step size * quant_max)."""
-        per_scale = x.numel() // max(self.scale.numel(), 1) if self.channel_axis is not None else x[0].numel() if x.dim() > 1 else x.numel()
+        per_scale = (
+            x.numel() // max(self.scale.numel(), 1)
+            if self.channel_axis is not None
+            else x[0].numel()
+            if x.dim() > 1
+            else x.numel()
+        )
         quant_min, quant_max = self.quant_range
         grad_factor = 1.0 / math.sqrt(per_scale * quant_max)
         zero_point = self.zero_point.float()
         if self.channel_axis is None:
-            return torch._fake_quantize_learnable_per_tensor_affine(x, self.scale.reshape(1), zero_point.reshape(1), quant_min, quant_max, grad_factor)
-        return torch._fake_quantize_learnable_per_channel_affine(x, self.scale, zero_point, self.channel_axis, quant_min, quant_max, grad_factor)
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, self.scale.reshape(1), zero_point.reshape(1), quant_min, quant_max, grad_factor
+            )
+        return torch._fake_quantize_learnable_per_channel_affine(
+            x, self.scale, zero_point, self.channel_axis, quant_min, quant_max, grad_factor
+        )
 
     def extra_repr(self) -> str:
         granularity = "per tensor" if self.channel_axis is None else f"per channel (axis {self.channel_axis})"

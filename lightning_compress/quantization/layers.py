@@ -95,7 +95,9 @@ QUANTIZED_TYPES: dict[type[nn.Module], type[QuantizedLayer]] = {
 }
 
 
-def quantize_model(model: nn.Module, config: QuantConfig, targets: TargetSpec = None, exclude: TargetSpec = None) -> dict[str, QuantizedLayer]:
+def quantize_model(
+    model: nn.Module, config: QuantConfig, targets: TargetSpec = None, exclude: TargetSpec = None
+) -> dict[str, QuantizedLayer]:
     """Turn the selected ``Conv1d/2d/3d`` and ``Linear`` layers of ``model`` into quantized layers, in place.
 
     Layers already quantized are left as they are, so calling it again is harmless. Quantizers start
@@ -110,12 +112,20 @@ def quantize_model(model: nn.Module, config: QuantConfig, targets: TargetSpec = 
         ['0', '3']
     """
     layers = select_layers(model, targets, exclude)
-    unsupported = {name: type(m).__name__ for name, m in layers.items() if not isinstance(m, QuantizedLayer) and type(m) not in QUANTIZED_TYPES}
+    unsupported = {
+        name: type(m).__name__
+        for name, m in layers.items()
+        if not isinstance(m, QuantizedLayer) and type(m) not in QUANTIZED_TYPES
+    }
     if unsupported and targets is not None:
-        raise ValueError(f"these targets cannot be quantized (only plain {', '.join(t.__name__ for t in QUANTIZED_TYPES)}): {unsupported}")
+        raise ValueError(
+            f"these targets cannot be quantized (only plain {', '.join(t.__name__ for t in QUANTIZED_TYPES)}): {unsupported}"
+        )
     quantized = {name: m for name, m in layers.items() if name not in unsupported}
     if not quantized:
-        raise ValueError(f"{type(model).__name__} has no layer to quantize: plain {', '.join(t.__name__ for t in QUANTIZED_TYPES)} are supported")
+        raise ValueError(
+            f"{type(model).__name__} has no layer to quantize: plain {', '.join(t.__name__ for t in QUANTIZED_TYPES)} are supported"
+        )
     for layer in quantized.values():
         if not isinstance(layer, QuantizedLayer):
             _convert(layer, config)
@@ -130,16 +140,26 @@ def _convert(layer: nn.Module, config: QuantConfig) -> None:
     layer.__class__ = QUANTIZED_TYPES[type(layer)]
     layer.quant_config = config
     layer.weight_quantizer = FakeQuantizer(
-        weight_observer, config.weight_range, config.symmetric, channel_axis=0 if config.per_channel else None, learnable=config.learnable_scales
+        weight_observer,
+        config.weight_range,
+        config.symmetric,
+        channel_axis=0 if config.per_channel else None,
+        learnable=config.learnable_scales,
     ).to(device)
     layer.input_quantizer = FakeQuantizer(
-        activation_observer, config.activation_range, config.symmetric, learnable=config.learnable_scales, unsigned_when_non_negative=config.symmetric
+        activation_observer,
+        config.activation_range,
+        config.symmetric,
+        learnable=config.learnable_scales,
+        unsigned_when_non_negative=config.symmetric,
     ).to(device)
 
 
 def dequantize_layer(layer: QuantizedLayer) -> None:
     """Turn a quantized layer back into its plain float class in place, removing its quantizers and settings."""
-    float_type = next(float_type for float_type, quantized_type in QUANTIZED_TYPES.items() if type(layer) is quantized_type)
+    float_type = next(
+        float_type for float_type, quantized_type in QUANTIZED_TYPES.items() if type(layer) is quantized_type
+    )
     del layer.input_quantizer, layer.weight_quantizer, layer.quant_config
     layer.__class__ = float_type
 

@@ -59,7 +59,12 @@ class Observer(nn.Module):
 
     @classmethod
     def for_activations(cls, config: QuantConfig) -> Observer:
-        return cls(config.observer, averaging_constant=config.averaging_constant, n_std=config.n_std, percentile=config.percentile)
+        return cls(
+            config.observer,
+            averaging_constant=config.averaging_constant,
+            n_std=config.n_std,
+            percentile=config.percentile,
+        )
 
     def _per_channel(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as (values,) per tensor or (channels, values) per channel."""

@@ -40,7 +40,9 @@ def plot_pareto(jobs: list[JobResult], path: str | os.PathLike[str]) -> None:
         panel.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", label="job")
         front = sorted((p for p in points if p[3]), key=lambda p: p[0])
         if front:
-            panel.step([p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", label="Pareto front")
+            panel.step(
+                [p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", label="Pareto front"
+            )
         for x, y, name, _ in points:
             panel.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         panel.set_xlabel(labels[axis])

@@ -67,7 +67,9 @@ def stage_metrics(entry: ReportEntry, names: Sequence[str]) -> list[float]:
     values = {name: METRICS[name](entry) for name in names}
     missing = [name for name, value in values.items() if value is None]
     if missing:
-        raise ValueError(f"stage {entry.name!r} has no {', '.join(missing)} (test accuracy needs test=true, latency and ONNX size a report that measures them)")
+        raise ValueError(
+            f"stage {entry.name!r} has no {', '.join(missing)} (test accuracy needs test=true, latency and ONNX size a report that measures them)"
+        )
     return [float(value) for value in values.values()]
 
 
@@ -98,7 +100,11 @@ class JobResult:
 
     def row(self, sweep_dir: Path) -> dict[str, Any]:
         """The job as one row of :data:`COLUMNS` (a completed job's metrics, a failed job's error)."""
-        row: dict[str, Any] = {"job": str(self.folder.relative_to(sweep_dir)), "overrides": " ".join(self.swept), "status": self.status}
+        row: dict[str, Any] = {
+            "job": str(self.folder.relative_to(sweep_dir)),
+            "overrides": " ".join(self.swept),
+            "status": self.status,
+        }
         if self.report is not None and self.report.entries:
             final, first = self.report.entries[-1], self.report.entries[0]
             row["stage"] = final.name
@@ -131,9 +137,13 @@ def collect(sweep_dir: str | os.PathLike[str]) -> list[JobResult]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep folder {str(sweep_dir)!r} does not exist")
-    folders = sorted((marker.parent for marker in sweep_dir.rglob(".hydra") if marker.parent != sweep_dir), key=_job_order(sweep_dir))
+    folders = sorted(
+        (marker.parent for marker in sweep_dir.rglob(".hydra") if marker.parent != sweep_dir), key=_job_order(sweep_dir)
+    )
     if not folders:
-        raise FileNotFoundError(f"no job folder (one with a .hydra/ inside) under {str(sweep_dir)!r}: is it a Hydra sweep folder?")
+        raise FileNotFoundError(
+            f"no job folder (one with a .hydra/ inside) under {str(sweep_dir)!r}: is it a Hydra sweep folder?"
+        )
     jobs = [_read_job(folder) for folder in folders]
     shared = set.intersection(*(set(job.overrides) for job in jobs))
     for job in jobs:
@@ -167,13 +177,19 @@ def _read_job(folder: Path) -> JobResult:
 def _mark_pareto(jobs: list[JobResult]) -> None:
     """A job is on a front when no other job is at least as accurate and at least as small (fast), and better in one."""
     for axis, metric in PARETO_AXES.items():
-        points = {id(job): (job.accuracy, METRICS[metric](job.report.entries[-1])) for job in jobs if job.report.entries}
+        points = {
+            id(job): (job.accuracy, METRICS[metric](job.report.entries[-1])) for job in jobs if job.report.entries
+        }
         for job in jobs:
             point = points.get(id(job))
             if point is None or None in point:
                 continue
             job.pareto[axis] = not any(
-                other is not None and None not in other and other[0] >= point[0] and other[1] <= point[1] and other != point
+                other is not None
+                and None not in other
+                and other[0] >= point[0]
+                and other[1] <= point[1]
+                and other != point
                 for other in points.values()
             )
 
@@ -211,7 +227,17 @@ def _csv_cell(value: Any) -> Any:
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table of the columns people read first; failures listed below it with their error."""
-    header = ["job", "overrides", "stage", "test acc", "deployed KiB", "vs dense", "latency (ms)", "vs dense", "Pareto (bytes / latency)"]
+    header = [
+        "job",
+        "overrides",
+        "stage",
+        "test acc",
+        "deployed KiB",
+        "vs dense",
+        "latency (ms)",
+        "vs dense",
+        "Pareto (bytes / latency)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if row["status"] != "completed":
@@ -236,7 +262,10 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     problems = [row for row in rows if row["status"] != "completed"]
     if problems:
         lines += ["", "Jobs without a report:", ""]
-        lines += [f"- {row['job']} (`{row['overrides']}`): {row['status']}" + (f", {row['error']}" if row["error"] else "") for row in problems]
+        lines += [
+            f"- {row['job']} (`{row['overrides']}`): {row['status']}" + (f", {row['error']}" if row["error"] else "")
+            for row in problems
+        ]
     return "\n".join(lines) + "\n"
 
 
