@@ -143,6 +143,32 @@ def test_a_checkpoint_with_adapters_loads_back_given_the_teacher(tmp_path) -> No
         assert torch.equal(restored.state_dict()[name], value), name  # student and adapter
 
 
+def test_without_input_shape_the_adapters_are_sized_on_the_first_training_batch(tmp_path) -> None:
+    hints = [("features.4", "features.4")]  # 16 student channels against 64 of the teacher's
+    module = DistillationModule(student_net(), teacher_net(), num_classes=10, hints=hints)
+    assert len(module.adapters) == 0
+    trainer = fit(module, tmp_path)
+    (adapter,) = module.adapters
+    assert tuple(adapter.weight.shape) == (64, 16, 1, 1) and module.hparams.input_shape == list(INPUT)
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert {id(p) for p in adapter.parameters()} <= optimized  # built before the optimizer, so it trains
+    trainer.save_checkpoint(tmp_path / "lazy.ckpt")
+    restored = DistillationModule.load_from_checkpoint(
+        tmp_path / "lazy.ckpt", student=student_net(), teacher=teacher_net()
+    )
+    for name, value in module.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name
+    unsized = DistillationModule(student_net(), teacher_net(), num_classes=10, hints=hints)
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
+    datamodule = DigitsDataModule()
+    datamodule.setup("fit")
+    with pytest.raises(ValueError, match="give input_shape, or fit with a LightningDataModule"):
+        trainer.fit(unsized, train_dataloaders=datamodule.train_dataloader())
+    assert trainer.global_step == 0
+
+
 def test_a_subclass_changes_only_the_distance(tmp_path) -> None:
     class MSEDistillation(DistillationModule):
         calls = 0

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_compress.batches import first_training_input
 from lightning_compress.distillation.losses import (
     attention_loss,
     dkd_loss,
@@ -49,8 +50,9 @@ class DistillationModule(ClassificationModule):
             loaded into ``teacher_model``.
         hints: ``[(student module path, teacher module path), ...]``; a learned 1x1 convolution (or
             linear layer) adapts the student's features where the channel counts differ.
-        input_shape: one input's shape; needed with ``hints`` (the adapters are sized on it) and used to
-            check that student and teacher outputs have the same shape before training.
+        input_shape: one input's shape, used to check that student and teacher outputs have the same shape
+            before training and, with ``hints``, to size the adapters (without it they are sized on the
+            first training batch of the fit's datamodule, at setup).
         cache_teacher: keep the teacher's logits per input, so epochs after the first skip its forward
             (for training data without augmentation; not with ``hints``).
 
@@ -128,8 +130,22 @@ class DistillationModule(ClassificationModule):
         self._outputs_checked = False
         if input_shape is not None:
             self._check_and_build_adapters(torch.zeros(2, *input_shape))
-        elif self.hints:
-            raise ValueError("hints need input_shape, to size the adapters between student and teacher features")
+
+    def setup(self, stage: str) -> None:
+        """Without ``input_shape``, size the hints' adapters on the first training batch of the fit's
+        datamodule, before the optimizers are built; the shape goes into ``hparams``, so a checkpoint
+        loads back with its adapters."""
+        if stage != "fit" or not self.hints or len(self.adapters):
+            return
+        example = first_training_input(self.trainer)
+        if example is None:
+            raise ValueError(
+                "hints size their adapters on one input: give input_shape, or fit with a LightningDataModule, "
+                "whose first training batch is then used"
+            )
+        self.hparams["input_shape"] = [int(size) for size in example.shape[1:]]
+        self.example_input_array = torch.zeros(1, *example.shape[1:])
+        self._check_and_build_adapters(example[:2].to(self.device))
 
     @property
     def teacher(self) -> nn.Module:

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_compress.arguments import check_argument, is_int, is_number
+from lightning_compress.batches import first_training_input
 from lightning_compress.pruning.criteria import CRITERIA, element_scores, taylor_scores
 from lightning_compress.pruning.masks import (
     SCOPES,
@@ -187,7 +188,7 @@ class Pruning(L.Callback):
         if self.granularity == "channel" and self.channel_groups is None:
             example = getattr(pl_module, "example_input_array", None)
             if not isinstance(example, torch.Tensor):
-                example = _first_training_input(trainer)
+                example = first_training_input(trainer)
             if example is None:
                 raise ValueError(
                     f"channel pruning traces the model on one input: set `example_input_array` on {type(pl_module).__name__}, "
@@ -449,13 +450,3 @@ def _parse_granularity(granularity: str) -> tuple[int, int] | None:
     if match is None or not 0 < int(match[1]) < int(match[2]):
         raise ValueError(f"unknown granularity {granularity!r}; use {' or '.join(GRANULARITIES)} with 0 < N < M")
     return int(match[1]), int(match[2])
-
-
-def _first_training_input(trainer: L.Trainer) -> torch.Tensor | None:
-    """The inputs of the first batch of the Trainer's datamodule's ``train_dataloader()`` (a batch is a
-    tensor or a sequence whose first item is the inputs); ``None`` without a datamodule."""
-    if trainer.datamodule is None:
-        return None
-    batch = next(iter(trainer.datamodule.train_dataloader()))
-    inputs = batch if isinstance(batch, torch.Tensor) else batch[0]
-    return inputs if isinstance(inputs, torch.Tensor) else None

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_compress.analysis.measure import eval_mode
+from lightning_compress.batches import batch_inputs
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.layers import quantizers, set_quantization
 
@@ -42,8 +43,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
         for batch in batches:
             if num_batches is not None and used >= num_batches:
                 break
-            inputs = batch if isinstance(batch, torch.Tensor) else batch[0]
-            model(inputs.to(device=first.device, dtype=first.dtype))
+            model(batch_inputs(batch).to(device=first.device, dtype=first.dtype))
             used += 1
     if used == 0:
         raise ValueError("calibration got no batches")
