@@ -6,7 +6,7 @@ from lightning_compress.clustering import WeightClustering
 from lightning_compress.deploy import compressed_bytes, export, half_precision, load_compressed, load_quantized
 from lightning_compress.distillation import DistillationModule
 from lightning_compress.models import ClassificationModule
-from lightning_compress.pruning import Pruning
+from lightning_compress.pruning import Pruner, Pruning, PruningConfig, prune_
 from lightning_compress.quantization import (
     PostTrainingQuantization,
     QuantizationAwareTraining,
@@ -19,7 +19,9 @@ __all__ = [
     "DistillationModule",
     "FiniteCheck",
     "PostTrainingQuantization",
+    "Pruner",
     "Pruning",
+    "PruningConfig",
     "QuantizationAwareTraining",
     "Report",
     "WeightClustering",
@@ -29,5 +31,6 @@ __all__ = [
     "load_compressed",
     "load_quantized",
     "profile_model",
+    "prune_",
 ]
 __version__ = "0.1.0"

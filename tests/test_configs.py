@@ -102,8 +102,8 @@ def test_every_pruning_recipe_builds(compose_config, tmp_path, recipe: str) -> N
         "nm24": (0.5, "2:4"),
         "sensitivity": (0.7, "unstructured"),
     }
-    assert (pruning.amount, pruning.granularity) == expected[recipe]
-    assert pruning.layer_amounts == ({"model.features.4": 0.7} if recipe == "sensitivity" else None)
+    assert (pruning.config.final_amount, pruning.config.granularity) == expected[recipe]
+    assert pruning.config.layer_amounts == ({"model.features.4": 0.7} if recipe == "sensitivity" else None)
 
 
 @pytest.mark.parametrize("recipe", options("compression/quantization"))

@@ -19,6 +19,7 @@ def test_every_example_is_tested() -> None:
     assert sorted(path.name for path in EXAMPLES.glob("*.py")) == [
         "measure_model.py",
         "prune_and_report.py",
+        "prune_plain_pytorch.py",
         "train_and_report.py",
     ]
 
@@ -59,3 +60,8 @@ def test_prune_and_report(tmp_path, monkeypatch, capsys, granularity: str, amoun
     else:
         assert after["weight_sparsity"]["zeros"] == round(0.9 * after["weight_sparsity"]["total"])
     assert "non-zero parameters" in capsys.readouterr().out
+
+
+def test_prune_plain_pytorch(monkeypatch, capsys) -> None:
+    run_example("prune_plain_pytorch.py", "--amount", "0.8", "--epochs", "4", monkeypatch=monkeypatch)
+    assert "sparsity 0.800," in capsys.readouterr().out  # to the element, from a plain loop

@@ -1,6 +1,7 @@
 """Pruning: importance criteria, masks, sparsity schedules (plain PyTorch) and the ``Pruning`` callback."""
 
 from lightning_compress.pruning.callback import Pruning
+from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.criteria import (
     CRITERIA,
     channel_scores,
@@ -13,6 +14,7 @@ from lightning_compress.pruning.masks import (
     rank_masks,
     threshold_masks,
 )
+from lightning_compress.pruning.pruner import Pruner, prune_
 from lightning_compress.pruning.schedules import SCHEDULES, SparsitySchedule
 from lightning_compress.pruning.sensitivity import (
     SensitivityPoint,
@@ -24,7 +26,9 @@ from lightning_compress.targets import select_layers
 __all__ = [
     "CRITERIA",
     "SCHEDULES",
+    "Pruner",
     "Pruning",
+    "PruningConfig",
     "SensitivityPoint",
     "SparsitySchedule",
     "channel_scores",
@@ -32,6 +36,7 @@ __all__ = [
     "forget_pruned",
     "layer_amounts",
     "n_of_m_masks",
+    "prune_",
     "rank_masks",
     "select_layers",
     "sensitivity_analysis",

@@ -3,33 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 
-from lightning_compress.arguments import check_argument, is_int, is_number
+from lightning_compress.arguments import check_argument, is_int
 from lightning_compress.batches import first_training_input
-from lightning_compress.pruning.criteria import CRITERIA, element_scores, taylor_scores
-from lightning_compress.pruning.masks import (
-    SCOPES,
-    forget_pruned,
-    n_of_m_masks,
-    rank_masks,
-    threshold_masks,
-)
+from lightning_compress.pruning.config import PruningConfig
+from lightning_compress.pruning.criteria import taylor_scores
+from lightning_compress.pruning.pruner import Pruner
 from lightning_compress.pruning.schedules import SCHEDULES, SparsitySchedule
-from lightning_compress.pruning.structured import ChannelGroups
-from lightning_compress.targets import TargetSpec, select_layers
+from lightning_compress.targets import TargetSpec
 
-GRANULARITIES = ("unstructured", "channel", "N:M such as '2:4'")
-_AMOUNTS = "a number in [0, 1), a dict of layer name -> amount, or None (with threshold or a callable schedule)"
 _SCHEDULE_KINDS = f"one of {', '.join(SCHEDULES)} or a callable epoch -> sparsity"
-_N_OF_M = re.compile(r"^(\d+):(\d+)$")
 
 
 class Pruning(L.Callback):
@@ -41,7 +30,9 @@ class Pruning(L.Callback):
     ``state_dict()`` keeps the keys of the unpruned model). Masks only grow: a pruned weight is never
     revived, even if a later target is lower. ``amount`` is the final fraction
     of the targeted weights (of their output channels, for channel granularity) that are pruned,
-    reached at ``end_epoch``; it never compounds.
+    reached at ``end_epoch``; it never compounds. What to prune is a :class:`PruningConfig` (``config``),
+    made from the arguments; a plain-PyTorch :class:`Pruner` (``pruner``, built at setup) computes and
+    applies the masks; the callback decides when.
 
     Args:
         amount: target sparsity in [0, 1) of the targeted weights (for N:M it is implied), or a dict of
@@ -91,8 +82,6 @@ class Pruning(L.Callback):
         remove_channels: bool = False,
         seed: int = 0,
     ) -> None:
-        check_argument("amount", amount, amount is None or isinstance(amount, Mapping) or is_number(amount), _AMOUNTS)
-        check_argument("threshold", threshold, threshold is None or is_number(threshold), "a number >= 0 or None")
         check_argument("schedule", schedule, isinstance(schedule, str) or callable(schedule), _SCHEDULE_KINDS)
         check_argument("start_epoch", start_epoch, is_int(start_epoch), "an int >= 0")
         check_argument("end_epoch", end_epoch, end_epoch is None or is_int(end_epoch), "an int >= start_epoch or None")
@@ -103,46 +92,20 @@ class Pruning(L.Callback):
             rewind_epoch is None or is_int(rewind_epoch),
             "an int in [0, start_epoch) or None",
         )
-        self.n_of_m = _parse_granularity(granularity)
-        channel = granularity == "channel"
-        self.layer_amounts = (
-            _check_layer_amounts(amount, targets, threshold, self.n_of_m) if isinstance(amount, Mapping) else None
-        )
-        if self.layer_amounts is not None:
-            targets, amount = list(self.layer_amounts), max(self.layer_amounts.values())
-        if criterion not in CRITERIA or (criterion in ("l1", "l2") and not channel):
-            allowed = CRITERIA if channel else ("magnitude", "taylor", "random")
-            raise ValueError(
-                f"unknown criterion {criterion!r} for {granularity} pruning; use one of {', '.join(allowed)}"
-                + (" (l1 and l2 rank whole channels: granularity='channel')" if criterion in ("l1", "l2") else "")
-            )
-        if remove_channels and not channel:
+        self.config = PruningConfig(amount, criterion, granularity, scope, targets, exclude, threshold, seed)
+        if remove_channels and granularity != "channel":
             raise ValueError(
                 f"remove_channels=True removes whole channels, so it needs granularity='channel', not {granularity!r}"
             )
-        if scope not in SCOPES:
-            raise ValueError(f"unknown scope {scope!r}; use one of {', '.join(SCOPES)}")
-        if threshold is not None:
-            if amount is not None:
-                raise ValueError(f"give either amount ({amount}) or threshold ({threshold}), not both")
-            if not threshold >= 0 or criterion != "magnitude" or granularity != "unstructured":  # NaN is not >= 0
-                raise ValueError(
-                    f"threshold={threshold} needs a value >= 0 with criterion='magnitude' and unstructured granularity"
-                )
-        elif self.n_of_m:
-            n, m = self.n_of_m
-            if amount is not None and abs(amount - (m - n) / m) > 1e-9:
-                raise ValueError(
-                    f"granularity {granularity!r} means sparsity {(m - n) / m}; amount={amount} contradicts it (leave it out)"
-                )
-            amount = (m - n) / m
-        elif amount is None and not callable(schedule):
+        if self.config.final_amount is None and threshold is None and not callable(schedule):
             raise ValueError("give amount, the target sparsity in [0, 1), or threshold (or a callable schedule)")
-        if amount is not None and not 0.0 <= amount < 1.0:
-            raise ValueError(f"amount must be in [0, 1), got {amount}")
         # The schedule checks its own settings (kind, start_epoch, end_epoch, frequency) now, before training.
         SparsitySchedule(
-            amount or 0.0, schedule, start_epoch, start_epoch if end_epoch is None else end_epoch, frequency
+            self.config.final_amount or 0.0,
+            schedule,
+            start_epoch,
+            start_epoch if end_epoch is None else end_epoch,
+            frequency,
         )
         if criterion == "taylor" and start_epoch == 0:
             raise ValueError(
@@ -152,57 +115,47 @@ class Pruning(L.Callback):
             raise ValueError(
                 f"rewind_epoch must be in [0, start_epoch={start_epoch}) so its weights exist before pruning starts, got {rewind_epoch}"
             )
-        self.amount = amount
-        self.criterion = criterion
-        self.granularity = granularity
-        self.scope = scope
         self.schedule_kind = schedule
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
         self.frequency = frequency
-        self.targets = targets
-        self.exclude = exclude
-        self.threshold = threshold
         self.rewind_epoch = rewind_epoch
         self.remove_channels = remove_channels
-        self.seed = seed
         self.schedule: SparsitySchedule | None = None
-        self.masks: dict[str, torch.Tensor] = {}
-        self.channel_keep: dict[str, torch.Tensor] = {}
+        self.pruner: Pruner | None = None
         self.pruned_epochs: list[int] = []
-        self.channel_groups: ChannelGroups | None = None
-        self._parameters: dict[str, nn.Parameter] = {}
-        self._all_parameters: dict[str, nn.Parameter] = {}
+        self._restored: dict[str, Any] | None = None
         self._step_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._rewind_weights: dict[str, torch.Tensor] = {}
         self._taylor: dict[str, torch.Tensor] = {}
 
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """The current masks by weight name (``False``: pruned); empty before the first pruning step."""
+        return self.pruner.masks if self.pruner is not None else {}
+
+    @property
+    def channel_keep(self) -> dict[str, torch.Tensor]:
+        """With channel granularity, the kept output channels of each group's root layer."""
+        return self.pruner.channel_keep if self.pruner is not None else {}
+
     # --- setup: which weights, which epochs --------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        layers = select_layers(pl_module, self.targets, self.exclude)
-        self._parameters = {f"{name}.weight": module.weight for name, module in layers.items()}
-        self._all_parameters = dict(pl_module.named_parameters())
-        if self.n_of_m:
-            self._drop_layers_without_n_of_m_groups()
-        if self.granularity == "channel" and self.channel_groups is None:
-            example = getattr(pl_module, "example_input_array", None)
-            if not isinstance(example, torch.Tensor):
-                example = first_training_input(trainer)
-            if example is None:
-                raise ValueError(
-                    f"channel pruning traces the model on one input: set `example_input_array` on {type(pl_module).__name__}, "
-                    "or fit with a LightningDataModule, whose first training batch is then traced"
-                )
-            self.channel_groups = ChannelGroups(pl_module, example.to(pl_module.device), layers)
-        if self.layer_amounts is not None:
-            prunable = self.channel_groups.channels if self.channel_groups is not None else layers
-            left_out = [layer for layer in self.layer_amounts if layer not in prunable]
-            if left_out:
-                raise ValueError(
-                    f"amount per layer names {left_out}, which this pruning would leave as they are (excluded, or not the "
-                    f"root of a channel group: the output layer never is); it can prune {list(prunable)}"
-                )
+        if self.pruner is None:
+            example = None
+            if self.config.granularity == "channel":
+                example = getattr(pl_module, "example_input_array", None)
+                if not isinstance(example, torch.Tensor):
+                    example = first_training_input(trainer)
+                if example is None:
+                    raise ValueError(
+                        f"channel pruning traces the model on one input: set `example_input_array` on {type(pl_module).__name__}, "
+                        "or fit with a LightningDataModule, whose first training batch is then traced"
+                    )
+            self.pruner = Pruner(pl_module, self.config, example, warn=rank_zero_warn)
+        if self._restored is not None:
+            self.load_state_dict(self._restored)
         if stage == "fit":
             end_epoch = self._end_epoch(trainer)
             if not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= end_epoch:
@@ -211,23 +164,8 @@ class Pruning(L.Callback):
                     f"after max_epochs={trainer.max_epochs}: the target is reached only if training is resumed further"
                 )
             self.schedule = SparsitySchedule(
-                self.amount or 0.0, self.schedule_kind, self.start_epoch, end_epoch, self.frequency
+                self.config.final_amount or 0.0, self.schedule_kind, self.start_epoch, end_epoch, self.frequency
             )
-
-    def _drop_layers_without_n_of_m_groups(self) -> None:
-        """Skip (default targets) or refuse (explicit targets) weights whose input dimension is not a multiple of M."""
-        n, m = self.n_of_m
-        unfit = [name for name, weight in self._parameters.items() if weight.dim() < 2 or weight.shape[1] % m]
-        if unfit and self.targets is not None:
-            shapes = {name: tuple(self._parameters[name].shape) for name in unfit}
-            raise ValueError(
-                f"{n}:{m} sparsity needs the input dimension of each target divisible by {m}; these are not: {shapes}"
-            )
-        if len(unfit) == len(self._parameters):
-            raise ValueError(f"{n}:{m} sparsity needs input dimensions divisible by {m}; no targeted layer has one")
-        if unfit:
-            rank_zero_warn(f"Pruning {n}:{m}: leaving {unfit} dense, their input dimension is not a multiple of {m}")
-        self._parameters = {name: weight for name, weight in self._parameters.items() if name not in unfit}
 
     def _end_epoch(self, trainer: L.Trainer) -> int:
         if self.schedule is not None:  # resolved at the first fit: a resumed or second fit keeps it
@@ -249,15 +187,12 @@ class Pruning(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # State restored from a checkpoint arrives on the CPU; keep it beside the weights it masks.
-        self.masks = self._beside_weights(self.masks)
         self._rewind_weights = self._beside_weights(self._rewind_weights)
         self._taylor = self._beside_weights(self._taylor)
-        self._step_hooks = [
-            optimizer.register_step_post_hook(lambda *_: self.apply_masks()) for optimizer in trainer.optimizers
-        ]
+        self._step_hooks = [self.pruner.attach(optimizer) for optimizer in trainer.optimizers]
 
     def _beside_weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {name: tensor.to(self._all_parameters[name].device) for name, tensor in tensors.items()}
+        return {name: tensor.to(self.pruner.all_parameters[name].device) for name, tensor in tensors.items()}
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
@@ -268,9 +203,11 @@ class Pruning(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # Gradients here are whole (accumulated) and unscaled under mixed precision; skip a step that overflowed.
-        if self.criterion == "taylor" and trainer.current_epoch + 1 in self.schedule.pruning_epochs():
+        if self.config.criterion == "taylor" and trainer.current_epoch + 1 in self.schedule.pruning_epochs():
             scores = {
-                name: taylor_scores(weight) for name, weight in self._parameters.items() if weight.grad is not None
+                name: taylor_scores(weight)
+                for name, weight in self.pruner.parameters.items()
+                if weight.grad is not None
             }
             if all(torch.isfinite(score).all() for score in scores.values()):
                 for name, score in scores.items():
@@ -278,97 +215,44 @@ class Pruning(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == self.rewind_epoch:
-            self._rewind_weights = {name: weight.detach().clone() for name, weight in self._parameters.items()}
+            self._rewind_weights = {name: weight.detach().clone() for name, weight in self.pruner.parameters.items()}
 
     # --- the pruning step --------------------------------------------------------------------------
 
-    @torch.no_grad()
     def apply_masks(self) -> None:
-        """Zero every pruned weight (one fused multiply over all masked tensors)."""
-        if self.masks:
-            names = list(self.masks)
-            torch._foreach_mul_([self._all_parameters[name] for name in names], [self.masks[name] for name in names])
+        """Zero every pruned weight (see :meth:`Pruner.apply`)."""
+        self.pruner.apply()
 
     @torch.no_grad()
     def _prune(self, trainer: L.Trainer, epoch: int) -> None:
-        weights = {name: weight.detach() for name, weight in self._parameters.items()}
-        if self.threshold is not None:
-            masks = threshold_masks(weights, self.threshold)
-        elif self.channel_groups is not None:
-            masks = self._channel_masks(trainer, epoch)
-        else:
-            scores = forget_pruned(self._scores(trainer, weights, epoch), self.masks)
-            if self.n_of_m:
-                masks = n_of_m_masks(scores, *self.n_of_m)
-            else:
-                masks = rank_masks(scores, *self._target(epoch, suffix=".weight"))
-        masks = {
-            name: mask & self.masks[name] if name in self.masks else mask for name, mask in masks.items()
-        }  # never revive
-        self.masks = self._beside_weights(
-            trainer.strategy.broadcast({name: mask.cpu() for name, mask in masks.items()}, src=0)
+        """Prune to the schedule's sparsity at ``epoch``, rank zero's masks on every rank, then rewind and log."""
+        self.pruner.prune(
+            self.schedule.sparsity_at(epoch),
+            taylor=self._reduced_taylor(trainer, epoch),
+            generator=torch.Generator().manual_seed(
+                self.config.seed * 100_003 + epoch
+            ),  # the same on every rank, and after a restart
+            share=lambda tensors: trainer.strategy.broadcast(tensors, src=0),
         )
         self._taylor = {}
-        self.apply_masks()
         if self._rewind_weights:
-            for name, weight in self._parameters.items():
+            for name, weight in self.pruner.parameters.items():
                 weight.copy_(self._rewind_weights[name] * self.masks.get(name, True))
         self.pruned_epochs.append(epoch)
         self._log(trainer)
 
-    def _channel_masks(self, trainer: L.Trainer, epoch: int) -> dict[str, torch.Tensor]:
-        """Rank channel groups (scores normalized by each group's mean, so layers compare) and mask what they touch."""
-        scores = self.channel_groups.scores(
-            self.criterion, self._reduced_taylor(trainer, epoch), self._generator(epoch)
-        )
-        scores = {name: score / score.mean().clamp_min(1e-12) for name, score in scores.items()}
-        keep = rank_masks(forget_pruned(scores, self.channel_keep), *self._target(epoch, suffix=""), min_keep=1)
-        keep = {
-            name: kept & self.channel_keep[name] if name in self.channel_keep else kept for name, kept in keep.items()
-        }
-        self.channel_keep = trainer.strategy.broadcast(keep, src=0)
-        return self.channel_groups.masks(self.channel_keep)
-
-    def _target(self, epoch: int, suffix: str) -> tuple[float | dict[str, float], str]:
-        """Sparsity and scope of the masks at ``epoch``; with amounts per layer, each layer (its name plus
-        ``suffix``) gets its amount times the schedule's progress, ranked on its own."""
-        overall = self.schedule.sparsity_at(epoch)
-        if self.layer_amounts is None:
-            return overall, self.scope
-        progress = overall / self.amount if self.amount else 0.0
-        return {f"{layer}{suffix}": amount * progress for layer, amount in self.layer_amounts.items()}, "layer"
-
-    def _generator(self, epoch: int) -> torch.Generator:
-        """The random criterion's generator: the same on every rank and after a restart."""
-        return torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-
-    def _reduced_taylor(self, trainer: L.Trainer, epoch: int) -> dict[str, torch.Tensor]:
-        if self.criterion != "taylor":
-            return {}
+    def _reduced_taylor(self, trainer: L.Trainer, epoch: int) -> dict[str, torch.Tensor] | None:
+        if self.config.criterion != "taylor":
+            return None
         if not self._taylor:
             raise RuntimeError(
                 f"no gradients were seen in epoch {epoch - 1}, so there is no Taylor importance to prune by"
             )
         return {name: trainer.strategy.reduce(score, reduce_op="sum") for name, score in self._taylor.items()}
 
-    def _scores(self, trainer: L.Trainer, weights: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
-        taylor, generator = self._reduced_taylor(trainer, epoch), self._generator(epoch)
-        return {
-            name: element_scores(weight, self.criterion, taylor.get(name), generator)
-            for name, weight in weights.items()
-        }
-
     def sparsity(self) -> dict[str, float]:
-        """``{"pruning/sparsity": global, "pruning/sparsity/<weight>": per layer}``: the targeted weights' fraction of exact zeros.
-
-        The zeros are counted in the weights themselves (each tensor once), not in the masks: a NaN weight
-        stays NaN under a mask of 0, and is not counted as pruned.
-        """
-        pruned = {name: int((weight.detach() == 0).sum()) for name, weight in self._parameters.items()}
-        sizes = {name: weight.numel() for name, weight in self._parameters.items()}
-        metrics = {"pruning/sparsity": sum(pruned.values()) / sum(sizes.values())}
-        metrics.update({f"pruning/sparsity/{name}": pruned[name] / sizes[name] for name in self._parameters})
-        return metrics
+        """``{"pruning/sparsity": global, "pruning/sparsity/<weight>": per layer}`` (see :meth:`Pruner.sparsity`)."""
+        return self.pruner.sparsity()
 
     def _log(self, trainer: L.Trainer) -> None:
         metrics = self.sparsity()
@@ -387,18 +271,16 @@ class Pruning(L.Callback):
             hook.remove()
         self._step_hooks = []
         if self.remove_channels and self.channel_keep:
-            self.channel_groups.remove(self.channel_keep)
-            self.masks, self.channel_keep, self._rewind_weights = {}, {}, {}
-            self._parameters = {name: p for name, p in pl_module.named_parameters() if name in self._parameters}
-            self._all_parameters = dict(pl_module.named_parameters())
+            self.pruner.remove_channels(pl_module)
+            self._rewind_weights = {}
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
-            amount=self.layer_amounts or self.amount,
-            criterion=self.criterion,
-            granularity=self.granularity,
-            targets=str(self.targets),
+            amount=self.config.amount,
+            criterion=self.config.criterion,
+            granularity=self.config.granularity,
+            targets=str(self.config.layers),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -412,41 +294,13 @@ class Pruning(L.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.pruner is None:  # restored before setup: the pruner takes its part there
+            self._restored = state_dict
+            return
+        self._restored = None
         if state_dict["end_epoch"] is not None and self.schedule is not None:
             self.schedule = dataclasses.replace(self.schedule, end_epoch=state_dict["end_epoch"])
-        self.masks = dict(state_dict["masks"])
-        self.channel_keep = dict(state_dict["channel_keep"])
+        self.pruner.load_state_dict(state_dict)
         self.pruned_epochs = list(state_dict["pruned_epochs"])
         self._rewind_weights = dict(state_dict["rewind_weights"])
         self._taylor = dict(state_dict["taylor"])
-
-
-def _check_layer_amounts(
-    amounts: Mapping[str, float], targets: TargetSpec, threshold: float | None, n_of_m: tuple[int, int] | None
-) -> dict[str, float]:
-    """Amounts per layer name, each in [0, 1); they name the targets, so targets, threshold and N:M are out."""
-    if targets is not None or threshold is not None or n_of_m:
-        raise ValueError(
-            "amount per layer names the layers and their sparsity itself: leave out targets, threshold and N:M granularity"
-        )
-    not_numbers = {layer: amount for layer, amount in amounts.items() if not is_number(amount)}
-    if not_numbers:
-        kinds = ", ".join(
-            f"{amount!r} ({type(amount).__name__}) for {layer!r}" for layer, amount in not_numbers.items()
-        )
-        raise ValueError(f"amount per layer needs a number in [0, 1) for each layer; got {kinds}")
-    amounts = {str(layer): float(amount) for layer, amount in amounts.items()}
-    bad = {layer: amount for layer, amount in amounts.items() if not 0.0 <= amount < 1.0}
-    if not amounts or bad:
-        raise ValueError(f"amount per layer needs at least one layer, each amount in [0, 1); got {bad or amounts}")
-    return amounts
-
-
-def _parse_granularity(granularity: str) -> tuple[int, int] | None:
-    """``None`` for unstructured and channel, ``(n, m)`` for an ``"N:M"`` pattern with 0 < N < M."""
-    if granularity in ("unstructured", "channel"):
-        return None
-    match = _N_OF_M.match(granularity)
-    if match is None or not 0 < int(match[1]) < int(match[2]):
-        raise ValueError(f"unknown granularity {granularity!r}; use {' or '.join(GRANULARITIES)} with 0 < N < M")
-    return int(match[1]), int(match[2])
