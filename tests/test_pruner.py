@@ -86,6 +86,26 @@ def test_channel_and_n_of_m_granularities() -> None:
     assert bool(((groups != 0).sum(-1) <= 2).all()) and zeros(model)["0.weight"] == 256
 
 
+def test_a_callable_criterion_is_a_users_own_importance() -> None:
+    model = mlp()
+    original = [layer.weight.detach().clone() for layer in (model[0], model[2])]
+    # prune the weights closest to +0.05, whatever their magnitude: no built-in criterion ranks that way
+    prune_(model, 0.5, criterion=lambda layer: (layer.weight - 0.05).abs(), scope="layer")
+    for layer, weight in zip((model[0], model[2]), original):
+        distance = (weight - 0.05).abs().flatten()
+        pruned = torch.zeros_like(distance, dtype=torch.bool)
+        pruned[distance.argsort()[: distance.numel() // 2]] = True
+        assert torch.equal(layer.weight.flatten() == 0, pruned)
+    with pytest.raises(
+        ValueError, match=r"the criterion's score for '0.weight' has shape \(32,\); it must be the weight's, \(32, 16\)"
+    ):
+        prune_(mlp(), 0.5, criterion=lambda layer: layer.weight.sum(1))
+    with pytest.raises(
+        ValueError, match="a callable criterion scores each weight; channel granularity ranks channels by one of"
+    ):
+        PruningConfig(amount=0.5, criterion=lambda layer: layer.weight, granularity="channel")
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [

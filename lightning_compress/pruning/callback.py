@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from lightning_compress.arguments import check_argument, is_int
 from lightning_compress.batches import first_training_input
@@ -41,7 +42,8 @@ class Pruning(L.Callback):
             are the targets, each ranked on its own and following the schedule to its amount.
         criterion: ``"magnitude"`` (``|w|``), ``"l1"`` / ``"l2"`` (norm of each output channel, channel
             granularity), ``"taylor"`` (``|w * dL/dw|`` summed over the epoch before each pruning step),
-            or ``"random"`` (seeded).
+            ``"random"`` (seeded), or a callable ``score(layer) -> Tensor`` of the weight's shape (your own
+            importance; unstructured and N:M granularity).
         granularity: ``"unstructured"``, ``"channel"`` (whole output channels, with everything they
             touch: bias, BatchNorm, the inputs of the next layers, residual partners; the output layer is
             never pruned), or ``"N:M"`` (at most N non-zeros in each group of M consecutive weights along
@@ -68,7 +70,7 @@ class Pruning(L.Callback):
     def __init__(
         self,
         amount: float | Mapping[str, float] | None = None,
-        criterion: str = "magnitude",
+        criterion: str | Callable[[nn.Module], torch.Tensor] = "magnitude",
         granularity: str = "unstructured",
         scope: str = "global",
         schedule: str | Callable[[int], float] = "agp",

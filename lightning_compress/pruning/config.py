@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+import torch
+from torch import nn
 
 from lightning_compress.arguments import check_argument, is_number
 from lightning_compress.pruning.criteria import CRITERIA
@@ -22,8 +25,11 @@ class PruningConfig:
     importance (``criterion``), in which units (``granularity``) and ranked over what (``scope``).
 
     ``amount`` is a sparsity in [0, 1), or a dict of layer names to each layer's own sparsity (those layers
-    are then the targets, each ranked on its own); N:M granularity implies its sparsity. Bad settings
-    fail here, before any model is touched.
+    are then the targets, each ranked on its own); N:M granularity implies its sparsity. ``criterion`` is
+    one of :data:`~lightning_compress.pruning.CRITERIA` or your own importance, a callable ``score(layer)``
+    returning a tensor of the layer's weight shape (unstructured and N:M granularity), as Lightning's
+    ``ModelPruning`` takes a function and Torch-Pruning an ``Importance``. Bad settings fail here, before
+    any model is touched.
 
     Example:
         >>> config = PruningConfig(granularity="2:4")
@@ -38,7 +44,7 @@ class PruningConfig:
     """
 
     amount: float | Mapping[str, float] | None = None
-    criterion: str = "magnitude"
+    criterion: str | Callable[[nn.Module], torch.Tensor] = "magnitude"
     granularity: str = "unstructured"
     scope: str = "global"
     targets: TargetSpec = None
@@ -56,7 +62,13 @@ class PruningConfig:
             layer_amounts = _check_layer_amounts(amount, self.targets, threshold, n_of_m)
             object.__setattr__(self, "amount", layer_amounts)
             amount = max(layer_amounts.values())
-        if criterion not in CRITERIA or (criterion in ("l1", "l2") and not channel):
+        if callable(criterion):
+            if channel:
+                raise ValueError(
+                    "a callable criterion scores each weight; channel granularity ranks channels by one of "
+                    + ", ".join(CRITERIA)
+                )
+        elif criterion not in CRITERIA or (criterion in ("l1", "l2") and not channel):
             allowed = CRITERIA if channel else ("magnitude", "taylor", "random")
             raise ValueError(
                 f"unknown criterion {criterion!r} for {granularity} pruning; use one of {', '.join(allowed)}"

@@ -48,7 +48,8 @@ class Pruner:
     ) -> None:
         self.config = config
         layers = select_layers(model, config.layers, config.exclude)
-        self.parameters = {f"{name}.weight": module.weight for name, module in layers.items()}
+        self.layers = {f"{name}.weight": module for name, module in layers.items()}
+        self.parameters = {name: module.weight for name, module in self.layers.items()}
         self.all_parameters = dict(model.named_parameters())
         self.masks: dict[str, torch.Tensor] = {}
         self.channel_keep: dict[str, torch.Tensor] = {}
@@ -118,17 +119,30 @@ class Pruner:
             self.channel_keep = share(keep)
             masks = self.channel_groups.masks(self.channel_keep)
         else:
-            taylor = taylor or {}
-            scores = {
-                name: element_scores(weight, config.criterion, taylor.get(name), generator)
-                for name, weight in weights.items()
-            }
-            scores = forget_pruned(scores, self.masks)
+            scores = forget_pruned(self._element_scores(weights, taylor or {}, generator), self.masks)
             masks = n_of_m_masks(scores, *config.n_of_m) if config.n_of_m else rank_masks(scores, *target(".weight"))
         masks = {name: mask & self.masks[name] if name in self.masks else mask for name, mask in masks.items()}
         shared = share({name: mask.cpu() for name, mask in masks.items()})
         self.masks = {name: mask.to(self.all_parameters[name].device) for name, mask in shared.items()}
         self.apply()
+
+    def _element_scores(
+        self, weights: dict[str, torch.Tensor], taylor: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Each weight's importance: the named criterion's, or the callable's, checked for the weight's shape."""
+        criterion = self.config.criterion
+        if not callable(criterion):
+            return {
+                name: element_scores(weight, criterion, taylor.get(name), generator) for name, weight in weights.items()
+            }
+        scores = {name: criterion(self.layers[name]).detach() for name in weights}
+        for name, score in scores.items():
+            if not isinstance(score, torch.Tensor) or score.shape != weights[name].shape:
+                shape = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+                raise ValueError(
+                    f"the criterion's score for {name!r} has shape {shape}; it must be the weight's, {tuple(weights[name].shape)}"
+                )
+        return scores
 
     def _target(self, sparsity: float) -> Callable[[str], tuple[float | dict[str, float], str]]:
         """Sparsity and scope of the masks, given the suffix the mask names add to layer names (".weight" or
