@@ -16,13 +16,13 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_compress.cli import build
-from lightning_compress.files import write_atomically
-from lightning_compress.pruning.sensitivity import (
+from lightning_compress.analysis.sensitivity import (
     layer_amounts,
     plot_sensitivity,
     sensitivity_analysis,
 )
+from lightning_compress.cli import build
+from lightning_compress.files import write_atomically
 
 
 def analyse(cfg: DictConfig) -> dict[str, float]:

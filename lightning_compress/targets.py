@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from lightning_compress.analysis.measure import WEIGHT_LAYER_TYPES, weight_layers
+from lightning_compress.modules import WEIGHT_LAYER_TYPES, weight_layers
 
 TargetSpec = Sequence[type[nn.Module] | str] | type[nn.Module] | str | None
 

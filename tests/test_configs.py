@@ -15,8 +15,8 @@ from lightning_compress import (
     Pruning,
     QuantizationAwareTraining,
 )
+from lightning_compress.analysis.sensitivity import DENSE, SensitivityPoint, write_points
 from lightning_compress.data import InMemoryImageDataModule
-from lightning_compress.pruning.sensitivity import DENSE, SensitivityPoint, write_points
 
 
 def test_every_group_has_its_options() -> None:

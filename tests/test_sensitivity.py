@@ -6,9 +6,8 @@ import yaml
 from digits import fit_digits
 
 from lightning_compress import Pruning
-from lightning_compress.analysis import evaluate_accuracy
-from lightning_compress.pruning import layer_amounts, sensitivity_analysis
-from lightning_compress.pruning.sensitivity import (
+from lightning_compress.analysis import evaluate_accuracy, layer_amounts, sensitivity_analysis
+from lightning_compress.analysis.sensitivity import (
     DENSE,
     SensitivityPoint,
     read_points,

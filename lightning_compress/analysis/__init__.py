@@ -1,4 +1,4 @@
-"""Measurement in plain PyTorch: size, sparsity, MACs, latency, accuracy, and the report built from them."""
+"""Measurement in plain PyTorch: size, sparsity, MACs, latency, accuracy, pruning sensitivity, and the report built from them."""
 
 from lightning_compress.analysis.latency import (
     LATENCY_RUNTIMES,
@@ -8,19 +8,18 @@ from lightning_compress.analysis.latency import (
     measure_latency,
 )
 from lightning_compress.analysis.measure import (
-    WEIGHT_LAYER_TYPES,
     SparsityStats,
     count_macs,
     count_nonzero_parameters,
     count_parameters,
-    eval_mode,
     global_sparsity,
     layer_sparsity,
     size_on_disk,
-    weight_layers,
 )
 from lightning_compress.analysis.profile import ModelProfile, TimedModel, evaluate_accuracy, profile_model, time_models
 from lightning_compress.analysis.report import Report, ReportEntry
+from lightning_compress.analysis.sensitivity import SensitivityPoint, layer_amounts, sensitivity_analysis
+from lightning_compress.modules import WEIGHT_LAYER_TYPES, eval_mode, weight_layers
 
 __all__ = [
     "LATENCY_RUNTIMES",
@@ -29,6 +28,7 @@ __all__ = [
     "ModelProfile",
     "Report",
     "ReportEntry",
+    "SensitivityPoint",
     "SparsityStats",
     "TimedModel",
     "check_latency_options",
@@ -38,10 +38,12 @@ __all__ = [
     "eval_mode",
     "evaluate_accuracy",
     "global_sparsity",
+    "layer_amounts",
     "layer_sparsity",
     "measure_latencies",
     "measure_latency",
     "profile_model",
+    "sensitivity_analysis",
     "size_on_disk",
     "time_models",
     "weight_layers",

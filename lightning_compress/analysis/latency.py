@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Union
 import torch
 from torch import nn
 
-from lightning_compress.analysis.measure import eval_mode
+from lightning_compress.modules import eval_mode
 
 if TYPE_CHECKING:
     from lightning_compress.deploy import OnnxRuntimeModel

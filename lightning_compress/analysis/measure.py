@@ -10,19 +10,15 @@ Every function here works on any ``nn.Module`` without a Trainer::
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-#: Layers whose ``weight`` the sparsity statistics (and the compression methods) look at.
-WEIGHT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
+from lightning_compress.modules import WEIGHT_LAYER_TYPES, eval_mode, weight_layers
 
 
 @dataclass(frozen=True)
@@ -42,24 +38,6 @@ class SparsityStats:
         return self.zeros / self.total if self.total else 0.0
 
 
-def model_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` that shares, rather than copies, the Trainer a LightningModule is attached to."""
-    trainer = getattr(model, "_trainer", None)
-    return copy.deepcopy(model, memo={id(trainer): trainer} if trainer is not None else None)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and give every submodule back the mode it had (a frozen part stays frozen)."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters; a parameter shared by several modules counts once."""
     return sum(p.numel() for p in model.parameters())
@@ -68,21 +46,6 @@ def count_parameters(model: nn.Module) -> int:
 def count_nonzero_parameters(model: nn.Module) -> int:
     """Number of parameter elements that are not exactly zero; shared parameters count once."""
     return sum(int(torch.count_nonzero(p.detach())) for p in model.parameters())
-
-
-def weight_layers(
-    model: nn.Module, layer_types: tuple[type[nn.Module], ...] = WEIGHT_LAYER_TYPES
-) -> Iterator[tuple[str, nn.Module]]:
-    """The ``(name, module)`` pairs of ``layer_types`` with a weight, each weight tensor once.
-
-    A weight shared by two layers (tied embeddings, a reused block) is yielded under the first name only.
-    """
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, layer_types) and isinstance(weight, torch.Tensor) and id(weight) not in seen:
-            seen.add(id(weight))
-            yield name, module
 
 
 def layer_sparsity(

@@ -15,13 +15,13 @@ from lightning_compress.analysis.measure import (
     count_macs,
     count_nonzero_parameters,
     count_parameters,
-    eval_mode,
     global_sparsity,
     layer_sparsity,
     size_on_disk,
 )
 from lightning_compress.deploy.compressed import compressed_bytes
 from lightning_compress.deploy.onnx import OnnxRuntimeModel, onnx_bytes
+from lightning_compress.modules import eval_mode
 from lightning_compress.quantization.layers import quantized_layers
 
 

@@ -20,9 +20,9 @@ from lightning_compress.analysis import (
     profile_model,
     time_models,
 )
-from lightning_compress.analysis.measure import model_copy
 from lightning_compress.callbacks.finite import describe_non_finite, non_finite_parameters
 from lightning_compress.deploy.half import HALF_DTYPES, half_precision
+from lightning_compress.modules import model_copy
 from lightning_compress.quantization.layers import quantized_layers
 
 

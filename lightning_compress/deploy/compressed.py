@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_compress.analysis.measure import eval_mode, model_copy
 from lightning_compress.deploy.export import _load, quantize_as_saved, quantizer_settings
 from lightning_compress.deploy.integer_layers import IntegerLayer
+from lightning_compress.modules import eval_mode, model_copy
 from lightning_compress.quantization.layers import QuantizedLayer, quantized_layers
 
 MAGIC = b"lightning_compress.compressed/1\n"

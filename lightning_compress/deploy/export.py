@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.analysis.measure import model_copy
 from lightning_compress.files import write_atomically
+from lightning_compress.modules import model_copy
 from lightning_compress.quantization.config import QuantConfig
 from lightning_compress.quantization.layers import quantize_model, quantized_layers
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_compress.analysis.measure import model_copy
+from lightning_compress.modules import model_copy
 from lightning_compress.quantization.layers import quantized_layers
 
 HALF_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}

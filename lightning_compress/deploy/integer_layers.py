@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_compress.analysis.measure import eval_mode, model_copy
+from lightning_compress.modules import eval_mode, model_copy
 from lightning_compress.quantization.layers import (
     QuantizedLayer,
     dequantize_layer,

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lightning_compress.analysis.measure import eval_mode
 from lightning_compress.deploy.integer_layers import split_quantization
+from lightning_compress.modules import eval_mode
 
 
 def onnx_bytes(model: nn.Module, example_input: torch.Tensor) -> bytes:

@@ -1,4 +1,4 @@
-"""Pruning: importance criteria, masks, sparsity schedules (plain PyTorch) and the ``Pruning`` callback."""
+"""Pruning: settings, importance criteria, masks, schedules and the Pruner (plain PyTorch), and the ``Pruning`` callback."""
 
 from lightning_compress.pruning.callback import Pruning
 from lightning_compress.pruning.config import PruningConfig
@@ -16,11 +16,6 @@ from lightning_compress.pruning.masks import (
 )
 from lightning_compress.pruning.pruner import Pruner, prune_
 from lightning_compress.pruning.schedules import SCHEDULES, SparsitySchedule
-from lightning_compress.pruning.sensitivity import (
-    SensitivityPoint,
-    layer_amounts,
-    sensitivity_analysis,
-)
 from lightning_compress.targets import select_layers
 
 __all__ = [
@@ -29,17 +24,14 @@ __all__ = [
     "Pruner",
     "Pruning",
     "PruningConfig",
-    "SensitivityPoint",
     "SparsitySchedule",
     "channel_scores",
     "element_scores",
     "forget_pruned",
-    "layer_amounts",
     "n_of_m_masks",
     "prune_",
     "rank_masks",
     "select_layers",
-    "sensitivity_analysis",
     "taylor_scores",
     "threshold_masks",
 ]

@@ -38,7 +38,7 @@ class Pruning(L.Callback):
     Args:
         amount: target sparsity in [0, 1) of the targeted weights (for N:M it is implied), or a dict of
             layer names (as ``named_modules`` of the LightningModule gives them) to each layer's own
-            sparsity, e.g. from :func:`~lightning_compress.pruning.sensitivity.layer_amounts`: those layers
+            sparsity, e.g. from :func:`~lightning_compress.analysis.sensitivity.layer_amounts`: those layers
             are the targets, each ranked on its own and following the schedule to its amount.
         criterion: ``"magnitude"`` (``|w|``), ``"l1"`` / ``"l2"`` (norm of each output channel, channel
             granularity), ``"taylor"`` (``|w * dL/dw|`` summed over the epoch before each pruning step),

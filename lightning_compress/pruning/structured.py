@@ -13,7 +13,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_compress.analysis.measure import WEIGHT_LAYER_TYPES, eval_mode
+from lightning_compress.modules import WEIGHT_LAYER_TYPES, eval_mode
 from lightning_compress.pruning.criteria import channel_scores
 
 

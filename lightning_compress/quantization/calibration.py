@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.analysis.measure import eval_mode
 from lightning_compress.batches import batch_inputs
+from lightning_compress.modules import eval_mode
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.layers import quantizers, set_quantization
 
