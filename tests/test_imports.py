@@ -23,7 +23,7 @@ PROBE = textwrap.dedent(
     report.add("before", profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=()))
     folder = Path(tempfile.mkdtemp())
     report.write(folder)
-    plot_pareto([], folder / "pareto.png")
+    plot_pareto({"bytes": [], "latency": []}, folder / "pareto.png")
     print(json.dumps({"imported": imported, "backend": matplotlib.get_backend(), "open_figures": plt.get_fignums()}))
     """
 )

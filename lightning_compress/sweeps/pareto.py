@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 from lightning_compress.analysis.plots import new_figure
 
-if TYPE_CHECKING:
-    from lightning_compress.sweeps.summary import JobResult
+#: Each panel's x-axis label and the scale from the summary's unit (bytes, ms) to the axis'.
+AXES = {"bytes": ("deployed size (KiB)", 1 / 1024), "latency": ("latency, smallest batch (ms)", 1.0)}
 
 
-def plot_pareto(jobs: list[JobResult], path: str | os.PathLike[str]) -> None:
-    """Two panels, bytes and latency on the x-axes (smaller is better), accuracy up; the front is joined.
+class ParetoPoint(NamedTuple):
+    """One job in one panel: its cost (bytes or milliseconds), accuracy (a fraction), folder name, and
+    whether it is on that panel's Pareto front."""
+
+    cost: float
+    accuracy: float
+    label: str
+    on_front: bool
+
+
+def plot_pareto(panels: dict[str, list[ParetoPoint]], path: str | os.PathLike[str]) -> None:
+    """One panel per axis of ``panels`` (``"bytes"``, ``"latency"``; smaller is better), accuracy up; the front is joined.
 
     Each point is labelled with its job folder, the key to the summary table's rows.
 
@@ -20,32 +30,23 @@ def plot_pareto(jobs: list[JobResult], path: str | os.PathLike[str]) -> None:
         >>> import tempfile
         >>> from pathlib import Path
         >>> path = Path(tempfile.mkdtemp()) / "pareto.png"
-        >>> plot_pareto([], path)
+        >>> plot_pareto({"bytes": [ParetoPoint(2048, 0.9, "0", True)], "latency": []}, path)
         >>> path.read_bytes()[:4]
         b'\\x89PNG'
     """
-    from lightning_compress.sweeps.summary import METRICS, PARETO_AXES
-
-    figure, axes = new_figure((12, 4.5), ncols=len(PARETO_AXES))
-    labels = {"bytes": "deployed size (KiB)", "latency": "latency, smallest batch (ms)"}
-    scale = {"bytes": 1 / 1024, "latency": 1.0}
-    for panel, (axis, metric) in zip(axes, PARETO_AXES.items()):
-        points = []
-        for job in jobs:
-            if job.report is None or not job.report.entries:
-                continue
-            x = METRICS[metric](job.report.entries[-1])
-            if job.accuracy is not None and x is not None:
-                points.append((x * scale[axis], 100 * job.accuracy, job.folder.name, job.pareto.get(axis, False)))
-        panel.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", label="job")
-        front = sorted((p for p in points if p[3]), key=lambda p: p[0])
+    figure, axes = new_figure((12, 4.5), ncols=len(panels))
+    for panel, (axis, points) in zip(axes, panels.items()):
+        label, scale = AXES[axis]
+        xs, ys = [point.cost * scale for point in points], [100 * point.accuracy for point in points]
+        panel.scatter(xs, ys, color="tab:blue", label="job")
+        front = sorted((x, y) for x, y, point in zip(xs, ys, points) if point.on_front)
         if front:
             panel.step(
-                [p[0] for p in front], [p[1] for p in front], where="post", color="tab:red", label="Pareto front"
+                [x for x, _ in front], [y for _, y in front], where="post", color="tab:red", label="Pareto front"
             )
-        for x, y, name, _ in points:
-            panel.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        panel.set_xlabel(labels[axis])
+        for x, y, point in zip(xs, ys, points):
+            panel.annotate(point.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        panel.set_xlabel(label)
         panel.set_ylabel("accuracy (%)")
         panel.set_title(f"Accuracy against {axis}")
         panel.grid(alpha=0.3)

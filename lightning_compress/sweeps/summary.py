@@ -24,6 +24,7 @@ import yaml
 
 from lightning_compress.analysis.report import Report, ReportEntry
 from lightning_compress.files import write_atomically
+from lightning_compress.sweeps.pareto import ParetoPoint, plot_pareto
 
 #: What an Optuna search or the summary can read off a job's final stage.
 METRICS: dict[str, Callable[[ReportEntry], float | None]] = {
@@ -202,16 +203,29 @@ def write_summary(sweep_dir: str | os.PathLike[str]) -> dict[str, Path]:
         >>> sorted(paths)  # doctest: +SKIP
         ['csv', 'markdown', 'plot']
     """
-    from lightning_compress.sweeps.pareto import plot_pareto
-
     sweep_dir = Path(sweep_dir)
     jobs = collect(sweep_dir)
     rows = [job.row(sweep_dir) for job in jobs]
     paths = {"csv": sweep_dir / "summary.csv", "markdown": sweep_dir / "summary.md", "plot": sweep_dir / "pareto.png"}
     write_atomically(paths["csv"], lambda path: _write_csv(path, rows))
     write_atomically(paths["markdown"], lambda path: path.write_text(to_markdown(rows)))
-    write_atomically(paths["plot"], lambda path: plot_pareto(jobs, path))
+    write_atomically(paths["plot"], lambda path: plot_pareto(pareto_points(jobs), path))
     return paths
+
+
+def pareto_points(jobs: list[JobResult]) -> dict[str, list[ParetoPoint]]:
+    """The points of the Pareto plot, one list per axis of :data:`PARETO_AXES`: each job that has an
+    accuracy and the axis' metric, with its place on that axis' front (see :func:`_mark_pareto`)."""
+    panels = {}
+    for axis, metric in PARETO_AXES.items():
+        panels[axis] = [
+            ParetoPoint(cost, job.accuracy, job.folder.name, job.pareto.get(axis, False))
+            for job in jobs
+            if job.report is not None and job.report.entries and job.accuracy is not None
+            for cost in [METRICS[metric](job.report.entries[-1])]
+            if cost is not None
+        ]
+    return panels
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
