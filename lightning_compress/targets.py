@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 
 from lightning_compress.modules import WEIGHT_LAYER_TYPES, weight_layers
+from lightning_compress.protocols import ExcludesFromCompression
 
 TargetSpec = Sequence[type[nn.Module] | str] | type[nn.Module] | str | None
 
@@ -36,7 +37,8 @@ def select_layers(model: nn.Module, targets: TargetSpec = None, exclude: TargetS
     matches any target (every candidate when ``targets`` is None) and no exclusion. A pattern that
     matches no candidate raises ``ValueError`` listing the closest names, so a typo never silently
     compresses nothing. A model may name layers that exist only for training (a distillation adapter)
-    in a ``compression_exclude`` attribute of patterns: they are never selected.
+    in a ``compression_exclude`` attribute of patterns (:class:`~lightning_compress.protocols.ExcludesFromCompression`):
+    they are never selected.
 
     Example:
         >>> from torch import nn
@@ -47,7 +49,8 @@ def select_layers(model: nn.Module, targets: TargetSpec = None, exclude: TargetS
     include, skip = _as_list(targets), _as_list(exclude)
     candidates = dict(weight_layers(model, (*WEIGHT_LAYER_TYPES, *(s for s in include if isinstance(s, type)))))
     _check_patterns(candidates, [s for s in [*include, *skip] if isinstance(s, str)])
-    skip += list(getattr(model, "compression_exclude", ()))
+    if isinstance(model, ExcludesFromCompression):
+        skip += list(model.compression_exclude)
     selected = {
         name: module
         for name, module in candidates.items()

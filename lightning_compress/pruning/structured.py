@@ -14,6 +14,7 @@ import torch_pruning as tp
 from torch import nn
 
 from lightning_compress.modules import WEIGHT_LAYER_TYPES, eval_mode
+from lightning_compress.protocols import HasOutputChannelState
 from lightning_compress.pruning.criteria import channel_scores
 
 
@@ -115,12 +116,11 @@ class ChannelGroups:
         return [(n, t, 0) for n, t in tensors if t.dim() == 1]  # BatchNorm's affine parameters and statistics
 
     def _extra_output_channel_state(self, module: nn.Module, handler: object) -> list[tuple[str, torch.Tensor, int]]:
-        """Per-output-channel tensors a layer keeps besides weight and bias, if it says so through an
-        ``output_channel_state()`` method (a quantized layer's weight scales and ranges)."""
-        state = getattr(module, "output_channel_state", None)
-        if state is None or not self.graph.is_out_channel_pruning_fn(handler):
+        """Per-output-channel tensors a layer keeps besides weight and bias, if it says so
+        (:class:`~lightning_compress.protocols.HasOutputChannelState`: a quantized layer's weight scales and ranges)."""
+        if not isinstance(module, HasOutputChannelState) or not self.graph.is_out_channel_pruning_fn(handler):
             return []
-        return [(name, tensor, 0) for name, tensor in state().items()]
+        return [(name, tensor, 0) for name, tensor in module.output_channel_state().items()]
 
     def remove(self, keep: dict[str, torch.Tensor]) -> None:
         """Physically remove the channels that ``keep`` marks ``False``: the model becomes smaller and dense.
