@@ -13,6 +13,22 @@ from omegaconf import DictConfig
 
 
 @pytest.fixture
+def timed_together(monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], dict]]:
+    """Each call of ``measure_latencies`` (through ``time_models``): the names timed together, and the options."""
+    import lightning_compress.analysis.profile as profiling
+
+    calls: list[tuple[list[str], dict]] = []
+    measure_latencies = profiling.measure_latencies
+
+    def recording(contenders: dict, **options: object) -> dict:
+        calls.append((list(contenders), options))
+        return measure_latencies(contenders, **options)
+
+    monkeypatch.setattr(profiling, "measure_latencies", recording)
+    return calls
+
+
+@pytest.fixture
 def compose_config() -> Iterator[Callable[..., DictConfig]]:
     """Compose ``train.yaml`` from the packaged configs with the given overrides."""
     GlobalHydra.instance().clear()

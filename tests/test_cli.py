@@ -11,22 +11,12 @@ from commands import QUICK_REPORT, run_command
 from hydra.utils import instantiate
 from onnx import numpy_helper
 
-import lightning_compress.analysis.profile as profiling
 from lightning_compress import load_compressed
 from lightning_compress.cli import train
 from lightning_compress.quantization.layers import QuantizedLayer
 
 
-def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config, tmp_path, monkeypatch) -> None:
-    timed_together = []
-    measure_latencies = profiling.measure_latencies
-    monkeypatch.setattr(
-        profiling,
-        "measure_latencies",
-        lambda contenders, **options: (
-            timed_together.append(list(contenders)) or measure_latencies(contenders, **options)
-        ),
-    )
+def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config, tmp_path, timed_together) -> None:
     # latency in eager torch: no ONNX export inside the report (each run still writes its model.onnx)
     cfg = compose_config(
         "trainer.fast_dev_run=true",
@@ -43,8 +33,9 @@ def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config
         "pruning+quantization",
     ]
     # each run times its stages together at its end, and the job all of its stages together at its end
-    assert timed_together[-1] == [entry.name for entry in report.entries]
-    assert ["before", "after", "bfloat16"] in timed_together and timed_together.count(["before", "after"]) == 3
+    names = [names for names, _ in timed_together]
+    assert names[-1] == [entry.name for entry in report.entries]
+    assert ["before", "after", "bfloat16"] in names and names.count(["before", "after"]) == 3
     assert [entry.test_accuracy is not None for entry in report.entries] == [True, False, True, True, True]
     assert all(entry.profile.compressed_bytes > 0 for entry in report.entries)  # every stage's compressed file
     stages = json.loads((tmp_path / "report.json").read_text())["stages"]

@@ -11,7 +11,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-import lightning_compress.analysis.profile as profiling
 from lightning_compress import ClassificationModule, CompressionReport, compressed_bytes
 from lightning_compress.analysis import (
     ModelProfile,
@@ -214,16 +213,7 @@ def test_resumed_run_keeps_the_before_stage(tmp_path) -> None:
     assert list(first.models) == ["before", "after"] and list(resumed.models) == ["after"]
 
 
-def test_every_stage_is_timed_with_the_others_at_the_end_of_fit(tmp_path, monkeypatch) -> None:
-    timed_together = []
-    measure_latencies = profiling.measure_latencies
-    monkeypatch.setattr(
-        profiling,
-        "measure_latencies",
-        lambda contenders, **options: (
-            timed_together.append((list(contenders), options)) or measure_latencies(contenders, **options)
-        ),
-    )
+def test_every_stage_is_timed_with_the_others_at_the_end_of_fit(tmp_path, timed_together) -> None:
     callback = CompressionReport(
         output_dir=tmp_path,
         latency_batch_sizes=(1, 4),

@@ -34,13 +34,7 @@ class CIFAR10DataModule(InMemoryImageDataModule):
         seed: int = 0,
         train_samples: int | None = None,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            val_fraction=val_fraction,
-            num_workers=num_workers,
-            seed=seed,
-            train_samples=train_samples,
-        )
+        super().__init__(batch_size, val_fraction, num_workers, seed, train_samples)
         self.root = Path(root)
         self.download = download
 

@@ -33,13 +33,7 @@ class DigitsDataModule(InMemoryImageDataModule):
         seed: int = 0,
         train_samples: int | None = None,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            val_fraction=val_fraction,
-            num_workers=num_workers,
-            seed=seed,
-            train_samples=train_samples,
-        )
+        super().__init__(batch_size, val_fraction, num_workers, seed, train_samples)
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.test_fraction = test_fraction
