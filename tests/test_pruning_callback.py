@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning_compress import ClassificationModule
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.models import SmallCNN
-from lightning_compress.pruning import Pruning
+from lightning_compress.pruning import Pruning, PruningConfig
 
 TARGETS = [
     "model.features.0.weight",
@@ -324,6 +324,19 @@ def test_channel_masks_zero_everything_a_pruned_channel_touches(tmp_path) -> Non
     assert torch.all(model.features[4].weight[:, pruned] == 0)
     assert "model.classifier.4.weight" in pruning.masks  # inputs of the output layer, never its outputs
     assert bool(pruning.masks["model.classifier.4.weight"].any(dim=1).all())
+
+
+def test_what_to_prune_comes_as_a_config_or_as_arguments_never_both(tmp_path) -> None:
+    config = PruningConfig(amount=0.5, granularity="2:4")
+    by_config = Pruning(config=config, schedule="oneshot", start_epoch=0)
+    assert by_config.config is config and Pruning(granularity="2:4").config == config
+    _, module, _ = fit_digits(tmp_path, [by_config], max_epochs=1)
+    groups = module.model.classifier[1].weight.reshape(-1, 4)
+    assert bool(((groups != 0).sum(1) <= 2).all())  # 2 of each 4 kept, as with granularity="2:4" itself
+    with pytest.raises(
+        ValueError, match=r"as config=PruningConfig\(...\) or as arguments, not both: got config and \['amount'\]"
+    ):
+        Pruning(amount=0.9, config=config)
 
 
 def test_channel_options_fail_before_training(tmp_path) -> None:

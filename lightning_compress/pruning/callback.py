@@ -60,6 +60,8 @@ class Pruning(L.Callback):
         remove_channels: with channel granularity, remove the pruned channels physically at the end of
             fit (Torch-Pruning's DepGraph), leaving a smaller dense model with the same outputs.
         seed: seed of the random criterion.
+        config: what to prune as a :class:`PruningConfig`, instead of ``amount``, ``criterion``,
+            ``granularity``, ``scope``, ``targets``, ``exclude``, ``threshold`` and ``seed`` (not both).
 
     Example:
         >>> import lightning as L
@@ -83,6 +85,8 @@ class Pruning(L.Callback):
         rewind_epoch: int | None = None,
         remove_channels: bool = False,
         seed: int = 0,
+        *,
+        config: PruningConfig | None = None,
     ) -> None:
         check_argument("schedule", schedule, isinstance(schedule, str) or callable(schedule), _SCHEDULE_KINDS)
         check_argument("start_epoch", start_epoch, is_int(start_epoch), "an int >= 0")
@@ -94,12 +98,14 @@ class Pruning(L.Callback):
             rewind_epoch is None or is_int(rewind_epoch),
             "an int in [0, start_epoch) or None",
         )
-        self.config = PruningConfig(amount, criterion, granularity, scope, targets, exclude, threshold, seed)
-        if remove_channels and granularity != "channel":
+        self.config = _pruning_config(
+            config, PruningConfig(amount, criterion, granularity, scope, targets, exclude, threshold, seed)
+        )
+        if remove_channels and self.config.granularity != "channel":
             raise ValueError(
-                f"remove_channels=True removes whole channels, so it needs granularity='channel', not {granularity!r}"
+                f"remove_channels=True removes whole channels, so it needs granularity='channel', not {self.config.granularity!r}"
             )
-        if self.config.final_amount is None and threshold is None and not callable(schedule):
+        if self.config.final_amount is None and self.config.threshold is None and not callable(schedule):
             raise ValueError("give amount, the target sparsity in [0, 1), or threshold (or a callable schedule)")
         # The schedule checks its own settings (kind, start_epoch, end_epoch, frequency) now, before training.
         SparsitySchedule(
@@ -109,7 +115,7 @@ class Pruning(L.Callback):
             start_epoch if end_epoch is None else end_epoch,
             frequency,
         )
-        if criterion == "taylor" and start_epoch == 0:
+        if self.config.criterion == "taylor" and start_epoch == 0:
             raise ValueError(
                 "criterion='taylor' accumulates |w * grad| over the epoch before each pruning step, so start_epoch must be >= 1"
             )
@@ -306,3 +312,21 @@ class Pruning(L.Callback):
         self.pruned_epochs = list(state_dict["pruned_epochs"])
         self._rewind_weights = dict(state_dict["rewind_weights"])
         self._taylor = dict(state_dict["taylor"])
+
+
+def _pruning_config(config: PruningConfig | None, from_arguments: PruningConfig) -> PruningConfig:
+    """``config`` where given (then every what-to-prune argument must be left at its default), else the arguments'."""
+    if config is None:
+        return from_arguments
+    if not isinstance(config, PruningConfig):
+        raise ValueError(f"config must be a PruningConfig, got {type(config).__name__}")
+    given = [
+        field.name
+        for field in dataclasses.fields(PruningConfig)
+        if getattr(from_arguments, field.name) != field.default
+    ]
+    if given:
+        raise ValueError(
+            f"give what to prune as config=PruningConfig(...) or as arguments, not both: got config and {given}"
+        )
+    return config
