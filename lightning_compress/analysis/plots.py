@@ -50,7 +50,7 @@ def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
         b'\x89PNG'
     """
     figure, (relative_axes, accuracy_axes, sparsity_axes) = new_figure(
-        (16, 4.8), ncols=3, gridspec_kw={"width_ratios": [3, 1.2, 1.6]}
+        (16, 5.6), ncols=3, gridspec_kw={"width_ratios": [3, 1.2, 1.6]}
     )
     metrics = _relative_metrics(report)
     width = 0.8 / len(report.entries)
@@ -59,12 +59,13 @@ def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
         positions = [m + index * width for m in range(len(metrics))]
         relative_axes.bar(positions, ratios, width=width, label=entry.name)
     relative_axes.set_xticks(
-        [m + width * (len(report.entries) - 1) / 2 for m in range(len(metrics))], list(metrics), rotation=20
+        [m + width * (len(report.entries) - 1) / 2 for m in range(len(metrics))], list(metrics), rotation=25, ha="right"
     )
     relative_axes.axhline(1.0, color="grey", linewidth=0.8)
     relative_axes.set_ylabel(f"ratio to '{report.entries[0].name}'")
     relative_axes.set_title("Size and speed relative to the first stage (lower is better)")
-    relative_axes.legend(fontsize="small")
+    # below the panel, where no bar is
+    relative_axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=len(report.entries))
 
     names = [entry.name for entry in report.entries]
     for offset, (label, values) in enumerate(
@@ -83,7 +84,7 @@ def plot_report(report: Report, path: str | os.PathLike[str]) -> None:
         accuracy_axes.set_xlim(max(0.0, min(known) - 5.0), 100.0)
     accuracy_axes.set_xlabel("accuracy (%)")
     accuracy_axes.set_title("Accuracy")
-    accuracy_axes.legend(fontsize="small")
+    accuracy_axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
 
     last = report.entries[-1]
     layers = list(last.profile.layer_sparsity)

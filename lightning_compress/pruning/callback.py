@@ -132,7 +132,6 @@ class Pruning(L.Callback):
         self.schedule: SparsitySchedule | None = None
         self.pruner: Pruner | None = None
         self.pruned_epochs: list[int] = []
-        self._restored: dict[str, Any] | None = None
         self._step_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._rewind_weights: dict[str, torch.Tensor] = {}
         self._taylor: dict[str, torch.Tensor] = {}
@@ -162,8 +161,6 @@ class Pruning(L.Callback):
                         "or fit with a LightningDataModule, whose first training batch is then traced"
                     )
             self.pruner = Pruner(pl_module, self.config, example, warn=rank_zero_warn)
-        if self._restored is not None:
-            self.load_state_dict(self._restored)
         if stage == "fit":
             end_epoch = self._end_epoch(trainer)
             if not trainer.fast_dev_run and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= end_epoch:
@@ -302,10 +299,10 @@ class Pruning(L.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.pruner is None:  # restored before setup: the pruner takes its part there
-            self._restored = state_dict
-            return
-        self._restored = None
+        if self.pruner is None:
+            raise RuntimeError(
+                "Pruning state loads into a callback set up for its model (Lightning restores after setup)"
+            )
         if state_dict["end_epoch"] is not None and self.schedule is not None:
             self.schedule = dataclasses.replace(self.schedule, end_epoch=state_dict["end_epoch"])
         self.pruner.load_state_dict(state_dict)
