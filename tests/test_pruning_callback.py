@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning_compress import ClassificationModule
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.models import SmallCNN
-from lightning_compress.pruning import Pruning, PruningConfig
+from lightning_compress.pruning import Pruner, Pruning, PruningConfig, taylor_scores
 
 TARGETS = [
     "model.features.0.weight",
@@ -143,6 +143,47 @@ def test_taylor_criterion_uses_the_epoch_before_pruning(tmp_path) -> None:
     assert any(not torch.equal(taylor.masks[name], magnitude.masks[name]) for name in TARGETS)
 
 
+def test_taylor_pruning_at_epoch_0_scores_the_first_steps_and_prunes_after_them(tmp_path) -> None:
+    pruned_at_batch_start = []
+
+    class RecordPruned(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            pruned_at_batch_start.append((trainer.global_step, bool(taylor.masks)))
+
+    taylor = Pruning(amount=0.5, criterion="taylor", schedule="oneshot", start_epoch=0, taylor_steps=3)
+    _, module, _ = fit_digits(tmp_path, [taylor, RecordPruned()], max_epochs=1)
+    assert pruned_at_batch_start[:5] == [(0, False), (1, False), (2, False), (3, True), (4, True)]
+    assert taylor.pruned_epochs == [0]
+    assert sum(zeros(module).values()) == round(0.5 * sum(module.state_dict()[n].numel() for n in TARGETS))
+
+    scores: dict[str, torch.Tensor] = {}
+
+    class SumFirstScores(L.Callback):  # the same seeded fit, unpruned: the same first three steps
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step < 3:
+                for name, weight in pl_module.named_parameters():
+                    if name in TARGETS:
+                        scores[name] = scores.get(name, 0) + taylor_scores(weight)
+
+    fit_digits(tmp_path, [SumFirstScores()], max_epochs=1)
+    expected = Pruner(digits_module(), PruningConfig(amount=0.5, criterion="taylor"))
+    expected.prune(taylor=scores)
+    assert all(torch.equal(taylor.masks[name], expected.masks[name]) for name in TARGETS)
+
+
+def test_taylor_pruning_at_epoch_0_of_fewer_steps_prunes_at_its_end(tmp_path) -> None:
+    pruned_at_epoch_start = []
+
+    class RecordPruned(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            pruned_at_epoch_start.append(bool(taylor.masks))
+
+    taylor = Pruning(amount=0.5, criterion="taylor", schedule="oneshot", start_epoch=0, taylor_steps=10_000)
+    _, module, _ = fit_digits(tmp_path, [taylor, RecordPruned()], max_epochs=2)
+    assert pruned_at_epoch_start == [False, True] and taylor.pruned_epochs == [0]
+    assert sum(zeros(module).values()) == round(0.5 * sum(module.state_dict()[n].numel() for n in TARGETS))
+
+
 def test_rewinding_resets_survivors_to_the_rewind_epoch(tmp_path) -> None:
     snapshots = {}
 
@@ -226,7 +267,7 @@ def test_fit_twice_validate_test_and_test_from_checkpoint(tmp_path) -> None:
         ({"amount": 0.5, "scope": "model"}, "unknown scope 'model'"),
         ({"amount": 0.5, "schedule": "cubic"}, "unknown schedule 'cubic'"),
         ({"amount": 0.5, "start_epoch": 3, "end_epoch": 2}, "end_epoch \\(2\\) must not be before start_epoch \\(3\\)"),
-        ({"amount": 0.5, "criterion": "taylor"}, "start_epoch must be >= 1"),
+        ({"amount": 0.5, "criterion": "taylor", "taylor_steps": 0}, "taylor_steps must be an int >= 1"),
         ({"amount": 0.5, "frequency": 0}, "frequency must be a positive number of epochs, got 0"),
         ({"amount": 0.5, "start_epoch": 1, "rewind_epoch": 1}, "rewind_epoch must be in \\[0, start_epoch=1\\)"),
     ],

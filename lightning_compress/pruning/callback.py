@@ -41,7 +41,8 @@ class Pruning(L.Callback):
             sparsity, e.g. from :func:`~lightning_compress.analysis.sensitivity.layer_amounts`: those layers
             are the targets, each ranked on its own and following the schedule to its amount.
         criterion: ``"magnitude"`` (``|w|``), ``"l1"`` / ``"l2"`` (norm of each output channel, channel
-            granularity), ``"taylor"`` (``|w * dL/dw|`` summed over the epoch before each pruning step),
+            granularity), ``"taylor"`` (``|w * dL/dw|`` summed over the epoch before each pruning step; a
+            step at epoch 0 sums the first ``taylor_steps`` of that epoch and prunes after them),
             ``"random"`` (seeded), or a callable ``score(layer) -> Tensor`` of the weight's shape (your own
             importance; unstructured and N:M granularity).
         granularity: ``"unstructured"``, ``"channel"`` (whole output channels, with everything they
@@ -60,6 +61,9 @@ class Pruning(L.Callback):
         remove_channels: with channel granularity, remove the pruned channels physically at the end of
             fit (Torch-Pruning's DepGraph), leaving a smaller dense model with the same outputs.
         seed: seed of the random criterion.
+        taylor_steps: with ``criterion="taylor"``, the optimizer steps of epoch 0 whose gradients score a
+            pruning step at epoch 0 (it has no epoch before it); it prunes after them, or at the end of the
+            epoch if the epoch is shorter.
         config: what to prune as a :class:`PruningConfig`, instead of ``amount``, ``criterion``,
             ``granularity``, ``scope``, ``targets``, ``exclude``, ``threshold`` and ``seed`` (not both).
 
@@ -85,6 +89,7 @@ class Pruning(L.Callback):
         rewind_epoch: int | None = None,
         remove_channels: bool = False,
         seed: int = 0,
+        taylor_steps: int = 16,
         *,
         config: PruningConfig | None = None,
     ) -> None:
@@ -92,6 +97,9 @@ class Pruning(L.Callback):
         check_argument("start_epoch", start_epoch, is_int(start_epoch), "an int >= 0")
         check_argument("end_epoch", end_epoch, end_epoch is None or is_int(end_epoch), "an int >= start_epoch or None")
         check_argument("frequency", frequency, is_int(frequency), "a positive int (epochs between pruning steps)")
+        check_argument(
+            "taylor_steps", taylor_steps, is_int(taylor_steps) and taylor_steps >= 1, "an int >= 1 (optimizer steps)"
+        )
         check_argument(
             "rewind_epoch",
             rewind_epoch,
@@ -115,10 +123,6 @@ class Pruning(L.Callback):
             start_epoch if end_epoch is None else end_epoch,
             frequency,
         )
-        if self.config.criterion == "taylor" and start_epoch == 0:
-            raise ValueError(
-                "criterion='taylor' accumulates |w * grad| over the epoch before each pruning step, so start_epoch must be >= 1"
-            )
         if rewind_epoch is not None and not 0 <= rewind_epoch < start_epoch:
             raise ValueError(
                 f"rewind_epoch must be in [0, start_epoch={start_epoch}) so its weights exist before pruning starts, got {rewind_epoch}"
@@ -129,6 +133,7 @@ class Pruning(L.Callback):
         self.frequency = frequency
         self.rewind_epoch = rewind_epoch
         self.remove_channels = remove_channels
+        self.taylor_steps = taylor_steps
         self.schedule: SparsitySchedule | None = None
         self.pruner: Pruner | None = None
         self.pruned_epochs: list[int] = []
@@ -201,14 +206,19 @@ class Pruning(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if epoch in self.schedule.pruning_epochs() and epoch not in self.pruned_epochs:
+        if epoch in self.schedule.pruning_epochs() and epoch not in self.pruned_epochs and not self._scores_epoch_0():
             self._prune(trainer, epoch)
+
+    def _scores_epoch_0(self) -> bool:
+        """Whether the step at epoch 0 is still to come, scored by the gradients of that epoch's first steps."""
+        return self.config.criterion == "taylor" and 0 in self.schedule.pruning_epochs() and 0 not in self.pruned_epochs
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # Gradients here are whole (accumulated) and unscaled under mixed precision; skip a step that overflowed.
-        if self.config.criterion == "taylor" and trainer.current_epoch + 1 in self.schedule.pruning_epochs():
+        next_step_scored = trainer.current_epoch + 1 in self.schedule.pruning_epochs()
+        if self.config.criterion == "taylor" and (next_step_scored or self._scores_epoch_0()):
             scores = {
                 name: taylor_scores(weight)
                 for name, weight in self.pruner.parameters.items()
@@ -218,7 +228,15 @@ class Pruning(L.Callback):
                 for name, score in scores.items():
                     self._taylor[name] = self._taylor[name] + score if name in self._taylor else score
 
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch == 0 and self._scores_epoch_0() and trainer.global_step >= self.taylor_steps:
+            self._prune(trainer, 0)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 0 and self._scores_epoch_0():  # an epoch shorter than taylor_steps
+            self._prune(trainer, 0)
         if trainer.current_epoch == self.rewind_epoch:
             self._rewind_weights = {name: weight.detach().clone() for name, weight in self.pruner.parameters.items()}
 
@@ -250,9 +268,8 @@ class Pruning(L.Callback):
         if self.config.criterion != "taylor":
             return None
         if not self._taylor:
-            raise RuntimeError(
-                f"no gradients were seen in epoch {epoch - 1}, so there is no Taylor importance to prune by"
-            )
+            seen = f"epoch {epoch - 1}" if epoch else "the steps of epoch 0"
+            raise RuntimeError(f"no gradients were seen in {seen}, so there is no Taylor importance to prune by")
         return {name: trainer.strategy.reduce(score, reduce_op="sum") for name, score in self._taylor.items()}
 
     def sparsity(self) -> dict[str, float]:
