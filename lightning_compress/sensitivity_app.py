@@ -21,8 +21,8 @@ from lightning_compress.analysis.sensitivity import (
     plot_sensitivity,
     sensitivity_analysis,
 )
-from lightning_compress.cli import build
 from lightning_compress.files import write_atomically
+from lightning_compress.run import build
 
 
 def analyse(cfg: DictConfig) -> dict[str, float]:

@@ -18,7 +18,7 @@ from commands import QUICK_REPORT
 from digits import digits_module, fit_digits
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import ClassificationModule, CompressionCheckpoint, CompressionReport, FiniteCheck, Pruning, cli
+from lightning_compress import ClassificationModule, CompressionCheckpoint, CompressionReport, FiniteCheck, Pruning, job
 from lightning_compress.models import SmallCNN
 
 
@@ -188,7 +188,7 @@ def test_a_planted_checkpoint_on_a_loopback_server_runs_no_code(compose_config, 
     with pytest.raises(
         ValueError, match=r"ckpt_path=.*/resume-from.ckpt' refers to exec, code that loading it would run"
     ):
-        cli.train(compose_config(f"ckpt_path={address}/planted.ckpt", f"output_dir={tmp_path / 'run'}"))
+        job.train(compose_config(f"ckpt_path={address}/planted.ckpt", f"output_dir={tmp_path / 'run'}"))
     with pytest.raises(pickle.UnpicklingError, match="Unsupported global: GLOBAL exec"):
         ClassificationModule.load_from_checkpoint(
             f"{address}/planted.ckpt", model=SmallCNN(num_classes=10, image_size=8)
@@ -200,10 +200,10 @@ def test_a_safe_checkpoint_on_a_loopback_server_resumes(compose_config, loopback
     address, folder = loopback_server
     first = tmp_path / "first"
     common = ["~compression/pruning", "~compression/quantization", "test=false", *QUICK_REPORT]
-    cli.train(compose_config("trainer.max_epochs=1", f"output_dir={first}", *common))
+    job.train(compose_config("trainer.max_epochs=1", f"output_dir={first}", *common))
     (folder / "last.ckpt").write_bytes((first / "checkpoints" / "last.ckpt").read_bytes())
     resumed = tmp_path / "resumed"
-    cli.train(
+    job.train(
         compose_config("trainer.max_epochs=2", f"ckpt_path={address}/last.ckpt", f"output_dir={resumed}", *common)
     )
     assert (resumed / "resume-from.ckpt").read_bytes() == (folder / "last.ckpt").read_bytes()

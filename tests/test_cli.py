@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from onnx import numpy_helper
 
 from lightning_compress import load_compressed
-from lightning_compress.cli import train
+from lightning_compress.job import train
 from lightning_compress.quantization.layers import QuantizedLayer
 
 
@@ -249,7 +249,7 @@ def test_runs_choose_the_runs_of_a_job_and_bad_names_fail_before_training(compos
     assert before.profile.parameters == combined.profile.parameters
     assert sorted(path.name for path in tmp_path.iterdir() if path.is_dir()) == ["pruning+quantization"]
     bad_runs = compose_config("runs=[dense,both]", f"output_dir={tmp_path / 'bad'}")
-    with pytest.raises(ValueError, match=r"runs: unknown kind\(s\) \['both'\]; choose from dense, each, combined"):
+    with pytest.raises(ValueError, match=r"runs: unknown run\(s\) \['both'\]; choose from dense, each, combined"):
         train(bad_runs)
     bad_metric = compose_config("optimized_metrics=[test_accuracy,bytes]", f"output_dir={tmp_path / 'bad'}")
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['bytes'\]; choose from test_accuracy, val_accuracy"):

@@ -7,7 +7,7 @@ import yaml
 from commands import QUICK_REPORT, run_command
 from config_groups import CONFIG_DIR, options
 
-from lightning_compress.cli import train
+from lightning_compress.job import train
 
 # One batch of everything; a report without latency and compressed size (ONNX export, timing and xz of dense
 # float weights dominate for ResNets); no ONNX file.

@@ -12,7 +12,7 @@ import torch
 from commands import run_command
 from digits import digits_module
 
-from lightning_compress import cli
+from lightning_compress import ClassificationModule, job, run
 from lightning_compress.models import MLP
 from lightning_compress.run_folder import LOCK_FILE, RunFolderError
 
@@ -24,7 +24,8 @@ def no_training(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("a run started training")
 
-    monkeypatch.setattr(cli, "fit_and_test", refuse)
+    for module in (job, run):  # the job fits one run itself, the others in their folders
+        monkeypatch.setattr(module, "fit_and_test", refuse)
 
 
 def save_checkpoint(module: L.LightningModule, path) -> None:
@@ -75,7 +76,7 @@ def save_checkpoint(module: L.LightningModule, path) -> None:
 )
 def test_a_bad_setting_fails_before_any_run_trains(compose_config, tmp_path, no_training, overrides, message) -> None:
     with pytest.raises(ValueError, match=message):
-        cli.train(compose_config(*overrides, f"output_dir={tmp_path / 'run'}"))
+        job.train(compose_config(*overrides, f"output_dir={tmp_path / 'run'}"))
     assert not (tmp_path / "run").exists()
 
 
@@ -83,25 +84,25 @@ def test_a_checkpoint_that_does_not_fit_fails_before_any_run_trains(compose_conf
     with pytest.raises(
         ValueError, match=r"ckpt_path='/nonexistent.ckpt': no such file; give the checkpoint of the run to resume"
     ):
-        cli.train(compose_config("ckpt_path=/nonexistent.ckpt", f"output_dir={tmp_path / 'run'}"))
+        job.train(compose_config("ckpt_path=/nonexistent.ckpt", f"output_dir={tmp_path / 'run'}"))
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ValueError, match=r"ckpt_path='.*garbage.ckpt' is not a checkpoint torch can read: "):
-        cli.train(compose_config(f"ckpt_path={garbage}", f"output_dir={tmp_path / 'run'}"))
+        job.train(compose_config(f"ckpt_path={garbage}", f"output_dir={tmp_path / 'run'}"))
     not_lightning = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(2)}, not_lightning)
     with pytest.raises(
         ValueError,
         match=r"is not a checkpoint that Lightning's Trainer wrote: it lacks \['epoch', 'global_step', 'state_dict', 'loops'\]",
     ):
-        cli.train(compose_config(f"ckpt_path={not_lightning}", f"output_dir={tmp_path / 'run'}"))
+        job.train(compose_config(f"ckpt_path={not_lightning}", f"output_dir={tmp_path / 'run'}"))
     other_model = tmp_path / "mlp.ckpt"
-    save_checkpoint(cli.ClassificationModule(MLP(num_classes=10, image_size=8), num_classes=10), other_model)
+    save_checkpoint(ClassificationModule(MLP(num_classes=10, image_size=8), num_classes=10), other_model)
     with pytest.raises(
         ValueError,
         match=r"does not fit the model SmallCNN: 16 of its tensors are missing or shaped otherwise: model.features.0.weight \(32, 1, 3, 3\) \(checkpoint: missing\).*; the checkpoint holds 6 tensors it lacks: model.layers.1.weight",
     ):
-        cli.train(
+        job.train(
             compose_config(
                 f"ckpt_path={other_model}",
                 "~compression/pruning",
@@ -116,7 +117,7 @@ def test_a_checkpoint_that_does_not_fit_fails_before_any_run_trains(compose_conf
         ValueError,
         match=r"does not fit the model SmallCNN: \d+ of its tensors are missing or shaped otherwise: model.features.0.weight_quantizer.scale \(32,\) \(checkpoint: missing\)",
     ):
-        cli.train(compose_config(f"ckpt_path={float_model}", f"output_dir={tmp_path / 'run'}"))
+        job.train(compose_config(f"ckpt_path={float_model}", f"output_dir={tmp_path / 'run'}"))
 
 
 def test_a_checkpoint_with_no_epoch_left_to_train_fails_before_any_run_trains(
@@ -137,7 +138,7 @@ def test_a_checkpoint_with_no_epoch_left_to_train_fails_before_any_run_trains(
         ValueError,
         match=r"holds 3 trained epochs and trainer.max_epochs=3 leaves none to train: raise trainer.max_epochs above 3",
     ):
-        cli.train(compose_config(*overrides, "trainer.max_epochs=3"))
+        job.train(compose_config(*overrides, "trainer.max_epochs=3"))
 
 
 def test_an_unwritable_run_folder_is_one_line_naming_hydra_run_dir(tmp_path) -> None:
@@ -164,7 +165,7 @@ def test_a_folder_held_by_a_live_run_or_holding_a_finished_one_is_refused_before
         RunFolderError,
         match=rf"run folder {held} is in use by pid {os.getpid()} \(started 2026-12-01T10:00:00\+00:00\)",
     ):
-        cli.train(compose_config(f"output_dir={held}"))
+        job.train(compose_config(f"output_dir={held}"))
     assert (held / LOCK_FILE).exists()  # the live run's lock stays
     finished = tmp_path / "finished"
     (finished / "dense" / "checkpoints").mkdir(parents=True)
@@ -173,5 +174,5 @@ def test_a_folder_held_by_a_live_run_or_holding_a_finished_one_is_refused_before
         RunFolderError,
         match=r"holds dense/checkpoints/, report.json from an earlier run: choose another hydra.run.dir, .* or pass overwrite=true",
     ):
-        cli.train(compose_config(f"output_dir={finished}"))
+        job.train(compose_config(f"output_dir={finished}"))
     assert sorted(path.name for path in finished.iterdir()) == ["dense", "report.json"]  # nothing written, no lock left

@@ -105,6 +105,7 @@ def test_a_ddp_sweep_runs_each_job_once_on_two_processes_with_identical_masks_an
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        exited_unwaited_ok=False,  # every job waits for the rank it launched
     )
     assert done.returncode == 0, done.stderr
     assert (done.stdout + done.stderr).count("GLOBAL_RANK: 1, MEMBER: 2/2") == 2  # one second process per job
