@@ -18,6 +18,16 @@ def batch_inputs(batch: Any) -> torch.Tensor:
     return batch if isinstance(batch, torch.Tensor) else batch[0]
 
 
+def placed_like(inputs: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``inputs`` on ``device``, floats in ``dtype`` (a model's), integers such as token ids as they are.
+
+    Example:
+        >>> placed_like(torch.tensor([[3, 1]]), torch.device("cpu"), torch.float16).dtype
+        torch.int64
+    """
+    return inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else inputs.dtype)
+
+
 def first_training_input(trainer: L.Trainer) -> torch.Tensor | None:
     """The inputs of the first batch of ``trainer``'s datamodule's ``train_dataloader()``; ``None`` without a
     datamodule (dataloaders given to ``fit`` directly are not built until training starts)."""

@@ -16,12 +16,21 @@ from lightning_compress.analysis.measure import (
     layer_sparsity,
     size_on_disk,
 )
-from lightning_compress.analysis.profile import ModelProfile, TimedModel, evaluate_accuracy, profile_model, time_models
+from lightning_compress.analysis.profile import (
+    Inputs,
+    ModelProfile,
+    TimedModel,
+    evaluate_accuracy,
+    example_batch,
+    profile_model,
+    time_models,
+)
 from lightning_compress.analysis.report import Report, ReportEntry
 from lightning_compress.analysis.sensitivity import SensitivityPoint, layer_amounts, sensitivity_analysis
 from lightning_compress.modules import WEIGHT_LAYER_TYPES, eval_mode, weight_layers
 
 __all__ = [
+    "Inputs",
     "LATENCY_RUNTIMES",
     "WEIGHT_LAYER_TYPES",
     "LatencyResult",
@@ -37,6 +46,7 @@ __all__ = [
     "count_parameters",
     "eval_mode",
     "evaluate_accuracy",
+    "example_batch",
     "global_sparsity",
     "layer_amounts",
     "layer_sparsity",

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -72,13 +74,27 @@ def size_on_disk(model: nn.Module) -> int:
         return os.path.getsize(path)
 
 
+def _attention_flops(
+    query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *_: Any, **__: Any
+) -> int:
+    """FLOPs of ``softmax(Q K^T) V`` on ``(batch, heads, length, dim)`` shapes: the two batched matrix products."""
+    batch, heads, query_length, dim = query_shape
+    key_length, value_dim = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * query_length * key_length * (dim + value_dim)
+
+
+#: The fused attention kernel of the CPU, which torch's flop counter does not know (it knows the GPU's).
+_FUSED_ATTENTION_ON_CPU = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass on ``example_input`` (the whole batch it holds).
 
-    Counted by torch's own ``FlopCounterMode`` (matrix products and convolutions, one MAC = two FLOPs);
-    the model runs once in eval mode and every submodule is put back in the mode it had.
+    Counted by torch's own ``FlopCounterMode`` (matrix products, convolutions and attention, one MAC = two
+    FLOPs), with the fused attention kernel of the CPU counted as torch counts the GPU's; the model runs
+    once in eval mode and every submodule is put back in the mode it had.
     """
-    with eval_mode(model), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), FlopCounterMode(display=False, custom_mapping=_FUSED_ATTENTION_ON_CPU) as counter:
         model(example_input)
     return counter.get_total_flops() // 2

@@ -19,10 +19,15 @@ from lightning_compress.analysis.measure import (
     layer_sparsity,
     size_on_disk,
 )
+from lightning_compress.batches import placed_like
 from lightning_compress.deploy.compressed import compressed_bytes
 from lightning_compress.deploy.onnx import OnnxRuntimeModel, onnx_bytes
 from lightning_compress.modules import eval_mode
 from lightning_compress.quantization.layers import quantized_layers
+
+#: What a model is measured on: the shape of one input without the batch dimension (standard normal floats
+#: in the model's dtype), or an example batch, e.g. of token ids, whose first sample every batch repeats.
+Inputs = Sequence[int] | torch.Tensor
 
 
 @dataclass
@@ -36,7 +41,7 @@ class ModelProfile:
 
     Example:
         >>> import torch
-        >>> profile = profile_model(torch.nn.Linear(4, 2), input_shape=(4,), latency_batch_sizes=())
+        >>> profile = profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=())
         >>> profile.parameters, profile.macs
         (10, 8)
     """
@@ -93,7 +98,7 @@ def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def profile_model(
     model: nn.Module,
-    input_shape: Sequence[int],
+    inputs: Inputs,
     *,
     latency_batch_sizes: Iterable[int] = (1,),
     latency_warmup: int = 5,
@@ -102,7 +107,8 @@ def profile_model(
     latency_runtime: str = "torch",
     compressed_size: bool = True,
 ) -> ModelProfile:
-    """Measure ``model`` on inputs of ``input_shape`` (one sample, without the batch dimension).
+    """Measure ``model`` on ``inputs``: the shape of one input (without the batch dimension) or an example
+    batch (token ids, say), whose first sample makes every measured batch.
 
     MACs are per sample (batch of one); latency is measured at each of ``latency_batch_sizes`` as
     :func:`time_models` measures it, in eager PyTorch (``latency_runtime="torch"``) or in ONNX Runtime
@@ -115,7 +121,7 @@ def profile_model(
     device, dtype = _device_and_dtype(model)
     timed = time_models(
         {"model": model},
-        input_shape,
+        inputs,
         {"model": latency_runtime},
         latency_batch_sizes,
         warmup=latency_warmup,
@@ -128,7 +134,7 @@ def profile_model(
         weight_sparsity=global_sparsity(model),
         layer_sparsity=layer_sparsity(model),
         size_bytes=size_on_disk(model),
-        macs=count_macs(model, _example_batch(input_shape, 1, device, dtype)),
+        macs=count_macs(model, example_batch(inputs, 1, device, dtype)),
         latency=timed.latency,
         onnx_bytes=timed.onnx_bytes,
         compressed_bytes=len(compressed_bytes(model)) if compressed_size else None,
@@ -145,7 +151,7 @@ class TimedModel(NamedTuple):
 
 def time_models(
     models: Mapping[str, nn.Module],
-    input_shape: Sequence[int],
+    inputs: Inputs,
     runtimes: Mapping[str, str],
     batch_sizes: Iterable[int] = (1,),
     *,
@@ -158,8 +164,8 @@ def time_models(
 
     A model runs in eager PyTorch (``"torch"``) on the device its parameters are on, or exported to ONNX
     (with a dynamic batch dimension, fake-quantized layers as integer layers) in an ONNX Runtime CPU
-    session (``"onnxruntime"``). At each batch size every model gets the same random inputs, in its
-    dtype, and :func:`~lightning_compress.analysis.latency.measure_latencies` times them in
+    session (``"onnxruntime"``). At each batch size every model gets the same inputs (:func:`example_batch`),
+    floats in its dtype, and :func:`~lightning_compress.analysis.latency.measure_latencies` times them in
     interleaved, shuffled rounds, so their medians sample the same stretch of a noisy machine.
 
     Example:
@@ -181,12 +187,12 @@ def time_models(
                 raise ValueError(
                     f"latency_runtime='onnxruntime' measures on the CPU; the model {name!r} is on {device}"
                 )
-            graph = onnx_bytes(model, _example_batch(input_shape, 1, device, dtype))
+            graph = onnx_bytes(model, example_batch(inputs, 1, device, dtype))
             runners[name], graph_sizes[name] = OnnxRuntimeModel(graph, num_threads), len(graph)
     latency: dict[str, dict[int, LatencyResult]] = {name: {} for name in models}
     for batch in batch_sizes:
         contenders = {
-            name: (runners[name], _example_batch(input_shape, batch, *_device_and_dtype(model)))
+            name: (runners[name], example_batch(inputs, batch, *_device_and_dtype(model)))
             for name, model in models.items()
         }
         for name, result in measure_latencies(
@@ -196,12 +202,25 @@ def time_models(
     return {name: TimedModel(latency[name], graph_sizes[name]) for name in models}
 
 
-def _example_batch(
-    input_shape: Sequence[int], batch_size: int, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
-    """Standard normal inputs of ``(batch_size, *input_shape)``, the same for every model (seeded by the batch size)."""
+def example_batch(inputs: Inputs, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A batch of ``batch_size`` for measuring, on ``device``: for a shape, standard normal floats of ``dtype``
+    (the same for every model: seeded by the batch size); for an example batch, its first sample repeated
+    (floats cast to ``dtype``, integers such as token ids kept as they are).
+
+    Example:
+        >>> example_batch(torch.tensor([[5, 7, 0], [1, 1, 1]]), 2, torch.device("cpu"), torch.float16)
+        tensor([[5, 7, 0],
+                [5, 7, 0]])
+    """
+    if isinstance(inputs, torch.Tensor):
+        if inputs.dim() == 0 or len(inputs) == 0:
+            raise ValueError(
+                f"an example batch needs a batch dimension and one sample at least, got shape {tuple(inputs.shape)}"
+            )
+        batch = inputs[:1].expand(batch_size, *inputs.shape[1:]).contiguous()
+        return placed_like(batch, device, dtype)
     generator = torch.Generator().manual_seed(batch_size)
-    return torch.randn((batch_size, *input_shape), generator=generator).to(device=device, dtype=dtype)
+    return torch.randn((batch_size, *inputs), generator=generator).to(device=device, dtype=dtype)
 
 
 @torch.no_grad()
@@ -214,7 +233,7 @@ def evaluate_accuracy(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]
     correct = total = 0
     with eval_mode(model):
         for inputs, targets, *_ in batches:
-            inputs = inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else inputs.dtype)
+            inputs = placed_like(inputs, device, dtype)
             predictions = model(inputs).argmax(dim=-1)
             correct += int((predictions == targets.to(device)).sum())
             total += targets.numel()

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lightning_compress.analysis import (
+    Inputs,
     ModelProfile,
     Report,
     TimedModel,
@@ -101,7 +102,7 @@ class CompressionReport(L.Callback):
         #: The model of each stage measured in this process (``"before"`` is a copy of the model at the start of fit).
         self.models: dict[str, torch.nn.Module] = {}
         self.written: dict[str, Any] = {}
-        self._fit_input_shape: tuple[int, ...] | None = None
+        self._fit_inputs: Inputs | None = None
         self._checkpoint_report: Report | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -111,9 +112,11 @@ class CompressionReport(L.Callback):
             return
         example = getattr(pl_module, "example_input_array", None)
         if self.input_shape is not None:
-            self._fit_input_shape = self.input_shape
-        elif isinstance(example, torch.Tensor):
-            self._fit_input_shape = tuple(example.shape[1:])
+            self._fit_inputs = self.input_shape
+        elif isinstance(example, torch.Tensor) and example.is_floating_point():
+            self._fit_inputs = tuple(example.shape[1:])
+        elif isinstance(example, torch.Tensor):  # token ids: measured on the example itself, not random floats
+            self._fit_inputs = example[:1].detach().cpu().clone()
         else:
             raise ValueError(
                 "CompressionReport needs the shape of one input: pass input_shape=(C, H, W) or set "
@@ -124,7 +127,7 @@ class CompressionReport(L.Callback):
         """Time ``models`` (each in ``runtimes[name]``) together with this report's latency settings, in interleaved rounds."""
         return time_models(
             models,
-            self._fit_input_shape,
+            self._fit_inputs,
             runtimes,
             self.latency_batch_sizes,
             warmup=self.latency_warmup,
@@ -137,7 +140,7 @@ class CompressionReport(L.Callback):
         """``model``'s profile; with ``timed=False`` without latency (:meth:`_time_stages_together` adds it)."""
         return profile_model(
             model,
-            self._fit_input_shape,
+            self._fit_inputs,
             latency_batch_sizes=self.latency_batch_sizes if timed else (),
             latency_warmup=self.latency_warmup,
             latency_repeats=self.latency_repeats,
@@ -155,7 +158,7 @@ class CompressionReport(L.Callback):
             model=type(getattr(pl_module, "model", pl_module)).__name__,
             data=type(trainer.datamodule).__name__ if trainer.datamodule is not None else None,
             torch=str(torch.__version__),
-            input_shape=list(self._fit_input_shape),
+            **_input_description(self._fit_inputs),
         )
         accuracy = _validation_accuracy(trainer, pl_module) if self.evaluate_before else None
         self.report.add("before", self._profile(pl_module), val_accuracy=accuracy)
@@ -272,6 +275,14 @@ class CompressionReport(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._checkpoint_report = Report.from_dict(state_dict["report"])
+
+
+def _input_description(inputs: Inputs) -> dict[str, Any]:
+    """The report's metadata of what the stages were measured on: one input's shape, and its dtype if it is
+    an example batch (token ids)."""
+    if isinstance(inputs, torch.Tensor):
+        return {"input_shape": list(inputs.shape[1:]), "input_dtype": str(inputs.dtype).removeprefix("torch.")}
+    return {"input_shape": list(inputs)}
 
 
 def _validation_accuracy(trainer: L.Trainer, model: torch.nn.Module) -> float | None:

@@ -1,9 +1,21 @@
-"""Model zoo (a small CNN, an MLP, LeNet-5, torchvision's ResNets) and the LightningModule that trains them."""
+"""Model zoo (a small CNN, an MLP, LeNet-5, torchvision's ResNets, text classifiers over Hugging Face encoders) and
+the LightningModule that trains them."""
 
 from lightning_compress.models.classifier import ClassificationModule
 from lightning_compress.models.cnn import SmallCNN
 from lightning_compress.models.lenet import LeNet5
 from lightning_compress.models.mlp import MLP
 from lightning_compress.models.resnet import RESNET_ARCHITECTURES, resnet
+from lightning_compress.models.text import TextClassifier, bert, minilm
 
-__all__ = ["MLP", "RESNET_ARCHITECTURES", "ClassificationModule", "LeNet5", "SmallCNN", "resnet"]
+__all__ = [
+    "MLP",
+    "RESNET_ARCHITECTURES",
+    "ClassificationModule",
+    "LeNet5",
+    "SmallCNN",
+    "TextClassifier",
+    "bert",
+    "minilm",
+    "resnet",
+]

@@ -24,7 +24,9 @@ class ClassificationModule(L.LightningModule):
     """Wraps a classifier: cross-entropy loss, top-1 accuracy (torchmetrics) for train, val and test.
 
     ``optimizer`` and ``scheduler`` are factories (``functools.partial`` or Hydra ``_partial_: true``),
-    called with the parameters and the optimizer in :meth:`configure_optimizers`. Logged metrics:
+    called with the parameters and the optimizer in :meth:`configure_optimizers`. ``input_shape`` and
+    ``input_dtype`` (``"int64"`` for token ids) make the ``example_input_array`` that export and the
+    report use. Logged metrics:
     ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
     The checkpoint stores the wrapped model's weights under ``model.``; load it back with
     ``ClassificationModule.load_from_checkpoint(path, model=SmallCNN(...))``, which reads it with
@@ -45,19 +47,26 @@ class ClassificationModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         input_shape: Sequence[int] | None = None,
         label_smoothing: float = 0.0,
+        input_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         # Plain ints, so the hyperparameters in a checkpoint load with torch.load(weights_only=True).
         input_shape = None if input_shape is None else [int(size) for size in input_shape]
-        self.save_hyperparameters("num_classes", "input_shape", "label_smoothing", logger=False)
+        dtype = getattr(torch, str(input_dtype), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(
+                f"input_dtype must name a torch dtype ('float32', 'int64' for token ids), got {input_dtype!r}"
+            )
+        self.save_hyperparameters("num_classes", "input_shape", "label_smoothing", "input_dtype", logger=False)
         self.model = model
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.scheduler_factory = scheduler
         self.label_smoothing = label_smoothing
-        if input_shape is not None:
-            self.example_input_array = torch.zeros(1, *input_shape)
+        if input_shape is not None:  # token ids of 1, a real token: an input of 0s would be all padding
+            fill = 0 if dtype.is_floating_point else 1
+            self.example_input_array = torch.full((1, *input_shape), fill, dtype=dtype)
         self.train_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.batches import batch_inputs
+from lightning_compress.batches import batch_inputs, placed_like
 from lightning_compress.modules import eval_mode
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.layers import quantizers, set_quantization
@@ -43,7 +43,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
         for batch in batches:
             if num_batches is not None and used >= num_batches:
                 break
-            model(batch_inputs(batch).to(device=first.device, dtype=first.dtype))
+            model(placed_like(batch_inputs(batch), first.device, first.dtype))
             used += 1
     if used == 0:
         raise ValueError("calibration got no batches")

@@ -1,0 +1,126 @@
+"""Text: WordNet supersense glosses, a BERT classifier over token ids, and token inputs through measurement,
+calibration and the report."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from transformers import BertTokenizer
+
+from lightning_compress import ClassificationModule, CompressionReport
+from lightning_compress.analysis import profile_model
+from lightning_compress.data.wordnet import (
+    SUPERSENSES,
+    WordNetSupersensesDataModule,
+    read_glosses,
+    split_of,
+)
+from lightning_compress.models import bert
+from lightning_compress.quantization import QuantConfig, calibrate, quantize_model
+
+# 156 noun synsets of WordNet 3.0, six of each of the 26 supersenses (fewer where a file has fewer short
+# lines), with Princeton's license header as data.noun carries it.
+SAMPLE = Path(__file__).parent / "data" / "wordnet_sample.noun"
+TINY_BERT = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> BertTokenizer:
+    """A WordPiece tokenizer whose vocabulary is the sample's lower-cased words."""
+    words = sorted({word for gloss in read_glosses(SAMPLE) for word in re.findall(r"\w+|[^\w\s]", gloss.text.lower())})
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    return BertTokenizer(vocab={token: index for index, token in enumerate(tokens)})
+
+
+def text_module(tokenizer: BertTokenizer, max_length: int = 16) -> ClassificationModule:
+    torch.manual_seed(0)
+    model = bert(len(SUPERSENSES), vocab_size=tokenizer.vocab_size, max_position_embeddings=max_length, **TINY_BERT)
+    return ClassificationModule(model, len(SUPERSENSES), input_shape=[max_length], input_dtype="int64")
+
+
+def test_the_sample_holds_every_supersense_and_its_glosses() -> None:
+    glosses = read_glosses(SAMPLE)
+    assert len(glosses) == 156 and len({gloss.offset for gloss in glosses}) == 156
+    assert sorted(Counter(gloss.label for gloss in glosses)) == list(range(26))
+    recombinant = next(gloss for gloss in glosses if gloss.offset == 1313888)  # lexicographer file 05
+    assert (SUPERSENSES[recombinant.label], recombinant.text) == (
+        "animal",
+        "a cell or organism in which genetic recombination has occurred",
+    )
+
+
+def test_splits_are_a_seeded_hash_of_the_offset(tokenizer) -> None:
+    offsets = [gloss.offset for gloss in read_glosses(SAMPLE)]
+    first = [split_of(offset, 0, 0.2, 0.2) for offset in offsets]
+    assert first == [split_of(offset, 0, 0.2, 0.2) for offset in reversed(offsets)][::-1]  # order-free
+    assert first != [split_of(offset, 1, 0.2, 0.2) for offset in offsets]
+    datamodule = WordNetSupersensesDataModule(
+        tokenizer, str(SAMPLE), max_length=16, val_fraction=0.2, test_fraction=0.2
+    )
+    datamodule.setup()
+    sizes = {split: len(datamodule.splits[split]) for split in ("train", "val", "test")}
+    assert sizes == {split: first.count(split) for split in sizes} and sum(sizes.values()) == 156
+    inputs, labels = next(iter(datamodule.test_dataloader()))
+    assert inputs.dtype == torch.int64 and inputs.shape[1] == 16 and labels.dtype == torch.int64
+    assert datamodule.input_shape == (16,) and datamodule.num_classes == 26
+    assert inputs[0, 0] == tokenizer.cls_token_id and (inputs == tokenizer.pad_token_id).any()
+
+
+def test_missing_wordnet_names_the_package_and_bad_fractions_fail_at_once(tokenizer, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+        WordNetSupersensesDataModule(tokenizer, str(tmp_path / "data.noun")).setup()
+    with pytest.raises(ValueError, match=r"val_fraction \(0.6\) and test_fraction \(0.5\)"):
+        WordNetSupersensesDataModule(tokenizer, str(SAMPLE), val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(ValueError, match="max_length must be at least 2"):
+        WordNetSupersensesDataModule(tokenizer, str(SAMPLE), max_length=1)
+
+
+def test_padding_changes_nothing_and_floats_are_refused(tokenizer) -> None:
+    module = text_module(tokenizer).eval()
+    ids = torch.tensor([[2, 17, 40, 3]])
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(module(ids), module(padded))
+    with pytest.raises(TypeError, match="takes token ids"):
+        module(ids.float())
+    assert module.example_input_array.dtype == torch.int64 and module.example_input_array.shape == (1, 16)
+    with pytest.raises(ValueError, match="input_dtype must name a torch dtype"):
+        ClassificationModule(module.model, 26, input_shape=[16], input_dtype="int65")
+
+
+def test_token_inputs_are_measured_on_the_example_and_calibrated_as_integers(tokenizer) -> None:
+    module = text_module(tokenizer)
+    example = module.example_input_array
+    profile = profile_model(module.model, example, latency_batch_sizes=(1, 2), latency_repeats=2)
+    # per layer: Q, K, V and output projections (4 d^2 L), QK^T and AV (2 L^2 d), the MLP (2 d f L); the head d c
+    d, f, length, layers = 16, 32, 16, 2
+    assert profile.macs == layers * (4 * d * d * length + 2 * length * length * d + 2 * d * f * length) + d * 26
+    assert sorted(profile.latency) == [1, 2]
+    quantize_model(module.model, QuantConfig())
+    datamodule = WordNetSupersensesDataModule(tokenizer, str(SAMPLE), max_length=16, batch_size=8)
+    datamodule.setup()
+    assert calibrate(module.model, datamodule.train_dataloader(), num_batches=2) == 2
+
+
+def test_the_report_of_a_text_model_runs_on_token_ids(tokenizer, tmp_path) -> None:
+    module = text_module(tokenizer)
+    datamodule = WordNetSupersensesDataModule(tokenizer, str(SAMPLE), max_length=16, batch_size=16)
+    report = CompressionReport(latency_batch_sizes=[1], latency_repeats=2, latency_rounds=2, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[report],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert report.report.metadata["input_shape"] == [16] and report.report.metadata["input_dtype"] == "int64"
+    before, after = report.report.entry("before").profile, report.report.entry("after").profile
+    assert before.macs == after.macs > 0 and after.parameters == sum(p.numel() for p in module.parameters())
