@@ -3,14 +3,12 @@ calibration and the report."""
 
 from __future__ import annotations
 
-import re
 from collections import Counter
-from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from transformers import BertTokenizer
+from text_models import SAMPLE, TINY_BERT, sample_datamodule, sample_tokenizer, text_module
 
 from lightning_compress import ClassificationModule, CompressionReport
 from lightning_compress.analysis import profile_model
@@ -20,27 +18,12 @@ from lightning_compress.data.wordnet import (
     read_glosses,
     split_of,
 )
-from lightning_compress.models import bert
 from lightning_compress.quantization import QuantConfig, calibrate, quantize_model
-
-# 156 noun synsets of WordNet 3.0, six of each of the 26 supersenses (fewer where a file has fewer short
-# lines), with Princeton's license header as data.noun carries it.
-SAMPLE = Path(__file__).parent / "data" / "wordnet_sample.noun"
-TINY_BERT = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32}
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> BertTokenizer:
-    """A WordPiece tokenizer whose vocabulary is the sample's lower-cased words."""
-    words = sorted({word for gloss in read_glosses(SAMPLE) for word in re.findall(r"\w+|[^\w\s]", gloss.text.lower())})
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    return BertTokenizer(vocab={token: index for index, token in enumerate(tokens)})
-
-
-def text_module(tokenizer: BertTokenizer, max_length: int = 16) -> ClassificationModule:
-    torch.manual_seed(0)
-    model = bert(len(SUPERSENSES), vocab_size=tokenizer.vocab_size, max_position_embeddings=max_length, **TINY_BERT)
-    return ClassificationModule(model, len(SUPERSENSES), input_shape=[max_length], input_dtype="int64")
+def tokenizer():
+    return sample_tokenizer()
 
 
 def test_the_sample_holds_every_supersense_and_its_glosses() -> None:
@@ -80,8 +63,8 @@ def test_missing_wordnet_names_the_package_and_bad_fractions_fail_at_once(tokeni
         WordNetSupersensesDataModule(tokenizer, str(SAMPLE), max_length=1)
 
 
-def test_padding_changes_nothing_and_floats_are_refused(tokenizer) -> None:
-    module = text_module(tokenizer).eval()
+def test_padding_changes_nothing_and_floats_are_refused() -> None:
+    module = text_module().eval()
     ids = torch.tensor([[2, 17, 40, 3]])
     padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
     torch.testing.assert_close(module(ids), module(padded))
@@ -92,23 +75,23 @@ def test_padding_changes_nothing_and_floats_are_refused(tokenizer) -> None:
         ClassificationModule(module.model, 26, input_shape=[16], input_dtype="int65")
 
 
-def test_token_inputs_are_measured_on_the_example_and_calibrated_as_integers(tokenizer) -> None:
-    module = text_module(tokenizer)
+def test_token_inputs_are_measured_on_the_example_and_calibrated_as_integers() -> None:
+    module = text_module()
     example = module.example_input_array
     profile = profile_model(module.model, example, latency_batch_sizes=(1, 2), latency_repeats=2)
     # per layer: Q, K, V and output projections (4 d^2 L), QK^T and AV (2 L^2 d), the MLP (2 d f L); the head d c
-    d, f, length, layers = 16, 32, 16, 2
+    d, f, length, layers = TINY_BERT["hidden_size"], TINY_BERT["intermediate_size"], 16, TINY_BERT["num_hidden_layers"]
     assert profile.macs == layers * (4 * d * d * length + 2 * length * length * d + 2 * d * f * length) + d * 26
     assert sorted(profile.latency) == [1, 2]
     quantize_model(module.model, QuantConfig())
-    datamodule = WordNetSupersensesDataModule(tokenizer, str(SAMPLE), max_length=16, batch_size=8)
+    datamodule = sample_datamodule(batch_size=8)
     datamodule.setup()
     assert calibrate(module.model, datamodule.train_dataloader(), num_batches=2) == 2
 
 
-def test_the_report_of_a_text_model_runs_on_token_ids(tokenizer, tmp_path) -> None:
-    module = text_module(tokenizer)
-    datamodule = WordNetSupersensesDataModule(tokenizer, str(SAMPLE), max_length=16, batch_size=16)
+def test_the_report_of_a_text_model_runs_on_token_ids(tmp_path) -> None:
+    module = text_module()
+    datamodule = sample_datamodule()
     report = CompressionReport(latency_batch_sizes=[1], latency_repeats=2, latency_rounds=2, verbose=False)
     trainer = L.Trainer(
         accelerator="cpu",

@@ -42,6 +42,12 @@ class GraphEditor:
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         return name
 
+    def constant_named(self, name: str, value: np.ndarray) -> None:
+        """Add the initializer ``name`` (one :meth:`replace_initializer` took out, say) holding ``value``."""
+        tensor = numpy_helper.from_array(value, name)
+        self.graph.initializer.append(tensor)
+        self.initializers[name] = tensor
+
     def replace_initializer(self, name: str) -> np.ndarray:
         """Remove the initializer ``name`` from the graph and return its value."""
         tensor = self.initializers.pop(name)

@@ -8,7 +8,9 @@ bias an int32 initializer on the accumulator grid (input scale x weight scale), 
 ``QuantizeLinear`` / ``DequantizeLinear`` pair. Where a layer's output reaches the next quantized layer
 only through operators that commute with rounding (ReLU, max-pooling, reshapes), the next layer's grid
 is applied after the layer and after each of them: the numbers do not change, and ONNX Runtime fuses the
-chain into integer kernels (``QLinearConv``, ``QGemm``, 8-bit ``MaxPool``). Behind a ReLU that grid is
+chain into integer kernels (``QLinearConv``, ``QGemm``, 8-bit ``MaxPool``). A linear layer on inputs of more
+than two dimensions (a transformer's) is exported as ``MatMul`` + ``Add`` with its weight transposed into an
+unnamed initializer, found by its value; ONNX Runtime runs it in ``MatMulIntegerToFloat``. Behind a ReLU that grid is
 uint8 from zero (a symmetric activation quantizer turns unsigned on non-negative inputs, see
 :class:`~lightning_compress.quantization.FakeQuantizer`), so ONNX Runtime drops the ReLU, which
 clipping at zero already does, and the tensor stays uint8 from one layer to the next.
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from lightning_compress.deploy.graph_editor import GraphEditor
 from lightning_compress.deploy.integer_layers import IntegerLayer
@@ -37,7 +39,7 @@ from lightning_compress.deploy.integer_layers import IntegerLayer
 ROUNDING_COMMUTES = frozenset(
     {"Relu", "MaxPool", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Transpose"}
 )
-_LAYER_OPS = ("Conv", "Gemm")
+_LAYER_OPS = ("Conv", "Gemm")  # and MatMul, for linear layers on inputs of more than two dimensions
 # 4-bit ONNX element types and the integers they hold; Cast reads them from opset 21 and IR version 10 on
 _FOUR_BIT_TYPES = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
 FOUR_BIT_OPSET = 21
@@ -96,9 +98,10 @@ def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.M
     input_grids: dict[str, _ActivationGrid] = {}  # output of the QuantizeLinear before a layer -> its grid
     layer_outputs = []
     for weight_name, layer in layers.items():
-        node = _layer_node(weight_name, users, editor)
-        layer_outputs.append(node.output[0])
-        _quantize_weight_and_bias(editor, node, weight_name, layer)
+        found = _layer_node(weight_name, layer, users, editor)
+        node = found.node
+        layer_outputs.append(_layer_output(found, users))
+        _quantize_weight_and_bias(editor, users, found, layer)
         grid = _activation_grid(editor, layer, node.input[0])
         added = _quantize_pair(editor, node.input[0], grid, _clip_range(layer))
         input_grids[added[-2].output[0]] = grid
@@ -119,6 +122,14 @@ def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.M
     return result
 
 
+def _layer_output(found: _LayerNode, users: dict[str, list[onnx.NodeProto]]) -> str:
+    """The tensor a layer computes: its node's output, or the ``Add`` of its bias after a ``MatMul``."""
+    output = found.node.output[0]
+    if found.transposed and len(users[output]) == 1 and users[output][0].op_type == "Add":
+        return users[output][0].output[0]
+    return output
+
+
 def _at_least_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     """A copy of ``model`` that imports the default operator set at ``version`` or later, and IR version 10 or later.
 
@@ -136,11 +147,27 @@ def _at_least_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     return result
 
 
-def _layer_node(weight_name: str, users: dict[str, list[onnx.NodeProto]], editor: GraphEditor) -> onnx.NodeProto:
+@dataclass(frozen=True)
+class _LayerNode:
+    """A quantized layer's node in the graph, the initializer holding its weight, and whether that initializer
+    is the weight transposed (a ``MatMul``'s ``(in, out)`` operand), not ``(out, in, ...)`` as the layer holds it."""
+
+    node: onnx.NodeProto
+    weight: str
+    transposed: bool
+
+
+def _layer_node(
+    weight_name: str, layer: IntegerLayer, users: dict[str, list[onnx.NodeProto]], editor: GraphEditor
+) -> _LayerNode:
+    """The node that computes the layer whose weight the model calls ``weight_name``.
+
+    A ``Conv`` or ``Gemm`` reads the weight under that name. A linear layer on inputs of more than two
+    dimensions is exported as ``MatMul`` + ``Add``, and the exporter folds the weight's transpose into a new,
+    unnamed initializer; that one is found by its value, the layer's dequantized weight transposed.
+    """
     if weight_name not in editor.initializers:
-        raise RuntimeError(
-            f"the exported graph holds no initializer {weight_name!r}; found {sorted(editor.initializers)[:10]}"
-        )
+        return _matmul_of(weight_name, layer, users, editor)
     nodes = users[weight_name]
     if len(nodes) != 1 or nodes[0].op_type not in _LAYER_OPS or list(nodes[0].input).index(weight_name) != 1:
         found = [node.op_type for node in nodes]
@@ -152,13 +179,45 @@ def _layer_node(weight_name: str, users: dict[str, list[onnx.NodeProto]], editor
         attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
         if attributes.get("transB", 0) != 1 or attributes.get("transA", 0) != 0:
             raise RuntimeError(f"the Gemm reading {weight_name!r} is not x @ W^T (transA=0, transB=1): {attributes}")
-    return node
+    return _LayerNode(node, weight_name, transposed=False)
 
 
-def _quantize_weight_and_bias(editor: GraphEditor, node: onnx.NodeProto, weight_name: str, layer: IntegerLayer) -> None:
-    integers, scale, zero_point = layer.fit_to(editor.replace_initializer(weight_name), weight_name)
+def _matmul_of(
+    weight_name: str, layer: IntegerLayer, users: dict[str, list[onnx.NodeProto]], editor: GraphEditor
+) -> _LayerNode:
+    expected = layer.dequantized_weight().numpy()
+    if expected.ndim != 2:
+        raise RuntimeError(
+            f"the exported graph holds no initializer {weight_name!r}; found {sorted(editor.initializers)[:10]}"
+        )
+    matches = [
+        (node, name)
+        for name, tensor in editor.initializers.items()
+        if tuple(tensor.dims) == expected.T.shape
+        for node in users[name]
+        if node.op_type == "MatMul"
+        and list(node.input).index(name) == 1
+        and np.array_equal(numpy_helper.to_array(tensor), expected.T)
+    ]
+    if len(matches) != 1:
+        problem = "no MatMul reads" if not matches else f"{len(matches)} MatMul nodes read"
+        raise RuntimeError(
+            f"the exported graph holds no initializer {weight_name!r}, and {problem} its transposed value"
+            + ("" if not matches else ": layers with equal weights cannot be told apart")
+        )
+    node, name = matches[0]
+    return _LayerNode(node, name, transposed=True)
+
+
+def _quantize_weight_and_bias(
+    editor: GraphEditor, users: dict[str, list[onnx.NodeProto]], found: _LayerNode, layer: IntegerLayer
+) -> None:
+    node, weight_name = found.node, found.weight
+    exported = editor.replace_initializer(weight_name)
+    integers, scale, zero_point = layer.fit_to(exported.T if found.transposed else exported, weight_name)
     storage = _storage_type(layer.weight_range)  # the type DequantizeLinear reads, as ONNX Runtime's integer kernels do
-    stored = editor.constant(f"{weight_name}_int", integers.astype(weight_storage(layer.weight_range)))
+    stored_integers = integers.T if found.transposed else integers
+    stored = editor.constant(f"{weight_name}_int", stored_integers.astype(weight_storage(layer.weight_range)))
     if _is_four_bit(layer.weight_range):
         widened = editor.name(f"{weight_name}_widened")
         editor.before[node.output[0]].append(
@@ -174,16 +233,19 @@ def _quantize_weight_and_bias(editor: GraphEditor, node: onnx.NodeProto, weight_
                 editor.constant(f"{weight_name}_zero_point", zero_point.astype(storage)),
             ],
             [weight_name],
-            axis=0,
+            axis=1 if found.transposed else 0,  # the output channels
         )
     )
-    if len(node.input) < 3 or node.input[2] not in editor.initializers:
+    bias_name = _bias_of(found, users, editor)
+    if bias_name is None:
         return
-    bias_name = node.input[2]
     bias = editor.replace_initializer(bias_name).astype(np.float64)
     bias_scale = (np.float32(layer.input_scale) * scale).astype(np.float32)
     low, high = layer.bias_range
     integers = np.clip(np.round(bias / bias_scale), low, high).astype(np.int32)
+    if found.transposed:  # the Add after a MatMul takes the bias on its grid as floats, as the layer adds it
+        editor.constant_named(bias_name, (integers * bias_scale).astype(np.float32))
+        return
     editor.before[node.output[0]].append(
         helper.make_node(
             "DequantizeLinear",
@@ -196,6 +258,18 @@ def _quantize_weight_and_bias(editor: GraphEditor, node: onnx.NodeProto, weight_
             axis=0,
         )
     )
+
+
+def _bias_of(found: _LayerNode, users: dict[str, list[onnx.NodeProto]], editor: GraphEditor) -> str | None:
+    """The bias initializer of a layer's node: a ``Conv``'s or ``Gemm``'s third input, or the initializer the
+    one ``Add`` after a ``MatMul`` adds (``None`` without a bias)."""
+    node = found.node
+    if not found.transposed:
+        return node.input[2] if len(node.input) >= 3 and node.input[2] in editor.initializers else None
+    (add, *others) = users[node.output[0]] or [None]
+    if add is None or others or add.op_type != "Add":
+        return None
+    return next((name for name in add.input if name != node.output[0] and name in editor.initializers), None)
 
 
 def _activation_grid(editor: GraphEditor, layer: IntegerLayer, tensor: str) -> _ActivationGrid:

@@ -1,0 +1,104 @@
+"""Quantized transformers in ONNX: every linear layer of a BERT as integers, run by ONNX Runtime's integer kernels."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import lightning as L
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from text_models import TINY_BERT_LINEAR_LAYERS, sample_datamodule, text_module
+from torch import nn
+
+from lightning_compress import CompressionReport, QuantizationAwareTraining, export
+from lightning_compress.deploy.onnx import onnx_bytes
+from lightning_compress.quantization import QuantConfig, calibrate, quantize_model, quantized_layers
+
+INTEGER_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT4)
+
+
+def run_and_optimize(graph: bytes, inputs: torch.Tensor, optimized_path) -> tuple[np.ndarray, Counter]:
+    """ONNX Runtime's outputs on ``inputs``, and the operators of the graph it optimized and ran."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimized_path)
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+    return outputs, Counter(node.op_type for node in onnx.load(str(optimized_path)).graph.node)
+
+
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_every_linear_layer_of_a_bert_is_integer_in_onnx_and_runs_in_integer_kernels(tmp_path, weight_bits) -> None:
+    model = text_module().model.eval()
+    quantize_model(model, QuantConfig(weight_bits=weight_bits))
+    assert len(quantized_layers(model)) == TINY_BERT_LINEAR_LAYERS
+    ids = torch.randint(1, 900, (16, 16), generator=torch.Generator().manual_seed(0))
+    calibrate(model, [ids])
+    graph = onnx_bytes(model.eval(), ids[:1])
+    initializers = onnx.load_from_string(graph).graph.initializer
+    integer_weights = [tensor for tensor in initializers if tensor.data_type in INTEGER_TYPES and len(tensor.dims) == 2]
+    float_matrices = sorted(
+        tuple(t.dims) for t in initializers if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+    )
+    assert len(integer_weights) == TINY_BERT_LINEAR_LAYERS
+    # in float only the token-type and word embeddings (the exporter folds the positions' into a 3-D constant)
+    assert float_matrices == [(2, 16), (930, 16)]
+    outputs, optimized = run_and_optimize(graph, ids, tmp_path / "optimized.onnx")
+    with torch.no_grad():
+        np.testing.assert_allclose(outputs, model(ids).numpy(), atol=1e-5)
+    # the 12 encoder layers on (batch, tokens, features) in ONNX Runtime's integer MatMul, the head in QGemm
+    assert optimized["MatMulIntegerToFloat"] == TINY_BERT_LINEAR_LAYERS - 1 and optimized["QGemm"] == 1
+
+
+def test_a_linear_layer_on_tokens_keeps_its_bias_on_the_accumulator_grid(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    quantize_model(model, QuantConfig())
+    inputs = torch.randn(32, 5, 8)
+    calibrate(model, [inputs])
+    graph = onnx_bytes(model.eval(), inputs[:1])
+    outputs, optimized = run_and_optimize(graph, inputs, tmp_path / "optimized.onnx")
+    with torch.no_grad():
+        np.testing.assert_allclose(outputs, model(inputs).numpy(), atol=1e-6)
+    # behind the ReLU the second layer's uint8 grid clips at zero: ONNX Runtime drops the ReLU
+    assert optimized == Counter({"QuantizeLinear": 2, "MatMulIntegerToFloat": 2, "Add": 2})
+
+
+def test_layers_whose_weights_are_equal_on_tokens_are_refused_not_mixed_up() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).eval()
+    with torch.no_grad():
+        model[1].load_state_dict(model[0].state_dict())
+    quantize_model(model, QuantConfig())
+    calibrate(model, [torch.randn(8, 3, 4)])
+    with pytest.raises(RuntimeError, match="layers with equal weights cannot be told apart"):
+        onnx_bytes(model.eval(), torch.randn(1, 3, 4))
+
+
+def test_quantization_aware_training_of_a_bert_exports_what_it_trained(tmp_path) -> None:
+    module = text_module()
+    report = CompressionReport(
+        latency_batch_sizes=[1], latency_repeats=2, latency_rounds=2, latency_runtime="onnxruntime", verbose=False
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[QuantizationAwareTraining(start_epoch=0), report],
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=sample_datamodule())
+    before, after = (report.report.entry(name).profile for name in ("before", "after"))
+    assert before.quantized_layers == 0 and after.quantized_layers == TINY_BERT_LINEAR_LAYERS
+    path = export(module, tmp_path / "model.onnx", module.example_input_array)
+    datamodule = sample_datamodule(batch_size=8)
+    datamodule.setup()
+    ids, _ = next(iter(datamodule.val_dataloader()))
+    outputs, _ = run_and_optimize(path.read_bytes(), ids, tmp_path / "optimized.onnx")
+    with torch.no_grad():
+        np.testing.assert_allclose(outputs, module.eval()(ids).numpy(), atol=1e-4)
