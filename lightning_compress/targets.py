@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -12,6 +14,8 @@ from lightning_compress.modules import WEIGHT_LAYER_TYPES, weight_layers
 from lightning_compress.protocols import ExcludesFromCompression
 
 TargetSpec = Sequence[type[nn.Module] | str] | type[nn.Module] | str | None
+#: Below this share of a model's parameters the targeted weights say little about the model, and a warning says so.
+SMALL_TARGETED_SHARE = 0.25
 
 
 def _as_list(spec: TargetSpec) -> list[type[nn.Module] | str]:
@@ -69,3 +73,33 @@ def _check_patterns(candidates: dict[str, nn.Module], patterns: Iterable[str]) -
         if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
             near = difflib.get_close_matches(pattern, list(candidates), n=5, cutoff=0.3) or list(candidates)[:5]
             raise ValueError(f"the pattern {pattern!r} matches no layer with a weight; near names: {near}")
+
+
+def warn_if_few_targeted(
+    model: nn.Module, layers: Mapping[str, nn.Module], method: str, warn: Callable[[str], Any]
+) -> None:
+    """Warn when the weights of the targeted ``layers`` are under :data:`SMALL_TARGETED_SHARE` of ``model``'s
+    parameters (an LSTM or embedding model whose head alone is a Linear layer), naming where the rest is.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Embedding(1000, 16), nn.Linear(16, 2))
+        >>> warn_if_few_targeted(model, {"1": model[1]}, "Pruning", print)
+        Pruning targets 32 of the model's 16,034 parameters (0.2%): a sparsity or a bit width of these says little about the model. The rest is in Embedding (16,000); name their types in targets where the method supports them
+    """
+    total = sum(parameter.numel() for parameter in model.parameters())
+    targeted = sum(layer.weight.numel() for layer in layers.values())
+    if total == 0 or targeted / total >= SMALL_TARGETED_SHARE:
+        return
+    chosen = {id(layer) for layer in layers.values()}
+    elsewhere: Counter[str] = Counter()
+    for module in model.modules():
+        held = sum(parameter.numel() for parameter in module.parameters(recurse=False))
+        if held and id(module) not in chosen:
+            elsewhere[type(module).__name__] += held
+    largest = ", ".join(f"{name} ({count:,})" for name, count in elsewhere.most_common(3))
+    warn(
+        f"{method} targets {targeted:,} of the model's {total:,} parameters ({targeted / total:.1%}): a sparsity or "
+        f"a bit width of these says little about the model. The rest is in {largest}; name their types in targets "
+        "where the method supports them"
+    )

@@ -3,12 +3,14 @@ calibration and the report."""
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import lightning as L
 import pytest
 import torch
 from text_models import SAMPLE, TINY_BERT, sample_datamodule, sample_tokenizer, text_module
+from torch import nn
 
 from lightning_compress import ClassificationModule, CompressionReport
 from lightning_compress.analysis import profile_model
@@ -18,6 +20,8 @@ from lightning_compress.data.wordnet import (
     read_glosses,
     split_of,
 )
+from lightning_compress.models import SmallCNN
+from lightning_compress.pruning import Pruner, PruningConfig
 from lightning_compress.quantization import QuantConfig, calibrate, quantize_model
 
 
@@ -107,3 +111,29 @@ def test_the_report_of_a_text_model_runs_on_token_ids(tmp_path) -> None:
     assert report.report.metadata["input_shape"] == [16] and report.report.metadata["input_dtype"] == "int64"
     before, after = report.report.entry("before").profile, report.report.entry("after").profile
     assert before.macs == after.macs > 0 and after.parameters == sum(p.numel() for p in module.parameters())
+
+
+class LSTMClassifier(nn.Module):
+    """Token ids through an embedding and an LSTM; only the head is a Linear layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(1000, 32)
+        self.lstm = nn.LSTM(32, 64, batch_first=True)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.embedding(ids))[0][:, -1])
+
+
+def test_compressing_a_small_share_of_a_model_warns_where_the_rest_is() -> None:
+    rest = (
+        r"targets 320 of the model's 57,413 parameters \(0.6%\).* The rest is in Embedding \(32,000\), LSTM \(25,088\)"
+    )
+    with pytest.warns(UserWarning, match=f"Pruning {rest}"):
+        Pruner(LSTMClassifier(), PruningConfig(amount=0.5))
+    with pytest.warns(UserWarning, match=f"Quantization {rest}"):
+        quantize_model(LSTMClassifier(), QuantConfig())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a CNN's weights are nearly all of it
+        Pruner(SmallCNN(num_classes=10, image_size=8), PruningConfig(amount=0.5))

@@ -62,7 +62,7 @@ class _QuantizingCallback(L.Callback):
         self.exclude = exclude
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        quantize_model(pl_module, self.config, self.targets, self.exclude)
+        quantize_model(pl_module, self.config, self.targets, self.exclude, warn=rank_zero_warn)
 
     @staticmethod
     @torch.no_grad()

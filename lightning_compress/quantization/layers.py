@@ -9,6 +9,10 @@ their own keys (scales, zero points, observer ranges, switches).
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +20,7 @@ from torch import nn
 from lightning_compress.quantization.config import QuantConfig
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.observers import Observer
-from lightning_compress.targets import TargetSpec, select_layers
+from lightning_compress.targets import TargetSpec, select_layers, warn_if_few_targeted
 
 
 class QuantizedLayer(nn.Module):
@@ -96,12 +100,17 @@ QUANTIZED_TYPES: dict[type[nn.Module], type[QuantizedLayer]] = {
 
 
 def quantize_model(
-    model: nn.Module, config: QuantConfig, targets: TargetSpec = None, exclude: TargetSpec = None
+    model: nn.Module,
+    config: QuantConfig,
+    targets: TargetSpec = None,
+    exclude: TargetSpec = None,
+    warn: Callable[[str], Any] = warnings.warn,
 ) -> dict[str, QuantizedLayer]:
     """Turn the selected ``Conv1d/2d/3d`` and ``Linear`` layers of ``model`` into quantized layers, in place.
 
     Layers already quantized are left as they are, so calling it again is harmless. Quantizers start
     observing and disabled: switch them with :func:`set_quantization`. Returns the quantized layers by name.
+    ``warn`` is told when these layers hold under a quarter of the model's parameters.
     Other layer types (a transposed convolution, a subclass) stay in float; targeting one explicitly, or
     leaving nothing to quantize, raises ``ValueError``.
 
@@ -126,6 +135,7 @@ def quantize_model(
         raise ValueError(
             f"{type(model).__name__} has no layer to quantize: plain {', '.join(t.__name__ for t in QUANTIZED_TYPES)} are supported"
         )
+    warn_if_few_targeted(model, quantized, "Quantization", warn)
     for layer in quantized.values():
         if not isinstance(layer, QuantizedLayer):
             _convert(layer, config)
