@@ -13,11 +13,11 @@ import torch
 from text_models import TINY_BERT_LINEAR_LAYERS, sample_datamodule, text_module
 from torch import nn
 
-from lightning_compress import CompressionReport, QuantizationAwareTraining, export
+from lightning_compress import CompressionReport, QuantizationAwareTraining, export, load_compressed, load_quantized
 from lightning_compress.deploy.onnx import onnx_bytes
 from lightning_compress.quantization import QuantConfig, calibrate, quantize_model, quantized_layers
 
-INTEGER_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT4)
+INTEGER_TYPES = (onnx.TensorProto.INT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT8, onnx.TensorProto.UINT4)
 
 
 def run_and_optimize(graph: bytes, inputs: torch.Tensor, optimized_path) -> tuple[np.ndarray, Counter]:
@@ -102,3 +102,34 @@ def test_quantization_aware_training_of_a_bert_exports_what_it_trained(tmp_path)
     outputs, _ = run_and_optimize(path.read_bytes(), ids, tmp_path / "optimized.onnx")
     with torch.no_grad():
         np.testing.assert_allclose(outputs, module.eval()(ids).numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize(("weight_bits", "symmetric"), [(8, True), (4, True), (8, False)])
+def test_embedding_tables_are_stored_as_integers_and_looked_up_row_by_row(tmp_path, weight_bits, symmetric) -> None:
+    module = text_module()
+    model = module.model.eval()
+    layers = quantize_model(
+        model, QuantConfig(weight_bits=weight_bits, symmetric=symmetric), targets=[nn.Linear, nn.Embedding]
+    )
+    assert len(layers) == TINY_BERT_LINEAR_LAYERS + 3  # and the word, position and token-type tables
+    ids = torch.randint(1, 900, (16, 16), generator=torch.Generator().manual_seed(0))
+    calibrate(model, [ids])
+    graph = onnx_bytes(model.eval(), ids[:1])
+    initializers = onnx.load_from_string(graph).graph.initializer
+    integer_tables = sorted(
+        tuple(t.dims)
+        for t in initializers
+        if t.data_type in INTEGER_TYPES and "embeddings" in t.name and len(t.dims) == 2
+    )
+    floats = sorted(tuple(t.dims) for t in initializers if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2)
+    assert integer_tables == [(2, 16), (930, 16)]  # token types, words
+    # in float only one scale (and zero point) a row, and the positions' lookup the exporter folded
+    assert floats == sorted([(1, 16, 16), *[(2, 1), (930, 1)] * (1 if symmetric else 2)])
+    outputs, _ = run_and_optimize(graph, ids, tmp_path / "optimized.onnx")
+    with torch.no_grad():
+        np.testing.assert_allclose(outputs, model(ids).numpy(), atol=1e-5)
+    saved = export(module, tmp_path / "model.pt", module.example_input_array, format="torch")
+    compressed = export(module, tmp_path / "model.lcz", module.example_input_array, format="compressed")
+    for fresh in (load_quantized(text_module(seed=1), saved), load_compressed(text_module(seed=1), compressed)):
+        with torch.no_grad():
+            assert torch.equal(fresh.eval()(ids), module.eval()(ids))

@@ -15,7 +15,7 @@ from torch import nn
 from lightning_compress.files import write_atomically
 from lightning_compress.modules import model_copy
 from lightning_compress.quantization.config import QuantConfig
-from lightning_compress.quantization.layers import quantize_model, quantized_layers
+from lightning_compress.quantization.layers import quantize_layer, quantize_model, quantized_layers
 
 # format -> the modules it needs and the pip install that brings them
 EXPORT_FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -114,8 +114,13 @@ def quantize_as_saved(model: nn.Module, settings: dict[str, dict[str, Any]]) -> 
         >>> type(model[0]).__name__, model[0].quant_config.weight_bits
         ('QuantizedLinear', 4)
     """
+    modules = dict(model.named_modules())
     for name, layer_settings in settings.items():
-        quantize_model(model, QuantConfig(**layer_settings), targets=[name])
+        config = QuantConfig(**layer_settings)
+        if isinstance(modules.get(name), nn.Embedding):  # a table, which a name pattern alone does not select
+            quantize_layer(modules[name], config)
+        else:  # one layer of many: no share of the model to warn about
+            quantize_model(model, config, targets=[name], warn=lambda message: None)
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:

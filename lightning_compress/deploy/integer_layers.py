@@ -23,7 +23,7 @@ from lightning_compress.quantization.layers import (
 
 @dataclass(frozen=True)
 class IntegerLayer:
-    """The integer form of one quantized layer, read from its fake quantizers.
+    """The integer form of one quantized layer, read from its fake quantizers (an embedding has no input grid).
 
     Example:
         >>> import torch
@@ -42,9 +42,9 @@ class IntegerLayer:
     weight_scale: np.ndarray
     weight_zero_point: np.ndarray
     weight_range: tuple[int, int]
-    input_scale: float
-    input_zero_point: int
-    input_range: tuple[int, int]
+    input_scale: float | None
+    input_zero_point: int | None
+    input_range: tuple[int, int] | None
     bias_range: tuple[int, int]
 
     @classmethod
@@ -58,14 +58,15 @@ class IntegerLayer:
         per_channel = (-1,) + (1,) * (layer.weight.dim() - 1)
         rounded = quantizer(layer.weight).detach().float()  # (q - z) * s, computed by the same operator as training
         integers = torch.round(rounded / scale.view(per_channel)) + zero_point.view(per_channel)
+        inputs = layer.input_quantizer  # None for an embedding: token ids in
         return cls(
             weight=integers.long().cpu().numpy(),
             weight_scale=scale.cpu().numpy(),
             weight_zero_point=zero_point.long().cpu().numpy(),
             weight_range=(quantizer.quant_min, quantizer.quant_max),
-            input_scale=float(layer.input_quantizer.scale.reshape(-1)[0]),
-            input_zero_point=int(layer.input_quantizer.zero_point.reshape(-1)[0]),
-            input_range=(layer.input_quantizer.quant_min, layer.input_quantizer.quant_max),
+            input_scale=None if inputs is None else float(inputs.scale.reshape(-1)[0]),
+            input_zero_point=None if inputs is None else int(inputs.zero_point.reshape(-1)[0]),
+            input_range=None if inputs is None else (inputs.quant_min, inputs.quant_max),
             bias_range=layer.quant_config.bias_range,
         )
 

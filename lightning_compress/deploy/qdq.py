@@ -98,6 +98,9 @@ def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.M
     input_grids: dict[str, _ActivationGrid] = {}  # output of the QuantizeLinear before a layer -> its grid
     layer_outputs = []
     for weight_name, layer in layers.items():
+        if layer.input_range is None:  # an embedding table: no input grid
+            _quantize_embedding(editor, users, weight_name, layer)
+            continue
         found = _layer_node(weight_name, layer, users, editor)
         node = found.node
         layer_outputs.append(_layer_output(found, users))
@@ -258,6 +261,61 @@ def _quantize_weight_and_bias(
             axis=0,
         )
     )
+
+
+def _quantize_embedding(
+    editor: GraphEditor, users: dict[str, list[onnx.NodeProto]], weight_name: str, layer: IntegerLayer
+) -> None:
+    """An embedding table as integers: each ``Gather`` of its rows gathers the integer rows and their scales
+    (one a row) and multiplies them, so the table is stored in 8 (or 4) bits and only the looked-up rows
+    are ever widened. A lookup at constant positions (BERT's position embeddings) the exporter has already
+    folded into a constant of the dequantized rows: that one stays float, and means the same."""
+    if weight_name not in editor.initializers:
+        return
+    gathers = users[weight_name]
+    attributes = [{a.name: helper.get_attribute_value(a) for a in node.attribute} for node in gathers]
+    if not gathers or any(
+        node.op_type != "Gather" or list(node.input).index(weight_name) != 0 or attribute.get("axis", 0) != 0
+        for node, attribute in zip(gathers, attributes)
+    ):
+        raise RuntimeError(
+            f"{weight_name!r} should be the table of Gather nodes (axis 0) in the exported graph, found "
+            f"{[node.op_type for node in gathers]}"
+        )
+    integers, scale, zero_point = layer.fit_to(editor.replace_initializer(weight_name), weight_name)
+    table = editor.constant(f"{weight_name}_int", integers.astype(weight_storage(layer.weight_range)))
+    scales = editor.constant(f"{weight_name}_scale", scale.reshape(-1, 1))
+    zero_points = (
+        editor.constant(f"{weight_name}_zero_point", zero_point.astype(np.float32).reshape(-1, 1))
+        if np.any(zero_point != 0)
+        else None
+    )
+    for node in gathers:
+        output, ids = node.output[0], node.input[1]
+        rows, widened = editor.name(f"{output}_int"), editor.name(f"{output}_float")
+        node.output[0] = rows
+        if _is_four_bit(layer.weight_range):  # Gather reads 8-bit integers; ONNX Runtime folds the Cast at load
+            eight_bit = editor.name(f"{weight_name}_int8")
+            to = helper.np_dtype_to_tensor_dtype(np.dtype(_storage_type(layer.weight_range)))
+            editor.before[rows].append(helper.make_node("Cast", [table], [eight_bit], to=to))
+            node.input[0] = eight_bit
+        else:
+            node.input[0] = table
+        added = [helper.make_node("Cast", [rows], [widened], to=TensorProto.FLOAT)]
+        if zero_points is not None:
+            centered = editor.name(f"{output}_centered")
+            row_zero_points = editor.name(f"{output}_zero_point")
+            added += [
+                helper.make_node("Gather", [zero_points, ids], [row_zero_points]),
+                helper.make_node("Sub", [widened, row_zero_points], [centered]),
+            ]
+            widened = centered
+        row_scales = editor.name(f"{output}_scale")
+        added += [
+            helper.make_node("Gather", [scales, ids], [row_scales]),
+            helper.make_node("Mul", [widened, row_scales], [output]),
+        ]
+        editor.after[rows] += added
 
 
 def _bias_of(found: _LayerNode, users: dict[str, list[onnx.NodeProto]], editor: GraphEditor) -> str | None:

@@ -9,8 +9,10 @@ from lightning_compress.quantization.config import OBSERVERS, QuantConfig
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.layers import (
     QUANTIZED_TYPES,
+    QuantizedEmbedding,
     QuantizedLayer,
     dequantize_layer,
+    quantize_layer,
     quantize_model,
     quantized_layers,
     quantizers,
@@ -26,9 +28,11 @@ __all__ = [
     "PostTrainingQuantization",
     "QuantConfig",
     "QuantizationAwareTraining",
+    "QuantizedEmbedding",
     "QuantizedLayer",
     "calibrate",
     "dequantize_layer",
+    "quantize_layer",
     "quantize_model",
     "quantized_layers",
     "quantizers",

@@ -1,4 +1,4 @@
-"""Quantized Conv and Linear layers, and the function that turns a model's layers into them in place.
+"""Quantized Conv, Linear and Embedding layers, and the function that turns a model's layers into them in place.
 
 A quantized layer is the same module object with its class switched to a subclass
 (``nn.Conv2d`` becomes :class:`QuantizedConv2d`) and two quantizers added: one for its input
@@ -27,10 +27,12 @@ class QuantizedLayer(nn.Module):
     """Mixin of the quantized layers: fake-quantize the input, the weight and the bias, then compute as the float layer.
 
     The bias is rounded onto the accumulator's grid (step ``input scale * weight scale``, range of
-    ``quant_config.bias_bits``), as an integer runtime adds it; its gradient passes straight through.
+    ``quant_config.bias_bits``), as an integer runtime adds it; its gradient passes straight through. A
+    layer whose input is not a tensor of numbers to quantize (an embedding's token ids) has no
+    ``input_quantizer`` (``None``).
     """
 
-    input_quantizer: FakeQuantizer
+    input_quantizer: FakeQuantizer | None
     weight_quantizer: FakeQuantizer
     quant_config: QuantConfig
     bias: torch.Tensor | None
@@ -91,11 +93,37 @@ class QuantizedLinear(QuantizedLayer, nn.Linear):
         return F.linear(x, weight, bias)
 
 
+class QuantizedEmbedding(QuantizedLayer, nn.Embedding):
+    """``nn.Embedding`` with a fake-quantized table, one scale per row (made by :func:`quantize_model` when
+    ``nn.Embedding`` is among its targets): weight-only, since its inputs are token ids.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 2))
+        >>> sorted(type(layer).__name__ for layer in quantize_model(model, QuantConfig(), targets=[torch.nn.Embedding, torch.nn.Linear]).values())
+        ['QuantizedEmbedding', 'QuantizedLinear']
+    """
+
+    input_quantizer = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            ids,
+            self.weight_quantizer(self.weight),
+            self.padding_idx,
+            self.max_norm,
+            self.norm_type,
+            self.scale_grad_by_freq,
+            self.sparse,
+        )
+
+
 QUANTIZED_TYPES: dict[type[nn.Module], type[QuantizedLayer]] = {
     nn.Conv1d: QuantizedConv1d,
     nn.Conv2d: QuantizedConv2d,
     nn.Conv3d: QuantizedConv3d,
     nn.Linear: QuantizedLinear,
+    nn.Embedding: QuantizedEmbedding,
 }
 
 
@@ -106,7 +134,8 @@ def quantize_model(
     exclude: TargetSpec = None,
     warn: Callable[[str], Any] = warnings.warn,
 ) -> dict[str, QuantizedLayer]:
-    """Turn the selected ``Conv1d/2d/3d`` and ``Linear`` layers of ``model`` into quantized layers, in place.
+    """Turn the selected ``Conv1d/2d/3d`` and ``Linear`` layers of ``model`` into quantized layers, in place;
+    ``nn.Embedding`` tables too where ``targets`` names the type (weight-only, one scale per row).
 
     Layers already quantized are left as they are, so calling it again is harmless. Quantizers start
     observing and disabled: switch them with :func:`set_quantization`. Returns the quantized layers by name.
@@ -137,15 +166,27 @@ def quantize_model(
         )
     warn_if_few_targeted(model, quantized, "Quantization", warn)
     for layer in quantized.values():
-        if not isinstance(layer, QuantizedLayer):
-            _convert(layer, config)
+        quantize_layer(layer, config)
     return quantized
 
 
-def _convert(layer: nn.Module, config: QuantConfig) -> None:
+def quantize_layer(layer: nn.Module, config: QuantConfig) -> QuantizedLayer:
+    """Turn one plain ``Conv1d/2d/3d``, ``Linear`` or ``Embedding`` into its quantized layer in place (a quantized
+    layer is left as it is), with quantizers observing and disabled.
+
+    Example:
+        >>> from torch import nn
+        >>> type(quantize_layer(nn.Embedding(10, 4), QuantConfig())).__name__
+        'QuantizedEmbedding'
+    """
+    if isinstance(layer, QuantizedLayer):
+        return layer
+    if type(layer) not in QUANTIZED_TYPES:
+        raise ValueError(
+            f"{type(layer).__name__} cannot be quantized (only plain {', '.join(t.__name__ for t in QUANTIZED_TYPES)})"
+        )
     channels = layer.weight.shape[0] if config.per_channel else None
     weight_observer = Observer("latest", channels=channels)
-    activation_observer = Observer.for_activations(config)
     device = layer.weight.device
     layer.__class__ = QUANTIZED_TYPES[type(layer)]
     layer.quant_config = config
@@ -156,13 +197,15 @@ def _convert(layer: nn.Module, config: QuantConfig) -> None:
         channel_axis=0 if config.per_channel else None,
         learnable=config.learnable_scales,
     ).to(device)
-    layer.input_quantizer = FakeQuantizer(
-        activation_observer,
-        config.activation_range,
-        config.symmetric,
-        learnable=config.learnable_scales,
-        unsigned_when_non_negative=config.symmetric,
-    ).to(device)
+    if not isinstance(layer, nn.Embedding):  # token ids in: weight-only
+        layer.input_quantizer = FakeQuantizer(
+            Observer.for_activations(config),
+            config.activation_range,
+            config.symmetric,
+            learnable=config.learnable_scales,
+            unsigned_when_non_negative=config.symmetric,
+        ).to(device)
+    return layer
 
 
 def dequantize_layer(layer: QuantizedLayer) -> None:
@@ -170,7 +213,9 @@ def dequantize_layer(layer: QuantizedLayer) -> None:
     float_type = next(
         float_type for float_type, quantized_type in QUANTIZED_TYPES.items() if type(layer) is quantized_type
     )
-    del layer.input_quantizer, layer.weight_quantizer, layer.quant_config
+    del layer.weight_quantizer, layer.quant_config
+    if "input_quantizer" in layer._modules:
+        del layer.input_quantizer
     layer.__class__ = float_type
 
 
