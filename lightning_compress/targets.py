@@ -103,3 +103,22 @@ def warn_if_few_targeted(
         f"a bit width of these says little about the model. The rest is in {largest}; name their types in targets "
         "where the method supports them"
     )
+
+
+def warn_about_fused_attention(model: nn.Module, method: str, warn: Callable[[str], Any]) -> None:
+    """Warn when ``model`` holds ``nn.MultiheadAttention`` layers: they compute with a fused ``in_proj_weight``
+    and read ``out_proj.weight`` directly, so no quantized layer or pruning mask reaches them.
+
+    Example:
+        >>> warn_about_fused_attention(nn.TransformerEncoderLayer(8, 2, 16), "Quantization", print)
+        Quantization leaves the 1 nn.MultiheadAttention layer (self_attn) in float, unpruned: it computes with a fused in_proj_weight and reads out_proj.weight without calling it. Call lightning_compress.models.explicit_attention(model) first, which swaps in an equivalent attention of nn.Linear layers
+    """
+    fused = [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
+    if fused:
+        shown = ", ".join(fused[:3]) + (f" and {len(fused) - 3} more" if len(fused) > 3 else "")
+        warn(
+            f"{method} leaves the {len(fused)} nn.MultiheadAttention layer{'s' if len(fused) > 1 else ''} ({shown}) in "
+            "float, unpruned: it computes with a fused in_proj_weight and reads out_proj.weight without calling it. "
+            "Call lightning_compress.models.explicit_attention(model) first, which swaps in an equivalent attention of "
+            "nn.Linear layers"
+        )

@@ -83,8 +83,31 @@ def _attention_flops(
     return 2 * batch * heads * query_length * key_length * (dim + value_dim)
 
 
-#: The fused attention kernel of the CPU, which torch's flop counter does not know (it knows the GPU's).
-_FUSED_ATTENTION_ON_CPU = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
+def _multi_head_attention_flops(
+    query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], embed_dim: int, *_: Any, **__: Any
+) -> int:
+    """FLOPs of ``nn.MultiheadAttention``'s fused fast path: the input projections, attention, the output projection."""
+    batch, query_length, _ = query_shape
+    key_length = key_shape[1]
+    projections = 2 * batch * embed_dim * embed_dim * (2 * query_length + 2 * key_length)  # q, out; k, v
+    return projections + 2 * batch * query_length * key_length * 2 * embed_dim
+
+
+def _encoder_layer_flops(src_shape: Sequence[int], embed_dim: int, num_heads: int, *args: Any, **__: Any) -> int:
+    """FLOPs of ``nn.TransformerEncoderLayer``'s fused fast path: its attention and its two feed-forward layers."""
+    ffn_weight_1 = args[11]  # after qkv and projection weights and biases, use_gelu, norm_first, eps, two norms
+    batch, length, _ = src_shape
+    feed_forward = 2 * batch * length * 2 * embed_dim * ffn_weight_1[0]
+    return _multi_head_attention_flops(src_shape, src_shape, src_shape, embed_dim) + feed_forward
+
+
+#: Fused kernels torch's flop counter does not know: the CPU's attention (it knows the GPU's), and the fast
+#: paths ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` take in eval mode.
+_FUSED_KERNELS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+    torch.ops.aten._native_multi_head_attention: _multi_head_attention_flops,
+    torch.ops.aten._transformer_encoder_layer_fwd: _encoder_layer_flops,
+}
 
 
 @torch.no_grad()
@@ -92,9 +115,10 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass on ``example_input`` (the whole batch it holds).
 
     Counted by torch's own ``FlopCounterMode`` (matrix products, convolutions and attention, one MAC = two
-    FLOPs), with the fused attention kernel of the CPU counted as torch counts the GPU's; the model runs
-    once in eval mode and every submodule is put back in the mode it had.
+    FLOPs), with the fused kernels it does not know counted by their matrix products: the CPU's attention
+    and the eval-mode fast paths of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``. The model
+    runs once in eval mode and every submodule is put back in the mode it had.
     """
-    with eval_mode(model), FlopCounterMode(display=False, custom_mapping=_FUSED_ATTENTION_ON_CPU) as counter:
+    with eval_mode(model), FlopCounterMode(display=False, custom_mapping=_FUSED_KERNELS) as counter:
         model(example_input)
     return counter.get_total_flops() // 2

@@ -206,7 +206,11 @@ def _matmul_of(
         problem = "no MatMul reads" if not matches else f"{len(matches)} MatMul nodes read"
         raise RuntimeError(
             f"the exported graph holds no initializer {weight_name!r}, and {problem} its transposed value"
-            + ("" if not matches else ": layers with equal weights cannot be told apart")
+            + (
+                ""
+                if not matches
+                else ": layers with equal weights (nn.TransformerEncoder clones its layer) cannot be told apart"
+            )
         )
     node, name = matches[0]
     return _LayerNode(node, name, transposed=True)

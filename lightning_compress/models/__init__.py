@@ -1,6 +1,7 @@
 """Model zoo (a small CNN, an MLP, LeNet-5, torchvision's ResNets, text classifiers over Hugging Face encoders) and
 the LightningModule that trains them."""
 
+from lightning_compress.models.attention import ExplicitMultiheadAttention, explicit_attention
 from lightning_compress.models.classifier import ClassificationModule
 from lightning_compress.models.cnn import SmallCNN
 from lightning_compress.models.lenet import LeNet5
@@ -12,10 +13,12 @@ __all__ = [
     "MLP",
     "RESNET_ARCHITECTURES",
     "ClassificationModule",
+    "ExplicitMultiheadAttention",
     "LeNet5",
     "SmallCNN",
     "TextClassifier",
     "bert",
+    "explicit_attention",
     "minilm",
     "resnet",
 ]

@@ -20,7 +20,7 @@ from torch import nn
 from lightning_compress.quantization.config import QuantConfig
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.observers import Observer
-from lightning_compress.targets import TargetSpec, select_layers, warn_if_few_targeted
+from lightning_compress.targets import TargetSpec, select_layers, warn_about_fused_attention, warn_if_few_targeted
 
 
 class QuantizedLayer(nn.Module):
@@ -165,6 +165,7 @@ def quantize_model(
             f"{type(model).__name__} has no layer to quantize: plain {', '.join(t.__name__ for t in QUANTIZED_TYPES)} are supported"
         )
     warn_if_few_targeted(model, quantized, "Quantization", warn)
+    warn_about_fused_attention(model, "Quantization", warn)
     for layer in quantized.values():
         quantize_layer(layer, config)
     return quantized
