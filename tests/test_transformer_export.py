@@ -30,10 +30,14 @@ def run_and_optimize(graph: bytes, inputs: torch.Tensor, optimized_path) -> tupl
     return outputs, Counter(node.op_type for node in onnx.load(str(optimized_path)).graph.node)
 
 
-@pytest.mark.parametrize("weight_bits", [8, 4])
-def test_every_linear_layer_of_a_bert_is_integer_in_onnx_and_runs_in_integer_kernels(tmp_path, weight_bits) -> None:
+@pytest.mark.parametrize(
+    "config",
+    [QuantConfig(), QuantConfig(weight_bits=4), QuantConfig(activation_symmetric=False)],
+    ids=["int8", "int4-weights", "uint8-activations"],
+)
+def test_every_linear_layer_of_a_bert_is_integer_in_onnx_and_runs_in_integer_kernels(tmp_path, config) -> None:
     model = text_module().model.eval()
-    quantize_model(model, QuantConfig(weight_bits=weight_bits))
+    quantize_model(model, config)
     assert len(quantized_layers(model)) == TINY_BERT_LINEAR_LAYERS
     ids = torch.randint(1, 900, (16, 16), generator=torch.Generator().manual_seed(0))
     calibrate(model, [ids])
@@ -46,6 +50,11 @@ def test_every_linear_layer_of_a_bert_is_integer_in_onnx_and_runs_in_integer_ker
     assert len(integer_weights) == TINY_BERT_LINEAR_LAYERS
     # in float only the token-type and word embeddings (the exporter folds the positions' into a 3-D constant)
     assert float_matrices == [(2, 16), (930, 16)]
+    nodes, by_name = onnx.load_from_string(graph).graph.node, {tensor.name: tensor for tensor in initializers}
+    activations = {by_name[node.input[2]].data_type for node in nodes if node.op_type == "QuantizeLinear"}
+    weights = {tensor.data_type for tensor in integer_weights}
+    if config.activation_symmetric is False:  # ONNX Runtime's pairing for transformers: uint8 inputs, int8 weights
+        assert activations == {onnx.TensorProto.UINT8} and weights == {onnx.TensorProto.INT8}
     outputs, optimized = run_and_optimize(graph, ids, tmp_path / "optimized.onnx")
     with torch.no_grad():
         np.testing.assert_allclose(outputs, model(ids).numpy(), atol=1e-5)

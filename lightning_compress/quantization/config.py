@@ -15,7 +15,10 @@ class QuantConfig:
 
     Weights use the restricted symmetric range ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (zero point 0) or the
     unsigned range ``[0, 2^b - 1]`` with a zero point when ``symmetric=False``; activations use the full
-    signed range ``[-2^(b-1), 2^(b-1) - 1]`` (``activation_range``) or the unsigned one. A symmetric
+    signed range ``[-2^(b-1), 2^(b-1) - 1]`` (``activation_range``) or the unsigned one with a zero point;
+    ``activation_symmetric`` sets that apart from the weights' (``None``: as ``symmetric``), e.g. symmetric
+    int8 weights with asymmetric uint8 activations, ONNX Runtime's own pairing for transformers, whose
+    LayerNorm and GELU outputs are far from symmetric. A symmetric
     activation quantizer whose observed inputs are all non-negative (behind a ReLU) turns to the unsigned
     range with zero point 0 (see :class:`FakeQuantizer`). Either way zero is exactly representable,
     so pruned weights stay exactly zero. Biases are rounded onto the accumulator's grid, step
@@ -31,6 +34,8 @@ class QuantConfig:
         ((-7, 7), (-128, 127))
         >>> QuantConfig(symmetric=False).activation_range
         (0, 255)
+        >>> QuantConfig(activation_symmetric=False).weight_range, QuantConfig(activation_symmetric=False).activation_range
+        ((-127, 127), (0, 255))
         >>> QuantConfig(reduce_range=True).weight_range
         (-63, 63)
     """
@@ -40,6 +45,7 @@ class QuantConfig:
     bias_bits: int = 32
     per_channel: bool = True
     symmetric: bool = True
+    activation_symmetric: bool | None = None
     reduce_range: bool = False
     observer: str = "moving_average"
     learnable_scales: bool = False
@@ -78,8 +84,13 @@ class QuantConfig:
         return 0, 2**bits - 1
 
     @property
+    def activations_symmetric(self) -> bool:
+        """Whether activations are quantized symmetrically: ``activation_symmetric``, or ``symmetric`` without it."""
+        return self.symmetric if self.activation_symmetric is None else self.activation_symmetric
+
+    @property
     def activation_range(self) -> tuple[int, int]:
-        if self.symmetric:
+        if self.activations_symmetric:
             return -(2 ** (self.activation_bits - 1)), 2 ** (self.activation_bits - 1) - 1
         return 0, 2**self.activation_bits - 1
 

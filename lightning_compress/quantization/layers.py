@@ -202,9 +202,9 @@ def quantize_layer(layer: nn.Module, config: QuantConfig) -> QuantizedLayer:
         layer.input_quantizer = FakeQuantizer(
             Observer.for_activations(config),
             config.activation_range,
-            config.symmetric,
+            config.activations_symmetric,
             learnable=config.learnable_scales,
-            unsigned_when_non_negative=config.symmetric,
+            unsigned_when_non_negative=config.activations_symmetric,
         ).to(device)
     return layer
 
