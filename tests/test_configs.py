@@ -4,9 +4,11 @@ import importlib.util
 
 import lightning as L
 import pytest
+import torch
 from config_groups import options
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
+from text_models import SAMPLE, sample_tokenizer
 
 from lightning_compress import (
     ClassificationModule,
@@ -20,7 +22,7 @@ from lightning_compress.data import InMemoryImageDataModule
 
 
 def test_every_group_has_its_options() -> None:
-    assert options("data") == ["cifar10", "digits", "fashion_mnist"]
+    assert options("data") == ["cifar10", "digits", "fashion_mnist", "wordnet_supersenses"]
     assert {"small_cnn", "mlp", "resnet18", "resnet50"} <= set(options("model"))
     assert options("trainer") == ["cpu", "ddp", "default", "gpu"]
     assert options("logger") == ["csv", "none", "tensorboard"]
@@ -34,8 +36,11 @@ def test_every_group_has_its_options() -> None:
     assert options("model/teacher") == ["resnet50", "small_cnn_wide"]
 
 
-@pytest.mark.parametrize("data", options("data"))
-@pytest.mark.parametrize("model", options("model"))
+TEXT_DATA, TEXT_MODELS = ["wordnet_supersenses"], ["bert_tiny", "minilm"]
+
+
+@pytest.mark.parametrize("data", [data for data in options("data") if data not in TEXT_DATA])
+@pytest.mark.parametrize("model", [model for model in options("model") if model not in TEXT_MODELS])
 def test_every_data_and_model_pair_composes_and_builds(compose_config, tmp_path, data: str, model: str) -> None:
     cfg = compose_config(f"data={data}", f"model={model}", f"output_dir={tmp_path}")
     datamodule = instantiate(cfg.data)
@@ -44,6 +49,27 @@ def test_every_data_and_model_pair_composes_and_builds(compose_config, tmp_path,
     assert isinstance(module, ClassificationModule)
     assert list(cfg.dataset.input_shape) == list(datamodule.input_shape)
     assert module.eval()(module.example_input_array).shape == (1, datamodule.num_classes)
+
+
+def test_the_text_data_and_models_compose_and_build(compose_config, tmp_path) -> None:
+    sample_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    text = [
+        "data=wordnet_supersenses",
+        f"data.data_noun={SAMPLE}",
+        f"data.tokenizer={tmp_path / 'tokenizer'}",
+        "data.max_length=16",
+        f"dataset.vocab_size={sample_tokenizer().vocab_size}",
+        f"output_dir={tmp_path}",
+    ]
+    cfg = compose_config(*text, "model=bert_tiny")
+    datamodule, module = instantiate(cfg.data), instantiate(cfg.model, _convert_="all")
+    datamodule.setup()
+    ids, labels = next(iter(datamodule.train_dataloader()))
+    assert module.example_input_array.dtype == torch.int64 and module.example_input_array.shape == (1, 16)
+    assert module(ids).shape == (len(ids), 26) and int(labels.max()) < 26
+    pretrained = compose_config(*text, "model=minilm")  # built in benchmarks/ and experiments: the 83 MB wheel
+    assert pretrained.model.model._target_ == "lightning_compress.models.minilm"
+    assert pretrained.model.input_dtype == "int64" and list(pretrained.model.input_shape) == [16]
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))
