@@ -18,6 +18,11 @@ from lightning_compress.protocols import HasOutputChannelState
 from lightning_compress.pruning.criteria import channel_scores
 
 
+def _grouped_across_channels(conv: nn.modules.conv._ConvNd) -> bool:
+    """A grouped convolution whose groups each read several input channels (not depthwise: one channel a group)."""
+    return conv.groups > 1 and conv.in_channels != conv.groups
+
+
 class ChannelGroups:
     """The prunable channel groups of ``model``, one per targeted root layer.
 
@@ -41,8 +46,11 @@ class ChannelGroups:
         self._names = {module: name for name, module in model.named_modules()}
         ignored = [m for m in model.modules() if isinstance(m, WEIGHT_LAYER_TYPES) and m not in layers.values()]
         for name, module in layers.items():
-            if isinstance(module, nn.modules.conv._ConvNd) and (module.groups > 1 or module.transposed):
-                raise ValueError(f"channel pruning handles plain convolutions; {name!r} is grouped or transposed")
+            if isinstance(module, nn.modules.conv._ConvNd) and (module.transposed or _grouped_across_channels(module)):
+                raise ValueError(
+                    f"channel pruning handles plain and depthwise convolutions; {name!r} is "
+                    + ("transposed" if module.transposed else f"grouped ({module.groups} groups of several channels)")
+                )
         with eval_mode(model):
             self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
         roots = {
@@ -109,7 +117,8 @@ class ChannelGroups:
     def _touched(self, module: nn.Module, handler: object) -> list[tuple[str, torch.Tensor, int]]:
         """``(name, tensor, dimension)`` of each parameter and buffer of ``module`` that a pruned channel cuts."""
         if isinstance(module, WEIGHT_LAYER_TYPES):
-            if self.graph.is_out_channel_pruning_fn(handler):
+            depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1  # a channel is a row
+            if self.graph.is_out_channel_pruning_fn(handler) or depthwise:
                 return [(n, p, 0) for n, p in module.named_parameters(recurse=False)]
             return [("weight", module.weight, 1)]
         tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
