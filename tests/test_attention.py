@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
@@ -14,6 +15,7 @@ from torchvision.models import VisionTransformer
 from lightning_compress.analysis import count_macs
 from lightning_compress.deploy.onnx import onnx_bytes
 from lightning_compress.models.attention import ExplicitMultiheadAttention, explicit_attention
+from lightning_compress.pruning import Pruner, PruningConfig
 from lightning_compress.quantization import QuantConfig, calibrate, quantize_model, quantized_layers
 
 
@@ -120,3 +122,38 @@ def test_macs_of_the_fused_fast_paths_are_counted_as_those_of_the_explicit_layer
     batch, length, width, hidden = 3, 6, 16, 32
     per_layer = batch * length * (4 * width * width + 2 * width * hidden) + 2 * batch * length * length * width
     assert fused == count_macs(encoder, x) == 2 * per_layer
+
+
+class TextEncoder(nn.Module):
+    """Token ids through an embedding, a two-layer transformer encoder and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(100, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embedding(ids)).mean(dim=1))
+
+
+def test_channel_pruning_that_would_break_the_attention_heads_is_refused_naming_the_layers() -> None:
+    torch.manual_seed(0)
+    model = TextEncoder().eval()
+    explicit_attention(model)
+    ids = torch.randint(0, 100, (2, 7))
+    config = PruningConfig(amount=0.5, granularity="channel", scope="layer")
+    culprits = r"\['encoder.layers.0.self_attn.v_proj', 'encoder.layers.1.self_attn.v_proj'\]"
+    with pytest.raises(
+        ValueError, match=rf"unable to run \(RuntimeError: shape .*\): removing the channels of {culprits}"
+    ):
+        Pruner(model, config, example_input=ids[:1])
+    pruner = Pruner(model, dataclasses.replace(config, exclude=("*.self_attn.*",)), example_input=ids[:1])
+    assert list(pruner.channel_groups.channels) == ["encoder.layers.0.linear1", "encoder.layers.1.linear1"]
+    pruner.prune()
+    with torch.no_grad():
+        masked = model(ids)
+        pruner.remove_channels(model)
+        torch.testing.assert_close(model(ids), masked)
+    assert model.encoder.layers[0].linear1.out_features == 64

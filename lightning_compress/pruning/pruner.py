@@ -12,7 +12,7 @@ from torch import nn
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.criteria import element_scores
 from lightning_compress.pruning.masks import forget_pruned, n_of_m_masks, rank_masks, threshold_masks
-from lightning_compress.pruning.structured import ChannelGroups
+from lightning_compress.pruning.structured import ChannelGroups, check_channel_removal
 from lightning_compress.targets import select_layers, warn_about_fused_attention, warn_if_few_targeted
 
 #: What a :class:`Pruner` hands its new masks to before using them (DDP: rank zero's, broadcast to all).
@@ -62,6 +62,7 @@ class Pruner:
             if example_input is None:
                 raise ValueError("channel pruning traces the model on one input: give example_input")
             first = next(model.parameters())
+            check_channel_removal(model, example_input.to(first.device), layers)
             self.channel_groups = ChannelGroups(model, example_input.to(first.device), layers)
         if config.layer_amounts is not None:
             prunable = self.channel_groups.channels if self.channel_groups is not None else layers

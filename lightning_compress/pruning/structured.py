@@ -13,7 +13,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_compress.modules import WEIGHT_LAYER_TYPES, eval_mode
+from lightning_compress.modules import WEIGHT_LAYER_TYPES, eval_mode, model_copy
 from lightning_compress.protocols import HasOutputChannelState
 from lightning_compress.pruning.criteria import channel_scores
 
@@ -188,3 +188,48 @@ class _CutOnLoad:
                 for dim, indices in kept_indices.items():
                     tensor = tensor.index_select(dim, indices.to(tensor.device))
                 state_dict[prefix + name] = tensor
+
+
+def check_channel_removal(model: nn.Module, example_input: torch.Tensor, layers: dict[str, nn.Module]) -> None:
+    """Refuse, naming the layers, a model that channel removal would leave unable to run.
+
+    Every other channel of each group is cut out of a copy of ``model``, which then runs on
+    ``example_input``. It must run and give outputs of the same shape. A model that reshapes a layer's
+    output channels (the heads of an attention, say) fails here rather than after training. The layers
+    whose removal alone breaks it are named, to be left out with ``exclude``.
+    """
+    with torch.no_grad(), eval_mode(model):
+        expected = model(example_input).shape
+    problem = _removal_problem(model, example_input, layers, None, expected)
+    if problem is None:
+        return
+    copy = model_copy(model)
+    roots = list(ChannelGroups(copy, example_input, _same_layers(copy, layers)).channels)
+    culprits = [name for name in roots if _removal_problem(model, example_input, layers, name, expected) is not None]
+    raise ValueError(
+        f"channel pruning would leave {type(model).__name__} unable to run ({problem}): removing the channels of "
+        f"{culprits or roots} breaks it; leave those layers out with exclude=[...] ("
+        "their channels are an attention's heads, say)"
+    )
+
+
+def _same_layers(copy: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    modules = dict(copy.named_modules())
+    return {name: modules[name] for name in layers}
+
+
+def _removal_problem(
+    model: nn.Module, example_input: torch.Tensor, layers: dict[str, nn.Module], only: str | None, expected: torch.Size
+) -> str | None:
+    """Why a copy of ``model`` with every other channel of each group (or of group ``only``) removed does not
+    run on ``example_input`` with outputs of shape ``expected``; ``None`` when it does."""
+    trial = model_copy(model)
+    groups = ChannelGroups(trial, example_input, _same_layers(trial, layers))
+    keep = {name: torch.arange(count) % 2 == 0 for name, count in groups.channels.items() if only in (None, name)}
+    groups.remove(keep)
+    try:
+        with torch.no_grad(), eval_mode(trial):
+            shape = trial(example_input).shape
+    except Exception as error:  # whatever the model raises, it is the reason to refuse it
+        return f"{type(error).__name__}: {next(iter(str(error).splitlines()), '')}"
+    return None if shape == expected else f"outputs of shape {list(shape)} instead of {list(expected)}"
