@@ -188,6 +188,7 @@ def _layer_node(
 def _matmul_of(
     weight_name: str, layer: IntegerLayer, users: dict[str, list[onnx.NodeProto]], editor: GraphEditor
 ) -> _LayerNode:
+    """The one ``MatMul`` whose second operand is an initializer equal to the layer's dequantized weight, transposed."""
     expected = layer.dequantized_weight().numpy()
     if expected.ndim != 2:
         raise RuntimeError(
