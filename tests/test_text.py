@@ -6,10 +6,9 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 
-import lightning as L
 import pytest
 import torch
-from text_models import SAMPLE, TINY_BERT, sample_datamodule, sample_tokenizer, text_module
+from text_models import SAMPLE, TINY_BERT, fit_text, sample_datamodule, sample_tokenizer, text_module
 from torch import nn
 
 from lightning_compress import ClassificationModule, CompressionReport
@@ -95,19 +94,8 @@ def test_token_inputs_are_measured_on_the_example_and_calibrated_as_integers() -
 
 def test_the_report_of_a_text_model_runs_on_token_ids(tmp_path) -> None:
     module = text_module()
-    datamodule = sample_datamodule()
     report = CompressionReport(latency_batch_sizes=[1], latency_repeats=2, latency_rounds=2, verbose=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[report],
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, datamodule=datamodule)
+    fit_text(tmp_path, module, [report])
     assert report.report.metadata["input_shape"] == [16] and report.report.metadata["input_dtype"] == "int64"
     before, after = report.report.entry("before").profile, report.report.entry("after").profile
     assert before.macs == after.macs > 0 and after.parameters == sum(p.numel() for p in module.parameters())

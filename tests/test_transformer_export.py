@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-import lightning as L
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from text_models import TINY_BERT_LINEAR_LAYERS, sample_datamodule, text_module
+from text_models import TINY_BERT_LINEAR_LAYERS, fit_text, sample_datamodule, text_module
 from torch import nn
 
 from lightning_compress import CompressionReport, QuantizationAwareTraining, export, load_compressed, load_quantized
@@ -93,17 +92,7 @@ def test_quantization_aware_training_of_a_bert_exports_what_it_trained(tmp_path)
     report = CompressionReport(
         latency_batch_sizes=[1], latency_repeats=2, latency_rounds=2, latency_runtime="onnxruntime", verbose=False
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[QuantizationAwareTraining(start_epoch=0), report],
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(module, datamodule=sample_datamodule())
+    fit_text(tmp_path, module, [QuantizationAwareTraining(start_epoch=0), report])
     before, after = (report.report.entry(name).profile for name in ("before", "after"))
     assert before.quantized_layers == 0 and after.quantized_layers == TINY_BERT_LINEAR_LAYERS
     path = export(module, tmp_path / "model.onnx", module.example_input_array)

@@ -6,6 +6,7 @@ import functools
 import re
 from pathlib import Path
 
+import lightning as L
 import torch
 from transformers import BertTokenizer
 
@@ -43,3 +44,19 @@ def sample_datamodule(max_length: int = 16, batch_size: int = 16, **options) -> 
     return WordNetSupersensesDataModule(
         sample_tokenizer(), str(SAMPLE), max_length=max_length, batch_size=batch_size, **options
     )
+
+
+def fit_text(tmp_path, module: ClassificationModule, callbacks: list[L.Callback]) -> L.Trainer:
+    """One quiet CPU epoch of ``module`` on the bundled glosses."""
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=sample_datamodule())
+    return trainer
