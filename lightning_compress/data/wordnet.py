@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,7 +25,13 @@ SPLITS = ("train", "val", "test")
 
 
 class Gloss(NamedTuple):
-    """One noun synset: its byte offset in ``data.noun`` (its id), its supersense's index, and its gloss."""
+    """One noun synset: its byte offset in ``data.noun`` (its id), its supersense's index, and its gloss.
+
+    Example:
+        >>> gloss = Gloss(offset=1314026, label=2, text="an organism of the same species")
+        >>> SUPERSENSES[gloss.label]
+        'animal'
+    """
 
     offset: int
     label: int
@@ -45,7 +51,7 @@ def read_glosses(path: str | Path) -> list[Gloss]:
         return read_glosses_from(lines)
 
 
-def read_glosses_from(lines: Sequence[str] | Any) -> list[Gloss]:
+def read_glosses_from(lines: Iterable[str]) -> list[Gloss]:
     """:func:`read_glosses` on lines already read."""
     glosses = []
     for line in lines:
