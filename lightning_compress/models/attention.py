@@ -115,8 +115,8 @@ class ExplicitMultiheadAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if need_weights:
             scores = q @ k.transpose(-2, -1) / self.head_dim**0.5
-            weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
-            context = F.dropout(weights, dropout) @ v
+            weights = F.dropout(torch.softmax(scores if mask is None else scores + mask, dim=-1), dropout)
+            context = weights @ v  # the weights returned after dropout, as nn.MultiheadAttention returns them
         else:
             weights, context = None, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         batch, _, length, _ = context.shape
