@@ -30,7 +30,7 @@ def test_every_group_has_its_options() -> None:
     assert options("hydra") == ["default"]
     assert options("hydra/launcher") == ["local_processes", "slurm"]
     assert options("compression/pruning") == ["agp90", "nm24", "oneshot50", "sensitivity", "taylor_channel50"]
-    assert options("compression/quantization") == ["int8_ptq", "int8_qat", "w4a8_lsq"]
+    assert options("compression/quantization") == ["int8_ptq", "int8_ptq_transformer", "int8_qat", "w4a8_lsq"]
     assert options("compression/distillation") == ["dkd", "fitnets", "kd"]
     assert options("compression/clustering") == ["k16", "k32"]
     assert options("model/teacher") == ["resnet50", "small_cnn_wide"]
@@ -140,6 +140,7 @@ def test_every_quantization_recipe_builds(compose_config, tmp_path, recipe: str)
         "int8_qat": (QuantizationAwareTraining, 8, False),
         "w4a8_lsq": (QuantizationAwareTraining, 4, True),
         "int8_ptq": (PostTrainingQuantization, 8, False),
+        "int8_ptq_transformer": (PostTrainingQuantization, 8, False),
     }
     assert (type(callback), callback.config.weight_bits, callback.config.learnable_scales) == expected[recipe]
     assert callback.config.activation_bits == 8

@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from hydra.utils import instantiate
 from text_models import TINY_BERT_LINEAR_LAYERS, fit_text, sample_datamodule, text_module
 from torch import nn
 
@@ -133,3 +134,22 @@ def test_embedding_tables_are_stored_as_integers_and_looked_up_row_by_row(tmp_pa
     for fresh in (load_quantized(text_module(seed=1), saved), load_compressed(text_module(seed=1), compressed)):
         with torch.no_grad():
             assert torch.equal(fresh.eval()(ids), module.eval()(ids))
+
+
+def test_the_transformer_ptq_recipe_calibrates_a_bert_in_a_fit_and_exports_integers(compose_config, tmp_path) -> None:
+    cfg = compose_config("compression/quantization=int8_ptq_transformer", f"output_dir={tmp_path}")
+    ptq = instantiate(cfg.compression.quantization, _convert_="all")
+    module = text_module()
+    fit_text(tmp_path, module, [ptq])
+    layers = quantized_layers(module)
+    assert len(layers) == TINY_BERT_LINEAR_LAYERS + 3 and all(
+        bool(layer.weight_quantizer.enabled) for layer in layers.values()
+    )
+    datamodule = sample_datamodule(batch_size=8)
+    datamodule.setup()
+    ids, _ = next(iter(datamodule.val_dataloader()))
+    path = export(module, tmp_path / "model.onnx", module.example_input_array)
+    outputs, optimized = run_and_optimize(path.read_bytes(), ids, tmp_path / "optimized.onnx")
+    with torch.no_grad():
+        np.testing.assert_allclose(outputs, module.eval()(ids).numpy(), atol=1e-4)
+    assert optimized["MatMulIntegerToFloat"] == TINY_BERT_LINEAR_LAYERS - 1
