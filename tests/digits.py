@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -21,6 +22,19 @@ def digits_module(optimizer: Callable[[Iterable[nn.Parameter]], Optimizer] | Non
     )
 
 
+def quiet_trainer(tmp_path, callbacks: list[L.Callback], max_epochs: int = 2, **options: Any) -> L.Trainer:
+    """A CPU ``Trainer`` without logger, progress bar or model summary; ``options`` go to it as they are."""
+    return L.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **{"logger": False, **options},
+    )
+
+
 def fit_digits(
     tmp_path,
     callbacks: list[L.Callback],
@@ -33,15 +47,12 @@ def fit_digits(
     """Seeded fit on the CPU; checkpoints only where a ``ModelCheckpoint`` is given."""
     L.seed_everything(seed)
     module = digits_module(optimizer)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
+    trainer = quiet_trainer(
+        tmp_path,
+        callbacks,
+        max_epochs,
         logger=logger,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        default_root_dir=tmp_path,
     )
     datamodule = DigitsDataModule()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 from commands import QUICK_REPORT
-from digits import digits_module, fit_digits
+from digits import digits_module, fit_digits, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import ClassificationModule, CompressionCheckpoint, CompressionReport, FiniteCheck, Pruning, job
@@ -75,18 +75,6 @@ def nan_loader() -> DataLoader:
     inputs = torch.randn(64, 1, 8, 8, generator=generator)
     inputs[0, 0, 0, 0] = math.nan
     return DataLoader(TensorDataset(inputs, torch.randint(0, 10, (64,), generator=generator)), batch_size=16)
-
-
-def quiet_trainer(tmp_path: Path, callbacks: list[L.Callback], max_epochs: int = 2) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        logger=False,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
 
 
 def test_a_nan_loss_stops_the_run_before_anything_is_checkpointed(tmp_path) -> None:

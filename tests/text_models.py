@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from digits import quiet_trainer
 from transformers import BertTokenizer
 
 from lightning_compress import ClassificationModule
@@ -48,15 +49,6 @@ def sample_datamodule(max_length: int = 16, batch_size: int = 16, **options) -> 
 
 def fit_text(tmp_path, module: ClassificationModule, callbacks: list[L.Callback]) -> L.Trainer:
     """One quiet CPU epoch of ``module`` on the bundled glosses."""
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, callbacks, max_epochs=1, enable_checkpointing=False)
     trainer.fit(module, datamodule=sample_datamodule())
     return trainer
