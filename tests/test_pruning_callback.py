@@ -381,7 +381,9 @@ def test_what_to_prune_comes_as_a_config_or_as_arguments_never_both(tmp_path) ->
 
 
 def test_channel_options_fail_before_training(tmp_path) -> None:
-    with pytest.raises(ValueError, match="remove_channels=True .* needs granularity='channel', not 'unstructured'"):
+    with pytest.raises(
+        ValueError, match="remove_channels=True .* needs granularity='channel' or 'head', not 'unstructured'"
+    ):
         Pruning(amount=0.5, remove_channels=True)
     module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10)  # no example_input_array
     trainer = L.Trainer(

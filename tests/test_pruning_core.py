@@ -142,9 +142,9 @@ def test_channel_groups_follow_residual_connections() -> None:
             module.bias.data.uniform_(-1, 1)
     inputs = torch.randn(4, 1, 8, 8)
     groups = ChannelGroups(model, inputs[:1], select_layers(model))
-    assert "fc" not in groups.channels  # the output layer is never pruned
+    assert "fc" not in groups.units  # the output layer is never pruned
     keep = rank_masks(groups.scores("l1"), 0.5, min_keep=1)
-    assert sum(int((~kept).sum()) for kept in keep.values()) == round(0.5 * sum(groups.channels.values()))
+    assert sum(int((~kept).sum()) for kept in keep.values()) == round(0.5 * sum(groups.units.values()))
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, mask in groups.masks(keep).items():

@@ -47,8 +47,10 @@ class Pruning(L.Callback):
             importance; unstructured and N:M granularity).
         granularity: ``"unstructured"``, ``"channel"`` (whole output channels, with everything they
             touch: bias, BatchNorm, the inputs of the next layers, residual partners; the output layer is
-            never pruned), or ``"N:M"`` (at most N non-zeros in each group of M consecutive weights along
-            the input dimension, e.g. ``"2:4"``).
+            never pruned), ``"N:M"`` (at most N non-zeros in each group of M consecutive weights along
+            the input dimension, e.g. ``"2:4"``), or ``"head"`` (whole attention heads: each head's
+            channels of the query, key and value projections and its columns of the output projection;
+            ``ExplicitMultiheadAttention`` and Hugging Face BERT-style attention).
         scope: ``"global"`` (one ranking across all targeted layers) or ``"layer"`` (each layer to ``amount``).
         schedule: ``"oneshot"``, ``"linear"``, ``"agp"`` (cubic, Zhu & Gupta) or a callable ``epoch -> sparsity``.
         start_epoch, end_epoch, frequency: pruning epochs ``start_epoch, start_epoch + frequency, ...,
@@ -58,8 +60,8 @@ class Pruning(L.Callback):
         threshold: the rule ``|w| > threshold`` instead of ``amount``.
         rewind_epoch: after each pruning step, surviving weights return to their values at the end of
             this epoch (lottery-ticket rewinding); it must come before ``start_epoch``.
-        remove_channels: with channel granularity, remove the pruned channels physically at the end of
-            fit (Torch-Pruning's DepGraph), leaving a smaller dense model with the same outputs.
+        remove_channels: with channel or head granularity, remove the pruned channels (heads) physically at
+            the end of fit (Torch-Pruning's DepGraph), leaving a smaller dense model with the same outputs.
         seed: seed of the random criterion.
         taylor_steps: with ``criterion="taylor"``, the optimizer steps of epoch 0 whose gradients score a
             pruning step at epoch 0 (it has no epoch before it); it prunes after them, or at the end of the
@@ -109,9 +111,10 @@ class Pruning(L.Callback):
         self.config = _pruning_config(
             config, PruningConfig(amount, criterion, granularity, scope, targets, exclude, threshold, seed)
         )
-        if remove_channels and self.config.granularity != "channel":
+        if remove_channels and not self.config.structured:
             raise ValueError(
-                f"remove_channels=True removes whole channels, so it needs granularity='channel', not {self.config.granularity!r}"
+                "remove_channels=True removes whole channels or heads, so it needs granularity='channel' or 'head', "
+                f"not {self.config.granularity!r}"
             )
         if self.config.final_amount is None and self.config.threshold is None and not callable(schedule):
             raise ValueError("give amount, the target sparsity in [0, 1), or threshold (or a callable schedule)")
@@ -148,7 +151,7 @@ class Pruning(L.Callback):
 
     @property
     def channel_keep(self) -> dict[str, torch.Tensor]:
-        """With channel granularity, the kept output channels of each group's root layer."""
+        """With channel (head) granularity, the kept output channels (heads) of each group's root layer."""
         return self.pruner.channel_keep if self.pruner is not None else {}
 
     # --- setup: which weights, which epochs --------------------------------------------------------
@@ -156,13 +159,13 @@ class Pruning(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.pruner is None:
             example = None
-            if self.config.granularity == "channel":
+            if self.config.structured:
                 example = getattr(pl_module, "example_input_array", None)
                 if not isinstance(example, torch.Tensor):
                     example = first_training_input(trainer)
                 if example is None:
                     raise ValueError(
-                        f"channel pruning traces the model on one input: set `example_input_array` on {type(pl_module).__name__}, "
+                        f"{self.config.granularity} pruning traces the model on one input: set `example_input_array` on {type(pl_module).__name__}, "
                         "or fit with a LightningDataModule, whose first training batch is then traced"
                     )
             self.pruner = Pruner(pl_module, self.config, example, warn=rank_zero_warn)

@@ -14,7 +14,9 @@ from lightning_compress.pruning.criteria import CRITERIA
 from lightning_compress.pruning.masks import SCOPES
 from lightning_compress.targets import TargetSpec
 
-GRANULARITIES = ("unstructured", "channel", "N:M such as '2:4'")
+GRANULARITIES = ("unstructured", "channel", "head", "N:M such as '2:4'")
+#: Granularities that prune whole units (channels, attention heads) which removal can cut out.
+STRUCTURED = ("channel", "head")
 _AMOUNTS = "a number in [0, 1), a dict of layer name -> amount, or None (with threshold or a callable schedule)"
 _N_OF_M = re.compile(r"^(\d+):(\d+)$")
 
@@ -40,7 +42,7 @@ class PruningConfig:
         >>> PruningConfig(amount=0.5, criterion="l1")
         Traceback (most recent call last):
         ...
-        ValueError: unknown criterion 'l1' for unstructured pruning; use one of magnitude, taylor, random (l1 and l2 rank whole channels: granularity='channel')
+        ValueError: unknown criterion 'l1' for unstructured pruning; use one of magnitude, taylor, random (l1 and l2 rank whole channels or heads: granularity='channel' or 'head')
     """
 
     amount: float | Mapping[str, float] | None = None
@@ -57,22 +59,26 @@ class PruningConfig:
         check_argument("amount", amount, amount is None or isinstance(amount, Mapping) or is_number(amount), _AMOUNTS)
         check_argument("threshold", threshold, threshold is None or is_number(threshold), "a number >= 0 or None")
         n_of_m = _parse_granularity(granularity)
-        channel = granularity == "channel"
+        structured = granularity in STRUCTURED
         if isinstance(amount, Mapping):
             layer_amounts = _check_layer_amounts(amount, self.targets, threshold, n_of_m)
             object.__setattr__(self, "amount", layer_amounts)
             amount = max(layer_amounts.values())
         if callable(criterion):
-            if channel:
+            if structured:
                 raise ValueError(
-                    "a callable criterion scores each weight; channel granularity ranks channels by one of "
+                    f"a callable criterion scores each weight; {granularity} granularity ranks {granularity}s by one of "
                     + ", ".join(CRITERIA)
                 )
-        elif criterion not in CRITERIA or (criterion in ("l1", "l2") and not channel):
-            allowed = CRITERIA if channel else ("magnitude", "taylor", "random")
+        elif criterion not in CRITERIA or (criterion in ("l1", "l2") and not structured):
+            allowed = CRITERIA if structured else ("magnitude", "taylor", "random")
             raise ValueError(
                 f"unknown criterion {criterion!r} for {granularity} pruning; use one of {', '.join(allowed)}"
-                + (" (l1 and l2 rank whole channels: granularity='channel')" if criterion in ("l1", "l2") else "")
+                + (
+                    " (l1 and l2 rank whole channels or heads: granularity='channel' or 'head')"
+                    if criterion in ("l1", "l2")
+                    else ""
+                )
             )
         if self.scope not in SCOPES:
             raise ValueError(f"unknown scope {self.scope!r}; use one of {', '.join(SCOPES)}")
@@ -92,6 +98,11 @@ class PruningConfig:
             object.__setattr__(self, "amount", (m - n) / m)
         if amount is not None and not 0.0 <= amount < 1.0:
             raise ValueError(f"amount must be in [0, 1), got {amount}")
+
+    @property
+    def structured(self) -> bool:
+        """Whether whole units are pruned (channel or head granularity): they trace the model and can be removed."""
+        return self.granularity in STRUCTURED
 
     @property
     def n_of_m(self) -> tuple[int, int] | None:
@@ -137,7 +148,7 @@ def _check_layer_amounts(
 
 def _parse_granularity(granularity: str) -> tuple[int, int] | None:
     """``None`` for unstructured and channel, ``(n, m)`` for an ``"N:M"`` pattern with 0 < N < M."""
-    if granularity in ("unstructured", "channel"):
+    if granularity == "unstructured" or granularity in STRUCTURED:
         return None
     match = _N_OF_M.match(granularity) if isinstance(granularity, str) else None
     if match is None or not 0 < int(match[1]) < int(match[2]):

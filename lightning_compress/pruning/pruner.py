@@ -11,8 +11,9 @@ from torch import nn
 
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.criteria import element_scores
+from lightning_compress.pruning.heads import AttentionHeadGroups
 from lightning_compress.pruning.masks import forget_pruned, n_of_m_masks, rank_masks, threshold_masks
-from lightning_compress.pruning.structured import ChannelGroups, check_channel_removal
+from lightning_compress.pruning.structured import ChannelGroups, check_removal
 from lightning_compress.targets import select_layers, warn_about_fused_attention, warn_if_few_targeted
 
 #: What a :class:`Pruner` hands its new masks to before using them (DDP: rank zero's, broadcast to all).
@@ -22,8 +23,8 @@ Share = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 class Pruner:
     """Prunes the targeted Conv and Linear weights of ``model`` to a sparsity and keeps the pruned ones at zero.
 
-    :meth:`prune` ranks the weights (or the output channels, with channel granularity, together with
-    everything each one touches) by the config's criterion and writes the masks into the weights; masks
+    :meth:`prune` ranks the weights (or the output channels, with channel granularity, or the attention
+    heads, with head granularity, together with everything each one touches) by the config's criterion and writes the masks into the weights; masks
     only grow, so a pruned weight is never revived. :meth:`attach` keeps the zeros after every step of
     an optimizer. Channel granularity traces ``model`` on ``example_input``. No Lightning needed: the
     :class:`~lightning_compress.Pruning` callback decides *when* and calls this.
@@ -54,23 +55,25 @@ class Pruner:
         self.parameters = {name: module.weight for name, module in self.layers.items()}
         self.all_parameters = dict(model.named_parameters())
         self.masks: dict[str, torch.Tensor] = {}
+        #: Channel and head granularity: the kept units (channels, or heads) of each group, by its root layer.
         self.channel_keep: dict[str, torch.Tensor] = {}
-        self.channel_groups: ChannelGroups | None = None
+        self.groups: ChannelGroups | AttentionHeadGroups | None = None
         if config.n_of_m:
             self._drop_layers_without_n_of_m_groups(warn)
-        if config.granularity == "channel":
+        if config.structured:
             if example_input is None:
-                raise ValueError("channel pruning traces the model on one input: give example_input")
-            first = next(model.parameters())
-            check_channel_removal(model, example_input.to(first.device), layers)
-            self.channel_groups = ChannelGroups(model, example_input.to(first.device), layers)
+                raise ValueError(f"{config.granularity} pruning traces the model on one input: give example_input")
+            example_input = example_input.to(next(model.parameters()).device)
+            groups = AttentionHeadGroups if config.granularity == "head" else ChannelGroups
+            check_removal(model, example_input, layers, groups)
+            self.groups = groups(model, example_input, layers)
         if config.layer_amounts is not None:
-            prunable = self.channel_groups.channels if self.channel_groups is not None else layers
+            prunable = self.groups.units if self.groups is not None else layers
             left_out = [layer for layer in config.layer_amounts if layer not in prunable]
             if left_out:
                 raise ValueError(
                     f"amount per layer names {left_out}, which this pruning would leave as they are (excluded, or not the "
-                    f"root of a channel group: the output layer never is); it can prune {list(prunable)}"
+                    f"root of a group of channels or heads: the output layer never is); it can prune {list(prunable)}"
                 )
 
     def _drop_layers_without_n_of_m_groups(self, warn: Callable[[str], Any]) -> None:
@@ -114,13 +117,13 @@ class Pruner:
         weights = {name: weight.detach() for name, weight in self.parameters.items()}
         if config.threshold is not None:
             masks = threshold_masks(weights, config.threshold)
-        elif self.channel_groups is not None:
-            scores = self.channel_groups.scores(config.criterion, taylor or {}, generator)
+        elif self.groups is not None:
+            scores = self.groups.scores(config.criterion, taylor or {}, generator)
             scores = {name: score / score.mean().clamp_min(1e-12) for name, score in scores.items()}  # layers compare
             keep = rank_masks(forget_pruned(scores, self.channel_keep), *target(""), min_keep=1)
             keep = {name: kept & self.channel_keep.get(name, kept) for name, kept in keep.items()}
             self.channel_keep = share(keep)
-            masks = self.channel_groups.masks(self.channel_keep)
+            masks = self.groups.masks(self.channel_keep)
         else:
             scores = forget_pruned(self._element_scores(weights, taylor or {}, generator), self.masks)
             masks = n_of_m_masks(scores, *config.n_of_m) if config.n_of_m else rank_masks(scores, *target(".weight"))
@@ -180,10 +183,10 @@ class Pruner:
         return metrics
 
     def remove_channels(self, model: nn.Module) -> None:
-        """Cut the pruned channels out of ``model`` (channel granularity): smaller layers, the same outputs."""
-        if self.channel_groups is None or not self.channel_keep:
+        """Cut the pruned channels (or heads) out of ``model``: smaller layers, the same outputs."""
+        if self.groups is None or not self.channel_keep:
             return
-        self.channel_groups.remove(self.channel_keep)
+        self.groups.remove(self.channel_keep)
         self.masks, self.channel_keep = {}, {}
         self.parameters = {name: p for name, p in model.named_parameters() if name in self.parameters}
         self.all_parameters = dict(model.named_parameters())

@@ -9,6 +9,8 @@ touch (so the masked model computes what the smaller one will), and finally remo
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -34,9 +36,9 @@ class ChannelGroups:
         >>> model = SmallCNN(num_classes=10, image_size=8)
         >>> layers = {"features.0": model.features[0], "features.4": model.features[4], "classifier.1": model.classifier[1]}
         >>> groups = ChannelGroups(model, torch.zeros(1, 1, 8, 8), layers)
-        >>> groups.channels
+        >>> groups.units
         {'features.0': 32, 'features.4': 64, 'classifier.1': 128}
-        >>> keep = {name: torch.arange(n) % 2 == 0 for name, n in groups.channels.items()}
+        >>> keep = {name: torch.arange(n) % 2 == 0 for name, n in groups.units.items()}
         >>> groups.remove(keep)
         >>> model.features[0].out_channels, model.classifier[1].in_features, model.classifier[1].out_features
         (16, 128, 64)
@@ -71,8 +73,8 @@ class ChannelGroups:
         )
 
     @property
-    def channels(self) -> dict[str, int]:
-        """Number of output channels of each group's root layer."""
+    def units(self) -> dict[str, int]:
+        """The prunable units of each group: its root layer's output channels."""
         return {name: self.graph.get_out_channels(root) for name, (root, _) in self._roots.items()}
 
     def _group(self, name: str, channels: list[int]) -> tp.Group:
@@ -85,7 +87,7 @@ class ChannelGroups:
         """Per-channel importance of each group: the sum over the group's layers whose outputs it prunes."""
         taylor = taylor or {}
         result = {}
-        for name, count in self.channels.items():
+        for name, count in self.units.items():
             total = torch.zeros(count)
             for item in self._group(name, list(range(count))):
                 module, handler = item.dep.target.module, item.dep.handler
@@ -190,27 +192,54 @@ class _CutOnLoad:
                 state_dict[prefix + name] = tensor
 
 
-def check_channel_removal(model: nn.Module, example_input: torch.Tensor, layers: dict[str, nn.Module]) -> None:
-    """Refuse, naming the layers, a model that channel removal would leave unable to run.
+class PrunableGroups(Protocol):
+    """Units of a model pruned and removed together: :class:`ChannelGroups` (channels) or heads of attention."""
 
-    Every other channel of each group is cut out of a copy of ``model``, which then runs on
-    ``example_input``. It must run and give outputs of the same shape. A model that reshapes a layer's
-    output channels (the heads of an attention, say) fails here rather than after training. The layers
-    whose removal alone breaks it are named, to be left out with ``exclude``.
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, layers: dict[str, nn.Module]) -> None: ...
+
+    @property
+    def units(self) -> dict[str, int]: ...
+
+    def masks(self, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def remove(self, keep: dict[str, torch.Tensor]) -> None: ...
+
+
+def check_removal(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    layers: dict[str, nn.Module],
+    groups: type[PrunableGroups] = ChannelGroups,
+) -> None:
+    """Refuse, naming the layers, a model that removing ``groups``' units would break.
+
+    Every other unit of each group (channel, or head) is masked in a copy of ``model``, then removed:
+    the smaller copy must run on ``example_input`` and compute what the masked one did. A model that
+    reshapes a layer's output channels (the heads of an attention), or normalizes over a width the pruning
+    cuts (a transformer's residual stream under LayerNorm), fails here rather than after training. The
+    layers whose removal alone breaks it are named, to be left out with ``exclude``.
     """
-    with torch.no_grad(), eval_mode(model):
-        expected = model(example_input).shape
-    problem = _removal_problem(model, example_input, layers, None, expected)
+    problem = _removal_problem(model, example_input, layers, groups, None)
     if problem is None:
         return
     copy = model_copy(model)
-    roots = list(ChannelGroups(copy, example_input, _same_layers(copy, layers)).channels)
-    culprits = [name for name in roots if _removal_problem(model, example_input, layers, name, expected) is not None]
+    roots = list(groups(copy, example_input, _same_layers(copy, layers)).units)
+    culprits = [name for name in roots if _removal_problem(model, example_input, layers, groups, name) is not None]
     raise ValueError(
-        f"channel pruning would leave {type(model).__name__} unable to run ({problem}): removing the channels of "
-        f"{culprits or roots} breaks it; leave those layers out with exclude=[...] ("
-        "their channels are an attention's heads, say)"
+        f"removing pruned units would break {type(model).__name__} ({problem}): removing the units of "
+        f"{culprits or roots} breaks it; leave those layers out with exclude=[...] (their channels "
+        "are an attention's heads, which granularity='head' prunes whole, or a width a normalization reads whole)"
     )
+
+
+@torch.no_grad()
+def _randomize(model: nn.Module) -> None:
+    """Fill every parameter of ``model`` with seeded normal values scaled by ``1 / sqrt(fan-in)``."""
+    generator = torch.Generator().manual_seed(0)
+    for parameter in model.parameters():
+        fan_in = parameter[0].numel() if parameter.dim() > 1 else 1
+        values = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) / fan_in**0.5
+        parameter.copy_(values.to(parameter.device))
 
 
 def _same_layers(copy: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -219,17 +248,36 @@ def _same_layers(copy: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.
 
 
 def _removal_problem(
-    model: nn.Module, example_input: torch.Tensor, layers: dict[str, nn.Module], only: str | None, expected: torch.Size
+    model: nn.Module,
+    example_input: torch.Tensor,
+    layers: dict[str, nn.Module],
+    groups: type[PrunableGroups],
+    only: str | None,
 ) -> str | None:
-    """Why a copy of ``model`` with every other channel of each group (or of group ``only``) removed does not
-    run on ``example_input`` with outputs of shape ``expected``; ``None`` when it does."""
+    """Why a copy of ``model`` with every other unit of each group (or of group ``only``) removed does not
+    compute on ``example_input`` what the masked copy does; ``None`` when it does.
+
+    The copy gets random weights of unit gain first: the check is of the model's structure, and the small
+    weights of a freshly initialized transformer make its attention nearly uniform, which would hide heads
+    mixed up by a removal.
+    """
     trial = model_copy(model)
-    groups = ChannelGroups(trial, example_input, _same_layers(trial, layers))
-    keep = {name: torch.arange(count) % 2 == 0 for name, count in groups.channels.items() if only in (None, name)}
-    groups.remove(keep)
+    _randomize(trial)
+    trial_groups = groups(trial, example_input, _same_layers(trial, layers))
+    keep = {name: torch.arange(count) % 2 == 0 for name, count in trial_groups.units.items() if only in (None, name)}
+    parameters = dict(trial.named_parameters())
+    with torch.no_grad(), eval_mode(trial):
+        for name, mask in trial_groups.masks(keep).items():
+            parameters[name].mul_(mask)
+        masked = trial(example_input)
+    trial_groups.remove(keep)
     try:
         with torch.no_grad(), eval_mode(trial):
-            shape = trial(example_input).shape
+            removed = trial(example_input)
     except Exception as error:  # whatever the model raises, it is the reason to refuse it
         return f"{type(error).__name__}: {next(iter(str(error).splitlines()), '')}"
-    return None if shape == expected else f"outputs of shape {list(shape)} instead of {list(expected)}"
+    if removed.shape != masked.shape:
+        return f"outputs of shape {list(removed.shape)} instead of {list(masked.shape)}"
+    difference = float((removed - masked).abs().max())
+    scale = max(float(masked.abs().max()), 1.0)
+    return None if difference <= 1e-4 * scale else f"outputs differ from the masked model's by up to {difference:.3g}"
