@@ -69,6 +69,14 @@ def test_macs_of_linear_and_conv_by_hand() -> None:
     assert count_macs(nn.Conv2d(3, 8, 3, padding=1), torch.randn(1, 3, 16, 16)) == 16 * 16 * 8 * 3 * 9
 
 
+@pytest.mark.parametrize("kind, gates", [(nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)])
+def test_macs_of_recurrent_layers_by_hand(kind, gates) -> None:
+    layer = kind(8, 16, num_layers=2, batch_first=True, bidirectional=True)
+    steps = 2 * 5  # sequences times time steps, in each direction of each layer
+    first, second = gates * 16 * (8 + 16), gates * 16 * (2 * 16 + 16)  # the second reads both directions
+    assert count_macs(layer, torch.randn(2, 5, 8)) == 2 * steps * (first + second)
+
+
 def test_macs_of_small_cnn_by_hand() -> None:
     model = SmallCNN(num_classes=10, in_channels=1, image_size=8, channels=(32, 64), hidden=128).train()
     expected = 8 * 8 * 32 * 1 * 9 + 4 * 4 * 64 * 32 * 9 + (64 * 2 * 2) * 128 + 128 * 10

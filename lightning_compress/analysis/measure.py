@@ -10,6 +10,7 @@ Every function here works on any ``nn.Module`` without a Trainer::
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -101,12 +102,22 @@ def _encoder_layer_flops(src_shape: Sequence[int], embed_dim: int, num_heads: in
     return _multi_head_attention_flops(src_shape, src_shape, src_shape, embed_dim) + feed_forward
 
 
-#: Fused kernels torch's flop counter does not know: the CPU's attention (it knows the GPU's), and the fast
-#: paths ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` take in eval mode.
+def _recurrent_layer_flops(
+    input_shape: Sequence[int], input_weight: Sequence[int], hidden_weight: Sequence[int], *_: Any, **__: Any
+) -> int:
+    """FLOPs of one direction of one layer of the CPU's fused ``nn.LSTM`` (oneDNN's ``mkldnn_rnn_layer``): at
+    each time step of each sequence, the gates' products with the input and with the hidden state."""
+    steps = math.prod(input_shape[:-1])  # time steps times sequences, in whichever order
+    return 2 * steps * (math.prod(input_weight) + math.prod(hidden_weight))
+
+
+#: Fused kernels torch's flop counter does not know: the CPU's attention (it knows the GPU's), the fast
+#: paths ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` take in eval mode, and the CPU's LSTM.
 _FUSED_KERNELS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
     torch.ops.aten._native_multi_head_attention: _multi_head_attention_flops,
     torch.ops.aten._transformer_encoder_layer_fwd: _encoder_layer_flops,
+    torch.ops.aten.mkldnn_rnn_layer: _recurrent_layer_flops,
 }
 
 
@@ -115,8 +126,9 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass on ``example_input`` (the whole batch it holds).
 
     Counted by torch's own ``FlopCounterMode`` (matrix products, convolutions and attention, one MAC = two
-    FLOPs), with the fused kernels it does not know counted by their matrix products: the CPU's attention
-    and the eval-mode fast paths of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``. The model
+    FLOPs), with the fused kernels it does not know counted by their matrix products: the CPU's attention,
+    the eval-mode fast paths of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``, and the CPU's
+    LSTM (GRU and plain RNN run as matrix products it counts). The model
     runs once in eval mode and every submodule is put back in the mode it had.
     """
     with eval_mode(model), FlopCounterMode(display=False, custom_mapping=_FUSED_KERNELS) as counter:
