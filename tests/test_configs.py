@@ -5,10 +5,9 @@ import importlib.util
 import lightning as L
 import pytest
 import torch
-from config_groups import options
-from hydra.errors import ConfigCompositionException, MissingConfigException
+from config_groups import options, sample_text_overrides
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
-from text_models import SAMPLE, sample_tokenizer
 
 from lightning_compress import (
     ClassificationModule,
@@ -29,11 +28,19 @@ def test_every_group_has_its_options() -> None:
     assert options("callbacks") == ["default", "none"]
     assert options("hydra") == ["default"]
     assert options("hydra/launcher") == ["local_processes", "slurm"]
-    assert options("compression/pruning") == ["agp90", "nm24", "oneshot50", "sensitivity", "taylor_channel50"]
+    assert options("compression/pruning") == [
+        "agp90",
+        "heads50",
+        "nm24",
+        "oneshot50",
+        "sensitivity",
+        "taylor_channel50",
+    ]
+    assert options("compression/neuron_pruning") == ["mlp50"]
     assert options("compression/quantization") == ["int8_ptq", "int8_ptq_transformer", "int8_qat", "w4a8_lsq"]
     assert options("compression/distillation") == ["dkd", "fitnets", "kd"]
     assert options("compression/clustering") == ["k16", "k32"]
-    assert options("model/teacher") == ["resnet50", "small_cnn_wide"]
+    assert options("model/teacher") == ["bert_tiny", "minilm", "resnet50", "small_cnn_wide", "vit_tiny"]
 
 
 TEXT_DATA, TEXT_MODELS = ["wordnet_supersenses"], ["bert_tiny", "minilm"]
@@ -44,6 +51,10 @@ TEXT_DATA, TEXT_MODELS = ["wordnet_supersenses"], ["bert_tiny", "minilm"]
 def test_every_data_and_model_pair_composes_and_builds(compose_config, tmp_path, data: str, model: str) -> None:
     cfg = compose_config(f"data={data}", f"model={model}", f"output_dir={tmp_path}")
     datamodule = instantiate(cfg.data)
+    if model == "vit_tiny" and cfg.dataset.input_shape[1] % cfg.model.model.patch_size:  # digits, CIFAR-10
+        with pytest.raises(InstantiationException, match="image_size .* must be a multiple of patch_size 7"):
+            instantiate(cfg.model)
+        return
     module = instantiate(cfg.model)
     assert isinstance(datamodule, InMemoryImageDataModule)
     assert isinstance(module, ClassificationModule)
@@ -52,15 +63,7 @@ def test_every_data_and_model_pair_composes_and_builds(compose_config, tmp_path,
 
 
 def test_the_text_data_and_models_compose_and_build(compose_config, tmp_path) -> None:
-    sample_tokenizer().save_pretrained(tmp_path / "tokenizer")
-    text = [
-        "data=wordnet_supersenses",
-        f"data.data_noun={SAMPLE}",
-        f"data.tokenizer={tmp_path / 'tokenizer'}",
-        "data.max_length=16",
-        f"dataset.vocab_size={sample_tokenizer().vocab_size}",
-        f"output_dir={tmp_path}",
-    ]
+    text = [*sample_text_overrides(tmp_path), f"output_dir={tmp_path}"]
     cfg = compose_config(*text, "model=bert_tiny")
     datamodule, module = instantiate(cfg.data), instantiate(cfg.model, _convert_="all")
     datamodule.setup()
