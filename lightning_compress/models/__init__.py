@@ -7,7 +7,7 @@ from lightning_compress.models.cnn import SmallCNN
 from lightning_compress.models.lenet import LeNet5
 from lightning_compress.models.mlp import MLP
 from lightning_compress.models.resnet import RESNET_ARCHITECTURES, resnet
-from lightning_compress.models.text import TextClassifier, bert, minilm
+from lightning_compress.models.text import TextClassifier, bert, hugging_face_encoder, minilm, student_from_teacher
 
 __all__ = [
     "MLP",
@@ -19,6 +19,8 @@ __all__ = [
     "TextClassifier",
     "bert",
     "explicit_attention",
+    "hugging_face_encoder",
     "minilm",
     "resnet",
+    "student_from_teacher",
 ]

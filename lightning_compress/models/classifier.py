@@ -16,6 +16,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import Self
 
+from lightning_compress.batches import Batch, batch_targets, call_model, model_inputs
+
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
@@ -26,7 +28,8 @@ class ClassificationModule(L.LightningModule):
     ``optimizer`` and ``scheduler`` are factories (``functools.partial`` or Hydra ``_partial_: true``),
     called with the parameters and the optimizer in :meth:`configure_optimizers`. ``input_shape`` and
     ``input_dtype`` (``"int64"`` for token ids) make the ``example_input_array`` that export and the
-    report use. Logged metrics:
+    report use. A batch is ``(inputs, targets)`` or a dict in Hugging Face's convention (``input_ids``,
+    ``attention_mask``, ``labels``), whose tensors but ``labels`` are the model's keyword arguments. Logged metrics:
     ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
     The checkpoint stores the wrapped model's weights under ``model.``; load it back with
     ``ClassificationModule.load_from_checkpoint(path, model=SmallCNN(...))``, which reads it with
@@ -64,9 +67,8 @@ class ClassificationModule(L.LightningModule):
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.scheduler_factory = scheduler
         self.label_smoothing = label_smoothing
-        if input_shape is not None:  # token ids of 1, a real token: an input of 0s would be all padding
-            fill = 0 if dtype.is_floating_point else 1
-            self.example_input_array = torch.full((1, *input_shape), fill, dtype=dtype)
+        if input_shape is not None:
+            self.example_input_array = example_input(input_shape, dtype)
         self.train_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
@@ -90,9 +92,8 @@ class ClassificationModule(L.LightningModule):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.model(*args, **kwargs)
 
-    def _step(self, batch: Sequence[torch.Tensor], stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
-        inputs, targets = batch[0], batch[1]
-        logits = self(inputs)
+    def _step(self, batch: Batch, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
+        logits, targets = call_model(self, model_inputs(batch)), batch_targets(batch)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         accuracy(logits, targets)
         on_step = stage == "train"
@@ -100,13 +101,13 @@ class ClassificationModule(L.LightningModule):
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train", self.train_accuracy)
 
-    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._step(batch, "val", self.val_accuracy)
 
-    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         self._step(batch, "test", self.test_accuracy)
 
     def configure_optimizers(self) -> Any:
@@ -117,3 +118,14 @@ class ClassificationModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
         }
+
+
+def example_input(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """One input of ``shape``: zeros, or for integer dtypes token ids of 1, a real token (ids of 0 would be all
+    padding).
+
+    Example:
+        >>> example_input([4], torch.int64)
+        tensor([[1, 1, 1, 1]])
+    """
+    return torch.full((1, *shape), 0 if dtype.is_floating_point else 1, dtype=dtype)
