@@ -5,16 +5,18 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from digits import quiet_trainer
+from torch.utils.data import default_collate
 from transformers import BertTokenizer
 
 from lightning_compress import ClassificationModule
 from lightning_compress.data import WordNetSupersensesDataModule
 from lightning_compress.data.wordnet import SUPERSENSES, read_glosses
-from lightning_compress.models import bert
+from lightning_compress.models import TextClassifier, bert
 
 # 156 noun synsets of WordNet 3.0, six of each of the 26 supersenses (fewer where a file has fewer short
 # lines), with Princeton's license header as data.noun carries it.
@@ -52,3 +54,21 @@ def fit_text(tmp_path, module: ClassificationModule, callbacks: list[L.Callback]
     trainer = quiet_trainer(tmp_path, callbacks, max_epochs=1, enable_checkpointing=False)
     trainer.fit(module, datamodule=sample_datamodule())
     return trainer
+
+
+def tiny_bert(seed: int = 0, max_length: int = 16, dropout: float = 0.1, **config: Any) -> TextClassifier:
+    """A tiny random-weight BERT classifier of the 26 supersenses: ``TINY_BERT`` with ``config`` over it."""
+    torch.manual_seed(seed)
+    return bert(
+        len(SUPERSENSES),
+        dropout=dropout,
+        vocab_size=sample_tokenizer().vocab_size,
+        max_position_embeddings=max_length,
+        **{**TINY_BERT, **config},
+    )
+
+
+def dict_collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``(token ids, label)`` samples batched in Hugging Face's convention: input_ids, attention_mask, labels."""
+    ids, labels = default_collate(samples)
+    return {"input_ids": ids, "attention_mask": (ids != sample_tokenizer().pad_token_id).long(), "labels": labels}

@@ -1,4 +1,5 @@
-"""Distillation losses: logit distillation (KD, DKD) and feature distillation (FitNets hints, attention transfer).
+"""Distillation losses: logit distillation (KD, DKD), feature distillation (FitNets hints, attention transfer) and
+the layer losses of transformers (TinyBERT's hidden states, MiniLM's attention distributions).
 
 Every loss is computed in float32 whatever the training precision: softmax over temperature-softened
 half-precision logits loses the small probabilities that carry the teacher's "dark knowledge".
@@ -91,6 +92,65 @@ def attention_loss(student_features: torch.Tensor, teacher_features: torch.Tenso
         return F.normalize(features.float().pow(2).mean(1).flatten(1), dim=1)
 
     return (attention(student_features) - attention(teacher_features)).pow(2).mean()
+
+
+def hidden_state_loss(
+    student_states: torch.Tensor, teacher_states: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """TinyBERT (Jiao et al. 2020): mean squared error between (adapted) student and teacher token states
+    ``(N, L, H)``, over the tokens where ``mask`` ``(N, L)`` is nonzero (the attention mask: padding left out).
+
+    Example:
+        >>> import torch
+        >>> student, teacher = torch.zeros(1, 3, 2), torch.tensor([[[1.0, 1.0], [2.0, 2.0], [9.0, 9.0]]])
+        >>> hidden_state_loss(student, teacher, mask=torch.tensor([[1, 1, 0]])).item()   # (1² + 2²) / 2 tokens
+        2.5
+    """
+    if student_states.shape != teacher_states.shape:
+        raise ValueError(
+            f"hidden states differ in shape: {tuple(student_states.shape)} and {tuple(teacher_states.shape)}"
+        )
+    per_token = (student_states.float() - teacher_states.float()).pow(2).mean(-1)
+    return _masked_mean(per_token, mask)
+
+
+def attention_map_loss(
+    student_attentions: torch.Tensor, teacher_attentions: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MiniLM (Wang et al. 2020): KL(teacher ‖ student) between the attention distributions ``(N, heads, L, L)``
+    of each query, summed over keys, averaged over heads and over the queries where ``mask`` ``(N, L)`` is
+    nonzero. Where the head counts differ, the distributions averaged over heads are compared.
+
+    The keys a student's attention gives 0 are left out of the sum: the padding, which both models give 0,
+    and in training the weights its attention dropout drops (Hugging Face returns the maps after dropout),
+    so that the gradient is still the KL's, scaled by 1 - p.
+
+    Example:
+        >>> import torch
+        >>> uniform, peaked = torch.full((1, 1, 1, 2), 0.5), torch.tensor([[[[0.9, 0.1]]]])
+        >>> round(attention_map_loss(uniform, peaked).item(), 4)   # 0.9·ln(0.9/0.5) + 0.1·ln(0.1/0.5)
+        0.3681
+    """
+    if student_attentions.shape[1] != teacher_attentions.shape[1]:
+        student_attentions = student_attentions.mean(1, keepdim=True)
+        teacher_attentions = teacher_attentions.mean(1, keepdim=True)
+    if student_attentions.shape != teacher_attentions.shape:
+        raise ValueError(
+            f"attention maps differ in shape: {tuple(student_attentions.shape)} and {tuple(teacher_attentions.shape)}"
+        )
+    student, teacher = student_attentions.float(), teacher_attentions.float()
+    kept = student > 0
+    log_student = torch.where(kept, student, torch.ones_like(student)).log()  # no log(0), no NaN gradient
+    per_key = (torch.special.xlogy(teacher, teacher) - teacher * log_student) * kept
+    return _masked_mean(per_key.sum(-1).mean(1), mask)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``values`` ``(N, L)`` over the positions where ``mask`` is nonzero (all of them without one)."""
+    if mask is None:
+        return values.mean()
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def _check_temperature(temperature: float) -> None:
