@@ -126,6 +126,7 @@ def test_every_pruning_recipe_builds(compose_config, tmp_path, recipe: str) -> N
     assert isinstance(pruning, Pruning)
     expected = {
         "agp90": (0.9, "unstructured"),
+        "heads50": (0.5, "head"),
         "oneshot50": (0.5, "unstructured"),
         "taylor_channel50": (0.5, "channel"),
         "nm24": (0.5, "2:4"),
@@ -133,6 +134,13 @@ def test_every_pruning_recipe_builds(compose_config, tmp_path, recipe: str) -> N
     }
     assert (pruning.config.final_amount, pruning.config.granularity) == expected[recipe]
     assert pruning.config.layer_amounts == ({"model.features.4": 0.7} if recipe == "sensitivity" else None)
+
+
+def test_the_neuron_pruning_recipe_cuts_half_the_mlp_neurons_of_a_bert(compose_config, tmp_path) -> None:
+    cfg = compose_config("+compression/neuron_pruning=mlp50", f"output_dir={tmp_path}")
+    pruning = instantiate(cfg.compression.neuron_pruning, _convert_="all")
+    assert (pruning.config.final_amount, pruning.config.granularity, pruning.remove_channels) == (0.5, "channel", True)
+    assert pruning.config.targets == ["*.intermediate.dense"]
 
 
 @pytest.mark.parametrize("recipe", options("compression/quantization"))
