@@ -244,6 +244,7 @@ def _distill(recipe: DictConfig, teacher: nn.Module, module: ClassificationModul
         teacher=teacher,
         num_classes=module.hparams.num_classes,
         input_shape=module.hparams.input_shape,
+        input_dtype=module.hparams.input_dtype,
         label_smoothing=module.hparams.label_smoothing,
         optimizer=module.optimizer_factory,
         scheduler=module.scheduler_factory,

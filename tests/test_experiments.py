@@ -5,7 +5,7 @@ import csv
 import pytest
 import yaml
 from commands import QUICK_REPORT, run_command
-from config_groups import CONFIG_DIR, options
+from config_groups import CONFIG_DIR, options, sample_text_overrides
 
 from lightning_compress.job import train
 
@@ -29,7 +29,10 @@ def test_the_groups_hold_the_experiments_and_searches() -> None:
         "fashion_mnist_cnn",
         "fashion_mnist_pruning",
         "fashion_mnist_quantization",
+        "minilm_int8",
+        "minilm_prune_heads",
         "resnet_pipeline",
+        "vit_fashion_mnist",
     ]
     assert options("hparams_search") == ["prune_quantize", "prune_quantize_distill"]
 
@@ -42,7 +45,10 @@ def test_every_experiment_runs_with_fast_dev_run(compose_config, fake_fashion_id
         "runs=[combined]",
         f"output_dir={tmp_path / 'run'}",
     ]  # all recipes in one run
-    if compose_config(*overrides).data._target_.endswith("FashionMNISTDataModule"):
+    data = compose_config(*overrides).data._target_
+    if data.endswith("WordNetSupersensesDataModule"):  # the bundled glosses, the tiny BERT for MiniLM
+        overrides += [*sample_text_overrides(tmp_path), "model=bert_tiny", "model/teacher=bert_tiny"]
+    if data.endswith("FashionMNISTDataModule"):
         idx_dir, _ = fake_fashion_idx(
             False
         )  # 24 made-up images in Fashion-MNIST's files, so no download or package is needed
