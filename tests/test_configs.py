@@ -38,12 +38,12 @@ def test_every_group_has_its_options() -> None:
     ]
     assert options("compression/neuron_pruning") == ["mlp50"]
     assert options("compression/quantization") == ["int8_ptq", "int8_ptq_transformer", "int8_qat", "w4a8_lsq"]
-    assert options("compression/distillation") == ["dkd", "fitnets", "kd"]
+    assert options("compression/distillation") == ["dkd", "fitnets", "kd", "tinybert"]
     assert options("compression/clustering") == ["k16", "k32"]
     assert options("model/teacher") == ["bert_tiny", "minilm", "resnet50", "small_cnn_wide", "vit_tiny"]
 
 
-TEXT_DATA, TEXT_MODELS = ["wordnet_supersenses"], ["bert_tiny", "minilm"]
+TEXT_DATA, TEXT_MODELS = ["wordnet_supersenses"], ["bert_tiny", "minilm", "minilm_student"]
 
 
 @pytest.mark.parametrize("data", [data for data in options("data") if data not in TEXT_DATA])
@@ -161,14 +161,39 @@ def test_every_quantization_recipe_builds(compose_config, tmp_path, recipe: str)
 def test_every_distillation_recipe_builds_around_the_model_and_its_teacher(
     compose_config, tmp_path, recipe: str
 ) -> None:
-    cfg = compose_config(f"+compression/distillation={recipe}", f"output_dir={tmp_path}")
+    text = recipe == "tinybert"  # layer to layer: Hugging Face encoders, here the tiny BERT's 2 layers
+    overrides = [f"+compression/distillation={recipe}", f"output_dir={tmp_path}"]
+    if text:
+        overrides += [*sample_text_overrides(tmp_path), "model=bert_tiny", "model/teacher=bert_tiny"]
+        overrides += ["~compression.distillation.layer_map", "+compression.distillation.layer_map={0:0,1:1,2:2}"]
+    cfg = compose_config(*overrides)
     student, teacher = instantiate(cfg.model), instantiate(cfg.teacher)
     module = instantiate(cfg.compression.distillation)(
-        student=student.model, teacher=teacher.model, num_classes=10, input_shape=[1, 8, 8]
+        student=student.model,
+        teacher=teacher.model,
+        num_classes=cfg.dataset.num_classes,
+        input_shape=[int(size) for size in cfg.dataset.input_shape],
+        input_dtype=cfg.dataset.get("input_dtype", "float32"),
     )
     assert isinstance(module, DistillationModule) and module.teacher is teacher.model
-    expected = {"kd": ("kd", 0), "dkd": ("dkd", 0), "fitnets": ("kd", 1)}
-    assert (module.logit_loss, len(module.hints)) == expected[recipe]
+    expected = {
+        "kd": ("kd", 0, {}),
+        "dkd": ("dkd", 0, {}),
+        "fitnets": ("kd", 1, {}),
+        "tinybert": ("kd", 0, {0: 0, 1: 1, 2: 2}),
+    }
+    assert (module.logit_loss, len(module.hints), module.layer_map) == expected[recipe]
+
+
+def test_the_minilm_student_keeps_every_other_layer_of_minilm(compose_config, tmp_path) -> None:
+    cfg = compose_config("data=wordnet_supersenses", "model=minilm_student", f"output_dir={tmp_path}")
+    student = cfg.model.model  # built in the experiments: the 83 MB wheel
+    assert (student._target_, student.every, student._args_[0]._target_) == (
+        "lightning_compress.models.student_from_teacher",
+        2,
+        "lightning_compress.models.minilm",
+    )
+    assert list(cfg.model.input_shape) == [32] and cfg.model.input_dtype == "int64"
 
 
 def test_compression_can_be_left_out(compose_config, tmp_path) -> None:
