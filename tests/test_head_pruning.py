@@ -18,10 +18,10 @@ from lightning_compress.pruning import Pruner, PruningConfig
 HEAD_DIM = TINY_BERT["hidden_size"] // TINY_BERT["num_attention_heads"]
 
 
-def tiny_vit() -> VisionTransformer:
+def tiny_vit(num_layers: int = 2) -> VisionTransformer:
     torch.manual_seed(0)
     model = VisionTransformer(
-        image_size=28, patch_size=7, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=10
+        image_size=28, patch_size=7, num_layers=num_layers, num_heads=4, hidden_dim=32, mlp_dim=64, num_classes=10
     )
     explicit_attention(model)
     return model.eval()
@@ -93,6 +93,22 @@ def test_mlp_neurons_of_a_bert_are_pruned_as_channels_and_removed_with_the_same_
         torch.testing.assert_close(model(ids), masked, rtol=0, atol=1e-6)
     layer = model.encoder.encoder.layer[1]
     assert (layer.intermediate.dense.out_features, layer.output.dense.in_features) == (16, 16)
+
+
+def test_mlp_neurons_of_a_vision_transformer_are_removed_and_its_residual_width_is_never_cut() -> None:
+    images = torch.randn(3, 3, 28, 28)
+    with pytest.raises(ValueError, match=r"would break VisionTransformer .*'encoder.layers.encoder_layer_0.mlp.3'\]"):
+        Pruner(tiny_vit(num_layers=1), PruningConfig(amount=0.5, granularity="channel"), example_input=images[:1])
+    model = tiny_vit()
+    config = PruningConfig(amount=0.5, granularity="channel", scope="layer", targets=["*.mlp.0"])
+    pruner = Pruner(model, config, example_input=images[:1])
+    pruner.prune()
+    with torch.no_grad():
+        masked = model(images)
+        pruner.remove_channels(model)
+        torch.testing.assert_close(model(images), masked, rtol=0, atol=1e-5)
+    assert [block.mlp[0].out_features for block in model.encoder.layers] == [32, 32]
+    assert model.encoder.layers[0].mlp[3].out_features == 32  # the residual width, 32, is the hidden size
 
 
 def test_channel_pruning_of_a_bert_names_the_heads_and_the_residual_width_it_would_break() -> None:

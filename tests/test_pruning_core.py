@@ -157,3 +157,36 @@ def test_channel_groups_follow_residual_connections() -> None:
         model.layer1[0].conv2.out_channels == model.layer1[1].conv2.out_channels == model.conv1.out_channels
     )  # coupled by the adds
     assert sum(p.numel() for p in model.parameters()) < 0.5 * 11_172_810
+
+
+class ShiftedHidden(nn.Module):
+    """A hidden layer shifted by a parameter of its own, outside any layer, then read by the output layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(6, 8)
+        self.shift = nn.Parameter(torch.randn(8))
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x) + self.shift))
+
+
+def test_a_parameter_outside_any_layer_is_masked_cut_and_cut_on_load_with_its_channels() -> None:
+    from lightning_compress.pruning import Pruner, PruningConfig
+
+    torch.manual_seed(0)
+    model = ShiftedHidden()
+    full_size = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    inputs = torch.randn(5, 6)
+    pruner = Pruner(model, PruningConfig(amount=0.5, granularity="channel", criterion="l1"), inputs[:1])
+    pruner.prune()
+    kept = pruner.channel_keep["hidden"]
+    assert torch.equal(pruner.masks["shift"], kept) and torch.all(model.shift[~kept] == 0)
+    with torch.no_grad():
+        masked = model(inputs)
+        pruner.remove_channels(model)
+        torch.testing.assert_close(model(inputs), masked, rtol=0, atol=1e-6)
+    assert model.shift.shape == (4,) and model.out.in_features == 4
+    model.load_state_dict(full_size)  # a checkpoint from before the removal: the parameter is cut as it loads
+    torch.testing.assert_close(model.shift.detach(), full_size["shift"][kept])

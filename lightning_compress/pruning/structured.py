@@ -46,6 +46,7 @@ class ChannelGroups:
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, layers: dict[str, nn.Module]) -> None:
         self._names = {module: name for name, module in model.named_modules()}
+        self._parameter_names = {parameter: name for name, parameter in model.named_parameters()}
         ignored = [m for m in model.modules() if isinstance(m, WEIGHT_LAYER_TYPES) and m not in layers.values()]
         for name, module in layers.items():
             if isinstance(module, nn.modules.conv._ConvNd) and (module.transposed or _grouped_across_channels(module)):
@@ -107,14 +108,25 @@ class ChannelGroups:
             if not pruned:
                 continue
             for item in self._group(name, pruned):
-                module, idxs = item.dep.target.module, list(item.idxs)
-                for tensor_name, tensor, dim in self._touched(module, item.dep.handler):
+                holder, touched = self._cut_tensors(item.dep.target.module, item.dep.handler)
+                for tensor_name, tensor, dim in touched:
                     if isinstance(tensor, nn.Parameter):
-                        mask = masks.setdefault(
-                            f"{self._names[module]}.{tensor_name}", torch.ones_like(tensor, dtype=torch.bool)
-                        )
-                        mask.index_fill_(dim, torch.tensor(idxs, device=mask.device), False)
+                        key = ".".join(filter(None, (self._names[holder], tensor_name)))
+                        mask = masks.setdefault(key, torch.ones_like(tensor, dtype=torch.bool))
+                        mask.index_fill_(dim, torch.tensor(list(item.idxs), device=mask.device), False)
         return masks
+
+    def _cut_tensors(
+        self, module: nn.Module | nn.Parameter, handler: object
+    ) -> tuple[nn.Module, list[tuple[str, torch.Tensor, int]]]:
+        """The module holding what a pruned channel of ``module`` cuts, and ``(name in it, tensor, dimension)``
+        of each such tensor. A parameter outside any layer (a ViT's class token and position embedding, which
+        Torch-Pruning cuts along their last dimension) is held by the module it is an attribute of."""
+        if isinstance(module, nn.Parameter):
+            owner, _, attribute = self._parameter_names[module].rpartition(".")
+            holder = next(m for m, name in self._names.items() if name == owner)
+            return holder, [(attribute, module, self.graph.module2node[module].pruning_dim)]
+        return module, self._touched(module, handler)
 
     def _touched(self, module: nn.Module, handler: object) -> list[tuple[str, torch.Tensor, int]]:
         """``(name, tensor, dimension)`` of each parameter and buffer of ``module`` that a pruned channel cuts."""
@@ -150,8 +162,9 @@ class ChannelGroups:
             extra_cuts = []
             for item in group:
                 module, removed = item.dep.target.module, set(item.idxs)
-                cutter = cutters.setdefault(module, _CutOnLoad())
-                cut_by_torch_pruning = [(*touched, False) for touched in self._touched(module, item.dep.handler)]
+                holder, touched = self._cut_tensors(module, item.dep.handler)
+                cutter = cutters.setdefault(holder, _CutOnLoad())
+                cut_by_torch_pruning = [(*cut, False) for cut in touched]
                 cut_here = [(*extra, True) for extra in self._extra_output_channel_state(module, item.dep.handler)]
                 for tensor_name, tensor, dim, ours in cut_by_torch_pruning + cut_here:
                     full_shape, kept_indices = cutter.cuts.setdefault(tensor_name, (tensor.shape, {}))
