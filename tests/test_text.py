@@ -125,3 +125,16 @@ def test_compressing_a_small_share_of_a_model_warns_where_the_rest_is() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a CNN's weights are nearly all of it
         Pruner(SmallCNN(num_classes=10, image_size=8), PruningConfig(amount=0.5))
+
+
+def test_a_pretrained_encoder_and_a_student_of_a_frozen_teacher_come_in_training_mode(tmp_path) -> None:
+    from lightning_compress.models import minilm, student_from_teacher
+
+    text_module().model.encoder.save_pretrained(tmp_path / "encoder")  # from_pretrained returns it in eval mode
+    pretrained = minilm(num_classes=26, path=str(tmp_path / "encoder"))
+    assert all(module.training for module in pretrained.modules())  # dropout on: Lightning keeps the modes
+    teacher = pretrained.eval().requires_grad_(False)
+    student = student_from_teacher(teacher, every=2)
+    assert all(module.training for module in student.modules())
+    assert all(parameter.requires_grad for parameter in student.parameters())
+    assert not teacher.training

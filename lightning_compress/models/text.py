@@ -76,11 +76,13 @@ def minilm_path() -> Path:
 
 def minilm(num_classes: int, dropout: float = 0.1, path: str | None = None) -> TextClassifier:
     """The pretrained all-MiniLM-L6-v2 encoder (from ``path``, by default :func:`minilm_path`, local files only)
-    with a new classification head on its mean-pooled token states (its sentence embedding)."""
+    with a new classification head on its mean-pooled token states (its sentence embedding), in training mode:
+    ``from_pretrained`` returns the encoder in eval mode, and Lightning keeps each module's mode, so it would
+    fine-tune without dropout."""
     from transformers import AutoModel
 
     encoder = AutoModel.from_pretrained(str(path or minilm_path()), local_files_only=True, add_pooling_layer=False)
-    return TextClassifier(encoder, num_classes, pad_token_id=encoder.config.pad_token_id or 0, dropout=dropout)
+    return TextClassifier(encoder, num_classes, pad_token_id=encoder.config.pad_token_id or 0, dropout=dropout).train()
 
 
 def bert(num_classes: int, dropout: float = 0.1, pad_token_id: int = 0, **config: Any) -> TextClassifier:
@@ -122,7 +124,8 @@ def student_from_teacher(
     embeddings' output, always kept). ``layers`` names the teacher layers to keep, in increasing order;
     ``every=k`` keeps layers k, 2k, ..., so that the student's layer i is the teacher's layer k·i (and the
     top layer is kept when k divides n): ``layer_map={i: k * i for i in range(n // k + 1)}`` pairs each
-    with its origin. The copy's parameters train whatever the teacher's ``requires_grad``.
+    with its origin. The copy is in training mode and its parameters train, whatever the teacher's mode and
+    ``requires_grad`` (a teacher is usually frozen in eval mode).
 
     Example:
         >>> teacher = bert(3, vocab_size=30, hidden_size=8, num_hidden_layers=4, num_attention_heads=2, intermediate_size=16)
@@ -137,7 +140,7 @@ def student_from_teacher(
             "holds none"
         )
     kept = _kept_layers(layers, every, encoder.config.num_hidden_layers)
-    student = copy.deepcopy(teacher).requires_grad_(True)
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
     student_encoder = hugging_face_encoder(student)
     path, layer_list = _layer_list(student_encoder)
     parent, _, name = path.rpartition(".")
