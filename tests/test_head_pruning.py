@@ -1,12 +1,15 @@
-"""Attention heads and MLP neurons pruned whole and removed: a tiny BERT and a tiny ViT keep their outputs."""
+"""Transformers pruned: attention heads and MLP neurons whole and removed (a tiny BERT and a tiny ViT keep their
+outputs), and every linear layer unstructured and 2:4."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 from digits import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from text_models import TINY_BERT, fit_text, sample_datamodule, text_module
+from text_models import TINY_BERT, TINY_BERT_LINEAR_LAYERS, fit_text, sample_datamodule, text_module
 from torch import nn
 from torchvision.models import VisionTransformer
 
@@ -25,6 +28,23 @@ def tiny_vit(num_layers: int = 2) -> VisionTransformer:
     )
     explicit_attention(model)
     return model.eval()
+
+
+@pytest.mark.parametrize("transformer", ["bert", "vit"])
+def test_unstructured_and_2_to_4_pruning_reach_every_linear_layer_of_a_transformer(transformer) -> None:
+    model = text_module().model if transformer == "bert" else tiny_vit()
+    linear = {f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert len(linear) == (TINY_BERT_LINEAR_LAYERS if transformer == "bert" else 2 * 6 + 1)
+    pruner = Pruner(model, PruningConfig(amount=0.5))
+    pruner.prune()
+    assert set(linear) <= set(pruner.parameters)  # and the ViT's patch embedding, a convolution
+    total = sum(weight.numel() for weight in pruner.parameters.values())
+    assert sum(int((weight == 0).sum()) for weight in pruner.parameters.values()) == round(0.5 * total)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the ViT's patch embedding reads 3 * 7 * 7 inputs, no multiple of 4
+        Pruner(model, PruningConfig(granularity="2:4")).prune()
+    for name, weight in linear.items():
+        assert bool(((weight.reshape(-1, 4) != 0).sum(dim=1) <= 2).all()), name
 
 
 def test_heads_of_a_bert_are_masked_whole_then_removed_with_the_same_outputs() -> None:

@@ -127,6 +127,16 @@ def test_compressing_a_small_share_of_a_model_warns_where_the_rest_is() -> None:
         Pruner(SmallCNN(num_classes=10, image_size=8), PruningConfig(amount=0.5))
 
 
+def test_structured_pruning_of_an_lstm_classifier_is_refused_at_setup() -> None:
+    ids = torch.ones(1, 7, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the share targeted, said above
+        with pytest.raises(ValueError, match="no output channel of the targeted layers can be pruned"):
+            Pruner(LSTMClassifier(), PruningConfig(amount=0.5, granularity="channel"), example_input=ids)
+        with pytest.raises(ValueError, match="granularity='head' prunes attention heads, but LSTMClassifier"):
+            Pruner(LSTMClassifier(), PruningConfig(amount=0.5, granularity="head"), example_input=ids)
+
+
 def test_a_pretrained_encoder_and_a_student_of_a_frozen_teacher_come_in_training_mode(tmp_path) -> None:
     from lightning_compress.models import minilm, student_from_teacher
 
