@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from hydra.utils import instantiate
+from onnx import numpy_helper
 from text_models import TINY_BERT_LINEAR_LAYERS, fit_text, sample_datamodule, text_module
 from torch import nn
 
@@ -72,8 +73,22 @@ def test_a_linear_layer_on_tokens_keeps_its_bias_on_the_accumulator_grid(tmp_pat
     outputs, optimized = run_and_optimize(graph, inputs, tmp_path / "optimized.onnx")
     with torch.no_grad():
         np.testing.assert_allclose(outputs, model(inputs).numpy(), atol=1e-6)
-    # behind the ReLU the second layer's uint8 grid clips at zero: ONNX Runtime drops the ReLU
-    assert optimized == Counter({"QuantizeLinear": 2, "MatMulIntegerToFloat": 2, "Add": 2})
+    # behind the ReLU the second layer's uint8 grid clips at zero: ONNX Runtime drops the ReLU; each bias is added
+    # in the integer matrix product's kernel, a whole number of accumulator steps (input step x weight scale), and
+    # the input steps are what DequantizeLinear is left to compute, a scalar a layer
+    assert optimized == Counter({"QuantizeLinear": 2, "DequantizeLinear": 2, "MatMulIntegerToFloat": 2})
+    graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    values = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    input_steps = {
+        node.output[0]: values[node.input[0]] * values[node.input[1]]
+        for node in graph.node
+        if node.op_type == "DequantizeLinear"
+    }
+    for node in (node for node in graph.node if node.op_type == "MatMulIntegerToFloat"):
+        input_step, weight_scale, bias = input_steps[node.input[2]], values[node.input[3]], values[node.input[6]]
+        accumulator_steps = bias / (input_step * weight_scale)
+        assert bias.shape == weight_scale.shape and np.abs(bias).max() > 0
+        np.testing.assert_allclose(accumulator_steps, np.round(accumulator_steps), atol=1e-3)
 
 
 def test_layers_whose_weights_are_equal_on_tokens_are_refused_not_mixed_up() -> None:

@@ -1,4 +1,4 @@
-"""A small editor of ONNX graphs: initializers added and removed, nodes placed before or after existing ones."""
+"""A small editor of ONNX graphs: initializers added and removed, nodes placed before, after or instead of existing ones."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from onnx import numpy_helper
 
 
 class GraphEditor:
-    """Adds initializers and nodes (placed before or after an existing node) to an ONNX graph, in topological order.
+    """Adds initializers and nodes (placed before, after or instead of an existing node) to an ONNX graph, in
+    topological order.
 
     Example:
         >>> from onnx import helper, TensorProto
@@ -31,6 +32,8 @@ class GraphEditor:
         # messages are copied into the graph, so object identities do not last)
         self.before: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         self.after: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        # nodes that take the place of an existing node (the last of them computes its output), keyed in the same way
+        self.replacements: dict[str, list[onnx.NodeProto]] = {}
         self._count = 0
 
     def name(self, hint: str) -> str:
@@ -62,10 +65,11 @@ class GraphEditor:
         return users
 
     def nodes(self) -> list[onnx.NodeProto]:
-        """Every node, the added ones in place: still in topological order."""
+        """Every node, the added ones in place and the replaced ones replaced: still in topological order."""
         ordered = []
         for node in self.graph.node:
-            ordered += [*self.before.get(node.output[0], []), node, *self.after.get(node.output[0], [])]
+            key = node.output[0]
+            ordered += [*self.before.get(key, []), *self.replacements.get(key, [node]), *self.after.get(key, [])]
         return ordered
 
     def commit(self) -> None:
@@ -74,3 +78,4 @@ class GraphEditor:
         self.graph.node.extend(ordered)
         self.before.clear()
         self.after.clear()
+        self.replacements.clear()

@@ -8,12 +8,22 @@ bias an int32 initializer on the accumulator grid (input scale x weight scale), 
 ``QuantizeLinear`` / ``DequantizeLinear`` pair. Where a layer's output reaches the next quantized layer
 only through operators that commute with rounding (ReLU, max-pooling, reshapes), the next layer's grid
 is applied after the layer and after each of them: the numbers do not change, and ONNX Runtime fuses the
-chain into integer kernels (``QLinearConv``, ``QGemm``, 8-bit ``MaxPool``). A linear layer on inputs of more
-than two dimensions (a transformer's) is exported as ``MatMul`` + ``Add`` with its weight transposed into an
-unnamed initializer, found by its value; ONNX Runtime runs it in ``MatMulIntegerToFloat``. Behind a ReLU that grid is
+chain into integer kernels (``QLinearConv``, ``QGemm``, 8-bit ``MaxPool``). Behind a ReLU that grid is
 uint8 from zero (a symmetric activation quantizer turns unsigned on non-negative inputs, see
 :class:`~lightning_compress.quantization.FakeQuantizer`), so ONNX Runtime drops the ReLU, which
 clipping at zero already does, and the tensor stays uint8 from one layer to the next.
+
+A linear layer on inputs of more than two dimensions (a transformer's) is exported as ``MatMul`` + ``Add``
+with its weight transposed into an unnamed initializer, found by its value. It becomes ONNX's integer
+matrix product, as ONNX Runtime's ``quantize_dynamic`` writes it before its fusions but on the layer's
+static input grid: ``QuantizeLinear`` -> ``MatMulInteger`` -> ``Cast`` -> ``Mul`` by (input step x weight
+scales) -> ``Add`` of the bias, rounded to the accumulator grid. ONNX Runtime fuses the chain, bias
+included, into one ``MatMulIntegerToFloat`` (from the QDQ form it would add the bias in a kernel of its
+own, fused with a following GELU into its slower ``BiasGelu``). That fusion needs the product of the
+scales in the graph, and ONNX Runtime folds products of constants before it fuses, but no
+``DequantizeLinear`` (it keeps those for its QDQ fusions): so the input step is the ``DequantizeLinear``
+of the integer 1 on the input grid, a scalar computed on each run. Layers that read one tensor on one
+grid (a transformer's query, key and value) share its ``QuantizeLinear`` and that step.
 
 Weights whose range fits in four bits (``weight_bits=4``: ``[-7, 7]``, or ``[0, 15]`` when asymmetric)
 are stored as ``INT4`` / ``UINT4`` initializers, two integers a byte, and widened by a ``Cast`` to the
@@ -96,15 +106,21 @@ def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.M
     editor = GraphEditor(result)
     users = editor.consumers()
     input_grids: dict[str, _ActivationGrid] = {}  # output of the QuantizeLinear before a layer -> its grid
+    integer_inputs: dict[tuple, _IntegerInput] = {}  # see _integer_input
     layer_outputs = []
     for weight_name, layer in layers.items():
         if layer.input_range is None:  # an embedding table: no input grid
             _quantize_embedding(editor, users, weight_name, layer)
             continue
         found = _layer_node(weight_name, layer, users, editor)
+        if found.transposed:
+            integer_input = _integer_input(editor, users, found.node.input[0], layer, integer_inputs)
+            input_grids[integer_input.integers] = integer_input.grid
+            _integer_matmul(editor, users, found, layer, integer_input)
+            continue
         node = found.node
-        layer_outputs.append(_layer_output(found, users))
-        _quantize_weight_and_bias(editor, users, found, layer)
+        layer_outputs.append(node.output[0])
+        _quantize_weight_and_bias(editor, found, layer)
         grid = _activation_grid(editor, layer, node.input[0])
         added = _quantize_pair(editor, node.input[0], grid, _clip_range(layer))
         input_grids[added[-2].output[0]] = grid
@@ -123,14 +139,6 @@ def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.M
             editor.after[producers[tensor].output[0]] += added
     editor.commit()
     return result
-
-
-def _layer_output(found: _LayerNode, users: dict[str, list[onnx.NodeProto]]) -> str:
-    """The tensor a layer computes: its node's output, or the ``Add`` of its bias after a ``MatMul``."""
-    output = found.node.output[0]
-    if found.transposed and len(users[output]) == 1 and users[output][0].op_type == "Add":
-        return users[output][0].output[0]
-    return output
 
 
 def _at_least_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
@@ -217,22 +225,14 @@ def _matmul_of(
     return _LayerNode(node, name, transposed=True)
 
 
-def _quantize_weight_and_bias(
-    editor: GraphEditor, users: dict[str, list[onnx.NodeProto]], found: _LayerNode, layer: IntegerLayer
-) -> None:
+def _quantize_weight_and_bias(editor: GraphEditor, found: _LayerNode, layer: IntegerLayer) -> None:
+    """A ``Conv``'s or ``Gemm``'s weight and bias as integers behind ``DequantizeLinear`` nodes."""
     node, weight_name = found.node, found.weight
-    exported = editor.replace_initializer(weight_name)
-    integers, scale, zero_point = layer.fit_to(exported.T if found.transposed else exported, weight_name)
+    integers, scale, zero_point = layer.fit_to(editor.replace_initializer(weight_name), weight_name)
     storage = _storage_type(layer.weight_range)  # the type DequantizeLinear reads, as ONNX Runtime's integer kernels do
-    stored_integers = integers.T if found.transposed else integers
-    stored = editor.constant(f"{weight_name}_int", stored_integers.astype(weight_storage(layer.weight_range)))
-    if _is_four_bit(layer.weight_range):
-        widened = editor.name(f"{weight_name}_widened")
-        editor.before[node.output[0]].append(
-            helper.make_node("Cast", [stored], [widened], to=helper.np_dtype_to_tensor_dtype(np.dtype(storage)))
-        )
-        stored = widened
-    editor.before[node.output[0]].append(
+    stored, widening = _weight_integers(editor, weight_name, integers, layer)
+    editor.before[node.output[0]] += [
+        *widening,
         helper.make_node(
             "DequantizeLinear",
             [
@@ -241,19 +241,14 @@ def _quantize_weight_and_bias(
                 editor.constant(f"{weight_name}_zero_point", zero_point.astype(storage)),
             ],
             [weight_name],
-            axis=1 if found.transposed else 0,  # the output channels
-        )
-    )
-    bias_name = _bias_of(found, users, editor)
-    if bias_name is None:
+            axis=0,  # the output channels
+        ),
+    ]
+    if len(node.input) < 3 or node.input[2] not in editor.initializers:
         return
-    bias = editor.replace_initializer(bias_name).astype(np.float64)
-    bias_scale = (np.float32(layer.input_scale) * scale).astype(np.float32)
-    low, high = layer.bias_range
-    integers = np.clip(np.round(bias / bias_scale), low, high).astype(np.int32)
-    if found.transposed:  # the Add after a MatMul takes the bias on its grid as floats, as the layer adds it
-        editor.constant_named(bias_name, (integers * bias_scale).astype(np.float32))
-        return
+    bias_name = node.input[2]
+    bias_scale = _bias_scale(layer, scale)
+    integers = _bias_integers(editor.replace_initializer(bias_name), bias_scale, layer)
     editor.before[node.output[0]].append(
         helper.make_node(
             "DequantizeLinear",
@@ -266,6 +261,66 @@ def _quantize_weight_and_bias(
             axis=0,
         )
     )
+
+
+def _integer_matmul(
+    editor: GraphEditor,
+    users: dict[str, list[onnx.NodeProto]],
+    found: _LayerNode,
+    layer: IntegerLayer,
+    integer_input: _IntegerInput,
+) -> None:
+    """Replace the ``MatMul`` of a linear layer on (..., features) by ONNX's integer matrix product of its input's
+    integers and the weight's, scaled back to floats by (input step x weight scales); the ``Add`` after it
+    adds the bias on the accumulator grid."""
+    node, weight_name = found.node, found.weight
+    integers, scale, zero_point = layer.fit_to(editor.replace_initializer(weight_name).T, weight_name)
+    weight, widening = _weight_integers(editor, weight_name, integers.T, layer)  # as MatMul reads it: (in, out)
+    operands = [integer_input.integers, weight, integer_input.grid.zero_point]
+    if np.any(zero_point != 0):  # one a column; without any ONNX Runtime takes its faster path of one zero point
+        operands.append(
+            editor.constant(f"{weight_name}_zero_point", zero_point.astype(_storage_type(layer.weight_range)))
+        )
+    product, widened, multiplier = (editor.name(f"{weight_name}_{part}") for part in ("product", "float", "multiplier"))
+    editor.replacements[node.output[0]] = [
+        *widening,
+        helper.make_node("MatMulInteger", operands, [product]),
+        helper.make_node("Cast", [product], [widened], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [integer_input.step, editor.constant(f"{weight_name}_scale", scale)], [multiplier]),
+        helper.make_node("Mul", [widened, multiplier], [node.output[0]]),
+    ]
+    bias = _bias_add(node.output[0], users, editor)
+    if bias is None:
+        return
+    add, bias_name = bias
+    add.input[:] = [node.output[0], bias_name]  # the bias second, where ONNX Runtime's fusion looks for it
+    bias_scale = _bias_scale(layer, scale)
+    integers = _bias_integers(editor.replace_initializer(bias_name), bias_scale, layer)
+    editor.constant_named(bias_name, (integers * bias_scale).astype(np.float32))  # the integers, as floats
+
+
+def _weight_integers(
+    editor: GraphEditor, weight_name: str, integers: np.ndarray, layer: IntegerLayer
+) -> tuple[str, list[onnx.NodeProto]]:
+    """The initializer of a weight's ``integers`` in their storage type, and the name of their 8-bit form with the
+    nodes that make it: none, or a ``Cast`` from four bits (ONNX Runtime folds it when it loads the graph)."""
+    stored = editor.constant(f"{weight_name}_int", integers.astype(weight_storage(layer.weight_range)))
+    if not _is_four_bit(layer.weight_range):
+        return stored, []
+    widened = editor.name(f"{weight_name}_widened")
+    to = helper.np_dtype_to_tensor_dtype(np.dtype(_storage_type(layer.weight_range)))
+    return widened, [helper.make_node("Cast", [stored], [widened], to=to)]
+
+
+def _bias_scale(layer: IntegerLayer, weight_scale: np.ndarray) -> np.ndarray:
+    """The accumulator grid's steps, one an output channel: input scale x weight scale."""
+    return (np.float32(layer.input_scale) * weight_scale).astype(np.float32)
+
+
+def _bias_integers(bias: np.ndarray, bias_scale: np.ndarray, layer: IntegerLayer) -> np.ndarray:
+    """A bias rounded onto the accumulator grid and clipped to the layer's bias range, as int32."""
+    low, high = layer.bias_range
+    return np.clip(np.round(bias.astype(np.float64) / bias_scale), low, high).astype(np.int32)
 
 
 def _quantize_embedding(
@@ -323,16 +378,46 @@ def _quantize_embedding(
         editor.after[rows] += added
 
 
-def _bias_of(found: _LayerNode, users: dict[str, list[onnx.NodeProto]], editor: GraphEditor) -> str | None:
-    """The bias initializer of a layer's node: a ``Conv``'s or ``Gemm``'s third input, or the initializer the
-    one ``Add`` after a ``MatMul`` adds (``None`` without a bias)."""
-    node = found.node
-    if not found.transposed:
-        return node.input[2] if len(node.input) >= 3 and node.input[2] in editor.initializers else None
-    (add, *others) = users[node.output[0]] or [None]
+def _bias_add(
+    output: str, users: dict[str, list[onnx.NodeProto]], editor: GraphEditor
+) -> tuple[onnx.NodeProto, str] | None:
+    """The one ``Add`` reading ``output`` (a ``MatMul``'s) if it adds an initializer, the layer's bias, and that
+    initializer's name; ``None`` without a bias."""
+    (add, *others) = users[output] or [None]
     if add is None or others or add.op_type != "Add":
         return None
-    return next((name for name in add.input if name != node.output[0] and name in editor.initializers), None)
+    bias = next((name for name in add.input if name != output and name in editor.initializers), None)
+    return None if bias is None else (add, bias)
+
+
+@dataclass(frozen=True)
+class _IntegerInput:
+    """The integers of a tensor on a layer's input grid, the grid, and its step (one integer's worth) in float."""
+
+    integers: str
+    grid: _ActivationGrid
+    step: str
+
+
+def _integer_input(
+    editor: GraphEditor,
+    users: dict[str, list[onnx.NodeProto]],
+    tensor: str,
+    layer: IntegerLayer,
+    made: dict[tuple, _IntegerInput],
+) -> _IntegerInput:
+    """``tensor`` on ``layer``'s input grid, for integer matrix products: made once for each tensor and grid (and
+    kept in ``made``), before the tensor's first reader, and shared by every layer that reads it there."""
+    key = (tensor, layer.input_scale, layer.input_zero_point, layer.input_range)
+    if key not in made:
+        grid = _activation_grid(editor, layer, tensor)
+        nodes = _quantizer(editor, tensor, grid, _clip_range(layer))
+        step = editor.name(f"{tensor}_step")
+        one = editor.constant(f"{tensor}_one", np.array(1, dtype=np.int8))
+        nodes.append(helper.make_node("DequantizeLinear", [one, grid.scale], [step]))
+        editor.before[users[tensor][0].output[0]] += nodes
+        made[key] = _IntegerInput(nodes[-2].output[0], grid, step)
+    return made[key]
 
 
 def _activation_grid(editor: GraphEditor, layer: IntegerLayer, tensor: str) -> _ActivationGrid:
@@ -351,10 +436,10 @@ def _clip_range(layer: IntegerLayer) -> tuple[float, float] | None:
     return float(low), float(high)
 
 
-def _quantize_pair(
+def _quantizer(
     editor: GraphEditor, tensor: str, grid: _ActivationGrid, clip_range: tuple[float, float] | None = None
 ) -> list[onnx.NodeProto]:
-    """Nodes that put ``tensor`` on ``grid``: ``QuantizeLinear`` then ``DequantizeLinear``, whose output is the result.
+    """Nodes that put ``tensor`` on ``grid``'s integers: a ``QuantizeLinear``, whose output is the result.
 
     With ``clip_range`` the tensor is clipped first, in float, since ``QuantizeLinear`` saturates only at
     its storage type's limits.
@@ -365,9 +450,20 @@ def _quantize_pair(
         source = editor.name(f"{tensor}_clipped")
         low, high = (editor.constant("clip", np.array(bound, np.float32)) for bound in clip_range)
         nodes.append(helper.make_node("Clip", [tensor, low, high], [source]))
-    quantized, dequantized = editor.name(f"{tensor}_int"), editor.name(f"{tensor}_dequantized")
+    quantized = editor.name(f"{tensor}_int")
     nodes.append(helper.make_node("QuantizeLinear", [source, grid.scale, grid.zero_point], [quantized]))
-    nodes.append(helper.make_node("DequantizeLinear", [quantized, grid.scale, grid.zero_point], [dequantized]))
+    return nodes
+
+
+def _quantize_pair(
+    editor: GraphEditor, tensor: str, grid: _ActivationGrid, clip_range: tuple[float, float] | None = None
+) -> list[onnx.NodeProto]:
+    """Nodes that put ``tensor`` on ``grid``: :func:`_quantizer`'s, then ``DequantizeLinear``, whose output is the result."""
+    nodes = _quantizer(editor, tensor, grid, clip_range)
+    dequantized = editor.name(f"{tensor}_dequantized")
+    nodes.append(
+        helper.make_node("DequantizeLinear", [nodes[-1].output[0], grid.scale, grid.zero_point], [dequantized])
+    )
     return nodes
 
 
