@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+
+from lightning_compress.analysis import measure_latencies
+from lightning_compress.deploy import OnnxRuntimeModel
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -81,3 +89,52 @@ def write_results(name: str, settings: dict, results: dict, markdown: str) -> No
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def time_graphs_in_fresh_process(
+    graphs: dict[str, bytes],
+    inputs: torch.Tensor,
+    seed: int,
+    threads: Sequence[int] = (1, 2),
+    batches: Sequence[int] = (1, 32),
+) -> dict[str, float]:
+    """``<name>_latency_t<threads>_b<batch>_ms`` of each ONNX graph in ONNX Runtime on the first ``batch`` rows of
+    ``inputs``: all timed together in interleaved rounds of a new random order (``seed``), in a new Python
+    process, so that the memory and threads of the training before leave the timings alone."""
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory)
+        for name, graph in graphs.items():
+            (folder / f"{name}.onnx").write_bytes(graph)
+        torch.save(inputs[: max(batches)].clone(), folder / "inputs.pt")
+        settings = ["--seed", str(seed), "--threads", *map(str, threads), "--batches", *map(str, batches)]
+        command = [sys.executable, __file__, "--time-graphs", directory, *settings]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=3600, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _time_graphs(folder: Path, seed: int, threads: Sequence[int], batches: Sequence[int]) -> dict[str, float]:
+    inputs = torch.load(folder / "inputs.pt")
+    graphs = {path.stem: path.read_bytes() for path in sorted(folder.glob("*.onnx"))}
+    result = {}
+    for count in threads:
+        runtimes = {name: OnnxRuntimeModel(graph, num_threads=count) for name, graph in graphs.items()}
+        for batch in batches:
+            timed = measure_latencies(
+                {name: (runtime, inputs[:batch]) for name, runtime in runtimes.items()},
+                warmup=5,
+                repeats=100 if batch == 1 else 8,
+                rounds=15 if batch == 1 else 8,
+                seed=seed,
+            )
+            result |= {f"{name}_latency_t{count}_b{batch}_ms": latency.median_ms for name, latency in timed.items()}
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="time the ONNX graphs of a folder (time_graphs_in_fresh_process)")
+    parser.add_argument("--time-graphs", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    arguments = parser.parse_args()
+    print(json.dumps(_time_graphs(arguments.time_graphs, arguments.seed, arguments.threads, arguments.batches)))

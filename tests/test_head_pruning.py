@@ -21,6 +21,17 @@ from lightning_compress.pruning import Pruner, PruningConfig
 HEAD_DIM = TINY_BERT["hidden_size"] // TINY_BERT["num_attention_heads"]
 
 
+def prune_and_remove(model: nn.Module, config: PruningConfig, inputs: torch.Tensor) -> Pruner:
+    """Prune ``model`` once, remove what was pruned, and check that the smaller model computes the masked one's outputs."""
+    pruner = Pruner(model, config, example_input=inputs[:1])
+    pruner.prune()
+    with torch.no_grad():
+        masked = model(inputs)
+        pruner.remove_channels(model)
+        torch.testing.assert_close(model(inputs), masked, rtol=0, atol=1e-5)
+    return pruner
+
+
 def tiny_vit(num_layers: int = 2) -> VisionTransformer:
     torch.manual_seed(0)
     model = VisionTransformer(
@@ -90,12 +101,7 @@ def test_heads_are_ranked_globally_by_their_norms_and_each_attention_keeps_one()
 def test_heads_of_a_vision_transformer_are_removed_with_the_same_outputs() -> None:
     model = tiny_vit()
     images = torch.randn(3, 3, 28, 28)
-    pruner = Pruner(model, PruningConfig(amount=0.5, granularity="head", scope="layer"), example_input=images[:1])
-    pruner.prune()
-    with torch.no_grad():
-        masked = model(images)
-        pruner.remove_channels(model)
-        torch.testing.assert_close(model(images), masked, rtol=0, atol=1e-5)
+    prune_and_remove(model, PruningConfig(amount=0.5, granularity="head", scope="layer"), images)
     for block in model.encoder.layers:
         attention = block.self_attention
         assert (attention.num_heads, attention.q_proj.out_features, attention.out_proj.in_features) == (2, 16, 16)
@@ -105,12 +111,7 @@ def test_mlp_neurons_of_a_bert_are_pruned_as_channels_and_removed_with_the_same_
     model = text_module().model.eval()
     ids = torch.randint(5, 60, (4, 16))
     config = PruningConfig(amount=0.5, granularity="channel", scope="layer", targets=["*.intermediate.dense"])
-    pruner = Pruner(model, config, example_input=ids[:1])
-    pruner.prune()
-    with torch.no_grad():
-        masked = model(ids)
-        pruner.remove_channels(model)
-        torch.testing.assert_close(model(ids), masked, rtol=0, atol=1e-6)
+    prune_and_remove(model, config, ids)
     layer = model.encoder.encoder.layer[1]
     assert (layer.intermediate.dense.out_features, layer.output.dense.in_features) == (16, 16)
 
@@ -120,13 +121,9 @@ def test_mlp_neurons_of_a_vision_transformer_are_removed_and_its_residual_width_
     with pytest.raises(ValueError, match=r"would break VisionTransformer .*'encoder.layers.encoder_layer_0.mlp.3'\]"):
         Pruner(tiny_vit(num_layers=1), PruningConfig(amount=0.5, granularity="channel"), example_input=images[:1])
     model = tiny_vit()
-    config = PruningConfig(amount=0.5, granularity="channel", scope="layer", targets=["*.mlp.0"])
-    pruner = Pruner(model, config, example_input=images[:1])
-    pruner.prune()
-    with torch.no_grad():
-        masked = model(images)
-        pruner.remove_channels(model)
-        torch.testing.assert_close(model(images), masked, rtol=0, atol=1e-5)
+    prune_and_remove(
+        model, PruningConfig(amount=0.5, granularity="channel", scope="layer", targets=["*.mlp.0"]), images
+    )
     assert [block.mlp[0].out_features for block in model.encoder.layers] == [32, 32]
     assert model.encoder.layers[0].mlp[3].out_features == 32  # the residual width, 32, is the hidden size
 
