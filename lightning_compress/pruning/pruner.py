@@ -13,7 +13,7 @@ from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.criteria import element_scores
 from lightning_compress.pruning.heads import AttentionHeadGroups
 from lightning_compress.pruning.masks import forget_pruned, n_of_m_masks, rank_masks, threshold_masks
-from lightning_compress.pruning.structured import ChannelGroups, check_removal
+from lightning_compress.pruning.structured import ChannelGroups, PrunableGroups, check_removal
 from lightning_compress.targets import select_layers, warn_about_fused_attention, warn_if_few_targeted
 
 #: What a :class:`Pruner` hands its new masks to before using them (DDP: rank zero's, broadcast to all).
@@ -57,7 +57,7 @@ class Pruner:
         self.masks: dict[str, torch.Tensor] = {}
         #: Channel and head granularity: the kept units (channels, or heads) of each group, by its root layer.
         self.channel_keep: dict[str, torch.Tensor] = {}
-        self.groups: ChannelGroups | AttentionHeadGroups | None = None
+        self.groups: PrunableGroups | None = None
         if config.n_of_m:
             self._drop_layers_without_n_of_m_groups(warn)
         if config.structured:
