@@ -74,21 +74,20 @@ def test_a_linear_layer_on_tokens_keeps_its_bias_on_the_accumulator_grid(tmp_pat
     with torch.no_grad():
         np.testing.assert_allclose(outputs, model(inputs).numpy(), atol=1e-6)
     # behind the ReLU the second layer's uint8 grid clips at zero: ONNX Runtime drops the ReLU; each bias is added
-    # in the integer matrix product's kernel, a whole number of accumulator steps (input step x weight scale), and
-    # the input steps are what DequantizeLinear is left to compute, a scalar a layer
-    assert optimized == Counter({"QuantizeLinear": 2, "DequantizeLinear": 2, "MatMulIntegerToFloat": 2})
+    # in the integer matrix product's kernel, a whole number of steps of its accumulator (input step x weight scale)
+    assert optimized == Counter({"QuantizeLinear": 2, "MatMulIntegerToFloat": 2})
     graph = onnx.load(str(tmp_path / "optimized.onnx")).graph
     values = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
-    input_steps = {
-        node.output[0]: values[node.input[0]] * values[node.input[1]]
-        for node in graph.node
-        if node.op_type == "DequantizeLinear"
-    }
+    scales = {node.output[0]: values[node.input[1]] for node in graph.node if node.op_type == "QuantizeLinear"}
+    layers = {layer.out_features: layer for layer in (model[0], model[2])}
     for node in (node for node in graph.node if node.op_type == "MatMulIntegerToFloat"):
-        input_step, weight_scale, bias = input_steps[node.input[2]], values[node.input[3]], values[node.input[6]]
-        accumulator_steps = bias / (input_step * weight_scale)
-        assert bias.shape == weight_scale.shape and np.abs(bias).max() > 0
-        np.testing.assert_allclose(accumulator_steps, np.round(accumulator_steps), atol=1e-3)
+        unit, accumulator_steps, bias = (values[node.input[index]] for index in (2, 3, 6))
+        weight_scale = layers[len(bias)].weight_quantizer.scale.reshape(-1).numpy()
+        assert unit == 1
+        np.testing.assert_allclose(accumulator_steps, scales[node.input[0]] * weight_scale, rtol=1e-6)
+        assert np.abs(bias).max() > 0
+        steps = bias / accumulator_steps
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
 
 
 def test_layers_whose_weights_are_equal_on_tokens_are_refused_not_mixed_up() -> None:

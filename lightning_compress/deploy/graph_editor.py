@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 
 class GraphEditor:
@@ -44,6 +44,13 @@ class GraphEditor:
         name = self.name(hint)
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         return name
+
+    def default_input(self, name: str, value: np.ndarray) -> None:
+        """Add the graph input ``name``, whose initializer holds its default ``value``: a caller may feed another
+        value, so no runtime folds it as a constant."""
+        self.constant_named(name, value)
+        element_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+        self.graph.input.append(helper.make_tensor_value_info(name, element_type, list(value.shape)))
 
     def constant_named(self, name: str, value: np.ndarray) -> None:
         """Add the initializer ``name`` (one :meth:`replace_initializer` took out, say) holding ``value``."""

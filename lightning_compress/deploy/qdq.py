@@ -16,14 +16,15 @@ clipping at zero already does, and the tensor stays uint8 from one layer to the 
 A linear layer on inputs of more than two dimensions (a transformer's) is exported as ``MatMul`` + ``Add``
 with its weight transposed into an unnamed initializer, found by its value. It becomes ONNX's integer
 matrix product, as ONNX Runtime's ``quantize_dynamic`` writes it before its fusions but on the layer's
-static input grid: ``QuantizeLinear`` -> ``MatMulInteger`` -> ``Cast`` -> ``Mul`` by (input step x weight
-scales) -> ``Add`` of the bias, rounded to the accumulator grid. ONNX Runtime fuses the chain, bias
-included, into one ``MatMulIntegerToFloat`` (from the QDQ form it would add the bias in a kernel of its
-own, fused with a following GELU into its slower ``BiasGelu``). That fusion needs the product of the
-scales in the graph, and ONNX Runtime folds products of constants before it fuses, but no
-``DequantizeLinear`` (it keeps those for its QDQ fusions): so the input step is the ``DequantizeLinear``
-of the integer 1 on the input grid, a scalar computed on each run. Layers that read one tensor on one
-grid (a transformer's query, key and value) share its ``QuantizeLinear`` and that step.
+static input grid: ``QuantizeLinear`` -> ``MatMulInteger`` -> ``Cast`` -> ``Mul`` by the accumulator's steps
+(input step x weight scale, one a column) -> ``Add`` of the bias on that grid. ONNX Runtime fuses the chain,
+bias included, into one ``MatMulIntegerToFloat`` (from the QDQ form it would add the bias in a kernel of
+its own, fused with a following GELU into its slower ``BiasGelu``). The fusion looks for the steps as a
+``Mul`` of two factors, but ONNX Runtime folds every product of constants before it fuses: so the steps
+are multiplied by :data:`UNIT`, a graph input whose initializer is its default, 1. A caller may override
+such an input, so no runtime folds it (ONNX Runtime warns once that it will not), and the outputs are the
+same bits as with the steps alone.
+Layers that read one tensor on one grid (a transformer's query, key and value) share its ``QuantizeLinear``.
 
 Weights whose range fits in four bits (``weight_bits=4``: ``[-7, 7]``, or ``[0, 15]`` when asymmetric)
 are stored as ``INT4`` / ``UINT4`` initializers, two integers a byte, and widened by a ``Cast`` to the
@@ -53,6 +54,8 @@ _LAYER_OPS = ("Conv", "Gemm")  # and MatMul, for linear layers on inputs of more
 # 4-bit ONNX element types and the integers they hold; Cast reads them from opset 21 and IR version 10 on
 _FOUR_BIT_TYPES = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
 FOUR_BIT_OPSET = 21
+#: The graph input (default 1) by which integer matrix products' accumulator steps are multiplied, see above
+UNIT = "integer_product_unit"
 
 
 def _storage_type(quant_range: tuple[int, int]) -> type[np.integer]:
@@ -114,6 +117,8 @@ def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.M
             continue
         found = _layer_node(weight_name, layer, users, editor)
         if found.transposed:
+            if UNIT not in editor.initializers:
+                editor.default_input(UNIT, np.array(1, dtype=np.float32))
             integer_input = _integer_input(editor, users, found.node.input[0], layer, integer_inputs)
             input_grids[integer_input.integers] = integer_input.grid
             _integer_matmul(editor, users, found, layer, integer_input)
@@ -247,7 +252,7 @@ def _quantize_weight_and_bias(editor: GraphEditor, found: _LayerNode, layer: Int
     if len(node.input) < 3 or node.input[2] not in editor.initializers:
         return
     bias_name = node.input[2]
-    bias_scale = _bias_scale(layer, scale)
+    bias_scale = _accumulator_steps(layer, scale)
     integers = _bias_integers(editor.replace_initializer(bias_name), bias_scale, layer)
     editor.before[node.output[0]].append(
         helper.make_node(
@@ -271,8 +276,8 @@ def _integer_matmul(
     integer_input: _IntegerInput,
 ) -> None:
     """Replace the ``MatMul`` of a linear layer on (..., features) by ONNX's integer matrix product of its input's
-    integers and the weight's, scaled back to floats by (input step x weight scales); the ``Add`` after it
-    adds the bias on the accumulator grid."""
+    integers and the weight's, back in floats by the accumulator's steps (input step x weight scales, times
+    :data:`UNIT`); the ``Add`` after it adds the bias on that grid."""
     node, weight_name = found.node, found.weight
     integers, scale, zero_point = layer.fit_to(editor.replace_initializer(weight_name).T, weight_name)
     weight, widening = _weight_integers(editor, weight_name, integers.T, layer)  # as MatMul reads it: (in, out)
@@ -281,22 +286,24 @@ def _integer_matmul(
         operands.append(
             editor.constant(f"{weight_name}_zero_point", zero_point.astype(_storage_type(layer.weight_range)))
         )
-    product, widened, multiplier = (editor.name(f"{weight_name}_{part}") for part in ("product", "float", "multiplier"))
+    accumulator_steps = _accumulator_steps(layer, scale)
+    product, widened, steps = (editor.name(f"{weight_name}_{part}") for part in ("product", "float", "steps"))
     editor.replacements[node.output[0]] = [
         *widening,
         helper.make_node("MatMulInteger", operands, [product]),
         helper.make_node("Cast", [product], [widened], to=TensorProto.FLOAT),
-        helper.make_node("Mul", [integer_input.step, editor.constant(f"{weight_name}_scale", scale)], [multiplier]),
-        helper.make_node("Mul", [widened, multiplier], [node.output[0]]),
+        helper.make_node(
+            "Mul", [UNIT, editor.constant(f"{weight_name}_accumulator_steps", accumulator_steps)], [steps]
+        ),
+        helper.make_node("Mul", [widened, steps], [node.output[0]]),
     ]
     bias = _bias_add(node.output[0], users, editor)
     if bias is None:
         return
     add, bias_name = bias
     add.input[:] = [node.output[0], bias_name]  # the bias second, where ONNX Runtime's fusion looks for it
-    bias_scale = _bias_scale(layer, scale)
-    integers = _bias_integers(editor.replace_initializer(bias_name), bias_scale, layer)
-    editor.constant_named(bias_name, (integers * bias_scale).astype(np.float32))  # the integers, as floats
+    integers = _bias_integers(editor.replace_initializer(bias_name), accumulator_steps, layer)
+    editor.constant_named(bias_name, (integers * accumulator_steps).astype(np.float32))  # the integers, as floats
 
 
 def _weight_integers(
@@ -312,8 +319,8 @@ def _weight_integers(
     return widened, [helper.make_node("Cast", [stored], [widened], to=to)]
 
 
-def _bias_scale(layer: IntegerLayer, weight_scale: np.ndarray) -> np.ndarray:
-    """The accumulator grid's steps, one an output channel: input scale x weight scale."""
+def _accumulator_steps(layer: IntegerLayer, weight_scale: np.ndarray) -> np.ndarray:
+    """The steps of a layer's accumulator grid, the bias's scale, one an output channel: input scale x weight scale."""
     return (np.float32(layer.input_scale) * weight_scale).astype(np.float32)
 
 
@@ -392,11 +399,10 @@ def _bias_add(
 
 @dataclass(frozen=True)
 class _IntegerInput:
-    """The integers of a tensor on a layer's input grid, the grid, and its step (one integer's worth) in float."""
+    """The integers of a tensor on a layer's input grid, and the grid."""
 
     integers: str
     grid: _ActivationGrid
-    step: str
 
 
 def _integer_input(
@@ -412,11 +418,8 @@ def _integer_input(
     if key not in made:
         grid = _activation_grid(editor, layer, tensor)
         nodes = _quantizer(editor, tensor, grid, _clip_range(layer))
-        step = editor.name(f"{tensor}_step")
-        one = editor.constant(f"{tensor}_one", np.array(1, dtype=np.int8))
-        nodes.append(helper.make_node("DequantizeLinear", [one, grid.scale], [step]))
         editor.before[users[tensor][0].output[0]] += nodes
-        made[key] = _IntegerInput(nodes[-2].output[0], grid, step)
+        made[key] = _IntegerInput(nodes[-1].output[0], grid)
     return made[key]
 
 
