@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import lightning as L
 import onnx
@@ -9,6 +10,7 @@ import torch
 
 from lightning_compress.deploy import OnnxRuntimeModel, export, onnx_bytes
 from lightning_compress.models import SmallCNN
+from lightning_compress.quantization import QuantConfig, calibrate, quantize_model
 
 
 def trained_like_cnn() -> SmallCNN:
@@ -35,6 +37,19 @@ def test_exported_graph_has_a_dynamic_batch_and_no_training_ops() -> None:
     batch_dim = graph.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.HasField("dim_value")
     assert "Dropout" not in {node.op_type for node in graph.graph.node}
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_exported_graph_carries_no_stack_traces_or_paths_of_this_machine(quantized: bool) -> None:
+    model = trained_like_cnn().eval()
+    if quantized:
+        quantize_model(model, QuantConfig())
+        calibrate(model, [torch.randn(8, 1, 8, 8)])
+    data = onnx_bytes(model, torch.zeros(1, 1, 8, 8))
+    graph = onnx.load_from_string(data)
+    assert not any(node.metadata_props for node in graph.graph.node) and not graph.graph.metadata_props
+    assert str(Path(__file__).parent.parent).encode() not in data and b"site-packages" not in data
+    assert any(node.op_type == "QuantizeLinear" for node in graph.graph.node) == quantized
 
 
 class _TakesADict(torch.nn.Module):
