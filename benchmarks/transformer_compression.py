@@ -51,7 +51,7 @@ from lightning_compress.models import minilm, student_from_teacher
 from lightning_compress.quantization import QuantConfig, calibrate, quantize_model
 
 LENGTH = 32
-TRAIN_GLOSSES = 4000
+TRAIN_GLOSSES = 1000
 HELD_OUT_GLOSSES = 2000
 BATCH = 32
 LEARNING_RATE = 1e-4
