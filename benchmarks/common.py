@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from lightning_compress.analysis import measure_latencies
 from lightning_compress.deploy import OnnxRuntimeModel
@@ -89,6 +91,34 @@ def write_results(name: str, settings: dict, results: dict, markdown: str) -> No
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+class Batches(CalibrationDataReader):
+    """ONNX Runtime's calibration reader over the same input batches our calibration sees (input ``x``)."""
+
+    def __init__(self, batches: list[torch.Tensor]) -> None:
+        self._batches = iter([{"x": batch.numpy()} for batch in batches])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def ort_quantize_static(graph: bytes, calibration: list[torch.Tensor]) -> bytes:
+    """The peer of our int8 export on images: ONNX Runtime's ``quantize_static`` of the fp32 ``graph`` (QDQ,
+    int8 activations and weights, per channel), calibrated on the ``calibration`` batches."""
+    with tempfile.TemporaryDirectory() as directory:
+        source, target = Path(directory) / "fp32.onnx", Path(directory) / "int8.onnx"
+        source.write_bytes(graph)
+        quantize_static(
+            str(source),
+            str(target),
+            Batches(calibration),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+        )
+        return target.read_bytes()
 
 
 def time_graphs_in_fresh_process(

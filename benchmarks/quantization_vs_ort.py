@@ -32,15 +32,8 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from common import StepTimer, cpu_description, cpu_trainer, write_results
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
+from common import StepTimer, cpu_description, cpu_trainer, ort_quantize_static, write_results
 
 from lightning_compress import (
     ClassificationModule,
@@ -58,16 +51,6 @@ BATCHES = (1, 256)
 THREADS = (1, 2)
 #: The ONNX models timed against each other; "ours_w4a8" is the W4A8 LSQ model with 4-bit weights.
 TIMED = ("fp32", "qat_int8", "ort_static", "qat_w4a8_lsq")
-
-
-class Batches(CalibrationDataReader):
-    """ONNX Runtime's calibration reader over the same input batches our calibration sees."""
-
-    def __init__(self, batches: list[torch.Tensor]) -> None:
-        self._batches = iter([{"x": batch.numpy()} for batch in batches])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
 
 
 def train(
@@ -169,19 +152,7 @@ def run_seed(seed: int, epochs: int, data_root: str, limit_batches: int | None =
     for method in ("qat_int8", "qat_w4a8_lsq"):
         graphs[method] = onnx_bytes(trained[method], test_inputs[:1])
 
-    with tempfile.TemporaryDirectory() as directory:
-        source, target = Path(directory) / "fp32.onnx", Path(directory) / "int8.onnx"
-        source.write_bytes(graphs["fp32"])
-        quantize_static(
-            str(source),
-            str(target),
-            Batches(calibration),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-        )
-        graphs["ort_static"] = target.read_bytes()
+    graphs["ort_static"] = ort_quantize_static(graphs["fp32"], calibration)
     for name, graph in graphs.items():
         result[f"{name}_onnx_bytes"] = len(graph)
         result[f"{name}_ort_test_accuracy"], predictions = ort_accuracy(graph)

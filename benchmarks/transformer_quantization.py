@@ -21,17 +21,14 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from common import cpu_description, write_results
+from common import cpu_description, time_graphs_in_fresh_process, write_results
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
-from lightning_compress.analysis import measure_latencies
 from lightning_compress.data import WordNetSupersensesDataModule
 from lightning_compress.deploy import OnnxRuntimeModel, onnx_bytes
 from lightning_compress.models import minilm
@@ -58,25 +55,6 @@ def embeddings(run: OnnxRuntimeModel | nn.Module, ids: torch.Tensor) -> torch.Te
         return torch.cat([torch.as_tensor(run(batch)) for batch in ids.split(64)])
 
 
-def time_graphs(directory: Path, seed: int) -> dict[str, float]:
-    """``<model>_latency_t<threads>_b<batch>_ms`` of the graphs ``<name>.onnx`` of ``directory``, timed together."""
-    graphs = {name: (directory / f"{name}.onnx").read_bytes() for name in TIMED}
-    ids = torch.load(directory / "ids.pt")
-    result = {}
-    for threads in THREADS:
-        runtimes = {name: OnnxRuntimeModel(graph, num_threads=threads) for name, graph in graphs.items()}
-        for batch in BATCHES:
-            timed = measure_latencies(
-                {name: (runtime, ids[:batch]) for name, runtime in runtimes.items()},
-                warmup=5,
-                repeats=100 if batch == 1 else 8,
-                rounds=15,
-                seed=seed,
-            )
-            result |= {f"{name}_latency_t{threads}_b{batch}_ms": latency.median_ms for name, latency in timed.items()}
-    return result
-
-
 def run_seed(seed: int) -> dict:
     datamodule = WordNetSupersensesDataModule(
         max_length=LENGTH, batch_size=32, train_samples=CALIBRATION_GLOSSES, eval_samples=HELD_OUT_GLOSSES, seed=0
@@ -96,13 +74,7 @@ def run_seed(seed: int) -> dict:
         (folder / "fp32.onnx").write_bytes(graphs["fp32"])
         quantize_dynamic(str(folder / "fp32.onnx"), str(folder / "ort_dynamic.onnx"), weight_type=QuantType.QInt8)
         graphs["ort_dynamic"] = (folder / "ort_dynamic.onnx").read_bytes()
-        for name, graph in graphs.items():
-            (folder / f"{name}.onnx").write_bytes(graph)
-        torch.save(held_out[:32].clone(), folder / "ids.pt")
-        command = [sys.executable, __file__, "--time-graphs", directory, "--seeds", str(seed)]
-        latency = json.loads(
-            subprocess.run(command, capture_output=True, text=True, timeout=3600, check=True).stdout.splitlines()[-1]
-        )
+    latency = time_graphs_in_fresh_process(graphs, held_out[: max(BATCHES)], seed, THREADS, BATCHES)
     result = {"seed": seed, **latency}
     for name, graph in graphs.items():
         cosine = torch.nn.functional.cosine_similarity(
@@ -171,11 +143,7 @@ def markdown(result: dict, seeds: list[int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--time-graphs", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.time_graphs is not None:
-        print(json.dumps(time_graphs(args.time_graphs, args.seeds[0])))
-        return
     runs = [run_seed(seed) for seed in args.seeds]
     result = summary(runs)
     settings = {

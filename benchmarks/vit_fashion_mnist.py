@@ -44,11 +44,9 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import onnxruntime
 import torch
-from common import cpu_description, cpu_trainer, write_results
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from common import cpu_description, cpu_trainer, ort_quantize_static, write_results
 
 import lightning_compress.deploy.qdq  # noqa: F401  (imported once, now: every seed exports with the same code)
 from lightning_compress import ClassificationModule, Pruning, QuantizationAwareTraining
@@ -91,16 +89,6 @@ NAMES = {
     "heads50": "half the heads pruned and removed (fp32)",
     "heads50_mlp50": "half the heads and half the MLP neurons (fp32)",
 }
-
-
-class Batches(CalibrationDataReader):
-    """ONNX Runtime's calibration reader over training batches."""
-
-    def __init__(self, batches: list[torch.Tensor]) -> None:
-        self._batches = iter([{"x": batch.numpy()} for batch in batches])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
 
 
 def classifier(model: torch.nn.Module, learning_rate: float, epochs: int) -> ClassificationModule:
@@ -157,23 +145,6 @@ def train_all(
         seconds[method] = fit(module, datamodule, fine_tune_epochs, callbacks(), seed, limit_batches)
         trained[method] = module.eval()
     return trained, seconds
-
-
-def peer_int8(graph: bytes, calibration: list[torch.Tensor]) -> bytes:
-    """ONNX Runtime's ``quantize_static`` of the fp32 ``graph``, as ``quantization_vs_ort.py`` calls it."""
-    with tempfile.TemporaryDirectory() as directory:
-        source, target = Path(directory) / "fp32.onnx", Path(directory) / "int8.onnx"
-        source.write_bytes(graph)
-        quantize_static(
-            str(source),
-            str(target),
-            Batches(calibration),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-        )
-        return target.read_bytes()
 
 
 def ort_latencies(graphs: dict[str, bytes], seed: int, quick: bool) -> dict[str, float]:
@@ -239,7 +210,7 @@ def run_seed(seed: int, epochs: int, data_root: str, limit_batches: int | None, 
     result["ort_static_parameters"] = result["dense_parameters"]
 
     graphs = {method: onnx_bytes(module, test_inputs[:1]) for method, module in trained.items()}
-    graphs["ort_static"] = peer_int8(graphs["dense"], calibration)
+    graphs["ort_static"] = ort_quantize_static(graphs["dense"], calibration)
     for name, graph in graphs.items():
         predictions = OnnxRuntimeModel(graph, num_threads=TRAIN_THREADS)(test_inputs).argmax(1)
         result[f"{name}_onnx_bytes"] = len(graph)
