@@ -127,34 +127,43 @@ def time_graphs_in_fresh_process(
     seed: int,
     threads: Sequence[int] = (1, 2),
     batches: Sequence[int] = (1, 32),
+    *,
+    repeats: dict[int, int] | None = None,
+    warmup: int = 5,
+    rounds: int = 15,
 ) -> dict[str, float]:
     """``<name>_latency_t<threads>_b<batch>_ms`` of each ONNX graph in ONNX Runtime on the first ``batch`` rows of
-    ``inputs``: all timed together in interleaved rounds of a new random order (``seed``), in a new Python
-    process, so that the memory and threads of the training before leave the timings alone."""
+    ``inputs``: all timed together, ``repeats[batch]`` times each (100 at batch 1, 8 above, by default) after
+    ``warmup`` runs, in up to ``rounds`` interleaved rounds of a new random order (``seed``), in a new Python
+    process, as a server loads its model, so that the memory and threads of the training before leave the
+    timings alone."""
+    repeats = repeats or {batch: 100 if batch == 1 else 8 for batch in batches}
     with tempfile.TemporaryDirectory() as directory:
         folder = Path(directory)
         for name, graph in graphs.items():
             (folder / f"{name}.onnx").write_bytes(graph)
         torch.save(inputs[: max(batches)].clone(), folder / "inputs.pt")
-        settings = ["--seed", str(seed), "--threads", *map(str, threads), "--batches", *map(str, batches)]
-        command = [sys.executable, __file__, "--time-graphs", directory, *settings]
+        settings = {"seed": seed, "threads": list(threads), "repeats": repeats, "warmup": warmup, "rounds": rounds}
+        (folder / "settings.json").write_text(json.dumps(settings))
+        command = [sys.executable, __file__, "--time-graphs", directory]
         done = subprocess.run(command, capture_output=True, text=True, timeout=3600, check=True)
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def _time_graphs(folder: Path, seed: int, threads: Sequence[int], batches: Sequence[int]) -> dict[str, float]:
+def _time_graphs(folder: Path) -> dict[str, float]:
+    settings = json.loads((folder / "settings.json").read_text())
     inputs = torch.load(folder / "inputs.pt")
     graphs = {path.stem: path.read_bytes() for path in sorted(folder.glob("*.onnx"))}
     result = {}
-    for count in threads:
+    for count in settings["threads"]:
         runtimes = {name: OnnxRuntimeModel(graph, num_threads=count) for name, graph in graphs.items()}
-        for batch in batches:
+        for batch, repeats in settings["repeats"].items():
             timed = measure_latencies(
-                {name: (runtime, inputs[:batch]) for name, runtime in runtimes.items()},
-                warmup=5,
-                repeats=100 if batch == 1 else 8,
-                rounds=15 if batch == 1 else 8,
-                seed=seed,
+                {name: (runtime, inputs[: int(batch)]) for name, runtime in runtimes.items()},
+                warmup=settings["warmup"],
+                repeats=repeats,
+                rounds=min(settings["rounds"], repeats),
+                seed=settings["seed"],
             )
             result |= {f"{name}_latency_t{count}_b{batch}_ms": latency.median_ms for name, latency in timed.items()}
     return result
@@ -163,8 +172,4 @@ def _time_graphs(folder: Path, seed: int, threads: Sequence[int], batches: Seque
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="time the ONNX graphs of a folder (time_graphs_in_fresh_process)")
     parser.add_argument("--time-graphs", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    arguments = parser.parse_args()
-    print(json.dumps(_time_graphs(arguments.time_graphs, arguments.seed, arguments.threads, arguments.batches)))
+    print(json.dumps(_time_graphs(parser.parse_args().time_graphs)))

@@ -24,23 +24,25 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import lightning as L
 import torch
-from common import StepTimer, cpu_description, cpu_trainer, ort_quantize_static, write_results
+from common import (
+    StepTimer,
+    cpu_description,
+    cpu_trainer,
+    ort_quantize_static,
+    time_graphs_in_fresh_process,
+    write_results,
+)
 
 from lightning_compress import (
     ClassificationModule,
     PostTrainingQuantization,
     QuantizationAwareTraining,
 )
-from lightning_compress.analysis import evaluate_accuracy, measure_latencies
+from lightning_compress.analysis import evaluate_accuracy
 from lightning_compress.data import FashionMNISTDataModule
 from lightning_compress.deploy import OnnxRuntimeModel, onnx_bytes
 from lightning_compress.models import SmallCNN
@@ -79,39 +81,15 @@ def train(
 
 
 def ort_latencies(graphs: dict[str, bytes], seed: int) -> dict[str, float]:
-    """``<model>_latency_t<threads>_b<batch>_ms`` of each graph, timed in a fresh process (see :func:`time_graphs`).
+    """``<model>_latency_t<threads>_b<batch>_ms`` of each graph, timed together in a fresh process.
 
     In the process that trained them, the int8 models measured 2-11% apart at batch 256 (three seeds)
     while ONNX Runtime's profiler gave their kernels the same times; a fresh process, as a server
     loads its model, times the same graphs alike.
     """
-    with tempfile.TemporaryDirectory() as directory:
-        for name, graph in graphs.items():
-            (Path(directory) / f"{name}.onnx").write_bytes(graph)
-        command = [sys.executable, __file__, "--time-graphs", directory, "--seeds", str(seed)]
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def time_graphs(directory: Path, seed: int) -> dict[str, float]:
-    """Time the graphs ``<name>.onnx`` of ``directory`` (the names of :data:`TIMED`) together: at each thread
-    count and batch size, in 30 interleaved rounds of a new random order each."""
-    graphs = {name: (directory / f"{name}.onnx").read_bytes() for name in TIMED}
-    result = {}
-    for threads in THREADS:
-        runtimes = {name: OnnxRuntimeModel(graph, num_threads=threads) for name, graph in graphs.items()}
-        for batch in BATCHES:
-            inputs = torch.randn((batch, *INPUT_SHAPE), generator=torch.Generator().manual_seed(batch))
-            repeats = 600 if batch == 1 else 90
-            timed = measure_latencies(
-                {name: (runtime, inputs) for name, runtime in runtimes.items()},
-                warmup=20,
-                repeats=repeats,
-                rounds=30,
-                seed=seed,
-            )
-            result |= {f"{name}_latency_t{threads}_b{batch}_ms": latency.median_ms for name, latency in timed.items()}
-    return result
+    inputs = torch.randn((max(BATCHES), *INPUT_SHAPE), generator=torch.Generator().manual_seed(0))
+    repeats = {batch: 600 if batch == 1 else 90 for batch in BATCHES}
+    return time_graphs_in_fresh_process(graphs, inputs, seed, THREADS, BATCHES, repeats=repeats, warmup=20, rounds=30)
 
 
 def run_seed(seed: int, epochs: int, data_root: str, limit_batches: int | None = None) -> dict:
@@ -271,13 +249,7 @@ def main() -> None:
     parser.add_argument(
         "--limit-batches", type=int, default=None, help="training batches per epoch (a quick check of the script)"
     )
-    parser.add_argument(
-        "--time-graphs", type=Path, default=None, help=argparse.SUPPRESS
-    )  # the timing process of ort_latencies
     args = parser.parse_args()
-    if args.time_graphs is not None:
-        print(json.dumps(time_graphs(args.time_graphs, args.seeds[0])))
-        return
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: one float epoch, then fake quantization")
     torch.set_num_threads(2)

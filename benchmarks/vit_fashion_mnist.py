@@ -37,8 +37,6 @@ import copy
 import json
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -46,11 +44,11 @@ from pathlib import Path
 import lightning as L
 import onnxruntime
 import torch
-from common import cpu_description, cpu_trainer, ort_quantize_static, write_results
+from common import cpu_description, cpu_trainer, ort_quantize_static, time_graphs_in_fresh_process, write_results
 
 import lightning_compress.deploy.qdq  # noqa: F401  (imported once, now: every seed exports with the same code)
 from lightning_compress import ClassificationModule, Pruning, QuantizationAwareTraining
-from lightning_compress.analysis import count_parameters, measure_latencies
+from lightning_compress.analysis import count_parameters
 from lightning_compress.data import FashionMNISTDataModule
 from lightning_compress.deploy import OnnxRuntimeModel, onnx_bytes
 from lightning_compress.models.vit import vision_transformer
@@ -148,36 +146,13 @@ def train_all(
 
 
 def ort_latencies(graphs: dict[str, bytes], seed: int, quick: bool) -> dict[str, float]:
-    """``<model>_latency_t<threads>_b<batch>_ms`` of each graph, timed in a fresh process (see :func:`time_graphs`)."""
-    with tempfile.TemporaryDirectory() as directory:
-        for name, graph in graphs.items():
-            (Path(directory) / f"{name}.onnx").write_bytes(graph)
-        command = [sys.executable, __file__, "--time-graphs", directory, "--seeds", str(seed)]
-        completed = subprocess.run(
-            command + (["--quick"] if quick else []), capture_output=True, text=True, timeout=1800, check=True
-        )
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
-def time_graphs(directory: Path, seed: int, quick: bool) -> dict[str, float]:
-    """Time the graphs ``<name>.onnx`` of ``directory`` (the names of :data:`TIMED`) together: at each thread
-    count and batch size, in 30 interleaved rounds of a new random order each."""
-    graphs = {name: (directory / f"{name}.onnx").read_bytes() for name in TIMED}
-    result = {}
-    for threads in THREADS:
-        runtimes = {name: OnnxRuntimeModel(graph, num_threads=threads) for name, graph in graphs.items()}
-        for batch in BATCHES:
-            inputs = torch.randn((batch, *INPUT_SHAPE), generator=torch.Generator().manual_seed(batch))
-            repeats = (300 if batch == 1 else 30) // (10 if quick else 1)
-            timed = measure_latencies(
-                {name: (runtime, inputs) for name, runtime in runtimes.items()},
-                warmup=3 if quick else 20,
-                repeats=repeats,
-                rounds=min(30, repeats),
-                seed=seed,
-            )
-            result |= {f"{name}_latency_t{threads}_b{batch}_ms": latency.median_ms for name, latency in timed.items()}
-    return result
+    """``<model>_latency_t<threads>_b<batch>_ms`` of each graph, timed together in a fresh process (a tenth of the
+    repeats with ``quick``)."""
+    inputs = torch.randn((max(BATCHES), *INPUT_SHAPE), generator=torch.Generator().manual_seed(0))
+    repeats = {batch: (300 if batch == 1 else 30) // (10 if quick else 1) for batch in BATCHES}
+    return time_graphs_in_fresh_process(
+        graphs, inputs, seed, THREADS, BATCHES, repeats=repeats, warmup=3 if quick else 20, rounds=30
+    )
 
 
 def architecture(model: torch.nn.Module) -> dict[str, list[int]]:
@@ -353,12 +328,8 @@ def main() -> None:
         action="store_true",
         help="a check of the script: 20 batches an epoch, 2 epochs, seed 0, short timing, results printed, not written",
     )
-    parser.add_argument("--time-graphs", type=Path, default=None, help=argparse.SUPPRESS)  # the timing process
     args = parser.parse_args()
     onnxruntime.set_default_logger_severity(3)  # our int8 files' overridable scales warn at every session
-    if args.time_graphs is not None:
-        print(json.dumps(time_graphs(args.time_graphs, args.seeds[0], args.quick)))
-        return
     if args.quick:
         args.epochs, args.seeds, args.limit_batches = 2, [0], args.limit_batches or 20
     torch.set_num_threads(TRAIN_THREADS)
