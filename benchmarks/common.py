@@ -19,6 +19,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from lightning_compress.analysis import measure_latencies
+from lightning_compress.data import FashionMNISTDataModule
 from lightning_compress.deploy import OnnxRuntimeModel
 
 RESULTS = Path(__file__).parent / "results"
@@ -91,6 +92,19 @@ def write_results(name: str, settings: dict, results: dict, markdown: str) -> No
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def fashion_mnist(
+    seed: int, batch_size: int, calibration_batches: int, data_root: str
+) -> tuple[FashionMNISTDataModule, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Real Fashion-MNIST split by ``seed``: the data module, the first ``calibration_batches`` training
+    batches' inputs, and the test images and labels."""
+    datamodule = FashionMNISTDataModule(root=data_root, batch_size=batch_size, seed=seed)
+    datamodule.setup("fit")
+    calibration = [batch[0] for _, batch in zip(range(calibration_batches), datamodule.train_dataloader())]
+    datamodule.setup("test")
+    test = list(datamodule.test_dataloader())
+    return datamodule, calibration, torch.cat([x for x, _ in test]), torch.cat([y for _, y in test])
 
 
 class Batches(CalibrationDataReader):

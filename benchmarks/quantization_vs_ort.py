@@ -32,6 +32,7 @@ from common import (
     StepTimer,
     cpu_description,
     cpu_trainer,
+    fashion_mnist,
     ort_quantize_static,
     time_graphs_in_fresh_process,
     write_results,
@@ -93,13 +94,8 @@ def ort_latencies(graphs: dict[str, bytes], seed: int) -> dict[str, float]:
 
 
 def run_seed(seed: int, epochs: int, data_root: str, limit_batches: int | None = None) -> dict:
-    datamodule = FashionMNISTDataModule(root=data_root, batch_size=128, seed=seed)
-    datamodule.setup("fit")
-    calibration = [batch[0] for _, batch in zip(range(CALIBRATION_BATCHES), datamodule.train_dataloader())]
-    datamodule.setup("test")
-    test = list(datamodule.test_dataloader())
-    test_inputs = torch.cat([inputs for inputs, _ in test])
-    test_targets = torch.cat([targets for _, targets in test])
+    datamodule, calibration, test_inputs, test_targets = fashion_mnist(seed, 128, CALIBRATION_BATCHES, data_root)
+    test = list(zip(test_inputs.split(500), test_targets.split(500)))
 
     def ort_accuracy(graph: bytes) -> tuple[float, torch.Tensor]:
         predictions = OnnxRuntimeModel(graph, num_threads=2)(test_inputs).argmax(1)

@@ -44,7 +44,14 @@ from pathlib import Path
 import lightning as L
 import onnxruntime
 import torch
-from common import cpu_description, cpu_trainer, ort_quantize_static, time_graphs_in_fresh_process, write_results
+from common import (
+    cpu_description,
+    cpu_trainer,
+    fashion_mnist,
+    ort_quantize_static,
+    time_graphs_in_fresh_process,
+    write_results,
+)
 
 import lightning_compress.deploy.qdq  # noqa: F401  (imported once, now: every seed exports with the same code)
 from lightning_compress import ClassificationModule, Pruning, QuantizationAwareTraining
@@ -165,13 +172,7 @@ def architecture(model: torch.nn.Module) -> dict[str, list[int]]:
 
 
 def run_seed(seed: int, epochs: int, data_root: str, limit_batches: int | None, quick: bool) -> dict:
-    datamodule = FashionMNISTDataModule(root=data_root, batch_size=BATCH_SIZE, seed=seed)
-    datamodule.setup("fit")
-    calibration = [batch[0] for _, batch in zip(range(CALIBRATION_BATCHES), datamodule.train_dataloader())]
-    datamodule.setup("test")
-    test = list(datamodule.test_dataloader())
-    test_inputs = torch.cat([inputs for inputs, _ in test])
-    test_targets = torch.cat([targets for _, targets in test])
+    datamodule, calibration, test_inputs, test_targets = fashion_mnist(seed, BATCH_SIZE, CALIBRATION_BATCHES, data_root)
 
     trained, seconds = train_all(seed, epochs, datamodule, limit_batches)
     result: dict = {"seed": seed, **{f"{method}_fit_s": value for method, value in seconds.items()}}
