@@ -73,8 +73,8 @@ class AttentionHeadGroups:
         >>> layers = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
         >>> heads = AttentionHeadGroups(layer, torch.randn(1, 3, 8), layers)
         >>> heads.units
-        {'self_attn.q_proj': 2}
-        >>> heads.remove({"self_attn.q_proj": torch.tensor([False, True])})
+        {'self_attn.v_proj': 2}
+        >>> heads.remove({"self_attn.v_proj": torch.tensor([False, True])})
         >>> layer.self_attn.num_heads, layer.self_attn.q_proj.out_features, layer.self_attn.out_proj.in_features
         (1, 4, 4)
     """
