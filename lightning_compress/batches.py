@@ -19,6 +19,9 @@ Batch = Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 ModelInputs = torch.Tensor | dict[str, torch.Tensor]
 #: The key of a dict batch's targets, which the model is not given.
 LABELS = "labels"
+#: The target of a sample without a label (Hugging Face's and ``F.cross_entropy``'s ``ignore_index``): the
+#: task loss and accuracy leave it out, distillation learns it from the teacher alone.
+UNLABELED = -100
 
 
 def batch_inputs(batch: Any) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_compress import ClassificationModule, DistillationModule, Pruning, QuantizationAwareTraining
+from lightning_compress.batches import UNLABELED
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.distillation import attention_loss, dkd_loss, kd_loss
 from lightning_compress.models import SmallCNN
@@ -240,3 +241,27 @@ def test_cached_teacher_outputs_train_the_same_student_without_the_teacher_after
             cache_teacher=True,
             hints=[("features.4", "features.4")],
         )
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # training_step called without a Trainer
+@pytest.mark.parametrize("logit_loss", ["kd", "dkd"])
+def test_unlabeled_samples_are_learnt_from_the_teacher_alone(logit_loss: str) -> None:
+    module = DistillationModule(student_net().eval(), teacher_net(), num_classes=10, logit_loss=logit_loss)
+    torch.manual_seed(0)
+    images, labels = torch.randn(6, *INPUT), torch.tensor([3, 1, 4, 1, 5, 9])
+    targets = torch.tensor([UNLABELED, 1, UNLABELED, 1, 5, UNLABELED])
+    student, teacher = module(images), module.teacher(images)
+    distill = module.distillation_loss(student, teacher, (images, targets))
+    teacher_targets = torch.where(targets == UNLABELED, teacher.argmax(dim=-1), targets)
+    torch.testing.assert_close(distill, module.distillation_loss(student, teacher, (images, teacher_targets)))
+    # KD never reads the targets; DKD reads the unlabeled samples' from the teacher, not the true labels.
+    assert (distill == module.distillation_loss(student, teacher, (images, labels))) == (logit_loss == "kd")
+
+    labelled = targets != UNLABELED
+    expected = 0.5 * F.cross_entropy(student[labelled], targets[labelled]) + 0.5 * distill
+    torch.testing.assert_close(module.training_step((images, targets), 0), expected)
+    correct = (student[labelled].argmax(dim=-1) == targets[labelled]).float().mean()
+    assert module.train_accuracy.compute() == correct  # the accuracy of the three labelled samples
+    nothing_labelled = torch.full_like(labels, UNLABELED)
+    loss = module.training_step((images, nothing_labelled), 0)
+    torch.testing.assert_close(loss, 0.5 * module.distillation_loss(student, teacher, (images, nothing_labelled)))

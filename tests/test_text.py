@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_compress import ClassificationModule, CompressionReport
 from lightning_compress.analysis import profile_model
+from lightning_compress.batches import UNLABELED
 from lightning_compress.data.wordnet import (
     SUPERSENSES,
     WordNetSupersensesDataModule,
@@ -64,6 +65,28 @@ def test_missing_wordnet_names_the_package_and_bad_fractions_fail_at_once(tokeni
         WordNetSupersensesDataModule(tokenizer, str(SAMPLE), val_fraction=0.6, test_fraction=0.5)
     with pytest.raises(ValueError, match="max_length must be at least 2"):
         WordNetSupersensesDataModule(tokenizer, str(SAMPLE), max_length=1)
+
+
+def test_unlabeled_glosses_come_from_the_rest_of_the_training_split(tokenizer) -> None:
+    def training_split(**options) -> tuple[torch.Tensor, torch.Tensor]:
+        datamodule = WordNetSupersensesDataModule(tokenizer, str(SAMPLE), max_length=16, **options)
+        datamodule.setup()
+        return datamodule.splits["train"].tensors
+
+    every_id, every_label = training_split()
+    ids, labels = training_split(train_samples=40, unlabeled_samples=50)
+    assert torch.equal(ids[:40], training_split(train_samples=40)[0])  # the same labelled subset as without
+    assert (labels[:40] >= 0).all() and (labels[40:] == UNLABELED).all() and len(labels) == 90
+    rows = {tuple(row): label for row, label in zip(every_id.tolist(), every_label.tolist(), strict=True)}
+    assert len({tuple(row) for row in ids.tolist()}) == 90  # no gloss twice
+    assert all(rows[tuple(row)] == label for row, label in zip(ids[:40].tolist(), labels[:40].tolist(), strict=True))
+    assert all(tuple(row) in rows for row in ids[40:].tolist())  # from the training split, not val or test
+    with pytest.raises(
+        ValueError, match=f"ask for {len(every_id) + 1} glosses; the training split has {len(every_id)}"
+    ):
+        training_split(train_samples=40, unlabeled_samples=len(every_id) - 39)
+    with pytest.raises(ValueError, match="unlabeled_samples=10: .* needs train_samples"):
+        WordNetSupersensesDataModule(tokenizer, str(SAMPLE), unlabeled_samples=10)
 
 
 def test_padding_changes_nothing_and_floats_are_refused() -> None:

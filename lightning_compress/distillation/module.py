@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lightning_compress.batches import (
+    UNLABELED,
     Batch,
     ModelInputs,
     batch_targets,
@@ -35,6 +35,7 @@ from lightning_compress.models.classifier import (
     OptimizerFactory,
     SchedulerFactory,
     example_input,
+    labelled_cross_entropy,
 )
 
 LOGIT_LOSSES = ("kd", "dkd")
@@ -52,7 +53,10 @@ class DistillationModule(ClassificationModule):
     ``temperature``, times T²) or decoupled KD (``"dkd"``); subclasses override it to change the
     distance, and may override ``training_step`` / ``configure_optimizers`` as in any LightningModule.
     Batches are ``(inputs, targets)`` or dicts in Hugging Face's convention (``input_ids``,
-    ``attention_mask``, ``labels``), as for :class:`ClassificationModule`.
+    ``attention_mask``, ``labels``), as for :class:`ClassificationModule`. Samples whose target is
+    :data:`~lightning_compress.batches.UNLABELED` (-100) are left out of the cross-entropy and learnt from the
+    teacher alone (DKD takes the teacher's top class as their target): unlabeled data of the task's domain,
+    Hinton et al.'s transfer set, is where a teacher has the most to teach.
 
     The teacher is never trained and never saved: it is held outside the module tree, so it is in no
     ``state_dict``, no optimizer, no ``modules()`` walk (``Pruning`` and ``QuantizationAwareTraining``
@@ -206,6 +210,7 @@ class DistillationModule(ClassificationModule):
         """The distance between student and teacher outputs, weighted by ``kd_weight`` in the total loss."""
         if self.logit_loss == "dkd":
             targets = batch_targets(batch)
+            targets = torch.where(targets == UNLABELED, teacher_output.argmax(dim=-1), targets)
             return dkd_loss(student_output, teacher_output, targets, self.temperature, self.dkd_alpha, self.dkd_beta)
         return kd_loss(student_output, teacher_output, self.temperature)
 
@@ -243,7 +248,7 @@ class DistillationModule(ClassificationModule):
         if not self._outputs_checked:
             _check_same_shape(student_output, teacher_output)
             self._outputs_checked = True
-        task = F.cross_entropy(student_output, targets, label_smoothing=self.label_smoothing)
+        task = labelled_cross_entropy(student_output, targets, self.label_smoothing)
         distill = self.distillation_loss(student_output, teacher_output, batch)
         loss = self.ce_weight * task + self.kd_weight * distill + self._feature_loss() + self._layer_loss()
         self.train_accuracy(student_output, targets)

@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import Self
 
-from lightning_compress.batches import Batch, batch_targets, call_model, model_inputs
+from lightning_compress.batches import UNLABELED, Batch, batch_targets, call_model, model_inputs
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -29,7 +29,9 @@ class ClassificationModule(L.LightningModule):
     called with the parameters and the optimizer in :meth:`configure_optimizers`. ``input_shape`` and
     ``input_dtype`` (``"int64"`` for token ids) make the ``example_input_array`` that export and the
     report use. A batch is ``(inputs, targets)`` or a dict in Hugging Face's convention (``input_ids``,
-    ``attention_mask``, ``labels``), whose tensors but ``labels`` are the model's keyword arguments. Logged metrics:
+    ``attention_mask``, ``labels``), whose tensors but ``labels`` are the model's keyword arguments; a target of
+    :data:`~lightning_compress.batches.UNLABELED` (-100) marks a sample without a label, which the loss and
+    accuracy leave out (:class:`~lightning_compress.DistillationModule` learns it from the teacher). Logged metrics:
     ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
     The checkpoint stores the wrapped model's weights under ``model.``; load it back with
     ``ClassificationModule.load_from_checkpoint(path, model=SmallCNN(...))``, which reads it with
@@ -69,9 +71,9 @@ class ClassificationModule(L.LightningModule):
         self.label_smoothing = label_smoothing
         if input_shape is not None:
             self.example_input_array = example_input(input_shape, dtype)
-        self.train_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.test_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.train_accuracy, self.val_accuracy, self.test_accuracy = (
+            MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=UNLABELED) for _ in range(3)
+        )
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]
@@ -94,7 +96,7 @@ class ClassificationModule(L.LightningModule):
 
     def _step(self, batch: Batch, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
         logits, targets = call_model(self, model_inputs(batch)), batch_targets(batch)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        loss = labelled_cross_entropy(logits, targets, self.label_smoothing)
         accuracy(logits, targets)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
@@ -118,6 +120,23 @@ class ClassificationModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"},
         }
+
+
+def labelled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the samples with a label (a target other than
+    :data:`~lightning_compress.batches.UNLABELED`); 0 for a batch without any, where ``F.cross_entropy`` gives NaN.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+        >>> round(labelled_cross_entropy(logits, torch.tensor([0, UNLABELED])).item(), 4)
+        0.1269
+        >>> labelled_cross_entropy(logits, torch.tensor([UNLABELED, UNLABELED])).item()
+        0.0
+    """
+    labelled = targets != UNLABELED
+    if not labelled.any():
+        return logits.sum() * 0.0  # keeps the graph, so every parameter still gets a (zero) gradient
+    return F.cross_entropy(logits[labelled], targets[labelled], label_smoothing=label_smoothing)
 
 
 def example_input(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
