@@ -63,6 +63,26 @@ def test_every_linear_layer_of_a_bert_is_integer_in_onnx_and_runs_in_integer_ker
     assert optimized["MatMulIntegerToFloat"] == TINY_BERT_LINEAR_LAYERS - 1 and optimized["QGemm"] == 1
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_residual_sums_before_layer_norms_stay_unfused_in_onnx_runtime(tmp_path, quantized) -> None:
+    model = text_module().model.eval()
+    ids = torch.randint(1, 900, (4, 16), generator=torch.Generator().manual_seed(0))
+    if quantized:
+        quantize_model(model, QuantConfig(activation_symmetric=False))
+        calibrate(model, [ids])
+    graph = onnx.load_from_string(onnx_bytes(model.eval(), ids[:1]))
+    producers = {output: node for node in graph.graph.node for output in node.output}
+    norms = [node for node in graph.graph.node if node.op_type == "LayerNormalization"]
+    # two norms a layer, after attention and after the MLP, each after its residual sum; the embeddings' norm
+    # follows the token embeddings plus a constant (the exporter folds the position embeddings), left an Add
+    assert [producers[norm.input[0]].op_type for norm in norms] == ["Add"] + ["Sum"] * 2 * 2
+    outputs, optimized = run_and_optimize(graph.SerializeToString(), ids, tmp_path / "optimized.onnx")
+    assert optimized["SkipLayerNormalization"] == 0 and optimized["LayerNormalization"] == len(norms)
+    with torch.no_grad():
+        expected = model(ids).numpy()
+    np.testing.assert_allclose(outputs, expected, atol=1e-5 if not quantized else 0.05)
+
+
 def test_a_linear_layer_on_tokens_keeps_its_bias_on_the_accumulator_grid(tmp_path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
