@@ -416,18 +416,24 @@ def _integer_input(
     kept in ``made``), before the tensor's first reader, and shared by every layer that reads it there."""
     key = (tensor, layer.input_scale, layer.input_zero_point, layer.input_range)
     if key not in made:
-        grid = _activation_grid(editor, layer, tensor)
+        grid = _activation_grid(editor, layer, tensor, unsigned=True)
         nodes = _quantizer(editor, tensor, grid, _clip_range(layer))
         editor.before[users[tensor][0].output[0]] += nodes
         made[key] = _IntegerInput(nodes[-1].output[0], grid)
     return made[key]
 
 
-def _activation_grid(editor: GraphEditor, layer: IntegerLayer, tensor: str) -> _ActivationGrid:
-    storage = _storage_type(layer.input_range)
+def _activation_grid(editor: GraphEditor, layer: IntegerLayer, tensor: str, unsigned: bool = False) -> _ActivationGrid:
+    """The initializers of ``layer``'s input grid for ``tensor``. With ``unsigned``, a signed grid is stored as uint8
+    with its zero point 128 higher: the same grid, every integer shifted by 128, so an integer matrix product
+    of it and int8 weights runs in the u8 x s8 kernels of x86 CPUs (VNNI's; ONNX Runtime's s8 x s8 product is
+    three times slower than float at a ViT's width 64)."""
+    storage, zero_point = _storage_type(layer.input_range), layer.input_zero_point
+    if unsigned and storage is np.int8:
+        storage, zero_point = np.uint8, zero_point + 128
     return _ActivationGrid(
         scale=editor.constant(f"{tensor}_scale", np.array(layer.input_scale, dtype=np.float32)),
-        zero_point=editor.constant(f"{tensor}_zero_point", np.array(layer.input_zero_point, dtype=storage)),
+        zero_point=editor.constant(f"{tensor}_zero_point", np.array(zero_point, dtype=storage)),
     )
 
 
