@@ -7,7 +7,7 @@ import sys
 import onnx
 import pytest
 import torch
-from commands import QUICK_REPORT, run_command
+from commands import EAGER_QUICK_REPORT, run_command
 from hydra.utils import instantiate
 from onnx import numpy_helper
 
@@ -21,8 +21,7 @@ def test_default_app_runs_with_fast_dev_run_and_writes_the_report(compose_config
     cfg = compose_config(
         "trainer.fast_dev_run=true",
         f"output_dir={tmp_path}",
-        *QUICK_REPORT,
-        "callbacks.compression_report.latency_runtime=torch",
+        *EAGER_QUICK_REPORT,
     )
     report = train(cfg)
     assert [entry.name for entry in report.entries] == [
@@ -56,8 +55,9 @@ def test_without_compression_the_app_reports_before_and_after_one_fit(compose_co
         "~compression/pruning",
         "~compression/quantization",
         "trainer.fast_dev_run=true",
+        "export=null",
         f"output_dir={tmp_path}",
-        "callbacks.compression_report.latency_repeats=2",
+        *EAGER_QUICK_REPORT,
     )
     report = train(cfg)
     assert [entry.name for entry in report.entries] == ["before", "after"]
@@ -66,7 +66,12 @@ def test_without_compression_the_app_reports_before_and_after_one_fit(compose_co
 
 def test_default_pruning_recipe_reaches_its_sparsity(compose_config, tmp_path) -> None:
     cfg = compose_config(
-        "trainer.max_epochs=3", "~compression/quantization", "runs=[each]", f"output_dir={tmp_path}", *QUICK_REPORT
+        "trainer.max_epochs=3",
+        "~compression/quantization",
+        "runs=[each]",
+        "export=null",
+        f"output_dir={tmp_path}",
+        *EAGER_QUICK_REPORT,
     )
     before, pruned = train(cfg).entries  # without a dense run, the untrained model is the reference
     assert (before.name, pruned.name) == ("before", "pruning")
@@ -91,7 +96,7 @@ def test_channel_recipe_shrinks_the_model(compose_config, tmp_path) -> None:
         "runs=[each]",
         "trainer.max_epochs=3",
         f"output_dir={tmp_path}",
-        *QUICK_REPORT,
+        *EAGER_QUICK_REPORT,  # the shrunk model's one ONNX export: its model.onnx
     )
     dense, pruned = train(cfg).entries  # the untrained dense model ("before") is the reference
     assert pruned.name == "pruning"
@@ -134,7 +139,7 @@ def test_distillation_trains_the_teacher_then_the_student_in_one_command(compose
         "data.train_samples=640",
         "teacher_run={trainer: {max_epochs: 3}, data: {train_samples: null}}",  # longer, on all 1,294 training images
         f"output_dir={tmp_path}",
-        *QUICK_REPORT,
+        *EAGER_QUICK_REPORT,  # each run's one ONNX export: its model.onnx
     )
     dense, teacher, distilled = train(cfg).entries
     assert [dense.name, teacher.name, distilled.name] == ["dense", "teacher", "distillation"]
@@ -175,8 +180,9 @@ def test_a_resumed_run_continues_from_its_last_checkpoint(compose_config, tmp_pa
     common = [
         "~compression/pruning",
         "~compression/quantization",
+        "export=null",
         f"output_dir={tmp_path}",
-        *QUICK_REPORT,
+        *EAGER_QUICK_REPORT,
         "test=false",
     ]
     first = train(compose_config("trainer.max_epochs=1", *common))
@@ -197,7 +203,7 @@ def test_console_script_prints_the_report(tmp_path) -> None:
         "lightning-compress",
         "trainer.fast_dev_run=true",
         "runs=[combined]",  # one run of the default recipes (the default runs are tested in-process above)
-        "callbacks.compression_report.latency_repeats=2",
+        *EAGER_QUICK_REPORT,  # the run's model.onnx is the one ONNX export
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )
@@ -226,8 +232,7 @@ def test_ddp_distills_without_find_unused_parameters(tmp_path) -> None:
         "~compression/quantization",
         "runs=[combined]",  # the teacher, then the student distilled
         "export=null",
-        *QUICK_REPORT,
-        "callbacks.compression_report.latency_runtime=torch",
+        *EAGER_QUICK_REPORT,
         f"hydra.run.dir={tmp_path / 'run'}",
         cwd=tmp_path,
     )
@@ -239,7 +244,7 @@ def test_ddp_distills_without_find_unused_parameters(tmp_path) -> None:
 
 def test_runs_choose_the_runs_of_a_job_and_bad_names_fail_before_training(compose_config, tmp_path) -> None:
     cfg = compose_config(
-        "runs=[combined]", "trainer.fast_dev_run=true", "export=null", f"output_dir={tmp_path}", *QUICK_REPORT
+        "runs=[combined]", "trainer.fast_dev_run=true", "export=null", f"output_dir={tmp_path}", *EAGER_QUICK_REPORT
     )
     before, combined = train(cfg).entries
     assert (before.name, combined.name) == (
@@ -259,7 +264,11 @@ def test_runs_choose_the_runs_of_a_job_and_bad_names_fail_before_training(compos
 
 def test_export_compressed_writes_the_file_the_report_measured_and_it_loads(compose_config, tmp_path) -> None:
     cfg = compose_config(
-        "runs=[combined]", "trainer.fast_dev_run=true", "export=compressed", f"output_dir={tmp_path}", *QUICK_REPORT
+        "runs=[combined]",
+        "trainer.fast_dev_run=true",
+        "export=compressed",
+        f"output_dir={tmp_path}",
+        *EAGER_QUICK_REPORT,
     )
     _, combined = train(cfg).entries
     path = tmp_path / "pruning+quantization" / "model.lcz"
