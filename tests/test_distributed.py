@@ -66,17 +66,28 @@ def test_a_launched_rank_is_killed_when_its_launcher_dies() -> None:
 
 @linux_only
 def test_a_launched_rank_whose_launcher_died_before_it_started_goes_at_once() -> None:
-    env = {**os.environ, "LOCAL_RANK": "1"}
     with subprocess.Popen([sys.executable, "-c", "pass"]) as gone:
         gone.wait(timeout=60)
-    orphaned = subprocess.run(
-        [sys.executable, "-c", RANK], env={**env, LAUNCHER_PID: str(gone.pid)}, capture_output=True, timeout=120
-    )
-    assert orphaned.returncode == -signal.SIGKILL and orphaned.stdout == b""
-    launched = subprocess.run(  # the same rank, whose launcher (this process) lives
-        [sys.executable, "-c", RANK], env={**env, LAUNCHER_PID: str(os.getpid())}, capture_output=True, timeout=120
-    )
-    assert launched.returncode == 0 and launched.stdout == b"ready\n"
+    # the rank whose launcher is gone, and the same rank whose launcher (this process) lives, side by side:
+    # each spends its seconds importing the library
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK],
+            env={**os.environ, "LOCAL_RANK": "1", LAUNCHER_PID: str(launcher)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for launcher in (gone.pid, os.getpid())
+    ]
+    try:
+        (orphaned_stdout, _), (launched_stdout, _) = (rank.communicate(timeout=120) for rank in ranks)
+    finally:
+        for rank in ranks:  # neither is left running on a timeout
+            rank.kill()
+            rank.wait()
+    orphaned, launched = ranks
+    assert orphaned.returncode == -signal.SIGKILL and orphaned_stdout == b""
+    assert launched.returncode == 0 and launched_stdout == b"ready\n"
 
 
 @pytest.fixture
