@@ -78,13 +78,18 @@ def call_model(model: torch.nn.Module, inputs: ModelInputs) -> Any:
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
-def placed_like(inputs: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``inputs`` on ``device``, floats in ``dtype`` (a model's), integers such as token ids as they are.
+def placed_like(inputs: ModelInputs, device: torch.device, dtype: torch.dtype) -> ModelInputs:
+    """``inputs`` (a tensor, or tensors by keyword) on ``device``, floats in ``dtype`` (a model's), integers such as
+    token ids as they are.
 
     Example:
         >>> placed_like(torch.tensor([[3, 1]]), torch.device("cpu"), torch.float16).dtype
         torch.int64
+        >>> placed_like({"input_ids": torch.tensor([[3, 1]])}, torch.device("cpu"), torch.float16)["input_ids"].dtype
+        torch.int64
     """
+    if isinstance(inputs, Mapping):
+        return {key: placed_like(value, device, dtype) for key, value in inputs.items()}
     return inputs.to(device=device, dtype=dtype if inputs.is_floating_point() else inputs.dtype)
 
 

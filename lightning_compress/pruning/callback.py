@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_compress.arguments import check_argument, is_int
+from lightning_compress.arguments import check_argument, config_or_arguments, is_int
 from lightning_compress.batches import first_training_input
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.criteria import taylor_scores
@@ -108,7 +108,7 @@ class Pruning(L.Callback):
             rewind_epoch is None or is_int(rewind_epoch),
             "an int in [0, start_epoch) or None",
         )
-        self.config = _pruning_config(
+        self.config = config_or_arguments(
             config, PruningConfig(amount, criterion, granularity, scope, targets, exclude, threshold, seed)
         )
         if remove_channels and not self.config.structured:
@@ -329,21 +329,3 @@ class Pruning(L.Callback):
         self.pruned_epochs = list(state_dict["pruned_epochs"])
         self._rewind_weights = dict(state_dict["rewind_weights"])
         self._taylor = dict(state_dict["taylor"])
-
-
-def _pruning_config(config: PruningConfig | None, from_arguments: PruningConfig) -> PruningConfig:
-    """``config`` where given (then every what-to-prune argument must be left at its default), else the arguments'."""
-    if config is None:
-        return from_arguments
-    if not isinstance(config, PruningConfig):
-        raise ValueError(f"config must be a PruningConfig, got {type(config).__name__}")
-    given = [
-        field.name
-        for field in dataclasses.fields(PruningConfig)
-        if getattr(from_arguments, field.name) != field.default
-    ]
-    if given:
-        raise ValueError(
-            f"give what to prune as config=PruningConfig(...) or as arguments, not both: got config and {given}"
-        )
-    return config

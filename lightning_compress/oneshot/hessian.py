@@ -1,0 +1,74 @@
+"""What a linear layer's calibration inputs say about its weights: the mean outer product of its input rows
+(the Hessian of its squared output error, up to a factor of 2) and the damped inverse that SparseGPT and GPTQ
+update the remaining weights with."""
+
+from __future__ import annotations
+
+import torch
+
+
+class InputGram:
+    """The running mean ``XᵀX / n`` of the outer products of the ``n`` input rows a linear layer has read.
+
+    Each row is one input vector (a token's, for a transformer): a batch ``(..., features)`` adds all its
+    leading positions as rows. Kept in float32 as a running mean, so it neither overflows nor depends on
+    how the rows were split into batches beyond rounding.
+
+    Example:
+        >>> gram = InputGram(2)
+        >>> gram.add(torch.tensor([[1.0, 0.0], [1.0, 2.0]]))
+        >>> gram.matrix.tolist(), gram.rows
+        ([[1.0, 1.0], [1.0, 2.0]], 2)
+        >>> gram.feature_norms().tolist()  # Wanda's ||X_j||: each feature's norm over the rows
+        [1.4142135381698608, 2.0]
+    """
+
+    def __init__(self, features: int, device: torch.device | str | None = None) -> None:
+        self.matrix = torch.zeros(features, features, device=device)
+        self.rows = 0
+
+    @torch.no_grad()
+    def add(self, inputs: torch.Tensor) -> None:
+        """Add every input row of ``inputs`` (``(..., features)``)."""
+        rows = inputs.reshape(-1, inputs.shape[-1]).float()
+        total = self.rows + rows.shape[0]
+        if rows.shape[0] == 0:
+            return
+        self.matrix.mul_(self.rows / total).addmm_(rows.T, rows, alpha=1.0 / total)
+        self.rows = total
+
+    def feature_norms(self) -> torch.Tensor:
+        """The L2 norm of each input feature over every row seen (``||X_j||_2``, Wanda's activation norms)."""
+        return (self.matrix.diagonal().clamp_min(0) * self.rows).sqrt()
+
+
+def inverse_hessian_factor(gram: torch.Tensor, damping: float, layer: str) -> torch.Tensor:
+    """The upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``UᵀU``), ``λ = damping · mean(diag H)``.
+
+    Row ``i`` of ``U`` from the diagonal on is what the optimal brain surgeon update needs when column ``i``
+    of the weights is rounded or pruned and columns ``i+1, ...`` are still free (Frantar & Alistarh,
+    SparseGPT and GPTQ). A feature that no calibration row ever used (a zero on the diagonal) gets a 1 there:
+    its weights move no other weight and no other weight moves them. Factorized in float64; ``layer``
+    names the layer in the error raised when the damped matrix is still singular.
+
+    Example:
+        >>> inverse_hessian_factor(torch.tensor([[4.0, 0.0], [0.0, 0.25]]), 0.0, "fc").diagonal().tolist()
+        [0.5, 2.0]
+    """
+    hessian = gram.double().clone()
+    diagonal = hessian.diagonal()
+    unused = diagonal == 0
+    if bool(unused.all()):
+        raise ValueError(f"every calibration input of {layer!r} was zero: its weights cannot be ranked or rounded")
+    diagonal[unused] = 1.0
+    diagonal += damping * diagonal.mean()
+    lower, info = torch.linalg.cholesky_ex(hessian)
+    if int(info) == 0:
+        inverse = torch.cholesky_inverse(lower)
+        upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    if int(info) != 0:
+        raise ValueError(
+            f"the Hessian of the inputs of {layer!r} is singular after damping={damping:g}: give a larger damping "
+            f"(e.g. {max(damping * 10, 0.01):g}) or more calibration batches"
+        )
+    return upper.float()
