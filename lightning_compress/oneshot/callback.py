@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_compress.arguments import check_argument, config_or_arguments, is_int
-from lightning_compress.oneshot.pruning import DAMPING, OneShotPruningConfig, one_shot_prune
+from lightning_compress.oneshot.pruning import DAMPING, OneShotPruningConfig, linear_pruner, one_shot_prune
 from lightning_compress.oneshot.sparsegpt import BLOCK_SIZE
 from lightning_compress.pruning.pruner import Pruner
 from lightning_compress.targets import TargetSpec
@@ -99,7 +99,7 @@ class OneShotPruning(L.Callback):
         return self.pruner
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        Pruner(pl_module, self.config.pruning, warn=lambda _: None)  # bad targets fail here, before any work
+        linear_pruner(pl_module, self.config, warn=lambda _: None)  # bad targets fail here, before any work
 
     def _prune(self, trainer: L.Trainer, pl_module: L.LightningModule, batches: Iterable[Any]) -> None:
         self.apply(
@@ -116,7 +116,7 @@ class OneShotPruning(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._restored_masks is not None:
-            self.pruner = Pruner(pl_module, self.config.pruning, warn=lambda _: None)
+            self.pruner = linear_pruner(pl_module, self.config, warn=lambda _: None)
             self.pruner.load_state_dict({"masks": self._restored_masks, "channel_keep": {}})
             self.pruner.apply()
             self._restored_masks = None

@@ -126,11 +126,8 @@ def one_shot_prune(
         >>> pruner.sparsity()["pruning/sparsity"], int((model[0].weight == 0).sum())
         (0.5, 64)
     """
-    pruner = Pruner(model, config.pruning, warn=warn)
+    pruner = linear_pruner(model, config, warn)
     layers = {name.removesuffix(".weight"): pruner.layers[name] for name in pruner.parameters}
-    not_linear = {name: type(layer).__name__ for name, layer in layers.items() if not isinstance(layer, nn.Linear)}
-    if not_linear:
-        raise ValueError(f"one-shot pruning prunes nn.Linear layers; the targets also name {not_linear}")
     masks: dict[str, torch.Tensor] = {}
 
     def prune_group(group: Mapping[str, nn.Linear], gram: InputGram | None) -> None:
@@ -156,6 +153,22 @@ def one_shot_prune(
             layer.weight.copy_(shared["weights"][name])
     pruner.load_state_dict({"masks": masks, "channel_keep": {}})
     pruner.apply()
+    return pruner
+
+
+def linear_pruner(model: nn.Module, config: OneShotPruningConfig, warn: Callable[[str], Any] = warnings.warn) -> Pruner:
+    """The :class:`Pruner` of the linear layers ``config`` targets in ``model``, no mask yet; a model without
+    a linear layer, or targets naming another kind of layer, raise ``ValueError``."""
+    if config.targets is None and not any(isinstance(module, nn.Linear) for module in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer, and one-shot pruning prunes linear layers")
+    pruner = Pruner(model, config.pruning, warn=warn)
+    not_linear = {
+        name.removesuffix(".weight"): type(layer).__name__
+        for name, layer in pruner.layers.items()
+        if not isinstance(layer, nn.Linear)
+    }
+    if not_linear:
+        raise ValueError(f"one-shot pruning prunes nn.Linear layers; the targets also name {not_linear}")
     return pruner
 
 
