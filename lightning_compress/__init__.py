@@ -6,7 +6,7 @@ from lightning_compress.clustering import WeightClustering
 from lightning_compress.deploy import compressed_bytes, export, half_precision, load_compressed, load_quantized
 from lightning_compress.distillation import DistillationModule
 from lightning_compress.models import ClassificationModule
-from lightning_compress.oneshot import OneShotPruning
+from lightning_compress.oneshot import OneShotPruning, OneShotQuantization
 from lightning_compress.pruning import Pruner, Pruning, PruningConfig, prune_
 from lightning_compress.quantization import (
     PostTrainingQuantization,
@@ -20,6 +20,7 @@ __all__ = [
     "DistillationModule",
     "FiniteCheck",
     "OneShotPruning",
+    "OneShotQuantization",
     "PostTrainingQuantization",
     "Pruner",
     "Pruning",

@@ -1,5 +1,6 @@
-"""The ``OneShotPruning`` callback: Wanda, SparseGPT or magnitude pruning from a few calibration batches, in
-``trainer.validate`` or a fit, with the pruned weights kept at zero while the fit trains on."""
+"""The one-shot callbacks: ``OneShotPruning`` (Wanda, SparseGPT or magnitude pruning from a few calibration
+batches, in ``trainer.validate`` or a fit, the pruned weights kept at zero while the fit trains on) and
+``OneShotQuantization`` (GPTQ or round-to-nearest weights, in ``trainer.validate`` or at the end of a fit)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,30 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_compress.arguments import check_argument, config_or_arguments, is_int
 from lightning_compress.oneshot.pruning import DAMPING, OneShotPruningConfig, linear_pruner, one_shot_prune
+from lightning_compress.oneshot.quantization import OneShotQuantizationConfig, one_shot_quantize
 from lightning_compress.oneshot.sparsegpt import BLOCK_SIZE
 from lightning_compress.pruning.pruner import Pruner
+from lightning_compress.quantization.callback import share_ranges
+from lightning_compress.quantization.config import QuantConfig
+from lightning_compress.quantization.layers import QuantizedLayer, quantize_model
 from lightning_compress.targets import TargetSpec
 
 PRUNE_AT = ("start", "end")
+
+
+def validation_batches(trainer: L.Trainer) -> Iterable[Any]:
+    """The (first) validation dataloader of ``trainer``'s current ``validate``."""
+    loaders = trainer.val_dataloaders
+    return loaders[0] if isinstance(loaders, list | tuple) else loaders
+
+
+def check_calibration_batches(calibration_batches: int) -> None:
+    check_argument(
+        "calibration_batches",
+        calibration_batches,
+        is_int(calibration_batches) and calibration_batches >= 1,
+        "an int >= 1 (the batches that calibrate)",
+    )
 
 
 class OneShotPruning(L.Callback):
@@ -68,12 +88,7 @@ class OneShotPruning(L.Callback):
         *,
         config: OneShotPruningConfig | None = None,
     ) -> None:
-        check_argument(
-            "calibration_batches",
-            calibration_batches,
-            is_int(calibration_batches) and calibration_batches >= 1,
-            "an int >= 1 (the batches that calibrate)",
-        )
+        check_calibration_batches(calibration_batches)
         check_argument("prune_at", prune_at, prune_at in PRUNE_AT, f"one of {', '.join(PRUNE_AT)}")
         self.config = config_or_arguments(
             config, OneShotPruningConfig(method, amount, granularity, targets, exclude, damping, block_size)
@@ -111,8 +126,7 @@ class OneShotPruning(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "validate" and self.pruner is None:
-            loaders = trainer.val_dataloaders
-            self._prune(trainer, pl_module, loaders[0] if isinstance(loaders, list | tuple) else loaders)
+            self._prune(trainer, pl_module, validation_batches(trainer))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._restored_masks is not None:
@@ -143,3 +157,91 @@ class OneShotPruning(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored_masks = dict(state_dict["masks"]) or None
+
+
+class OneShotQuantization(L.Callback):
+    """Quantize the linear layers' weights once from calibration data, by GPTQ or round-to-nearest, onto the
+    project's quantizers (their activation ranges calibrated on the same batches), so the integer export
+    writes the result (4-bit weights as ``INT4``).
+
+    Three ways to use it, as :class:`~lightning_compress.PostTrainingQuantization`:
+    ``trainer.validate(model, calibration_loader)`` quantizes before the pass, which measures the quantized
+    model; in ``trainer.fit`` the model trains in float and is quantized from the first training batches
+    when training ends; ``OneShotQuantization(...).apply(model, dataloader)`` without a trainer. In a fit
+    the layers become quantized layers at setup (quantization off), so every checkpoint loads into it.
+
+    Args:
+        method: ``"gptq"`` or ``"rtn"`` (see :class:`OneShotQuantizationConfig`).
+        quantization: the grids, a :class:`~lightning_compress.quantization.QuantConfig` (4-bit symmetric
+            weights per output channel, min-max activation ranges by default).
+        act_order: GPTQ visits the input columns by decreasing energy.
+        calibration_batches: how many batches calibrate (at least 1).
+        targets, exclude: module types and name patterns; every ``nn.Linear`` by default.
+        damping, block_size: GPTQ's damping of the Hessian and its block of columns.
+        progress: show a progress bar over the layers.
+        config: the settings as a :class:`OneShotQuantizationConfig` instead of the arguments (not both).
+
+    Example:
+        >>> import lightning as L
+        >>> gptq = OneShotQuantization(method="gptq", act_order=True, calibration_batches=8)
+        >>> trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[gptq])
+    """
+
+    def __init__(
+        self,
+        method: str = "gptq",
+        quantization: QuantConfig | None = None,
+        act_order: bool = False,
+        calibration_batches: int = 16,
+        targets: TargetSpec = None,
+        exclude: TargetSpec = None,
+        damping: float = DAMPING,
+        block_size: int = BLOCK_SIZE,
+        progress: bool = True,
+        *,
+        config: OneShotQuantizationConfig | None = None,
+    ) -> None:
+        check_calibration_batches(calibration_batches)
+        defaults = OneShotQuantizationConfig()
+        self.config = config_or_arguments(
+            config,
+            OneShotQuantizationConfig(
+                method, quantization or defaults.quantization, act_order, targets, exclude, damping, block_size
+            ),
+        )
+        self.calibration_batches = calibration_batches
+        self.progress = progress
+        self.quantized = False
+
+    def apply(self, model: torch.nn.Module, batches: Iterable[Any], **options: Any) -> dict[str, QuantizedLayer]:
+        """Quantize ``model`` in place from the first ``calibration_batches`` of ``batches``; returns the quantized
+        layers (``options``: ``share``, ``warn`` of :func:`~lightning_compress.oneshot.quantization.one_shot_quantize`)."""
+        layers = one_shot_quantize(
+            model, batches, self.config, self.calibration_batches, progress=self.progress, **options
+        )
+        self.quantized = True
+        return layers
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        targets = [torch.nn.Linear] if self.config.targets is None else self.config.targets
+        quantize_model(pl_module, self.config.quantization, targets, self.config.exclude, warn=rank_zero_warn)
+
+    def _quantize(self, trainer: L.Trainer, pl_module: L.LightningModule, batches: Iterable[Any]) -> None:
+        self.apply(
+            pl_module,
+            batches,
+            share=lambda weights: trainer.strategy.broadcast(weights, src=0),
+            warn=lambda _: None,  # setup warned
+        )
+        share_ranges(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "validate" and not self.quantized:
+            self._quantize(trainer, pl_module, validation_batches(trainer))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._quantize(trainer, pl_module, trainer.train_dataloader)
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.config.method, bits=self.config.quantization.weight_bits)

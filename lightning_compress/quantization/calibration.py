@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.batches import batch_inputs, placed_like
+from lightning_compress.batches import call_model, model_inputs, placed_like
 from lightning_compress.modules import eval_mode
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.layers import quantizers, set_quantization
@@ -20,8 +20,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
 
     The model runs in eval mode (BatchNorm uses its running statistics, dropout is off) with only its
     quantizers in training mode, so they observe; their earlier observations are forgotten first.
-    Afterwards the observers are frozen and fake quantization is on. A batch is a tensor of inputs or a
-    sequence whose first item is the inputs (``(inputs, targets)`` from a dataloader).
+    Afterwards the observers are frozen and fake quantization is on. A batch is a tensor of inputs, a
+    sequence whose first item is the inputs (``(inputs, targets)`` from a dataloader), or a dict in Hugging
+    Face's convention (every tensor but ``labels`` a keyword argument of the model).
 
     Example:
         >>> import torch
@@ -43,7 +44,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
         for batch in batches:
             if num_batches is not None and used >= num_batches:
                 break
-            model(placed_like(batch_inputs(batch), first.device, first.dtype))
+            call_model(model, placed_like(model_inputs(batch), first.device, first.dtype))
             used += 1
     if used == 0:
         raise ValueError("calibration got no batches")

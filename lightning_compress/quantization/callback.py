@@ -53,6 +53,22 @@ def quant_config(
     return config
 
 
+@torch.no_grad()
+def share_ranges(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Give every process rank zero's quantizer state (observed ranges, scales, zero points).
+
+    DDP hands every rank rank zero's buffers before each training forward, but each rank's own
+    observers then move with its own batch; after an epoch or a calibration this makes the ranges
+    identical everywhere, as the checkpoint (rank zero's) has them.
+    """
+    if trainer.world_size == 1:
+        return
+    state = _quantizer_state(pl_module)
+    shared = trainer.strategy.broadcast({name: tensor.detach().cpu() for name, tensor in state.items()}, src=0)
+    for name, tensor in state.items():
+        tensor.copy_(shared[name])
+
+
 class _QuantizingCallback(L.Callback):
     """Quantizes the targeted layers at setup, before the optimizers are built."""
 
@@ -63,22 +79,6 @@ class _QuantizingCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         quantize_model(pl_module, self.config, self.targets, self.exclude, warn=rank_zero_warn)
-
-    @staticmethod
-    @torch.no_grad()
-    def share_ranges(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Give every process rank zero's quantizer state (observed ranges, scales, zero points).
-
-        DDP hands every rank rank zero's buffers before each training forward, but each rank's own
-        observers then move with its own batch; after an epoch or a calibration this makes the ranges
-        identical everywhere, as the checkpoint (rank zero's) has them.
-        """
-        if trainer.world_size == 1:
-            return
-        state = _quantizer_state(pl_module)
-        shared = trainer.strategy.broadcast({name: tensor.detach().cpu() for name, tensor in state.items()}, src=0)
-        for name, tensor in state.items():
-            tensor.copy_(shared[name])
 
     @property
     def state_key(self) -> str:
@@ -166,12 +166,12 @@ class QuantizationAwareTraining(_QuantizingCallback):
                     module.eval()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.share_ranges(trainer, pl_module)
+        share_ranges(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The ranges are final once training ends (fake quantization stays as the last epoch had it)."""
         set_quantization(pl_module, observing=False)
-        self.share_ranges(trainer, pl_module)
+        share_ranges(trainer, pl_module)
 
 
 class PostTrainingQuantization(_QuantizingCallback):
@@ -229,7 +229,7 @@ class PostTrainingQuantization(_QuantizingCallback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         calibrate(pl_module, trainer.train_dataloader, self.calibration_batches)
-        self.share_ranges(trainer, pl_module)
+        share_ranges(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._calibrating = trainer.state.fn == "validate"
@@ -250,7 +250,7 @@ class PostTrainingQuantization(_QuantizingCallback):
             finish_calibration(pl_module)
             for quantizer in quantizers(pl_module):
                 quantizer.eval()
-            self.share_ranges(trainer, pl_module)
+            share_ranges(trainer, pl_module)
             self._calibrating = False
 
 
