@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_compress.oneshot.hessian import inverse_hessian_factor
-from lightning_compress.oneshot.sparsegpt import BLOCK_SIZE
+from lightning_compress.oneshot.hessian import BLOCK_SIZE, inverse_hessian_factor
 from lightning_compress.quantization.observers import Observer
 
 

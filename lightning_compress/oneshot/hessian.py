@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import torch
 
+#: SparseGPT's and GPTQ's damping: this fraction of the Hessian's mean diagonal is added to its diagonal.
+DAMPING = 0.01
+#: Columns whose updates SparseGPT and GPTQ gather before applying them to the rest of the matrix (the papers' 128).
+BLOCK_SIZE = 128
+
 
 class InputGram:
     """The running mean ``XᵀX / n`` of the outer products of the ``n`` input rows a linear layer has read.

@@ -3,14 +3,16 @@ hooks, the layer compressed, and the next layer's inputs gathered from the model
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
+from typing import Any
 
 import torch
 from rich.progress import Progress
 from torch import nn
 
-from lightning_compress.batches import ModelInputs, call_model
+from lightning_compress.batches import ModelInputs, call_model, model_inputs, placed_like
 from lightning_compress.modules import eval_mode
 from lightning_compress.oneshot.hessian import InputGram
 
@@ -156,3 +158,14 @@ def _gather(model: nn.Module, layer: nn.Linear, inputs: ModelInputs, gram: Input
         pass
     finally:
         handle.remove()
+
+
+def calibration_inputs(
+    batches: Iterable[Any], count: int | None, device: torch.device, dtype: torch.dtype
+) -> list[ModelInputs]:
+    """What the model is called with for the first ``count`` of ``batches`` (every batch with ``None``), placed
+    beside it: a batch's inputs (``(inputs, targets)``), or a dict batch's tensors but its labels."""
+    inputs = [placed_like(model_inputs(batch), device, dtype) for batch in islice(batches, count)]
+    if not inputs:
+        raise ValueError("one-shot compression got no calibration batches")
+    return inputs

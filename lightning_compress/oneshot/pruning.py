@@ -6,17 +6,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_compress.arguments import check_argument, is_int, is_number
-from lightning_compress.batches import ModelInputs, model_inputs, placed_like
-from lightning_compress.oneshot.hessian import InputGram, inverse_hessian_factor
-from lightning_compress.oneshot.layer_inputs import compress_layer_by_layer
-from lightning_compress.oneshot.sparsegpt import BLOCK_SIZE, sparsegpt_prune
+from lightning_compress.oneshot.hessian import BLOCK_SIZE, DAMPING, InputGram, inverse_hessian_factor
+from lightning_compress.oneshot.layer_inputs import calibration_inputs, compress_layer_by_layer
+from lightning_compress.oneshot.sparsegpt import sparsegpt_prune
 from lightning_compress.oneshot.wanda import row_masks, wanda_scores
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.masks import n_of_m_masks, rank_masks
@@ -26,15 +24,13 @@ from lightning_compress.targets import TargetSpec
 METHODS = ("wanda", "sparsegpt", "magnitude")
 #: The sparsity of unstructured one-shot pruning unless ``amount`` says otherwise (N:M patterns imply theirs).
 DEFAULT_AMOUNT = 0.5
-#: SparseGPT's and GPTQ's damping: this fraction of the Hessian's mean diagonal is added to its diagonal.
-DAMPING = 0.01
 
 
 @dataclass(frozen=True)
 class OneShotPruningConfig:
     """How :func:`one_shot_prune` prunes: the method, the sparsity (``amount``, 0.5 unless given; an N:M
-    ``granularity`` implies its own), which
-    linear layers, and SparseGPT's damping and block size; checked when made, before any model is touched.
+    ``granularity`` implies its own), which linear layers, and SparseGPT's damping and block size; checked
+    when made, before any model is touched.
 
     ``"magnitude"`` ranks ``|W|`` within each layer and needs no calibration; ``"wanda"`` ranks
     ``|W_ij| · ||X_j||`` within each output row; ``"sparsegpt"`` prunes by the optimal brain surgeon cost and
@@ -85,17 +81,6 @@ class OneShotPruningConfig:
 
 #: What hands rank zero's result to every rank (DDP); by default the result as it is.
 Share = Callable[[dict[str, dict[str, torch.Tensor]]], dict[str, dict[str, torch.Tensor]]]
-
-
-def calibration_inputs(
-    batches: Iterable[Any], count: int | None, device: torch.device, dtype: torch.dtype
-) -> list[ModelInputs]:
-    """What the model is called with for the first ``count`` of ``batches`` (every batch with ``None``), placed
-    beside it: a batch's inputs (``(inputs, targets)``), or a dict batch's tensors but its labels."""
-    inputs = [placed_like(model_inputs(batch), device, dtype) for batch in islice(batches, count)]
-    if not inputs:
-        raise ValueError("one-shot compression got no calibration batches")
-    return inputs
 
 
 @torch.no_grad()

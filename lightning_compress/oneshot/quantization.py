@@ -11,12 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.arguments import check_argument, is_number
+from lightning_compress.arguments import check_argument, is_int, is_number
 from lightning_compress.oneshot.gptq import WeightGrid, gptq_quantize
-from lightning_compress.oneshot.hessian import InputGram
-from lightning_compress.oneshot.layer_inputs import compress_layer_by_layer
-from lightning_compress.oneshot.pruning import DAMPING, calibration_inputs
-from lightning_compress.oneshot.sparsegpt import BLOCK_SIZE
+from lightning_compress.oneshot.hessian import BLOCK_SIZE, DAMPING, InputGram
+from lightning_compress.oneshot.layer_inputs import calibration_inputs, compress_layer_by_layer
 from lightning_compress.quantization.calibration import calibrate
 from lightning_compress.quantization.config import QuantConfig
 from lightning_compress.quantization.fake_quant import FakeQuantizer
@@ -63,9 +61,7 @@ class OneShotQuantizationConfig:
             "a QuantConfig with per_channel=True and learnable_scales=False (one-shot rounding fixes one grid per output channel)",
         )
         check_argument("damping", self.damping, is_number(self.damping) and self.damping >= 0, "a number >= 0")
-        check_argument(
-            "block_size", self.block_size, isinstance(self.block_size, int) and self.block_size >= 1, "an int >= 1"
-        )
+        check_argument("block_size", self.block_size, is_int(self.block_size) and self.block_size >= 1, "an int >= 1")
 
 
 @torch.no_grad()

