@@ -240,7 +240,8 @@ class OneShotQuantization(L.Callback):
             self._quantize(trainer, pl_module, validation_batches(trainer))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._quantize(trainer, pl_module, trainer.train_dataloader)
+        if not self.quantized:  # a second fit trains the quantized model on
+            self._quantize(trainer, pl_module, trainer.train_dataloader)
 
     @property
     def state_key(self) -> str:
