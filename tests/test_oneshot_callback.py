@@ -3,12 +3,17 @@ kept, at its end, and a resumed fit that keeps the masks without pruning again."
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from digits import digits_module, fit_digits, quiet_trainer, straight_and_resumed
+from text_models import fit_text, tiny_bert
 from torch import nn
 
+from lightning_compress import DistillationModule
 from lightning_compress.data import DigitsDataModule
+from lightning_compress.data.wordnet import SUPERSENSES
 from lightning_compress.oneshot import OneShotPruning, OneShotPruningConfig
 
 LINEAR = ("model.classifier.1.weight", "model.classifier.4.weight")
@@ -82,3 +87,16 @@ def test_apply_prunes_a_plain_model_from_a_dataloader():
         model, datamodule.train_dataloader()
     )
     assert pruner.sparsity()["pruning/sparsity"] == 0.5
+
+
+def test_a_student_pruned_at_the_start_of_distillation_recovers_with_its_zeros_and_the_teacher_untouched(tmp_path):
+    teacher = tiny_bert(seed=0).eval()
+    teacher_state = {name: value.clone() for name, value in teacher.state_dict().items()}
+    module = DistillationModule(copy.deepcopy(teacher).train(), teacher, num_classes=len(SUPERSENSES))
+    pruning = OneShotPruning(method="wanda", granularity="2:4", calibration_batches=2, progress=False)
+    fit_text(tmp_path, module, [pruning])
+    linear = {name: layer for name, layer in module.student.named_modules() if isinstance(layer, nn.Linear)}
+    for name, layer in linear.items():
+        kept = (layer.weight != 0).view(layer.out_features, -1, 4).sum(-1)
+        assert (kept <= 2).all() and int((layer.weight == 0).sum()) >= layer.weight.numel() // 2, name
+    assert all(torch.equal(value, teacher.state_dict()[name]) for name, value in teacher_state.items())
