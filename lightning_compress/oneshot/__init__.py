@@ -3,7 +3,7 @@ GPTQ rounding; the ``OneShotPruning`` and ``OneShotQuantization`` callbacks."""
 
 from lightning_compress.oneshot.callback import OneShotPruning, OneShotQuantization
 from lightning_compress.oneshot.gptq import WeightGrid, gptq_quantize
-from lightning_compress.oneshot.hessian import InputGram, inverse_hessian_factor
+from lightning_compress.oneshot.hessian import InputGram, inverse_hessian_factor, optimal_brain_surgeon
 from lightning_compress.oneshot.layer_inputs import compress_layer_by_layer, layer_groups, token_positions
 from lightning_compress.oneshot.pruning import METHODS, OneShotPruningConfig, one_shot_prune
 from lightning_compress.oneshot.quantization import QUANTIZATION_METHODS, OneShotQuantizationConfig, one_shot_quantize
@@ -25,6 +25,7 @@ __all__ = [
     "layer_groups",
     "one_shot_prune",
     "one_shot_quantize",
+    "optimal_brain_surgeon",
     "row_masks",
     "sparsegpt_prune",
     "token_positions",

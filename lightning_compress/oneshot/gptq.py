@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_compress.oneshot.hessian import BLOCK_SIZE, inverse_hessian_factor
+from lightning_compress.oneshot.hessian import BLOCK_SIZE, inverse_hessian_factor, optimal_brain_surgeon
 from lightning_compress.quantization.observers import Observer
 
 
@@ -53,15 +53,15 @@ class WeightGrid:
         rows, columns = weight.shape
         size = columns if self.group_size is None else self.group_size
         grouped = weight.float().reshape(rows, -1, size)
-        scale, zero = self.scale.unsqueeze(-1), self.zero_point.unsqueeze(-1)
-        low, high = self.quant_range
-        return ((torch.round(grouped / scale) + zero).clamp(low, high) - zero).mul(scale).reshape(rows, columns)
+        return self._rounded(grouped, self.scale.unsqueeze(-1), self.zero_point.unsqueeze(-1)).reshape(rows, columns)
 
     def round_column(self, values: torch.Tensor, column: int) -> torch.Tensor:
         """Round-to-nearest of input column ``column`` of every row (dequantized)."""
-        scale, zero = self.column_grid(column)
+        return self._rounded(values, *self.column_grid(column))
+
+    def _rounded(self, values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         low, high = self.quant_range
-        return ((torch.round(values / scale) + zero).clamp(low, high) - zero) * scale
+        return ((torch.round(values / scale) + zero_point).clamp(low, high) - zero_point) * scale
 
 
 @torch.no_grad()
@@ -94,20 +94,12 @@ def gptq_quantize(
     columns = weight.shape[1]
     order = torch.argsort(gram.diagonal(), descending=True, stable=True) if act_order else torch.arange(columns)
     factor = inverse_hessian_factor(gram[order][:, order], damping, layer)
-    remaining = weight.detach().float()[:, order].clone()
-    for start in range(0, columns, block_size):
-        end = min(start + block_size, columns)
-        block, block_factor = remaining[:, start:end].clone(), factor[start:end, start:end]
-        errors = torch.zeros_like(block)
-        for column in range(end - start):
-            values = block[:, column]
-            rounded = grid.round_column(values, int(order[start + column]))
-            error = (values - rounded) / block_factor[column, column]
-            block[:, column:] -= error.unsqueeze(1) * block_factor[column, column:].unsqueeze(0)
-            block[:, column] = rounded
-            errors[:, column] = error
-        remaining[:, start:end] = block
-        remaining[:, end:] -= errors @ factor[start:end, end:]
+    remaining = optimal_brain_surgeon(
+        weight[:, order],
+        factor,
+        lambda block, start, column: grid.round_column(block[:, column], int(order[start + column])),
+        block_size,
+    )
     result = torch.empty_like(remaining)
     result[:, order] = remaining
     return result.to(weight.dtype)

@@ -4,6 +4,8 @@ update the remaining weights with."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 #: SparseGPT's and GPTQ's damping: this fraction of the Hessian's mean diagonal is added to its diagonal.
@@ -77,3 +79,39 @@ def inverse_hessian_factor(gram: torch.Tensor, damping: float, layer: str) -> to
             f"(e.g. {max(damping * 10, 0.01):g}) or more calibration batches"
         )
     return upper.float()
+
+
+#: What a column becomes: given the block of columns being visited (its weights as updated so far), the first
+#: column of the block and the column's index in it, the column's new values (pruned, or rounded).
+SettleColumn = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+@torch.no_grad()
+def optimal_brain_surgeon(
+    weight: torch.Tensor, factor: torch.Tensor, settle: SettleColumn, block_size: int = BLOCK_SIZE
+) -> torch.Tensor:
+    """``weight`` ``(out, in)`` with its columns settled left to right by ``settle``, each settled column's error
+    moving the columns right of it so the outputs on the calibration inputs change least (SparseGPT's and
+    GPTQ's update, ``factor`` from :func:`inverse_hessian_factor`). The updates are applied a block of
+    ``block_size`` columns at a time to the columns beyond the block (the papers' lazy batch).
+
+    Example:
+        >>> factor = inverse_hessian_factor(torch.eye(3), 0.0, "fc")
+        >>> optimal_brain_surgeon(torch.tensor([[1.4, -0.6, 2.2]]), factor, lambda block, start, column: block[:, column].round()).tolist()
+        [[1.0, -1.0, 2.0]]
+    """
+    columns = weight.shape[1]
+    remaining = weight.detach().float().clone()
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        block, block_factor = remaining[:, start:end].clone(), factor[start:end, start:end]
+        errors = torch.zeros_like(block)
+        for column in range(end - start):
+            settled = settle(block, start, column)
+            error = (block[:, column] - settled) / block_factor[column, column]
+            block[:, column:] -= error.unsqueeze(1) * block_factor[column, column:].unsqueeze(0)
+            block[:, column] = settled
+            errors[:, column] = error
+        remaining[:, start:end] = block
+        remaining[:, end:] -= errors @ factor[start:end, end:]
+    return remaining

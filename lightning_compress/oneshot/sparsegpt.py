@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_compress.oneshot.hessian import BLOCK_SIZE
+from lightning_compress.oneshot.hessian import BLOCK_SIZE, optimal_brain_surgeon
 
 
 @torch.no_grad()
@@ -38,37 +38,28 @@ def sparsegpt_prune(
         >>> mask.view(4, 2, 4).sum(-1).tolist()
         [[2, 2], [2, 2], [2, 2], [2, 2]]
     """
-    rows, columns = weight.shape
-    remaining = weight.detach().float().clone()
-    keep = torch.ones_like(remaining, dtype=torch.bool)
+    rows = weight.shape[0]
+    keep = torch.ones_like(weight, dtype=torch.bool)
     if n_of_m is not None:
         block_size -= block_size % n_of_m[1]  # a group never straddles two blocks
     pruned_so_far = 0
-    for start in range(0, columns, block_size):
-        end = min(start + block_size, columns)
-        block, block_factor = remaining[:, start:end].clone(), factor[start:end, start:end]
-        costs_divisor = block_factor.diagonal().square()
-        block_keep = torch.ones_like(block, dtype=torch.bool)
-        if n_of_m is None:
+
+    def prune(block: torch.Tensor, start: int, column: int) -> torch.Tensor:
+        nonlocal pruned_so_far
+        end = start + block.shape[1]
+        if n_of_m is None and column == 0:  # the block's mask, from its weights as they stand now
             count = round(sparsity * rows * end) - pruned_so_far
-            costs = block.square() / costs_divisor
+            costs = block.square() / factor[start:end, start:end].diagonal().square()
+            block_keep = torch.ones_like(block, dtype=torch.bool)
             block_keep.view(-1)[torch.topk(costs.flatten(), count, largest=False).indices] = False
+            keep[:, start:end] = block_keep
             pruned_so_far += count
-        errors = torch.zeros_like(block)
-        for column in range(end - start):
-            if n_of_m is not None and column % n_of_m[1] == 0:
-                n, m = n_of_m
-                group = slice(column, column + m)
-                costs = block[:, group].square() / costs_divisor[group]
-                cheapest = torch.topk(costs, m - n, dim=1, largest=False).indices
-                block_keep[:, group].scatter_(1, cheapest, False)
-            values = block[:, column]
-            pruned = torch.where(block_keep[:, column], values, torch.zeros_like(values))
-            error = (values - pruned) / block_factor[column, column]
-            block[:, column:] -= error.unsqueeze(1) * block_factor[column, column:].unsqueeze(0)
-            block[:, column] = pruned
-            errors[:, column] = error
-        remaining[:, start:end] = block
-        keep[:, start:end] = block_keep
-        remaining[:, end:] -= errors @ factor[start:end, end:]
-    return remaining.to(weight.dtype), keep
+        elif n_of_m is not None and column % n_of_m[1] == 0:  # the group's mask, as it is reached
+            n, m = n_of_m
+            group = slice(start + column, start + column + m)
+            costs = block[:, column : column + m].square() / factor[group, group].diagonal().square()
+            keep[:, group].scatter_(1, torch.topk(costs, m - n, dim=1, largest=False).indices, False)
+        values = block[:, column]
+        return torch.where(keep[:, start + column], values, torch.zeros_like(values))
+
+    return optimal_brain_surgeon(weight, factor, prune, block_size).to(weight.dtype), keep
