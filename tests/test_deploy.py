@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_compress.deploy import OnnxRuntimeModel, export, onnx_bytes
+from lightning_compress.deploy.onnx import STOP_SPINNING
 from lightning_compress.models import SmallCNN
 from lightning_compress.quantization import QuantConfig, calibrate, quantize_model
 
@@ -110,3 +111,11 @@ def test_export_creates_the_missing_folders_of_its_path(tmp_path) -> None:
     for path, format in ((tmp_path / "a" / "b" / "model.onnx", "onnx"), (tmp_path / "c" / "d" / "model.pt", "torch")):
         assert export(model, path, torch.zeros(1, 4), format=format) == path
         assert path.stat().st_size > 0
+
+
+def test_onnx_runtime_sessions_stop_spinning_after_each_call() -> None:
+    """Sessions side by side (as a latency comparison times them) leave each other's cores alone."""
+    runtime = OnnxRuntimeModel.from_module(torch.nn.Linear(4, 2), torch.zeros(1, 4), num_threads=2)
+    options = runtime.session.get_session_options()
+    assert options.get_session_config_entry(STOP_SPINNING) == "1"
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
