@@ -8,6 +8,7 @@ file (:mod:`.compressed`) are written from them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -23,7 +24,9 @@ from lightning_compress.quantization.layers import (
 
 @dataclass(frozen=True)
 class IntegerLayer:
-    """The integer form of one quantized layer, read from its fake quantizers (an embedding has no input grid).
+    """The integer form of one quantized layer, read from its fake quantizers (an embedding, and a weight quantized
+    alone, have no input grid). The weight's scales and zero points are one an output channel, ``(out,)``, or
+    with ``group_size`` one an output channel and group of input columns, ``(out, in // group_size)``.
 
     Example:
         >>> import torch
@@ -46,6 +49,7 @@ class IntegerLayer:
     input_zero_point: int | None
     input_range: tuple[int, int] | None
     bias_range: tuple[int, int]
+    group_size: int | None = None
 
     @classmethod
     @torch.no_grad()
@@ -53,12 +57,15 @@ class IntegerLayer:
         """Read ``layer`` (in eval mode, fake quantization enabled): integers exactly as its forward rounds them."""
         quantizer = layer.weight_quantizer
         channels = layer.weight.shape[0]
-        scale = quantizer.scale.detach().float().reshape(-1).expand(channels)
-        zero_point = quantizer.zero_point.reshape(-1).expand(channels)
-        per_channel = (-1,) + (1,) * (layer.weight.dim() - 1)
+        if quantizer.group_size is not None:  # (out, groups), row by row as the quantizer holds them
+            scale, zero_point = quantizer.scale.reshape(channels, -1), quantizer.zero_point.reshape(channels, -1)
+        else:  # one a channel, or one a tensor for every channel
+            scale = quantizer.scale.reshape(-1).expand(channels)
+            zero_point = quantizer.zero_point.reshape(-1).expand(channels)
+        scale = scale.detach().float()
         rounded = quantizer(layer.weight).detach().float()  # (q - z) * s, computed by the same operator as training
-        integers = torch.round(rounded / scale.view(per_channel)) + zero_point.view(per_channel)
-        inputs = layer.input_quantizer  # None for an embedding: token ids in
+        integers = torch.round(rounded / _per_weight(scale, rounded)) + _per_weight(zero_point, rounded)
+        inputs = layer.input_quantizer  # None for an embedding (token ids in) and a weight quantized alone
         return cls(
             weight=integers.long().cpu().numpy(),
             weight_scale=scale.cpu().numpy(),
@@ -68,13 +75,13 @@ class IntegerLayer:
             input_zero_point=None if inputs is None else int(inputs.zero_point.reshape(-1)[0]),
             input_range=None if inputs is None else (inputs.quant_min, inputs.quant_max),
             bias_range=layer.quant_config.bias_range,
+            group_size=quantizer.group_size,
         )
 
     def dequantized_weight(self) -> torch.Tensor:
         """``(q - z) * s``: the float weight the fake-quantized layer computes with."""
-        shape = (-1,) + (1,) * (self.weight.ndim - 1)
-        centered = self.weight - self.weight_zero_point.reshape(shape)
-        return torch.from_numpy((centered * self.weight_scale.reshape(shape)).astype(np.float32))
+        centered = self.weight - _per_weight(self.weight_zero_point, self.weight)
+        return torch.from_numpy((centered * _per_weight(self.weight_scale, self.weight)).astype(np.float32))
 
     def fit_to(self, exported: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Integers, scales and zero points whose dequantized values are ``exported``, the weight as the graph holds it.
@@ -93,13 +100,25 @@ class IntegerLayer:
             raise RuntimeError(
                 f"the exported weight {name!r} is not a per-channel multiple of its quantized weight (error {error:.3g})"
             )
-        shape = (-1,) + (1,) * (self.weight.ndim - 1)
-        flip = factor < 0
-        integers = np.where(flip.reshape(shape), low + high - self.weight, self.weight)
+        per_grid = factor.reshape((-1,) + (1,) * (self.weight_scale.ndim - 1))  # a row's factor, for each of its grids
+        flip = per_grid < 0
+        integers = np.where(_per_weight(flip, self.weight), low + high - self.weight, self.weight)
         zero_point = np.where(flip, low + high - self.weight_zero_point, self.weight_zero_point)
-        integers = np.where((factor == 0).reshape(shape), zero_point.reshape(shape), integers)
-        scale = np.where(factor != 0, self.weight_scale * np.abs(factor), self.weight_scale)
+        integers = np.where(_per_weight(per_grid == 0, self.weight), _per_weight(zero_point, self.weight), integers)
+        scale = np.where(per_grid != 0, self.weight_scale * np.abs(per_grid), self.weight_scale)
         return integers, scale.astype(np.float32), zero_point
+
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+
+def _per_weight(grids: Array, weight: Array) -> Array:
+    """A weight's per-grid values (a scale, a zero point: ``(out,)``, or ``(out, groups)`` for groups of columns)
+    shaped to broadcast over ``weight``, each element meeting its grid's."""
+    if grids.ndim == 2:
+        size = weight.shape[1] // grids.shape[1]
+        return np.repeat(grids, size, axis=1) if isinstance(grids, np.ndarray) else grids.repeat_interleave(size, 1)
+    return grids.reshape((-1,) + (1,) * (weight.ndim - 1))
 
 
 def split_quantization(model: nn.Module, prefix: str = "") -> tuple[nn.Module, dict[str, IntegerLayer]]:

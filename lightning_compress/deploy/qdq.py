@@ -98,10 +98,11 @@ class _ActivationGrid:
 def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.ModelProto:
     """Rewrite a float graph into the QDQ format; ``layers`` maps each quantized layer's weight initializer name to it.
 
-    When a weight is stored in four bits (see :func:`weight_storage`), the graph is first converted to
-    opset :data:`FOUR_BIT_OPSET` if it is older, which reading 4-bit integers needs.
+    When a weight is stored in four bits (see :func:`weight_storage`) or has scales per group of input columns,
+    the graph is first converted to opset :data:`FOUR_BIT_OPSET` if it is older, which reading 4-bit integers
+    and block-wise ``DequantizeLinear`` need.
     """
-    if any(_is_four_bit(layer.weight_range) for layer in layers.values()):
+    if any(_is_four_bit(layer.weight_range) or layer.group_size is not None for layer in layers.values()):
         result = _at_least_opset(model, FOUR_BIT_OPSET)
     else:
         result = onnx.ModelProto()
@@ -112,6 +113,9 @@ def to_qdq(model: onnx.ModelProto, layers: Mapping[str, IntegerLayer]) -> onnx.M
     integer_inputs: dict[tuple, _IntegerInput] = {}  # see _integer_input
     layer_outputs = []
     for weight_name, layer in layers.items():
+        if layer.group_size is not None:  # a weight quantized alone, in groups of input columns
+            _blockwise_weight(editor, users, weight_name, layer)
+            continue
         if layer.input_range is None:  # an embedding table: no input grid
             _quantize_embedding(editor, users, weight_name, layer)
             continue
@@ -266,6 +270,41 @@ def _quantize_weight_and_bias(editor: GraphEditor, found: _LayerNode, layer: Int
             axis=0,
         )
     )
+
+
+def _blockwise_weight(
+    editor: GraphEditor, users: dict[str, list[onnx.NodeProto]], weight_name: str, layer: IntegerLayer
+) -> None:
+    """A linear layer's weight quantized alone with a scale per output channel and group of input columns: its
+    integers (in four bits where they fit) behind a block-wise ``DequantizeLinear`` (``block_size`` the group)
+    whose float output the layer's ``MatMul`` reads, as ONNX Runtime fuses it into ``MatMulNBits``. The
+    ``Gemm`` of a layer on 2-D inputs becomes that ``MatMul`` and an ``Add`` of its bias: the fusion reads
+    ``MatMul`` only."""
+    found = _layer_node(weight_name, layer, users, editor)
+    node, name = found.node, found.weight
+    exported = editor.replace_initializer(name)  # (in, out) for a MatMul, (out, in) for a Gemm
+    integers, scale, zero_point = layer.fit_to(exported.T if found.transposed else exported, name)
+    storage = weight_storage(layer.weight_range)
+    operands = [
+        editor.constant(f"{name}_int", np.ascontiguousarray(integers.T).astype(storage)),  # (in, out), as MatMul reads
+        editor.constant(f"{name}_scale", np.ascontiguousarray(scale.T)),  # (groups, out)
+    ]
+    if np.any(zero_point != 0):
+        operands.append(editor.constant(f"{name}_zero_point", np.ascontiguousarray(zero_point.T).astype(storage)))
+    dequantized = name if found.transposed else editor.name(f"{name}_dequantized")
+    nodes = [helper.make_node("DequantizeLinear", operands, [dequantized], axis=0, block_size=layer.group_size)]
+    if found.transposed:
+        editor.before[node.output[0]] += nodes
+        return
+    attributes = {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+    if attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+        raise RuntimeError(f"the Gemm reading {weight_name!r} scales its terms (alpha, beta): {attributes}")
+    (output,) = node.output
+    product = editor.name(f"{output}_product") if len(node.input) > 2 else output
+    nodes.append(helper.make_node("MatMul", [node.input[0], dequantized], [product]))
+    if len(node.input) > 2:
+        nodes.append(helper.make_node("Add", [product, node.input[2]], [output]))
+    editor.replacements[output] = nodes
 
 
 def _integer_matmul(

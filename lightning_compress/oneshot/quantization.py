@@ -29,8 +29,9 @@ class OneShotQuantizationConfig:
     """How :func:`one_shot_quantize` rounds: ``"gptq"`` (with ``act_order``, ``damping``, ``block_size``) or
     ``"rtn"`` (round-to-nearest: the weight quantizers' own grids, as post-training quantization), on the
     grids of ``quantization`` (a :class:`~lightning_compress.quantization.QuantConfig`: weight bits and
-    symmetry, one scale per output channel; its activation settings calibrate the inputs), for the targeted
-    linear layers; checked when made.
+    symmetry, one scale per output channel, or per output channel and group of ``group_size`` input columns
+    with the inputs left in float; its activation settings calibrate the inputs), for the targeted linear
+    layers; checked when made.
 
     Example:
         >>> OneShotQuantizationConfig(quantization=QuantConfig(weight_bits=4)).quantization.weight_range
@@ -106,7 +107,10 @@ def one_shot_quantize(
 
         def round_group(group: Mapping[str, nn.Linear], gram: InputGram) -> None:
             for name, layer in group.items():
-                grid = WeightGrid.of(layer.weight, config.quantization.weight_range, config.quantization.symmetric)
+                quantization = config.quantization
+                grid = WeightGrid.of(
+                    layer.weight, quantization.weight_range, quantization.symmetric, quantization.group_size
+                )
                 layer.weight.copy_(
                     gptq_quantize(
                         layer.weight, gram.matrix, grid, config.damping, name, config.act_order, config.block_size
@@ -127,7 +131,8 @@ def one_shot_quantize(
 
 
 def _keep_grid(quantizer: FakeQuantizer, grid: WeightGrid) -> None:
-    """Fix ``quantizer``'s scale and zero point to ``grid``'s (one a channel) and stop it observing."""
-    quantizer.scale.copy_(grid.scale[:, 0])
-    quantizer.zero_point.copy_(grid.zero_point[:, 0])
+    """Fix ``quantizer``'s scale and zero point to ``grid``'s (one a channel, or a channel and group of columns,
+    row by row as the quantizer holds them) and stop it observing."""
+    quantizer.scale.copy_(grid.scale.reshape(-1))
+    quantizer.zero_point.copy_(grid.zero_point.reshape(-1))
     quantizer.observing.fill_(False)

@@ -130,6 +130,12 @@ class ChannelGroups:
 
     def _touched(self, module: nn.Module, handler: object) -> list[tuple[str, torch.Tensor, int]]:
         """``(name, tensor, dimension)`` of each parameter and buffer of ``module`` that a pruned channel cuts."""
+        group_size = getattr(getattr(module, "weight_quantizer", None), "group_size", None)
+        if group_size is not None:
+            raise ValueError(
+                f"{type(module).__name__} has a weight scale per group of {group_size} input columns, which "
+                "channel removal would cut across: remove channels first, then quantize"
+            )
         if isinstance(module, WEIGHT_LAYER_TYPES):
             depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1  # a channel is a row
             if self.graph.is_out_channel_pruning_fn(handler) or depthwise:

@@ -27,6 +27,10 @@ class QuantConfig:
     ``weight_bits`` (``[-63, 63]`` at 8 bits), as ONNX Runtime's ``quantize_static(reduce_range=True)``:
     x86 CPUs without VNNI (AVX2 only) multiply int8 pairs into saturating 16-bit sums, so an artifact
     with full 8-bit weights can compute different numbers there than the model trained with.
+    ``group_size`` gives each output channel of a linear layer one scale per group of that many consecutive
+    input columns (GPTQ's and AWQ's ``group_size=128``): weight-only quantization, whose inputs and bias stay
+    in float, exported as ONNX's block-wise ``DequantizeLinear`` before the ``MatMul``, which ONNX Runtime
+    runs as its ``MatMulNBits``.
 
     Example:
         >>> config = QuantConfig(weight_bits=4, activation_bits=8)
@@ -38,12 +42,15 @@ class QuantConfig:
         ((-127, 127), (0, 255))
         >>> QuantConfig(reduce_range=True).weight_range
         (-63, 63)
+        >>> QuantConfig(weight_bits=4, group_size=128).group_size
+        128
     """
 
     weight_bits: int = 8
     activation_bits: int = 8
     bias_bits: int = 32
     per_channel: bool = True
+    group_size: int | None = None
     symmetric: bool = True
     activation_symmetric: bool | None = None
     reduce_range: bool = False
@@ -64,6 +71,14 @@ class QuantConfig:
         if not isinstance(self.bias_bits, int) or self.bias_bits not in BIAS_BITS:
             raise ValueError(
                 f"bias_bits must be an integer from {BIAS_BITS.start} to {BIAS_BITS.stop - 1}, got {self.bias_bits!r}"
+            )
+        if self.group_size is not None and (
+            not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1
+        ):
+            raise ValueError(f"group_size must be None or an integer >= 1, got {self.group_size!r}")
+        if self.group_size is not None and not self.per_channel:
+            raise ValueError(
+                f"group_size={self.group_size} needs per_channel=True: its scales are per output channel and group"
             )
         if self.observer not in OBSERVERS:
             raise ValueError(f"unknown observer {self.observer!r}; use one of {', '.join(OBSERVERS)}")

@@ -29,6 +29,10 @@ class FakeQuantizer(nn.Module):
     sign from statistics: the sign bit would hold nothing there, so the step halves, and the integer
     graph keeps such a tensor in uint8 from one layer to the next instead of requantizing it to int8.
 
+    With ``group_size`` (weights, ``channel_axis=0``) each row of a 2-D tensor has one grid per group of that many
+    consecutive columns: the tensor is observed and rounded as ``(rows * groups, group_size)``, so ``scale`` holds
+    ``rows * groups`` values, row by row.
+
     Example:
         >>> import torch
         >>> quantizer = FakeQuantizer(Observer("minmax"), quant_range=(-127, 127), symmetric=True)
@@ -41,6 +45,10 @@ class FakeQuantizer(nn.Module):
         >>> _ = after_relu(torch.tensor([0.0, 2.0]))
         >>> after_relu.quant_range, round(after_relu.scale.item() * 255, 4)
         ((0, 255), 2.0)
+        >>> grouped = FakeQuantizer(Observer("minmax", channels=2), (-7, 7), True, channel_axis=0, group_size=2)
+        >>> _ = grouped(torch.tensor([[7.0, 1.0, 14.0, 2.0]]))
+        >>> grouped.scale.tolist()
+        [1.0, 2.0]
     """
 
     def __init__(
@@ -51,8 +59,12 @@ class FakeQuantizer(nn.Module):
         channel_axis: int | None = None,
         learnable: bool = False,
         unsigned_when_non_negative: bool = False,
+        group_size: int | None = None,
     ) -> None:
         super().__init__()
+        if group_size is not None and channel_axis != 0:
+            raise ValueError(f"group_size={group_size} needs channel_axis=0 (the rows of a weight), got {channel_axis}")
+        self.group_size = group_size
         self.observer = observer
         self.signed_range = quant_range
         self.symmetric = symmetric
@@ -98,6 +110,15 @@ class FakeQuantizer(nn.Module):
         self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size is None:
+            return self._fake_quantize(x)
+        if x.dim() != 2 or x.shape[1] % self.group_size:
+            raise ValueError(
+                f"group_size={self.group_size} groups the columns of a 2-D weight; got shape {tuple(x.shape)}"
+            )
+        return self._fake_quantize(x.reshape(-1, self.group_size)).reshape(x.shape)
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         learned = self.learnable and bool(self.initialized) and bool(self.enabled)
         if self.training and bool(self.observing) and not learned:
             self.observer(x)
@@ -139,5 +160,7 @@ class FakeQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         granularity = "per tensor" if self.channel_axis is None else f"per channel (axis {self.channel_axis})"
+        if self.group_size is not None:
+            granularity = f"per channel and group of {self.group_size} columns"
         low, high = self.quant_range
         return f"range=[{low}, {high}], {granularity}, observer={self.observer.kind}, learnable={self.learnable}"

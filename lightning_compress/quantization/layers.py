@@ -28,7 +28,8 @@ class QuantizedLayer(nn.Module):
 
     The bias is rounded onto the accumulator's grid (step ``input scale * weight scale``, range of
     ``quant_config.bias_bits``), as an integer runtime adds it; its gradient passes straight through. A
-    layer whose input is not a tensor of numbers to quantize (an embedding's token ids) has no
+    layer whose input is not a tensor of numbers to quantize (an embedding's token ids), or whose weight
+    is quantized alone (``QuantConfig.group_size``: its input and bias stay float), has no
     ``input_quantizer`` (``None``).
     """
 
@@ -38,10 +39,12 @@ class QuantizedLayer(nn.Module):
     bias: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._compute(self.input_quantizer(x), self.weight_quantizer(self.weight), self._quantized_bias())
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return self._compute(x, self.weight_quantizer(self.weight), self._quantized_bias())
 
     def _quantized_bias(self) -> torch.Tensor | None:
-        if self.bias is None or not bool(self.weight_quantizer.enabled):
+        if self.bias is None or self.input_quantizer is None or not bool(self.weight_quantizer.enabled):
             return self.bias
         scale = (self.input_quantizer.scale * self.weight_quantizer.scale).detach().expand(self.bias.shape).contiguous()
         zero_point = torch.zeros(self.bias.shape, dtype=torch.int32, device=self.bias.device)
@@ -53,9 +56,10 @@ class QuantizedLayer(nn.Module):
     def output_channel_state(self) -> dict[str, torch.Tensor]:
         """The weight quantizer's per-output-channel tensors (scale, zero point, observed ranges), named
         relative to the layer; empty when the weight is quantized per tensor. Channel removal cuts them
-        along with the weight's rows."""
+        along with the weight's rows (a weight with scales per group of columns is not cut: channel removal
+        refuses it)."""
         quantizer = self.weight_quantizer
-        if quantizer.channel_axis is None:
+        if quantizer.channel_axis is None or quantizer.group_size is not None:
             return {}
         tensors = [*quantizer.named_parameters(), *quantizer.named_buffers()]
         return {f"weight_quantizer.{name}": tensor for name, tensor in tensors if tensor.dim() == 1}
@@ -164,6 +168,8 @@ def quantize_model(
         raise ValueError(
             f"{type(model).__name__} has no layer to quantize: plain {', '.join(t.__name__ for t in QUANTIZED_TYPES)} are supported"
         )
+    for name, layer in quantized.items():
+        check_groups(layer, config, name)
     warn_if_few_targeted(model, quantized, "Quantization", warn)
     warn_about_fused_attention(model, "Quantization", warn)
     for layer in quantized.values():
@@ -186,7 +192,10 @@ def quantize_layer(layer: nn.Module, config: QuantConfig) -> QuantizedLayer:
         raise ValueError(
             f"{type(layer).__name__} cannot be quantized (only plain {', '.join(t.__name__ for t in QUANTIZED_TYPES)})"
         )
+    check_groups(layer, config, type(layer).__name__)
     channels = layer.weight.shape[0] if config.per_channel else None
+    if config.group_size is not None:
+        channels = layer.weight.numel() // config.group_size
     weight_observer = Observer("latest", channels=channels)
     device = layer.weight.device
     layer.__class__ = QUANTIZED_TYPES[type(layer)]
@@ -197,8 +206,11 @@ def quantize_layer(layer: nn.Module, config: QuantConfig) -> QuantizedLayer:
         config.symmetric,
         channel_axis=0 if config.per_channel else None,
         learnable=config.learnable_scales,
+        group_size=config.group_size,
     ).to(device)
-    if not isinstance(layer, nn.Embedding):  # token ids in: weight-only
+    if config.group_size is not None:  # weight-only: the input stays float
+        layer.register_module("input_quantizer", None)
+    elif not isinstance(layer, nn.Embedding):  # token ids in: weight-only
         layer.input_quantizer = FakeQuantizer(
             Observer.for_activations(config),
             config.activation_range,
@@ -207,6 +219,31 @@ def quantize_layer(layer: nn.Module, config: QuantConfig) -> QuantizedLayer:
             unsigned_when_non_negative=config.activations_symmetric,
         ).to(device)
     return layer
+
+
+def check_groups(layer: nn.Module, config: QuantConfig, name: str) -> None:
+    """Fail unless ``config``'s scales per group of input columns, if any, fit ``layer``: an ``nn.Linear`` whose
+    input features ``group_size`` divides.
+
+    Example:
+        >>> from torch import nn
+        >>> check_groups(nn.Linear(96, 8), QuantConfig(group_size=64), "head")
+        Traceback (most recent call last):
+        ...
+        ValueError: group_size=64 must divide the 96 input features of head (Linear)
+    """
+    size = config.group_size
+    if size is None:
+        return
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(
+            f"group_size={size} groups the input columns of linear layers; {name} is a {type(layer).__name__}: "
+            "quantize it with another QuantConfig, or exclude it"
+        )
+    if layer.in_features % size:
+        raise ValueError(
+            f"group_size={size} must divide the {layer.in_features} input features of {name} ({type(layer).__name__})"
+        )
 
 
 def dequantize_layer(layer: QuantizedLayer) -> None:
