@@ -142,8 +142,8 @@ class _OneInput(nn.Module):
 
 #: ONNX Runtime's session setting that stops the session's threads spinning when a call returns. Each session has
 #: its own threads, which spin for more work after a call; models timed (or served) side by side in one process
-#: then take each other's cores: on two cores, with four models of MiniLM at two threads, each call took 1.1x to
-#: 2.4x as long as with the setting, and the ratios between models moved with the order they ran in.
+#: then take each other's cores: on two cores, with six MiniLM graphs at two threads, each call took 1.4x to
+#: 3.2x as long as with the setting, and the ratios between models moved with the order they ran in.
 STOP_SPINNING = "session.force_spinning_stop"
 
 
