@@ -117,3 +117,15 @@ def test_the_callback_refuses_zero_calibration_batches_and_settings_given_twice(
         OneShotQuantization(calibration_batches=0)
     with pytest.raises(ValueError, match=r"not both: got config and \['act_order'\]"):
         OneShotQuantization(act_order=True, config=OneShotQuantizationConfig())
+
+
+def test_in_a_fit_grids_that_do_not_fit_a_target_fail_at_setup_before_a_step(tmp_path):
+    module = digits_module()
+    groups = OneShotQuantization(quantization=QuantConfig(weight_bits=4, group_size=96), progress=False)
+    trainer = quiet_trainer(tmp_path, [groups])
+    with pytest.raises(ValueError, match=r"group_size=96 must divide the 256 input features of model.classifier.1"):
+        trainer.fit(module, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+    convolutions = OneShotQuantization(targets=[nn.Conv2d], progress=False)
+    with pytest.raises(ValueError, match="rounds nn.Linear layers; the targets also name"):
+        quiet_trainer(tmp_path, [convolutions]).fit(digits_module(), datamodule=DigitsDataModule())

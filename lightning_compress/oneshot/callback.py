@@ -14,11 +14,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_compress.arguments import check_argument, config_or_arguments, is_int
 from lightning_compress.oneshot.hessian import BLOCK_SIZE, DAMPING
 from lightning_compress.oneshot.pruning import OneShotPruningConfig, linear_pruner, one_shot_prune
-from lightning_compress.oneshot.quantization import OneShotQuantizationConfig, one_shot_quantize
+from lightning_compress.oneshot.quantization import OneShotQuantizationConfig, one_shot_quantize, quantize_targets
 from lightning_compress.pruning.pruner import Pruner
 from lightning_compress.quantization.callback import share_ranges
 from lightning_compress.quantization.config import QuantConfig
-from lightning_compress.quantization.layers import QuantizedLayer, quantize_model
+from lightning_compress.quantization.layers import QuantizedLayer
 from lightning_compress.targets import TargetSpec
 
 PRUNE_AT = ("start", "end")
@@ -223,8 +223,7 @@ class OneShotQuantization(L.Callback):
         return layers
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        targets = [torch.nn.Linear] if self.config.targets is None else self.config.targets
-        quantize_model(pl_module, self.config.quantization, targets, self.config.exclude, warn=rank_zero_warn)
+        quantize_targets(pl_module, self.config, warn=rank_zero_warn)
 
     def _quantize(self, trainer: L.Trainer, pl_module: L.LightningModule, batches: Iterable[Any]) -> None:
         self.apply(
@@ -245,4 +244,7 @@ class OneShotQuantization(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(method=self.config.method, bits=self.config.quantization.weight_bits)
+        quantization = self.config.quantization
+        return self._generate_state_key(
+            method=self.config.method, bits=quantization.weight_bits, group_size=quantization.group_size
+        )

@@ -95,11 +95,7 @@ def one_shot_quantize(
         >>> sorted(layers), model[0].weight_quantizer.quant_range
         (['0', '2'], (-7, 7))
     """
-    targets = [nn.Linear] if config.targets is None else config.targets
-    layers = quantize_model(model, config.quantization, targets, config.exclude, warn)
-    not_linear = {name: type(layer).__name__ for name, layer in layers.items() if not isinstance(layer, nn.Linear)}
-    if not_linear:
-        raise ValueError(f"one-shot quantization rounds nn.Linear layers; the targets also name {not_linear}")
+    layers = quantize_targets(model, config, warn)
     weight = next(iter(layers.values())).weight
     inputs = calibration_inputs(batches, calibration_batches, weight.device, weight.dtype)
     grids: dict[str, WeightGrid] = {}
@@ -127,6 +123,25 @@ def one_shot_quantize(
     calibrate(model, inputs)
     for name, grid in grids.items():
         _keep_grid(layers[name].weight_quantizer, grid)
+    return layers
+
+
+def quantize_targets(
+    model: nn.Module, config: OneShotQuantizationConfig, warn: Callable[[str], Any] = warnings.warn
+) -> dict[str, QuantizedLayer]:
+    """Make ``config``'s target layers of ``model`` (every ``nn.Linear`` by default) quantized layers on its grids,
+    quantization off, in place; fails unless every target is an ``nn.Linear``. Returns them by name.
+
+    Example:
+        >>> from torch import nn
+        >>> sorted(quantize_targets(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), OneShotQuantizationConfig()))
+        ['0', '2']
+    """
+    targets = [nn.Linear] if config.targets is None else config.targets
+    layers = quantize_model(model, config.quantization, targets, config.exclude, warn)
+    not_linear = {name: type(layer).__name__ for name, layer in layers.items() if not isinstance(layer, nn.Linear)}
+    if not_linear:
+        raise ValueError(f"one-shot quantization rounds nn.Linear layers; the targets also name {not_linear}")
     return layers
 
 
