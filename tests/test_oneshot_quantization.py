@@ -112,6 +112,18 @@ def test_in_validate_gptq_quantizes_before_the_pass_and_in_a_fit_when_training_e
     assert len(torch.unique(layer.weight[0])) <= 15  # one 4-bit grid a row
 
 
+def test_the_callback_takes_the_grids_as_keyword_settings_over_its_4_bit_defaults():
+    callback = OneShotQuantization(weight_bits=8, group_size=64)
+    assert callback.config.quantization == QuantConfig(weight_bits=8, observer="minmax", group_size=64)
+    assert OneShotQuantization().config.quantization == OneShotQuantizationConfig().quantization
+    with pytest.raises(ValueError, match=r"not both: got config and \['group_size'\]"):
+        OneShotQuantization(quantization=W4, group_size=64)
+    with pytest.raises(ValueError, match=r"unknown quantizer setting\(s\) \['groups'\]"):
+        OneShotQuantization(groups=64)
+    with pytest.raises(ValueError, match="quantization must be a QuantConfig"):
+        OneShotQuantization(quantization="int4")
+
+
 def test_the_callback_refuses_zero_calibration_batches_and_settings_given_twice():
     with pytest.raises(ValueError, match="calibration_batches must be an int >= 1"):
         OneShotQuantization(calibration_batches=0)

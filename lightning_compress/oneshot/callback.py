@@ -4,6 +4,7 @@ batches, in ``trainer.validate`` or a fit, the pruned weights kept at zero while
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,7 +17,7 @@ from lightning_compress.oneshot.hessian import BLOCK_SIZE, DAMPING
 from lightning_compress.oneshot.pruning import OneShotPruningConfig, linear_pruner, one_shot_prune
 from lightning_compress.oneshot.quantization import OneShotQuantizationConfig, one_shot_quantize, quantize_targets
 from lightning_compress.pruning.pruner import Pruner
-from lightning_compress.quantization.callback import share_ranges
+from lightning_compress.quantization.callback import quant_config, share_ranges
 from lightning_compress.quantization.config import QuantConfig
 from lightning_compress.quantization.layers import QuantizedLayer
 from lightning_compress.targets import TargetSpec
@@ -173,7 +174,8 @@ class OneShotQuantization(L.Callback):
     Args:
         method: ``"gptq"`` or ``"rtn"`` (see :class:`OneShotQuantizationConfig`).
         quantization: the grids, a :class:`~lightning_compress.quantization.QuantConfig` (4-bit symmetric
-            weights per output channel, min-max activation ranges by default).
+            weights per output channel, min-max activation ranges by default), or its fields as keyword
+            arguments over those defaults (``weight_bits=4, group_size=128``), not both.
         act_order: GPTQ visits the input columns by decreasing energy.
         calibration_batches: how many batches calibrate (at least 1).
         targets, exclude: module types and name patterns; every ``nn.Linear`` by default.
@@ -184,6 +186,8 @@ class OneShotQuantization(L.Callback):
     Example:
         >>> import lightning as L
         >>> gptq = OneShotQuantization(method="gptq", act_order=True, calibration_batches=8)
+        >>> OneShotQuantization(weight_bits=4, group_size=128).config.quantization.group_size
+        128
         >>> trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, callbacks=[gptq])
     """
 
@@ -200,14 +204,14 @@ class OneShotQuantization(L.Callback):
         progress: bool = True,
         *,
         config: OneShotQuantizationConfig | None = None,
+        **settings: Any,
     ) -> None:
         check_calibration_batches(calibration_batches)
-        defaults = OneShotQuantizationConfig()
+        if quantization is None or settings:  # else the config checks what it was given, under its own name
+            defaults = dataclasses.asdict(OneShotQuantizationConfig().quantization)
+            quantization = quant_config(quantization, settings, defaults)
         self.config = config_or_arguments(
-            config,
-            OneShotQuantizationConfig(
-                method, quantization or defaults.quantization, act_order, targets, exclude, damping, block_size
-            ),
+            config, OneShotQuantizationConfig(method, quantization, act_order, targets, exclude, damping, block_size)
         )
         self.calibration_batches = calibration_batches
         self.progress = progress
