@@ -41,7 +41,7 @@ CALIBRATION_GLOSSES = 128
 HELD_OUT_GLOSSES = 2000
 BATCHES = (1, 32)
 THREADS = (1, 2)
-CONFIG = QuantConfig(observer="minmax", activation_symmetric=False)
+CONFIG = QuantConfig(observer="minmax", activation_symmetric=False, reduce_range=True)
 #: Our int8 artifacts: weights with a scale per output channel, and with one per matrix (the peer's kind).
 INT8 = {"ours_int8": CONFIG, "ours_int8_per_tensor": dataclasses.replace(CONFIG, per_channel=False)}
 TIMED = ("fp32", "ort_dynamic", *INT8)

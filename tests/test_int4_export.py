@@ -156,15 +156,19 @@ def test_w4_file_is_smaller_than_w8_by_half_the_weight_bytes() -> None:
     assert len(files[8]) - saved <= len(files[4]) <= len(files[8]) - saved + 100 * len(sizes)
 
 
-def test_8bit_weights_stay_int8_behind_dequantize_linear_at_the_float_graphs_opset() -> None:
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_8bit_weights_stay_8bit_behind_dequantize_linear_at_the_float_graphs_opset(reduce_range) -> None:
     inputs = torch.randn(96, 2, 10, 10, generator=torch.Generator().manual_seed(3))
     model = conv_batchnorm_linear()
     float_graph = onnx.load_from_string(onnx_bytes(model, inputs[:1]))
-    graph = onnx.load_from_string(onnx_bytes(trained_like_qat(model, QuantConfig(weight_bits=8), inputs), inputs[:1]))
+    config = QuantConfig(weight_bits=8, reduce_range=reduce_range)
+    graph = onnx.load_from_string(onnx_bytes(trained_like_qat(model, config, inputs), inputs[:1]))
     assert list(graph.opset_import) == list(float_graph.opset_import)
     assert "Cast" not in {node.op_type for node in graph.graph.node}  # DequantizeLinear reads the initializers
     stored = stored_weights(graph)
-    assert len(stored) == 3 and all(tensor.data_type == TensorProto.INT8 for tensor in stored.values())
+    # full 8-bit weights are stored as uint8 (128 higher, and their zero points), 7-bit ones as int8
+    expected = TensorProto.INT8 if reduce_range else TensorProto.UINT8
+    assert len(stored) == 3 and all(tensor.data_type == expected for tensor in stored.values())
 
 
 def test_smallcnn_w4_file_is_at_most_016_of_its_float_file() -> None:

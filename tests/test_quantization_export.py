@@ -228,3 +228,34 @@ def test_a_file_of_another_architecture_leaves_the_model_unchanged(tmp_path, oth
     assert list(other.state_dict()) == list(state) and all(
         torch.equal(value, state[name]) for name, value in other.state_dict().items()
     )
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["gemm", "matmul-on-tokens"])
+@pytest.mark.parametrize("reduce_range", [False, True], ids=["8-bit", "7-bit"])
+def test_integer_products_compute_the_models_numbers_on_cpus_without_vnni(tokens, reduce_range) -> None:
+    """uint8 inputs near 255 times large positive int8 weights overflow the 16-bit sums of two products of x86 CPUs
+    without VNNI (AVX2's VPMADDUBSW, 2 x 255 x 127 > 32,767): full 8-bit weights are stored as uint8, 128 higher, whose
+    products every CPU sums in 32 bits; 7-bit ones cannot overflow and stay int8. Either way ONNX Runtime computes the
+    fake-quantized model's numbers (on an AVX2 CPU, int8 8-bit weights were off by about 0.1 here)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8)).eval()
+    with torch.no_grad():
+        model[0].weight.uniform_(0.5, 1.0)  # all positive: every pair of neighbouring products adds up
+    quantize_model(model, QuantConfig(reduce_range=reduce_range))
+    shape = (16, 5, 64) if tokens else (16, 64)
+    inputs = torch.rand(shape, generator=torch.Generator().manual_seed(0))  # non-negative: a uint8 grid from zero
+    calibrate(model, [inputs])
+    graph = onnx.load_from_string(onnx_bytes(model, inputs[:1]))
+    values = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.graph.initializer}
+    (weight,) = (array for array in values.values() if array.ndim == 2)
+    if reduce_range:
+        assert weight.dtype == np.int8 and np.abs(weight).max() == 63
+    else:
+        integers = model[0].weight_quantizer(model[0].weight) / model[0].weight_quantizer.scale.reshape(-1, 1)
+        assert weight.dtype == np.uint8 and weight.max() == 255  # 127 + 128
+        # the same integers, 128 higher (compared as sets: a MatMul holds the weight transposed, a Gemm does not)
+        np.testing.assert_array_equal(
+            np.sort(weight.astype(np.int64).ravel() - 128), np.sort(integers.round().long().numpy().ravel())
+        )
+    with torch.no_grad():
+        torch.testing.assert_close(run_onnx(graph.SerializeToString(), inputs), model(inputs), atol=1e-5, rtol=1e-5)

@@ -39,7 +39,8 @@ def test_every_weight_layer_of_the_vision_transformer_is_int8_in_onnx_and_agrees
     calibrate(model, [images])
     graph = onnx_bytes(model.eval(), images[:1])
     initializers = onnx.load_from_string(graph).graph.initializer
-    weights = [tensor for tensor in initializers if tensor.data_type == onnx.TensorProto.INT8 and len(tensor.dims) >= 2]
+    eight_bit = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)  # full 8-bit weights are stored as uint8 (qdq.py)
+    weights = [tensor for tensor in initializers if tensor.data_type in eight_bit and len(tensor.dims) >= 2]
     expected_shapes = [
         tuple(layer.weight.shape) if name in ("conv_proj", "heads.head") else tuple(layer.weight.shape)[::-1]
         for name, layer in layers.items()

@@ -26,6 +26,12 @@ such an input, so no runtime folds it (ONNX Runtime warns once that it will not)
 same bits as with the steps alone.
 Layers that read one tensor on one grid (a transformer's query, key and value) share its ``QuantizeLinear``.
 
+Inputs reach integer kernels as uint8 and weights as int8 where no product can overflow: x86 CPUs without VNNI
+(AVX2, AVX-512BW) add two uint8 x int8 products into a saturating 16-bit sum, which weights up to 64 in magnitude
+never exceed (7-bit ``reduce_range`` weights, 4-bit ones). Full 8-bit weights are stored as uint8, 128 higher with
+their zero points, the same grid, so ONNX Runtime multiplies uint8 by uint8 and sums in 32 bits: the graph computes
+the model's numbers on every CPU (on a VNNI-less AVX2 CPU the int8 form of a BERT layer was off by up to 0.5).
+
 Weights whose range fits in four bits (``weight_bits=4``: ``[-7, 7]``, or ``[0, 15]`` when asymmetric)
 are stored as ``INT4`` / ``UINT4`` initializers, two integers a byte, and widened by a ``Cast`` to the
 8-bit type the ``DequantizeLinear`` reads (both need opset 21, to which such a graph is converted).
@@ -56,6 +62,9 @@ _FOUR_BIT_TYPES = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
 FOUR_BIT_OPSET = 21
 #: The graph input (default 1) by which integer matrix products' accumulator steps are multiplied, see above
 UNIT = "integer_product_unit"
+#: The largest signed 8-bit weight integer (in magnitude) whose products with any uint8 input cannot overflow the
+#: 16-bit sum of two products that x86 CPUs without VNNI compute (VPMADDUBSW): 2 x 255 x 64 = 32,640 <= 32,767
+LARGEST_SIGNED_WEIGHT = 64
 
 
 def _storage_type(quant_range: tuple[int, int]) -> type[np.integer]:
@@ -238,16 +247,15 @@ def _quantize_weight_and_bias(editor: GraphEditor, found: _LayerNode, layer: Int
     """A ``Conv``'s or ``Gemm``'s weight and bias as integers behind ``DequantizeLinear`` nodes."""
     node, weight_name = found.node, found.weight
     integers, scale, zero_point = layer.fit_to(editor.replace_initializer(weight_name), weight_name)
-    storage = _storage_type(layer.weight_range)  # the type DequantizeLinear reads, as ONNX Runtime's integer kernels do
-    stored, widening = _weight_integers(editor, weight_name, integers, layer)
+    weight = _weight_integers(editor, weight_name, integers, zero_point, layer)
     editor.before[node.output[0]] += [
-        *widening,
+        *weight.widening,
         helper.make_node(
             "DequantizeLinear",
             [
-                stored,
+                weight.integers,
                 editor.constant(f"{weight_name}_scale", scale),
-                editor.constant(f"{weight_name}_zero_point", zero_point.astype(storage)),
+                editor.constant(f"{weight_name}_zero_point", weight.zero_point),
             ],
             [weight_name],
             axis=0,  # the output channels
@@ -319,16 +327,19 @@ def _integer_matmul(
     :data:`UNIT`); the ``Add`` after it adds the bias on that grid."""
     node, weight_name = found.node, found.weight
     integers, scale, zero_point = layer.fit_to(editor.replace_initializer(weight_name).T, weight_name)
-    weight, widening = _weight_integers(editor, weight_name, integers.T, layer)  # as MatMul reads it: (in, out)
-    operands = [integer_input.integers, weight, integer_input.grid.zero_point]
-    if np.any(zero_point != 0):  # one a column; without any ONNX Runtime takes its faster path of one zero point
+    weight = _weight_integers(editor, weight_name, integers.T, zero_point, layer)  # as MatMul reads it: (in, out)
+    operands = [integer_input.integers, weight.integers, integer_input.grid.zero_point]
+    if np.any(weight.zero_point != 0):  # one a column, or one for all, ONNX Runtime's faster path; none if zero
+        shared = np.all(weight.zero_point == weight.zero_point.flat[0])
         operands.append(
-            editor.constant(f"{weight_name}_zero_point", zero_point.astype(_storage_type(layer.weight_range)))
+            editor.constant(
+                f"{weight_name}_zero_point", weight.zero_point[:1].reshape(()) if shared else weight.zero_point
+            )
         )
     accumulator_steps = _accumulator_steps(layer, scale)
     product, widened, steps = (editor.name(f"{weight_name}_{part}") for part in ("product", "float", "steps"))
     editor.replacements[node.output[0]] = [
-        *widening,
+        *weight.widening,
         helper.make_node("MatMulInteger", operands, [product]),
         helper.make_node("Cast", [product], [widened], to=TensorProto.FLOAT),
         helper.make_node(
@@ -345,17 +356,38 @@ def _integer_matmul(
     editor.constant_named(bias_name, (integers * accumulator_steps).astype(np.float32))  # the integers, as floats
 
 
+@dataclass(frozen=True)
+class _StoredWeight:
+    """A weight's integers in the graph: the name of their 8-bit form (``integers``), the nodes that make it from the
+    stored initializer (``widening``), and the zero points, one an output channel, in that 8-bit type."""
+
+    integers: str
+    widening: list[onnx.NodeProto]
+    zero_point: np.ndarray
+
+
 def _weight_integers(
-    editor: GraphEditor, weight_name: str, integers: np.ndarray, layer: IntegerLayer
-) -> tuple[str, list[onnx.NodeProto]]:
-    """The initializer of a weight's ``integers`` in their storage type, and the name of their 8-bit form with the
-    nodes that make it: none, or a ``Cast`` from four bits (ONNX Runtime folds it when it loads the graph)."""
-    stored = editor.constant(f"{weight_name}_int", integers.astype(weight_storage(layer.weight_range)))
+    editor: GraphEditor, weight_name: str, integers: np.ndarray, zero_point: np.ndarray, layer: IntegerLayer
+) -> _StoredWeight:
+    """A weight's ``integers`` as an initializer in their storage type, widened to eight bits where they are stored in
+    four (a ``Cast``, which ONNX Runtime folds when it loads the graph), and their ``zero_point``.
+
+    Signed 8-bit integers beyond :data:`LARGEST_SIGNED_WEIGHT` are stored as uint8, 128 higher, with their zero
+    points: the same grid. x86 CPUs without VNNI (AVX2, AVX-512BW) multiply ONNX Runtime's uint8 inputs by int8
+    weights into 16-bit sums of two products, which saturate beyond 32,767, so such weights could compute other
+    numbers there than the model does; uint8 by uint8 products are summed in 32 bits on every CPU, and smaller
+    signed weights (``QuantConfig(reduce_range=True)``, four bits) keep the faster signed kernels exactly.
+    """
+    eight_bit = np.dtype(_storage_type(layer.weight_range))  # the type DequantizeLinear and MatMulInteger read
+    if eight_bit == np.int8 and np.abs(integers).max(initial=0) > LARGEST_SIGNED_WEIGHT:
+        integers, zero_point, eight_bit = integers + 128, zero_point + 128, np.dtype(np.uint8)
     if not _is_four_bit(layer.weight_range):
-        return stored, []
+        stored = editor.constant(f"{weight_name}_int", integers.astype(eight_bit))
+        return _StoredWeight(stored, [], zero_point.astype(eight_bit))
+    stored = editor.constant(f"{weight_name}_int", integers.astype(weight_storage(layer.weight_range)))
     widened = editor.name(f"{weight_name}_widened")
-    to = helper.np_dtype_to_tensor_dtype(np.dtype(_storage_type(layer.weight_range)))
-    return widened, [helper.make_node("Cast", [stored], [widened], to=to)]
+    cast = helper.make_node("Cast", [stored], [widened], to=helper.np_dtype_to_tensor_dtype(eight_bit))
+    return _StoredWeight(widened, [cast], zero_point.astype(eight_bit))
 
 
 def _accumulator_steps(layer: IntegerLayer, weight_scale: np.ndarray) -> np.ndarray:
