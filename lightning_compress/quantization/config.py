@@ -27,7 +27,7 @@ class QuantConfig:
     ``weight_bits`` (``[-63, 63]`` at 8 bits), as ONNX Runtime's ``quantize_static(reduce_range=True)``:
     x86 CPUs without VNNI (AVX2 only) multiply uint8 inputs by int8 weights into saturating 16-bit sums,
     which 7-bit weights cannot overflow, so the ONNX export runs them in those fast kernels; full 8-bit
-    weights it stores as uint8 (exact on every CPU, in kernels about 1.2x slower there).
+    weights it stores as uint8 (exact on every CPU, in kernels 1.1x-1.15x as slow there on MiniLM).
     ``group_size`` gives each output channel of a linear layer one scale per group of that many consecutive
     input columns (GPTQ's and AWQ's ``group_size=128``): weight-only quantization, whose inputs and bias stay
     in float, exported as ONNX's block-wise ``DequantizeLinear`` before the ``MatMul``, which ONNX Runtime
