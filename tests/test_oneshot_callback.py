@@ -66,6 +66,8 @@ def test_validate_prunes_before_the_pass_so_it_measures_the_pruned_model(tmp_pat
         ({"calibration_batches": 0}, "calibration_batches must be an int >= 1"),
         ({"prune_at": "middle"}, "prune_at must be one of start, end"),
         ({"config": OneShotPruningConfig(), "method": "wanda"}, r"not both: got config and \['method'\]"),
+        ({"config": OneShotPruningConfig(), "reconstruct": True}, r"not both: got config and \['reconstruct'\]"),
+        ({"reconstruct": "yes"}, "reconstruct must be True or False"),
     ],
 )
 def test_bad_settings_fail_when_made(settings, message):
@@ -87,6 +89,21 @@ def test_apply_prunes_a_plain_model_from_a_dataloader():
         model, datamodule.train_dataloader()
     )
     assert pruner.sparsity()["pruning/sparsity"] == 0.5
+
+
+def test_apply_with_reconstruction_keeps_the_masks_and_solves_the_surviving_weights_again():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    solved = copy.deepcopy(plain)
+    datamodule = DigitsDataModule()
+    datamodule.setup()
+    for model, reconstruct in ((plain, False), (solved, True)):
+        OneShotPruning(method="wanda", calibration_batches=3, progress=False, reconstruct=reconstruct).apply(
+            model, datamodule.train_dataloader()
+        )
+    assert torch.equal(plain[1].weight == 0, solved[1].weight == 0)  # the first layer's inputs are the same
+    assert int((solved[1].weight == 0).sum()) == 1024 and int((solved[3].weight == 0).sum()) == 160
+    assert not torch.allclose(plain[1].weight, solved[1].weight)
 
 
 def test_a_student_pruned_at_the_start_of_distillation_recovers_with_its_zeros_and_the_teacher_untouched(tmp_path):

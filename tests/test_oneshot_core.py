@@ -14,6 +14,7 @@ from lightning_compress.oneshot.gptq import WeightGrid, gptq_quantize
 from lightning_compress.oneshot.hessian import InputGram, inverse_hessian_factor
 from lightning_compress.oneshot.layer_inputs import compress_layer_by_layer, layer_groups
 from lightning_compress.oneshot.pruning import OneShotPruningConfig, one_shot_prune
+from lightning_compress.oneshot.reconstruction import reconstruct_surviving_weights
 
 
 def correlated_inputs(rows: int = 512, features: int = 32, seed: int = 0) -> torch.Tensor:
@@ -90,6 +91,55 @@ def test_unstructured_sparsity_is_exact_per_layer_and_masks_match_the_zeros(meth
     assert int((model[2].weight == 0).sum()) == round(0.3 * 40 * 10) == 120
     for name in ("0.weight", "2.weight"):
         assert torch.equal(pruner.masks[name], model.get_parameter(name) != 0)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.3])
+def test_reconstruction_solves_each_rows_surviving_weights_exactly(damping):
+    torch.manual_seed(0)
+    weight, inputs = torch.randn(12, 32), correlated_inputs()
+    inputs[:, 5] *= 30.0  # an outlier feature, as transformers have: a badly conditioned Gram matrix
+    keep = torch.rand(12, 32) > 0.5
+    gram = inputs.T @ inputs / len(inputs)
+    solved = reconstruct_surviving_weights(weight, keep, gram, damping)
+    ridge = gram.double() + damping * gram.diagonal().mean().double() * torch.eye(32, dtype=torch.float64)
+    exact = torch.zeros(12, 32, dtype=torch.float64)
+    for row in range(12):
+        kept = keep[row].nonzero().squeeze(1)
+        exact[row, kept] = torch.linalg.solve(ridge[kept][:, kept], (weight[row].double() @ ridge)[kept])
+
+    def objective(solution: torch.Tensor) -> torch.Tensor:  # each row's output change plus the ridge
+        change = weight.double() - solution.double()
+        return ((change @ ridge) * change).sum(1)
+
+    assert torch.allclose(objective(solved), objective(exact), rtol=1e-6)
+    assert torch.allclose(solved.double(), exact, atol=1e-3)
+    assert (solved[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("granularity", ["unstructured", "2:4"])
+def test_reconstruction_keeps_the_mask_and_lowers_the_output_error_of_every_method(method, granularity):
+    torch.manual_seed(0)
+    dense, inputs = nn.Linear(32, 16), correlated_inputs()
+    plain = pruned_copy(dense, inputs, method=method, granularity=granularity)
+    solved = pruned_copy(dense, inputs, method=method, granularity=granularity, reconstruct=True, reconstruction_damping=0.0)
+    assert torch.equal(plain.weight == 0, solved.weight == 0)
+    assert output_error(dense, solved, inputs) < 0.9 * output_error(dense, plain, inputs)
+
+
+def test_amounts_per_layer_prune_each_named_layer_to_its_own_sparsity():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    amounts = {"0": 0.25, "2": 0.75}
+    pruner = one_shot_prune(model, [torch.randn(64, 16)], OneShotPruningConfig(amount=amounts), progress=False)
+    assert int((model[0].weight == 0).sum()) == 128 and int((model[2].weight == 0).sum()) == 192
+    assert sorted(pruner.masks) == ["0.weight", "2.weight"]
+
+
+def test_reconstruction_with_magnitude_pruning_needs_calibration_batches():
+    config = OneShotPruningConfig(method="magnitude", reconstruct=True)
+    with pytest.raises(ValueError, match="reconstruct=True learns from calibration batches: give some"):
+        one_shot_prune(nn.Sequential(nn.Linear(4, 4)), None, config, progress=False)
 
 
 def test_sparsegpt_on_calibration_inputs_is_deterministic_and_keeps_zeros_while_training():
@@ -184,6 +234,10 @@ def test_an_input_gram_is_the_mean_outer_product_however_the_rows_are_batched():
         ({"granularity": "2:4", "amount": 0.3}, "means sparsity 0.5; amount=0.3 contradicts it"),
         ({"method": "obs"}, "method must be one of wanda, sparsegpt, magnitude"),
         ({"damping": -1}, "damping must be a number >= 0"),
+        ({"reconstruction_damping": "high"}, "reconstruction_damping must be a number >= 0"),
+        ({"reconstruct": 1}, "reconstruct must be True or False"),
+        ({"amount": "half"}, "a number in \\[0, 1\\) \\(the sparsity\\), or a dict of layer name -> sparsity"),
+        ({"amount": {"fc": 1.5}}, r"each amount in \[0, 1\)"),
     ],
 )
 def test_bad_settings_fail_when_made(settings, message):

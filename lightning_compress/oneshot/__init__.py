@@ -1,5 +1,5 @@
 """One-shot compression from calibration data, layer by layer (plain PyTorch): Wanda and SparseGPT pruning,
-GPTQ rounding; the ``OneShotPruning`` and ``OneShotQuantization`` callbacks."""
+GPTQ rounding; the surviving weights of a mask solved exactly; the ``OneShotPruning`` and ``OneShotQuantization`` callbacks."""
 
 from lightning_compress.oneshot.callback import OneShotPruning, OneShotQuantization
 from lightning_compress.oneshot.gptq import WeightGrid, gptq_quantize
@@ -7,6 +7,7 @@ from lightning_compress.oneshot.hessian import InputGram, inverse_hessian_factor
 from lightning_compress.oneshot.layer_inputs import compress_layer_by_layer, layer_groups, token_positions
 from lightning_compress.oneshot.pruning import METHODS, OneShotPruningConfig, one_shot_prune
 from lightning_compress.oneshot.quantization import QUANTIZATION_METHODS, OneShotQuantizationConfig, one_shot_quantize
+from lightning_compress.oneshot.reconstruction import reconstruct_surviving_weights
 from lightning_compress.oneshot.sparsegpt import sparsegpt_prune
 from lightning_compress.oneshot.wanda import row_masks, wanda_scores
 
@@ -26,6 +27,7 @@ __all__ = [
     "one_shot_prune",
     "one_shot_quantize",
     "optimal_brain_surgeon",
+    "reconstruct_surviving_weights",
     "row_masks",
     "sparsegpt_prune",
     "token_positions",

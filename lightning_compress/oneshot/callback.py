@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_compress.arguments import check_argument, config_or_arguments, is_int
 from lightning_compress.oneshot.hessian import BLOCK_SIZE, DAMPING
 from lightning_compress.oneshot.pruning import OneShotPruningConfig, linear_pruner, one_shot_prune
+from lightning_compress.oneshot.reconstruction import RECONSTRUCTION_DAMPING
 from lightning_compress.oneshot.quantization import OneShotQuantizationConfig, one_shot_quantize, quantize_targets
 from lightning_compress.pruning.pruner import Pruner
 from lightning_compress.quantization.callback import quant_config, share_ranges
@@ -59,11 +60,14 @@ class OneShotPruning(L.Callback):
 
     Args:
         method: ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"`` (see :class:`OneShotPruningConfig`).
-        amount: the sparsity of the targeted weights, in [0, 1); 0.5 unless an N:M ``granularity`` implies it.
+        amount: the sparsity of the targeted weights, in [0, 1); 0.5 unless an N:M ``granularity`` implies it; or a
+            dict of layer name -> that layer's sparsity.
         granularity: ``"unstructured"`` or an N:M pattern such as ``"2:4"``.
         calibration_batches: how many batches calibrate (at least 1).
         targets, exclude: module types and name patterns (see ``select_layers``); every ``nn.Linear`` by default.
         damping, block_size: SparseGPT's damping of the Hessian and its block of columns.
+        reconstruct, reconstruction_damping: solve each layer's surviving weights exactly for its calibration
+            outputs once its mask is chosen, with this ridge towards the weights before pruning.
         prune_at: in a fit, ``"start"`` (then train on with the zeros kept) or ``"end"``.
         progress: show a progress bar over the layers.
         config: the pruning settings as a :class:`OneShotPruningConfig` instead of the arguments (not both).
@@ -87,12 +91,17 @@ class OneShotPruning(L.Callback):
         prune_at: str = "start",
         progress: bool = True,
         *,
+        reconstruct: bool = False,
+        reconstruction_damping: float = RECONSTRUCTION_DAMPING,
         config: OneShotPruningConfig | None = None,
     ) -> None:
         check_calibration_batches(calibration_batches)
         check_argument("prune_at", prune_at, prune_at in PRUNE_AT, f"one of {', '.join(PRUNE_AT)}")
         self.config = config_or_arguments(
-            config, OneShotPruningConfig(method, amount, granularity, targets, exclude, damping, block_size)
+            config,
+            OneShotPruningConfig(
+                method, amount, granularity, targets, exclude, damping, block_size, reconstruct, reconstruction_damping
+            ),
         )
         self.calibration_batches = calibration_batches
         self.prune_at = prune_at

@@ -14,6 +14,7 @@ from torch import nn
 from lightning_compress.arguments import check_argument, is_int, is_number
 from lightning_compress.oneshot.hessian import BLOCK_SIZE, DAMPING, InputGram, inverse_hessian_factor
 from lightning_compress.oneshot.layer_inputs import calibration_inputs, compress_layer_by_layer
+from lightning_compress.oneshot.reconstruction import RECONSTRUCTION_DAMPING, reconstruct_surviving_weights
 from lightning_compress.oneshot.sparsegpt import sparsegpt_prune
 from lightning_compress.oneshot.wanda import row_masks, wanda_scores
 from lightning_compress.pruning.config import PruningConfig
@@ -29,13 +30,19 @@ DEFAULT_AMOUNT = 0.5
 @dataclass(frozen=True)
 class OneShotPruningConfig:
     """How :func:`one_shot_prune` prunes: the method, the sparsity (``amount``, 0.5 unless given; an N:M
-    ``granularity`` implies its own), which linear layers, and SparseGPT's damping and block size; checked
-    when made, before any model is touched.
+    ``granularity`` implies its own), which linear layers, SparseGPT's damping and block size, and whether the
+    surviving weights are solved again; checked when made, before any model is touched.
 
     ``"magnitude"`` ranks ``|W|`` within each layer and needs no calibration; ``"wanda"`` ranks
     ``|W_ij| · ||X_j||`` within each output row; ``"sparsegpt"`` prunes by the optimal brain surgeon cost and
     updates the surviving weights. With ``granularity="2:4"`` (any N:M) each group of M consecutive input
-    weights keeps N, for every method.
+    weights keeps N, for every method. ``amount`` may also name each layer's own sparsity (``{"encoder.0.fc1":
+    0.6, ...}``; those layers are then the targets).
+
+    With ``reconstruct=True`` each layer's surviving weights, once its mask is chosen, are solved exactly for its
+    outputs on the calibration inputs (:func:`~lightning_compress.oneshot.reconstruction.reconstruct_surviving_weights`,
+    a ridge of ``reconstruction_damping`` towards the weights before pruning); every method then learns from
+    calibration batches, magnitude too.
 
     Example:
         >>> OneShotPruningConfig(method="wanda", granularity="2:4").amount
@@ -53,6 +60,8 @@ class OneShotPruningConfig:
     exclude: TargetSpec = None
     damping: float = DAMPING
     block_size: int = BLOCK_SIZE
+    reconstruct: bool = False
+    reconstruction_damping: float = RECONSTRUCTION_DAMPING
 
     def __post_init__(self) -> None:
         check_argument("method", self.method, self.method in METHODS, f"one of {', '.join(METHODS)}")
@@ -63,10 +72,16 @@ class OneShotPruningConfig:
             "'unstructured' or an N:M pattern such as '2:4' (one-shot methods rank single weights)",
         )
         check_argument(
-            "amount", self.amount, self.amount is None or is_number(self.amount), "a number in [0, 1) (the sparsity)"
+            "amount",
+            self.amount,
+            self.amount is None or is_number(self.amount) or isinstance(self.amount, Mapping),
+            "a number in [0, 1) (the sparsity), or a dict of layer name -> sparsity",
         )
-        check_argument("damping", self.damping, is_number(self.damping) and self.damping >= 0, "a number >= 0")
+        for name in ("damping", "reconstruction_damping"):
+            value = getattr(self, name)
+            check_argument(name, value, is_number(value) and value >= 0, "a number >= 0")
         check_argument("block_size", self.block_size, is_int(self.block_size) and self.block_size >= 1, "an int >= 1")
+        check_argument("reconstruct", self.reconstruct, isinstance(self.reconstruct, bool), "True or False")
         amount = DEFAULT_AMOUNT if self.amount is None and self.granularity == "unstructured" else self.amount
         pruning = PruningConfig(amount=amount, granularity=self.granularity, targets=self.targets, exclude=self.exclude)
         object.__setattr__(self, "amount", pruning.amount)
@@ -74,9 +89,18 @@ class OneShotPruningConfig:
     @property
     def pruning(self) -> PruningConfig:
         """The :class:`PruningConfig` of the :class:`Pruner` that holds the result: the same sparsity, on the
-        targeted layers (every ``nn.Linear`` by default)."""
-        targets = [nn.Linear] if self.targets is None else self.targets
+        targeted layers (every ``nn.Linear`` by default, or the layers ``amount`` names)."""
+        targets = [nn.Linear] if self.targets is None and not isinstance(self.amount, Mapping) else self.targets
         return PruningConfig(amount=self.amount, granularity=self.granularity, targets=targets, exclude=self.exclude)
+
+    def layer_amount(self, layer: str) -> float:
+        """The sparsity of the layer named ``layer``."""
+        return self.amount[layer] if isinstance(self.amount, Mapping) else self.amount
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the pruning learns from calibration batches (every method but plain magnitude)."""
+        return self.method != "magnitude" or self.reconstruct
 
 
 #: What hands rank zero's result to every rank (DDP); by default the result as it is.
@@ -120,14 +144,19 @@ def one_shot_prune(
         if config.method == "sparsegpt":
             factor = inverse_hessian_factor(gram.matrix, config.damping, next(iter(group)))
         for name, layer in group.items():
-            masks[f"{name}.weight"] = _prune_layer(layer, config, gram, factor)
+            original = layer.weight.detach().clone() if config.reconstruct else None
+            keep = _prune_layer(name, layer, config, gram, factor)
+            if original is not None:
+                layer.weight.copy_(reconstruct_surviving_weights(original, keep, gram.matrix, config.reconstruction_damping))
+            masks[f"{name}.weight"] = keep
 
-    if config.method == "magnitude":
+    if not config.calibrated:
         for name, layer in layers.items():
             prune_group({name: layer}, None)
     else:
         if batches is None:
-            raise ValueError(f"method={config.method!r} learns from calibration batches: give some")
+            what = "reconstruct=True" if config.method == "magnitude" else f"method={config.method!r}"
+            raise ValueError(f"{what} learns from calibration batches: give some")
         weight = next(iter(layers.values())).weight
         inputs = calibration_inputs(batches, calibration_batches, weight.device, weight.dtype)
         compress_layer_by_layer(model, layers, inputs, prune_group, progress)
@@ -158,13 +187,15 @@ def linear_pruner(model: nn.Module, config: OneShotPruningConfig, warn: Callable
 
 
 def _prune_layer(
-    layer: nn.Linear, config: OneShotPruningConfig, gram: InputGram | None, factor: torch.Tensor | None
+    name: str, layer: nn.Linear, config: OneShotPruningConfig, gram: InputGram | None, factor: torch.Tensor | None
 ) -> torch.Tensor:
-    """Prune ``layer``'s weight in place by ``config.method``; returns its mask (``True`` where a weight survives)."""
+    """Prune the weight of ``layer`` (named ``name``) in place by ``config.method``; returns its mask (``True``
+    where a weight survives)."""
     weight = layer.weight
     n_of_m = config.pruning.n_of_m
+    amount = config.layer_amount(name)
     if config.method == "sparsegpt":
-        pruned, keep = sparsegpt_prune(weight, factor, config.amount, n_of_m, config.block_size)
+        pruned, keep = sparsegpt_prune(weight, factor, amount, n_of_m, config.block_size)
         weight.copy_(pruned)
         return keep
     if config.method == "wanda":
@@ -174,8 +205,8 @@ def _prune_layer(
     if n_of_m is not None:
         keep = n_of_m_masks({"weight": scores}, *n_of_m)["weight"]
     elif config.method == "wanda":
-        keep = row_masks(scores, config.amount)
+        keep = row_masks(scores, amount)
     else:
-        keep = rank_masks({"weight": scores}, config.amount, scope="layer")["weight"]
+        keep = rank_masks({"weight": scores}, amount, scope="layer")["weight"]
     weight.mul_(keep)
     return keep
