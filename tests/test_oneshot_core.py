@@ -116,13 +116,19 @@ def test_reconstruction_solves_each_rows_surviving_weights_exactly(damping):
     assert (solved[~keep] == 0).all()
 
 
+def test_reconstruction_on_a_singular_gram_matrix_without_damping_asks_for_damping():
+    inputs = torch.randn(64, 4).repeat(1, 2)  # every feature twice: a singular Gram matrix
+    with pytest.raises(ValueError, match="singular with damping=0: give a damping > 0"):
+        reconstruct_surviving_weights(torch.randn(3, 8), torch.rand(3, 8) > 0.5, inputs.T @ inputs / 64, damping=0.0)
+
+
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("granularity", ["unstructured", "2:4"])
 def test_reconstruction_keeps_the_mask_and_lowers_the_output_error_of_every_method(method, granularity):
     torch.manual_seed(0)
     dense, inputs = nn.Linear(32, 16), correlated_inputs()
     plain = pruned_copy(dense, inputs, method=method, granularity=granularity)
-    solved = pruned_copy(dense, inputs, method=method, granularity=granularity, reconstruct=True, reconstruction_damping=0.0)
+    solved = pruned_copy(dense, inputs, method=method, granularity=granularity, reconstruct=True, reconstruction_damping=1e-4)
     assert torch.equal(plain.weight == 0, solved.weight == 0)
     assert output_error(dense, solved, inputs) < 0.9 * output_error(dense, plain, inputs)
 
@@ -234,7 +240,8 @@ def test_an_input_gram_is_the_mean_outer_product_however_the_rows_are_batched():
         ({"granularity": "2:4", "amount": 0.3}, "means sparsity 0.5; amount=0.3 contradicts it"),
         ({"method": "obs"}, "method must be one of wanda, sparsegpt, magnitude"),
         ({"damping": -1}, "damping must be a number >= 0"),
-        ({"reconstruction_damping": "high"}, "reconstruction_damping must be a number >= 0"),
+        ({"reconstruction_damping": "high"}, "reconstruction_damping must be a number > 0"),
+        ({"reconstruction_damping": 0.0}, "reconstruction_damping must be a number > 0"),
         ({"reconstruct": 1}, "reconstruct must be True or False"),
         ({"amount": "half"}, "a number in \\[0, 1\\) \\(the sparsity\\), or a dict of layer name -> sparsity"),
         ({"amount": {"fc": 1.5}}, r"each amount in \[0, 1\)"),

@@ -77,9 +77,13 @@ class OneShotPruningConfig:
             self.amount is None or is_number(self.amount) or isinstance(self.amount, Mapping),
             "a number in [0, 1) (the sparsity), or a dict of layer name -> sparsity",
         )
-        for name in ("damping", "reconstruction_damping"):
-            value = getattr(self, name)
-            check_argument(name, value, is_number(value) and value >= 0, "a number >= 0")
+        check_argument("damping", self.damping, is_number(self.damping) and self.damping >= 0, "a number >= 0")
+        check_argument(
+            "reconstruction_damping",
+            self.reconstruction_damping,
+            is_number(self.reconstruction_damping) and self.reconstruction_damping > 0,
+            "a number > 0",
+        )
         check_argument("block_size", self.block_size, is_int(self.block_size) and self.block_size >= 1, "an int >= 1")
         check_argument("reconstruct", self.reconstruct, isinstance(self.reconstruct, bool), "True or False")
         amount = DEFAULT_AMOUNT if self.amount is None and self.granularity == "unstructured" else self.amount
