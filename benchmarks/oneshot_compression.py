@@ -60,7 +60,12 @@ PRUNERS = ("magnitude", "wanda", "torchao_wanda", "sparsegpt", "sparsegpt_recons
 #: Found on seed 0 by trying splits on the held-out glosses, then checked on its training glosses outside the
 #: calibration set (mean cosine 0.9498 against 0.9391 for 50% everywhere): see the README.
 ALLOCATED = "sparsegpt_reconstructed_allocated"
-ALLOCATION = {"attention.self.query": 0.7, "attention.self.key": 0.7, "attention.self.value": 0.3, "attention.output.dense": 0.3}
+ALLOCATION = {
+    "attention.self.query": 0.7,
+    "attention.self.key": 0.7,
+    "attention.self.value": 0.3,
+    "attention.output.dense": 0.3,
+}
 ROUNDERS = ("rtn", "gptq")
 #: The 4-bit grids: one scale an output channel with 8-bit activations, or one an output channel and group of 128
 #: input columns with the activations in float (GPTQ's own setting, run by ONNX Runtime's MatMulNBits)
@@ -120,7 +125,9 @@ def compress(model: nn.Module, method: str, granularity: str, batches: list[torc
     elif method in ROUNDERS:
         OneShotQuantization(method, quantization=GRIDS[granularity], progress=False).apply(model, batches)
     elif method == ALLOCATED:
-        OneShotPruning("sparsegpt", amount=allocated_amounts(model), reconstruct=True, progress=False).apply(model, batches)
+        OneShotPruning("sparsegpt", amount=allocated_amounts(model), reconstruct=True, progress=False).apply(
+            model, batches
+        )
     else:
         pruner, reconstruct = method.removesuffix("_reconstructed"), method.endswith("_reconstructed")
         OneShotPruning(pruner, granularity=granularity, reconstruct=reconstruct, progress=False).apply(model, batches)

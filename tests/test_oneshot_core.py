@@ -128,7 +128,9 @@ def test_reconstruction_keeps_the_mask_and_lowers_the_output_error_of_every_meth
     torch.manual_seed(0)
     dense, inputs = nn.Linear(32, 16), correlated_inputs()
     plain = pruned_copy(dense, inputs, method=method, granularity=granularity)
-    solved = pruned_copy(dense, inputs, method=method, granularity=granularity, reconstruct=True, reconstruction_damping=1e-4)
+    solved = pruned_copy(
+        dense, inputs, method=method, granularity=granularity, reconstruct=True, reconstruction_damping=1e-4
+    )
     assert torch.equal(plain.weight == 0, solved.weight == 0)
     assert output_error(dense, solved, inputs) < 0.9 * output_error(dense, plain, inputs)
 

@@ -1,5 +1,6 @@
 """One-shot compression from calibration data, layer by layer (plain PyTorch): Wanda and SparseGPT pruning,
-GPTQ rounding; the surviving weights of a mask solved exactly; the ``OneShotPruning`` and ``OneShotQuantization`` callbacks."""
+the surviving weights of a mask solved exactly, GPTQ rounding; the ``OneShotPruning`` and ``OneShotQuantization``
+callbacks."""
 
 from lightning_compress.oneshot.callback import OneShotPruning, OneShotQuantization
 from lightning_compress.oneshot.gptq import WeightGrid, gptq_quantize

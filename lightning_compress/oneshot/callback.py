@@ -15,8 +15,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_compress.arguments import check_argument, config_or_arguments, is_int
 from lightning_compress.oneshot.hessian import BLOCK_SIZE, DAMPING
 from lightning_compress.oneshot.pruning import OneShotPruningConfig, linear_pruner, one_shot_prune
-from lightning_compress.oneshot.reconstruction import RECONSTRUCTION_DAMPING
 from lightning_compress.oneshot.quantization import OneShotQuantizationConfig, one_shot_quantize, quantize_targets
+from lightning_compress.oneshot.reconstruction import RECONSTRUCTION_DAMPING
 from lightning_compress.pruning.pruner import Pruner
 from lightning_compress.quantization.callback import quant_config, share_ranges
 from lightning_compress.quantization.config import QuantConfig

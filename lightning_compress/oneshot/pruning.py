@@ -151,7 +151,9 @@ def one_shot_prune(
             original = layer.weight.detach().clone() if config.reconstruct else None
             keep = _prune_layer(name, layer, config, gram, factor)
             if original is not None:
-                layer.weight.copy_(reconstruct_surviving_weights(original, keep, gram.matrix, config.reconstruction_damping))
+                layer.weight.copy_(
+                    reconstruct_surviving_weights(original, keep, gram.matrix, config.reconstruction_damping)
+                )
             masks[f"{name}.weight"] = keep
 
     if not config.calibrated:

@@ -53,7 +53,9 @@ def reconstruct_surviving_weights(
     scale = right_hand_side.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
     inverse, info = torch.linalg.inv_ex(hessian)
     if int(info) != 0:
-        raise ValueError(f"the calibration inputs' Gram matrix is singular with damping={damping:g}: give a damping > 0")
+        raise ValueError(
+            f"the calibration inputs' Gram matrix is singular with damping={damping:g}: give a damping > 0"
+        )
 
     def precondition(rows: torch.Tensor) -> torch.Tensor:
         return (rows @ inverse) * mask
