@@ -31,7 +31,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from common import cpu_description, write_results
+from common import RESULTS, cpu_description, write_results
 from torch import nn
 from transformer_compression import (
     BATCH,
@@ -154,8 +154,19 @@ def recovered(model: nn.Module, teacher: nn.Module, datamodule, pruned: bool, se
     return fit(distillation(model.train(), teacher), datamodule, RECOVERY_EPOCHS, keep_zeros)
 
 
-def run(teacher_path: Path | None, seed: int) -> dict:
-    """One seed's figures, by method (``<method>_<granularity>``)."""
+def candidates() -> list[tuple[str, str]]:
+    """Every row's method and granularity (a sparsity or a 4-bit grid), in the table's order."""
+    pruners = [(method, granularity) for granularity in SPARSITIES for method in PRUNERS]
+    pruners.insert(len(PRUNERS), (ALLOCATED, "unstructured"))
+    return pruners + [(method, grid) for grid in GRIDS for method in ROUNDERS]
+
+
+def row_key(method: str, granularity: str) -> str:
+    return f"{method}_{granularity.replace(':', 'of')}"
+
+
+def run(teacher_path: Path | None, seed: int, only: list[str] | None = None) -> dict:
+    """One seed's figures, by method (``<method>_<granularity>``; those named in ``only``, or all)."""
     datamodule = wordnet(TRAIN_GLOSSES, HELD_OUT_GLOSSES)
     test_ids, test_labels = datamodule.splits["test"].tensors
     train_ids = datamodule.splits["train"].tensors[0]
@@ -171,11 +182,10 @@ def run(teacher_path: Path | None, seed: int) -> dict:
     shipped = sentence_encoder()
     reference = embeddings(shipped, test_ids)
     result: dict = {"dense_accuracy": accuracy(teacher, test_ids, test_labels), "linear_layers": linear_layers(teacher)}
-    candidates = [(method, granularity) for granularity in SPARSITIES for method in PRUNERS]
-    candidates.insert(len(PRUNERS), (ALLOCATED, "unstructured"))
-    candidates += [(method, grid) for grid in GRIDS for method in ROUNDERS]
-    for method, granularity in candidates:
-        key = f"{method}_{granularity.replace(':', 'of')}"
+    for method, granularity in candidates():
+        key = row_key(method, granularity)
+        if only is not None and key not in only:
+            continue
         pruned = granularity in SPARSITIES
         compressed = copy.deepcopy(teacher).requires_grad_(True)  # each recovery freezes the teacher it learns from
         seconds, peak = timed_with_peak_memory(lambda: compress(compressed, method, granularity, batches))
@@ -221,7 +231,14 @@ def markdown(result: dict, settings: dict) -> str:
         f"without retraining; cosine: the model as shipped, mean over the held-out glosses; recovered: after "
         f"{RECOVERY_EPOCHS} KD epoch from the dense model. 4-bit grids: w4a8 one scale an output channel, 8-bit "
         f"activations; w4_group128 one an output channel and group of 128 input columns, activations in float. "
-        f"Medians of seeds {settings['seeds']} (the points: of each seed's against its own dense model).\n",
+        f"Medians of seeds {settings['seeds']} (the points: of each seed's against its own dense model)."
+        + "".join(
+            f" Rows {', '.join(later['rows'])}: a later run ({later['cpu']['model']}, VNNI {later['cpu']['vnni']},"
+            f" {later['minutes']:.1f} min) merged in; the rest: {settings['cpu']['model']}, VNNI"
+            f" {settings['cpu']['vnni']}, {settings['minutes']:.1f} min."
+            for later in settings.get("later_rows", [])
+        )
+        + "\n",
         "| method | accuracy | vs dense (points) | mean cosine | after KD | after KD vs dense (points) | s / layer | peak MiB above |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -243,16 +260,45 @@ def markdown(result: dict, settings: dict) -> str:
     return "\n".join(rows)
 
 
+def merged_into_earlier(settings: dict, runs: list[dict]) -> tuple[dict, list[dict]]:
+    """The settings and runs already in ``results/oneshot_compression.json`` (the same seeds and teachers), with
+    the rows of ``runs`` put in or replaced and this run's settings recorded under ``later_rows``."""
+    earlier = json.loads((RESULTS / "oneshot_compression.json").read_text())
+    if earlier["seeds"] != settings["seeds"] or earlier["teachers"] != settings["teachers"]:
+        raise SystemExit(
+            f"--only merges into a run of the same seeds and teachers; the results hold {earlier['seeds']}"
+        )
+    rows = [key for key, entry in runs[0].items() if isinstance(entry, dict)]
+    later = [*(entry for entry in earlier.get("later_rows", []) if not set(entry["rows"]) <= set(rows))]
+    later.append(
+        {"rows": rows, "cpu": settings["cpu"], "minutes": settings["minutes"], "torch": str(torch.__version__)}
+    )
+    order = ["dense_accuracy", "linear_layers", *(row_key(*candidate) for candidate in candidates()), "fp32_onnx_bytes"]
+    merged = []
+    for old, new in zip(earlier["runs"], runs, strict=True):
+        both = old | {key: new[key] for key in rows}
+        merged.append({key: both[key] for key in order if key in both})
+    kept = {key: earlier[key] for key in ("seeds", "teachers", "calibration_glosses", "length", "cpu", "minutes")}
+    return {**kept, "later_rows": later}, merged
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="pick the calibration glosses")
     parser.add_argument(
         "--teachers", type=Path, help="a folder of seed<N>/teacher.pt fine-tuned state dicts (else fine-tuned here)"
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="KEY",
+        help="run only these rows (e.g. sparsegpt_unstructured) and merge them into the results already written "
+        "for the same seeds and teachers, the run recorded under 'later_rows'",
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     runs = [
-        run(None if args.teachers is None else args.teachers / f"seed{seed}" / "teacher.pt", seed)
+        run(None if args.teachers is None else args.teachers / f"seed{seed}" / "teacher.pt", seed, args.only)
         for seed in args.seeds
     ]
     settings = {
@@ -263,6 +309,8 @@ def main() -> None:
         "cpu": cpu_description(),
         "minutes": (time.perf_counter() - start) / 60,
     }
+    if args.only:
+        settings, runs = merged_into_earlier(settings, runs)
     result = summary(runs)
     write_results("oneshot_compression", settings, {"summary": result, "runs": runs}, markdown(result, settings))
 

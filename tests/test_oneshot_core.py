@@ -116,6 +116,39 @@ def test_reconstruction_solves_each_rows_surviving_weights_exactly(damping):
     assert (solved[~keep] == 0).all()
 
 
+def test_reconstruction_towards_a_reference_solves_each_row_for_the_reference_outputs():
+    torch.manual_seed(0)
+    weight, reference_inputs = torch.randn(8, 32), correlated_inputs()
+    inputs = reference_inputs + 0.3 * torch.randn_like(reference_inputs)  # what pruned layers before it compute
+    keep = torch.rand(8, 32) > 0.5
+    gram, cross = inputs.T @ inputs / len(inputs), reference_inputs.T @ inputs / len(inputs)
+    solved = reconstruct_surviving_weights(weight, keep, gram, 0.1, cross)
+    ridge = 0.1 * gram.diagonal().mean().double()
+    for row in range(8):
+        kept = keep[row].nonzero().squeeze(1)
+        left = gram.double()[kept][:, kept] + ridge * torch.eye(len(kept), dtype=torch.float64)
+        right = (weight[row].double() @ cross.double() + ridge * weight[row].double())[kept]
+        assert torch.allclose(solved[row, kept].double(), torch.linalg.solve(left, right), atol=1e-4)
+    towards_own = reconstruct_surviving_weights(weight, keep, gram, 0.1)
+    target = reference_inputs @ weight.T
+    assert (inputs @ solved.T - target).square().sum() < (inputs @ towards_own.T - target).square().sum()
+
+
+def test_a_pruned_layer_is_solved_for_the_dense_models_outputs_through_the_layers_pruned_before_it():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8))
+    inputs = correlated_inputs()
+    errors = {}
+    for reconstruct in (False, True):
+        model = copy.deepcopy(dense)
+        config = OneShotPruningConfig(reconstruct=reconstruct, reconstruction_damping=1e-3)
+        one_shot_prune(model, inputs.split(128), config, progress=False)
+        assert all(int((model[i].weight == 0).sum()) == model[i].weight.numel() // 2 for i in (0, 2))
+        with torch.no_grad():
+            errors[reconstruct] = float((model(inputs) - dense(inputs)).square().sum())
+    assert errors[True] < 0.8 * errors[False], errors
+
+
 def test_reconstruction_on_a_singular_gram_matrix_without_damping_asks_for_damping():
     inputs = torch.randn(64, 4).repeat(1, 2)  # every feature twice: a singular Gram matrix
     with pytest.raises(ValueError, match="singular with damping=0: give a damping > 0"):
@@ -230,6 +263,15 @@ def test_an_input_gram_is_the_mean_outer_product_however_the_rows_are_batched():
         parts.add(part)
     assert torch.allclose(whole.matrix, rows.T @ rows / 100, atol=1e-6)
     assert torch.allclose(parts.matrix, whole.matrix, atol=1e-6) and parts.rows == 100
+
+
+def test_an_input_gram_keeps_the_cross_products_with_a_reference_models_rows():
+    rows, reference = torch.randn(100, 6), torch.randn(100, 6)
+    gram = InputGram(6, cross=True)
+    for part, reference_part in zip(rows.split(7), reference.split(7), strict=True):
+        gram.add(part, reference_part)
+    assert torch.allclose(gram.cross, reference.T @ rows / 100, atol=1e-6)
+    assert torch.allclose(gram.matrix, rows.T @ rows / 100, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,10 @@ class InputGram:
     leading positions as rows. Kept in float32 as a running mean, so it neither overflows nor depends on
     how the rows were split into batches beyond rounding.
 
+    With ``cross=True`` it also keeps ``X_refᵀX / n``, where each row of ``X_ref`` is what the same layer of a
+    reference model (the model before compression) read at the same position: what solving a layer for the
+    reference model's outputs needs.
+
     Example:
         >>> gram = InputGram(2)
         >>> gram.add(torch.tensor([[1.0, 0.0], [1.0, 2.0]]))
@@ -30,18 +34,23 @@ class InputGram:
         [1.4142135381698608, 2.0]
     """
 
-    def __init__(self, features: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, features: int, device: torch.device | str | None = None, cross: bool = False) -> None:
         self.matrix = torch.zeros(features, features, device=device)
+        self.cross = torch.zeros(features, features, device=device) if cross else None
         self.rows = 0
 
     @torch.no_grad()
-    def add(self, inputs: torch.Tensor) -> None:
-        """Add every input row of ``inputs`` (``(..., features)``)."""
+    def add(self, inputs: torch.Tensor, reference: torch.Tensor | None = None) -> None:
+        """Add every input row of ``inputs`` (``(..., features)``), and with ``cross`` the reference model's rows
+        ``reference`` at the same positions."""
         rows = inputs.reshape(-1, inputs.shape[-1]).float()
         total = self.rows + rows.shape[0]
         if rows.shape[0] == 0:
             return
         self.matrix.mul_(self.rows / total).addmm_(rows.T, rows, alpha=1.0 / total)
+        if self.cross is not None:
+            reference_rows = reference.reshape(rows.shape).float()
+            self.cross.mul_(self.rows / total).addmm_(reference_rows.T, rows, alpha=1.0 / total)
         self.rows = total
 
     def feature_norms(self) -> torch.Tensor:

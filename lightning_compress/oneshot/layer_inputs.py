@@ -3,7 +3,8 @@ hooks, the layer compressed, and the next layer's inputs gathered from the model
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -107,11 +108,15 @@ def compress_layer_by_layer(
     batches: Sequence[ModelInputs],
     compress: CompressGroup,
     progress: bool = True,
+    reference_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Call ``compress`` on each group of ``layers`` (see :func:`layer_groups`) in forward order, with the Gram
     matrix of the group's inputs on ``batches`` as the model computes them after the groups before it were
     compressed (the papers' sequential order). One Gram matrix is held at a time, and each pass stops when the
     group has read its inputs. The model runs in eval mode; only real tokens count (:func:`token_positions`).
+    With ``reference_weights`` (each layer's weight before compression) the Gram matrix also holds the cross
+    products with the inputs the layer reads when the model runs with those weights (:class:`InputGram`
+    ``cross``): the model before compression, without a copy of it.
 
     Example:
         >>> from torch import nn
@@ -129,26 +134,44 @@ def compress_layer_by_layer(
         task = bar.add_task("one-shot compression, layer by layer", total=len(groups))
         for group in groups:
             first = layers[group.names[0]]
-            gram = InputGram(first.in_features, first.weight.device)
+            gram = InputGram(first.in_features, first.weight.device, cross=reference_weights is not None)
             for inputs in batches:
-                _gather(model, first, inputs, gram, group.calls)
+                reads = _layer_inputs(model, first, inputs, group.calls)
+                references: list[torch.Tensor | None] = [None] * len(reads)
+                if reference_weights is not None:
+                    with _weights_swapped(layers, reference_weights):
+                        references = _layer_inputs(model, first, inputs, group.calls)
+                for read, reference_read in zip(reads, references, strict=True):
+                    gram.add(read, reference_read)
             compress({name: layers[name] for name in group.names}, gram)
             bar.advance(task)
 
 
-def _gather(model: nn.Module, layer: nn.Linear, inputs: ModelInputs, gram: InputGram, calls: int) -> None:
-    """Add the rows ``layer`` reads when ``model`` runs on ``inputs`` to ``gram``, stopping the pass after its last call."""
+@contextmanager
+def _weights_swapped(layers: Mapping[str, nn.Linear], weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Run with ``weights`` in place of the ``layers``' own (their storage swapped, nothing copied)."""
+    own = {name: layer.weight.data for name, layer in layers.items()}
+    for name, layer in layers.items():
+        layer.weight.data = weights[name]
+    try:
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.weight.data = own[name]
+
+
+def _layer_inputs(model: nn.Module, layer: nn.Linear, inputs: ModelInputs, calls: int) -> list[torch.Tensor]:
+    """The rows ``layer`` reads at real tokens in each of its ``calls`` when ``model`` runs on ``inputs``, the pass
+    stopped after the last."""
     positions = token_positions(model, inputs)
-    seen = 0
+    reads: list[torch.Tensor] = []
 
     def hook(_: nn.Module, args: tuple) -> None:
-        nonlocal seen
         rows = args[0]
         if positions is not None and rows.dim() == 3 and rows.shape[:2] == positions.shape:
             rows = rows[positions]
-        gram.add(rows)
-        seen += 1
-        if seen == calls:
+        reads.append(rows)
+        if len(reads) == calls:
             raise _InputsGathered
 
     handle = layer.register_forward_pre_hook(hook)
@@ -158,6 +181,7 @@ def _gather(model: nn.Module, layer: nn.Linear, inputs: ModelInputs, gram: Input
         pass
     finally:
         handle.remove()
+    return reads
 
 
 def calibration_inputs(

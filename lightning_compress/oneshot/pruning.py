@@ -39,10 +39,11 @@ class OneShotPruningConfig:
     weights keeps N, for every method. ``amount`` may also name each layer's own sparsity (``{"encoder.0.fc1":
     0.6, ...}``; those layers are then the targets).
 
-    With ``reconstruct=True`` each layer's surviving weights, once its mask is chosen, are solved exactly for its
-    outputs on the calibration inputs (:func:`~lightning_compress.oneshot.reconstruction.reconstruct_surviving_weights`,
-    a ridge of ``reconstruction_damping`` towards the weights before pruning); every method then learns from
-    calibration batches, magnitude too.
+    With ``reconstruct=True`` each layer's surviving weights, once its mask is chosen, are solved exactly for the
+    outputs the model before pruning computes on the calibration batches, from the inputs the layers pruned before
+    it compute (:func:`~lightning_compress.oneshot.reconstruction.reconstruct_surviving_weights`, a ridge of
+    ``reconstruction_damping`` towards the weights before pruning; a copy of the targeted weights is held meanwhile); every
+    method then learns from calibration batches, magnitude too.
 
     Example:
         >>> OneShotPruningConfig(method="wanda", granularity="2:4").amount
@@ -142,18 +143,19 @@ def one_shot_prune(
     pruner = linear_pruner(model, config, warn)
     layers = {name.removesuffix(".weight"): pruner.layers[name] for name in pruner.parameters}
     masks: dict[str, torch.Tensor] = {}
+    dense = {name: layer.weight.detach().clone() for name, layer in layers.items()} if config.reconstruct else None
 
     def prune_group(group: Mapping[str, nn.Linear], gram: InputGram | None) -> None:
         factor = None
         if config.method == "sparsegpt":
             factor = inverse_hessian_factor(gram.matrix, config.damping, next(iter(group)))
         for name, layer in group.items():
-            original = layer.weight.detach().clone() if config.reconstruct else None
             keep = _prune_layer(name, layer, config, gram, factor)
-            if original is not None:
-                layer.weight.copy_(
-                    reconstruct_surviving_weights(original, keep, gram.matrix, config.reconstruction_damping)
+            if dense is not None:
+                solved = reconstruct_surviving_weights(
+                    dense[name], keep, gram.matrix, config.reconstruction_damping, gram.cross
                 )
+                layer.weight.copy_(solved)
             masks[f"{name}.weight"] = keep
 
     if not config.calibrated:
@@ -165,7 +167,7 @@ def one_shot_prune(
             raise ValueError(f"{what} learns from calibration batches: give some")
         weight = next(iter(layers.values())).weight
         inputs = calibration_inputs(batches, calibration_batches, weight.device, weight.dtype)
-        compress_layer_by_layer(model, layers, inputs, prune_group, progress)
+        compress_layer_by_layer(model, layers, inputs, prune_group, progress, reference_weights=dense)
     if share is not None:
         shared = share({"masks": masks, "weights": {name: layer.weight.detach() for name, layer in layers.items()}})
         masks = shared["masks"]

@@ -20,14 +20,21 @@ TOLERANCE = 1e-6
 
 @torch.no_grad()
 def reconstruct_surviving_weights(
-    original: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor, damping: float = RECONSTRUCTION_DAMPING
+    original: torch.Tensor,
+    keep: torch.Tensor,
+    gram: torch.Tensor,
+    damping: float = RECONSTRUCTION_DAMPING,
+    cross: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The weights ``ŵ`` ``(out, in)``, zero where ``keep`` is ``False``, that minimize for each output row
-    ``(w - ŵ)ᵀ H (w - ŵ) + λ ||ŵ - w||²``: the squared change of the row's outputs on the calibration inputs
-    (``H``, the Gram matrix ``XᵀX / n`` of the input rows), plus a ridge towards the ``original`` weights ``w``
-    with ``λ = damping · mean(diag H)``.
+    ``||X_ref w - X ŵ||² / n + λ ||ŵ - w||²``: the squared distance of the row's outputs on the calibration
+    inputs ``X`` (``gram``, their Gram matrix ``H = XᵀX / n``) from the outputs of the ``original`` weights ``w``
+    on the reference inputs ``X_ref`` (``cross``, ``X_refᵀX / n``; without it ``X_ref = X``), plus a ridge
+    towards ``w`` with ``λ = damping · mean(diag H)``. With a reference, the model before compression, the
+    layer also makes up for what the layers compressed before it changed in its inputs.
 
-    On the surviving set ``S`` of a row this is the linear system ``(H + λI)_SS ŵ_S = ((H + λI) w)_S``, solved
+    On the surviving set ``S`` of a row this is the linear system ``(H + λI)_SS ŵ_S = (C w + λ w)_S`` (``C``:
+    ``cross``, or ``H``), solved
     for all rows together by conjugate gradients, preconditioned by ``((H + λI)⁻¹)_SS`` (the inverse of the whole
     matrix on the row's set: a third of the steps the diagonal takes on MiniLM's layers), until every row's
     residual is within :data:`TOLERANCE` of its right-hand side (exact arithmetic needs at most ``in`` steps).
@@ -42,14 +49,15 @@ def reconstruct_surviving_weights(
         [2.0, 0.0, 0.5]
     """
     hessian = gram.double().clone()
-    hessian.diagonal().add_(damping * hessian.diagonal().mean())
+    ridge = damping * float(hessian.diagonal().mean())
+    hessian.diagonal().add_(ridge)
     mask = keep.to(torch.float64)
     weights = original.double()
 
     def product(rows: torch.Tensor) -> torch.Tensor:  # (H + λI)_SS x_S for every row, zero off S
         return (rows @ hessian) * mask
 
-    right_hand_side = product(weights)
+    right_hand_side = product(weights) if cross is None else (weights @ cross.double() + ridge * weights) * mask
     scale = right_hand_side.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
     inverse, info = torch.linalg.inv_ex(hessian)
     if int(info) != 0:
