@@ -58,7 +58,7 @@ PRUNERS = ("magnitude", "wanda", "torchao_wanda", "sparsegpt", "sparsegpt_recons
 #: SparseGPT with the surviving weights solved again and a sparsity per kind of layer, 50% of the encoder's linear
 #: weights in all (unstructured only): query and key pruned more, value and attention output less, the MLP at 50%.
 #: Found on seed 0 by trying splits on the held-out glosses, then checked on its training glosses outside the
-#: calibration set (mean cosine 0.9498 against 0.9391 for 50% everywhere): see the README.
+#: calibration set (mean cosine 0.9528 against 0.9439 for 50% everywhere): see the README.
 ALLOCATED = "sparsegpt_reconstructed_allocated"
 ALLOCATION = {
     "attention.self.query": 0.7,
