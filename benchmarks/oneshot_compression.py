@@ -16,7 +16,7 @@ from the dense one, the pruned zeros (and the 4-bit grids) kept: how much of its
 recorded: the seconds per linear layer of each method and its peak resident memory while it runs, and the
 ONNX bytes of the 4-bit models. Medians over the seeds; writes ``results/oneshot_compression.json`` and ``.md``.
 
-    python benchmarks/oneshot_compression.py [--seeds 0 1 2] [--teachers /tmp/transformer_compression]
+    python benchmarks/oneshot_compression.py [--seeds 0 1 2] [--teachers /tmp/transformer_compression] [--only KEY ...]
 """
 
 from __future__ import annotations
