@@ -1,11 +1,12 @@
-"""The surviving weights of a pruned linear layer solved exactly for its outputs on the calibration inputs.
+"""The surviving weights of a pruned linear layer solved exactly for the outputs of the model before pruning.
 
 SparseGPT settles columns left to right, so each pruned weight's error moves only the weights right of it; once a
 mask is chosen, the best surviving weights for the layer's calibration outputs are the solution of one least-squares
 problem per output row (the exact weight update for a fixed mask: Boža, "Fast and Effective Weight Update for
-Pruned Large Language Models", 2024). Solved here by preconditioned conjugate gradients on every row at once, so
-memory stays one weight matrix and one Gram matrix, whatever the mask.
-"""
+Pruned Large Language Models", 2024). Aimed at the dense model's outputs rather than the layer's own, each layer
+also makes up for the error of the layers pruned before it (the asymmetric calibration of GPTAQ, Li et al., 2025).
+Solved here by preconditioned conjugate gradients on every row at once, so memory stays a few matrices the size of
+the weight and of the Gram matrix, whatever the mask."""
 
 from __future__ import annotations
 
@@ -34,10 +35,10 @@ def reconstruct_surviving_weights(
     layer also makes up for what the layers compressed before it changed in its inputs.
 
     On the surviving set ``S`` of a row this is the linear system ``(H + λI)_SS ŵ_S = (C w + λ w)_S`` (``C``:
-    ``cross``, or ``H``), solved
-    for all rows together by conjugate gradients, preconditioned by ``((H + λI)⁻¹)_SS`` (the inverse of the whole
-    matrix on the row's set: a third of the steps the diagonal takes on MiniLM's layers), until every row's
-    residual is within :data:`TOLERANCE` of its right-hand side (exact arithmetic needs at most ``in`` steps).
+    ``cross``, or ``H``), solved for all rows together by conjugate gradients, preconditioned by
+    ``((H + λI)⁻¹)_SS`` (the inverse of the whole matrix on the row's set: a third to a half of the steps the
+    diagonal takes on MiniLM's layers), until every row's residual is within :data:`TOLERANCE` of its
+    right-hand side (exact arithmetic needs at most ``in`` steps).
 
     Example:
         >>> inputs = torch.randn(512, 6, generator=torch.Generator().manual_seed(0))
@@ -53,12 +54,13 @@ def reconstruct_surviving_weights(
     hessian.diagonal().add_(ridge)
     mask = keep.to(torch.float64)
     weights = original.double()
+    tiny = torch.finfo(torch.float64).tiny
 
     def product(rows: torch.Tensor) -> torch.Tensor:  # (H + λI)_SS x_S for every row, zero off S
         return (rows @ hessian) * mask
 
     right_hand_side = product(weights) if cross is None else (weights @ cross.double() + ridge * weights) * mask
-    scale = right_hand_side.norm(dim=1).clamp_min(torch.finfo(torch.float64).tiny)
+    scale = right_hand_side.norm(dim=1).clamp_min(tiny)
     inverse, info = torch.linalg.inv_ex(hessian)
     if int(info) != 0:
         raise ValueError(
@@ -78,12 +80,12 @@ def reconstruct_surviving_weights(
             break
         curved = product(direction)
         curvature = (direction * curved).sum(1)
-        step = torch.where(curvature > 0, alignment / curvature.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        step = torch.where(curvature > 0, alignment / curvature.clamp_min(tiny), 0.0)
         solution += step.unsqueeze(1) * direction
         residual -= step.unsqueeze(1) * curved
         preconditioned = precondition(residual)
         new_alignment = (residual * preconditioned).sum(1)
-        ratio = torch.where(alignment > 0, new_alignment / alignment.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        ratio = torch.where(alignment > 0, new_alignment / alignment.clamp_min(tiny), 0.0)
         direction = preconditioned + ratio.unsqueeze(1) * direction
         alignment = new_alignment
     return solution.to(original.dtype)
