@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from debian_data import needs_debian_package
 
 from lightning_compress.data import (
     CIFAR10DataModule,
@@ -126,7 +127,7 @@ def test_missing_fashion_mnist_says_where_it_looked_and_how_to_get_it(tmp_path: 
     assert "apt-get install dataset-fashion-mnist" in message
 
 
-@pytest.mark.skipif(not Path(DEBIAN_IDX_DIR).is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+@needs_debian_package(DEBIAN_IDX_DIR, "dataset-fashion-mnist")
 def test_real_fashion_mnist_from_the_debian_package(tmp_path: Path) -> None:
     datamodule = FashionMNISTDataModule(root=str(tmp_path))
     datamodule.prepare_data()

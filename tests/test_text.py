@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from debian_data import needs_debian_package
 from text_models import SAMPLE, TINY_BERT, fit_text, sample_datamodule, sample_tokenizer, text_module
 from torch import nn
 
@@ -15,6 +16,7 @@ from lightning_compress import ClassificationModule, CompressionReport
 from lightning_compress.analysis import profile_model
 from lightning_compress.batches import UNLABELED
 from lightning_compress.data.wordnet import (
+    DEBIAN_DATA_NOUN,
     SUPERSENSES,
     WordNetSupersensesDataModule,
     read_glosses,
@@ -39,6 +41,15 @@ def test_the_sample_holds_every_supersense_and_its_glosses() -> None:
         "animal",
         "a cell or organism in which genetic recombination has occurred",
     )
+
+
+@needs_debian_package(DEBIAN_DATA_NOUN, "wordnet-base")
+def test_real_wordnet_holds_every_noun_synset_in_its_26_supersenses() -> None:
+    glosses = read_glosses(DEBIAN_DATA_NOUN)
+    assert len(glosses) == 82_115  # WordNet 3.0's noun synsets
+    counts = Counter(gloss.label for gloss in glosses)
+    assert sorted(counts) == list(range(26)) and min(counts.values()) == 42 and max(counts.values()) == 11_587
+    assert all(gloss.text for gloss in glosses)
 
 
 def test_splits_are_a_seeded_hash_of_the_offset(tokenizer) -> None:
