@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 from lightning_compress.distributed import exit_with_launcher
 from lightning_compress.job import train
 from lightning_compress.run_folder import RunFolderError
-from lightning_compress.sweeps.job import objectives, one_job_of_a_sweep, record_failure
+from lightning_compress.sweeps.job import one_job_of_a_sweep, record_failure
+from lightning_compress.sweeps.objectives import objectives
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_compress.configs", config_name="train")

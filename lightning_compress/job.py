@@ -27,7 +27,7 @@ from lightning_compress.preflight import (
 )
 from lightning_compress.run import Run, build, fit_and_test, run_in_folder
 from lightning_compress.run_folder import claim_run_folder
-from lightning_compress.sweeps.summary import check_metrics
+from lightning_compress.sweeps.objectives import check_optimized_metrics
 
 #: What the ``runs`` key of a job with compression recipes may list: the dense reference, a run of ``each``
 #: recipe alone, and the run of all recipes ``combined``.
@@ -48,13 +48,15 @@ def train(cfg: DictConfig) -> Report | None:
     order, are trained again.
 
     Every setting is checked before the first run trains (:mod:`lightning_compress.preflight`): the
-    trainer's and the seed, each recipe set up on the model, and ``ckpt_path`` against the last run's model.
+    trainer's and the seed, each recipe set up on the model, ``ckpt_path`` against the last run's model, and the
+    ``optimized_metrics`` a search selects on (:func:`~lightning_compress.sweeps.objectives.check_optimized_metrics`:
+    never test accuracy).
     The job holds ``output_dir`` while it runs (:func:`~lightning_compress.run_folder.claim_run_folder`): a
     folder that another live run holds, or that holds a finished run (unless resuming or ``overwrite``), is refused.
     """
     if cfg.get("export"):
         check_export_format(cfg.export)
-    _check_optimized_metrics(cfg)
+    check_optimized_metrics(cfg)
     check_settings(cfg)
     recipes = {name: node for name, node in (cfg.get("compression") or {}).items() if node is not None}
     for node in recipes.values():
@@ -221,20 +223,6 @@ def _teacher_config(cfg: DictConfig) -> DictConfig:
     teacher_cfg = OmegaConf.merge(cfg, changes)
     teacher_cfg.model = cfg.teacher
     return teacher_cfg
-
-
-def _check_optimized_metrics(cfg: DictConfig) -> None:
-    """The ``optimized_metrics`` are known and the run will measure them: a report, and a test for test accuracy."""
-    names = list(cfg.get("optimized_metrics") or [])
-    check_metrics(names)
-    if names and (cfg.get("callbacks") or {}).get("compression_report") is None:
-        raise ValueError(
-            f"optimized_metrics {names} are read from the report: keep callbacks.compression_report (callbacks=default)"
-        )
-    if "test_accuracy" in names and not cfg.get("test"):
-        raise ValueError(
-            "optimized_metrics has test_accuracy, but test=false skips the test; use val_accuracy or test=true"
-        )
 
 
 def _distill(recipe: DictConfig, teacher: nn.Module, module: ClassificationModule) -> L.LightningModule:

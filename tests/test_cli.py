@@ -8,6 +8,7 @@ import onnx
 import pytest
 import torch
 from commands import EAGER_QUICK_REPORT, run_command
+from hydra import compose
 from hydra.utils import instantiate
 from onnx import numpy_helper
 
@@ -276,3 +277,25 @@ def test_export_compressed_writes_the_file_the_report_measured_and_it_loads(comp
     fresh = instantiate(cfg.model)  # float: load_compressed quantizes it with the file's settings
     load_compressed(fresh, path)
     assert any(isinstance(module, QuantizedLayer) for module in fresh.modules())
+
+
+def test_a_search_that_selects_on_test_accuracy_is_refused_before_anything_trains(compose_config, tmp_path) -> None:
+    overrides = [
+        "hparams_search=prune_quantize",
+        "optimized_metrics=[test_accuracy,deployed_bytes]",
+        f"output_dir={tmp_path / 'run'}",
+        "trainer.fast_dev_run=true",  # quick, should it train
+        "export=null",
+        *EAGER_QUICK_REPORT,
+    ]
+    why = (
+        r"^optimized_metrics=\[test_accuracy, deployed_bytes\]: a search that selects on test_accuracy reports an "
+        r"optimistic test score .*; optimize val_accuracy, the accuracy on the validation split: "
+        r"optimized_metrics=\[val_accuracy, deployed_bytes\]\. The sweep summary still shows every job's test accuracy$"
+    )
+    with pytest.raises(ValueError, match=why):  # each job of a sweep
+        train(compose_config(*overrides))
+    assert not (tmp_path / "run").exists()  # nothing trained
+    search = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with pytest.raises(SystemExit, match=why):  # the whole search, before its first trial
+        instantiate(search.hydra.callbacks.optimized_metrics).on_multirun_start(config=search)

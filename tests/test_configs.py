@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from config_groups import options, sample_text_overrides
+from hydra import compose
 from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException
 from hydra.utils import instantiate
 
@@ -215,3 +216,12 @@ def test_a_typo_in_a_key_or_a_group_is_hydras_error(compose_config) -> None:
         compose_config("trainer.max_epoch=3")
     with pytest.raises(MissingConfigException, match="Could not find 'data/digitz'"):
         compose_config("data=digitz")
+
+
+@pytest.mark.parametrize("search", options("hparams_search"))
+def test_every_search_maximizes_validation_accuracy_and_never_sees_the_test_set(compose_config, search: str) -> None:
+    cfg = compose(config_name="train", overrides=[f"hparams_search={search}"], return_hydra_config=True)
+    directions = dict(zip(cfg.optimized_metrics, cfg.hydra.sweeper.direction))
+    assert directions["val_accuracy"] == "maximize"
+    assert not [name for name in directions if name.startswith("test")]
+    instantiate(cfg.hydra.callbacks.optimized_metrics).on_multirun_start(config=cfg)  # the check before the first trial

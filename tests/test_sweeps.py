@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from commands import EAGER_QUICK_REPORT, QUICK_REPORT, run_command
 
 from lightning_compress.analysis import Report, ReportEntry, profile_model
-from lightning_compress.sweeps import collect
+from lightning_compress.analysis.plots import new_figure
+from lightning_compress.sweeps import collect, pareto, write_summary
 from lightning_compress.sweeps.commands import main as summary_command
 from lightning_compress.sweeps.summary import to_markdown
 
@@ -146,17 +148,21 @@ def write_job(
     accuracy: float | None = None,
     onnx_bytes: int | None = None,
     error: str | None = None,
+    test_accuracy: float | None = None,
+    optimized: list[str] | None = None,
 ) -> None:
-    """A job folder as a sweep leaves it: overrides, and a report with one final stage, or a failure."""
+    """A job folder as a sweep leaves it: overrides, its ``optimized_metrics`` in its config if given, and a report
+    with one final stage (``accuracy`` on the validation split), or a failure."""
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {override}\n" for override in overrides))
+    if optimized is not None:
+        (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"optimized_metrics": optimized}))
     if accuracy is not None:
         profile = dataclasses.replace(
             profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=()), onnx_bytes=onnx_bytes
         )
-        report = Report(
-            entries=[ReportEntry("before", profile), ReportEntry("pruning", profile, test_accuracy=accuracy)]
-        )
+        final = ReportEntry("pruning", profile, val_accuracy=accuracy, test_accuracy=test_accuracy)
+        report = Report(entries=[ReportEntry("before", profile), final])
         (folder / "report.json").write_text(json.dumps(report.to_dict()))
     if error is not None:
         (folder / "failure.json").write_text(json.dumps({"type": "ValueError", "message": error, "traceback": ""}))
@@ -183,3 +189,70 @@ def test_pareto_marks_the_jobs_no_other_job_beats_on_both_accuracy_and_bytes(tmp
     markdown = to_markdown([job.row(tmp_path) for job in jobs])
     assert markdown.count("| pruning |") == 5
     assert "- 10 (`compression.pruning.amount=0.7`): incomplete" in markdown
+
+
+def test_the_front_chooses_by_validation_accuracy_and_shows_the_test_accuracy_of_the_chosen(
+    tmp_path, monkeypatch
+) -> None:
+    objectives = ["val_accuracy", "deployed_bytes"]
+    write_job(tmp_path / "0", ["amount=0.5"], accuracy=0.90, onnx_bytes=2048, test_accuracy=0.80, optimized=objectives)
+    write_job(tmp_path / "1", ["amount=0.6"], accuracy=0.85, onnx_bytes=2048, test_accuracy=0.95, optimized=objectives)
+    figures = []  # the Pareto plot's figure and axes, as drawn
+
+    def recorded_figure(*args, **kwargs):
+        figures.append(new_figure(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(pareto, "new_figure", recorded_figure)
+    write_summary(tmp_path)
+    rows = read_csv(tmp_path / "summary.csv")
+    assert [
+        (row["val_accuracy"], row["test_accuracy"], row["pareto_bytes"], row["optimized_metrics"]) for row in rows
+    ] == [
+        ("0.9", "0.8", "True", "val_accuracy deployed_bytes"),  # job 1's better test accuracy chooses nothing
+        ("0.85", "0.95", "False", "val_accuracy deployed_bytes"),
+    ]
+    markdown = (tmp_path / "summary.md").read_text()
+    assert markdown.startswith(
+        "Pareto fronts by validation accuracy (`val_accuracy`); test accuracy is shown, never used to choose"
+    )
+    assert "Optimized: `val_accuracy, deployed_bytes`." in markdown
+    assert "| 0 | `amount=0.5` | pruning | 90.00% | 80.00% | 2.0 | 1.000x | – | – | yes / – |" in markdown
+    assert "| 1 | `amount=0.6` | pruning | 85.00% | 95.00% | 2.0 | 1.000x | – | – | – / – |" in markdown
+    figure, (bytes_panel, _) = figures[0]
+    assert "optimized: val_accuracy, deployed_bytes" in figure.get_suptitle()
+    assert bytes_panel.get_title() == "Validation accuracy against bytes"
+    drawn = {collection.get_label(): collection.get_offsets().tolist() for collection in bytes_panel.collections}
+    assert drawn == {
+        "job (validation accuracy)": [[2.0, 90.0], [2.0, 85.0]],
+        "test accuracy of a front job": [[2.0, 80.0]],
+    }
+
+
+def test_a_search_optimizes_validation_accuracy_and_its_summary_shows_both_accuracies(tmp_path) -> None:
+    sweep = tmp_path / "sweep"
+    done = run_command(
+        "lightning-compress",
+        "hparams_search=prune_quantize",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.population_size=2",
+        "trainer.fast_dev_run=true",  # the test on one batch, the validation accuracy on the whole split: they differ
+        "export=null",
+        *EAGER_QUICK_REPORT,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = read_csv(sweep / "summary.csv")
+    markdown = (sweep / "summary.md").read_text()
+    assert [row["status"] for row in rows] == ["completed", "completed"]
+    for row in rows:
+        final = json.loads((sweep / row["job"] / "report.json").read_text())["stages"][-1]
+        accuracies = (float(row["val_accuracy"]), float(row["test_accuracy"]))
+        assert accuracies == (final["val_accuracy"], final["test_accuracy"]) and None not in accuracies
+        assert row["optimized_metrics"] == "val_accuracy deployed_bytes"
+        assert f"| {100 * accuracies[0]:.2f}% | {100 * accuracies[1]:.2f}% |" in markdown
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    returned = {tuple(solution["values"]) for solution in results["solutions"]}
+    assert returned and returned <= {(float(row["val_accuracy"]), float(row["deployed_bytes"])) for row in rows}
+    assert "Optimized: `val_accuracy, deployed_bytes`." in markdown and markdown in done.stdout  # printed at the end

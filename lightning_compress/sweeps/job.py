@@ -1,5 +1,5 @@
 """One job of a Hydra sweep: its own command line for the DDP ranks it launches, a clean process for the next
-job, the record of its failure, and the objectives an optimizing sweeper reads."""
+job, and the record of its failure (the objectives an optimizing sweeper reads: :mod:`.objectives`)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, read_write
+from omegaconf import read_write
 
-from lightning_compress.analysis import Report
 from lightning_compress.files import write_atomically
-from lightning_compress.sweeps.summary import stage_metrics
 
 
 @contextlib.contextmanager
@@ -45,16 +43,6 @@ def one_job_of_a_sweep() -> Iterator[None]:
         sys.argv = argv
         os.environ.clear()
         os.environ.update(environment)
-
-
-def objectives(cfg: DictConfig, report: Report | None) -> float | list[float] | None:
-    """The ``optimized_metrics`` of the run's final stage, for a sweeper that optimizes them (Optuna):
-    one value as a float, several as a list; ``None`` without ``optimized_metrics`` or off rank zero."""
-    names = cfg.get("optimized_metrics")
-    if not names or report is None:
-        return None
-    values = stage_metrics(report.entries[-1], list(names))
-    return values[0] if len(values) == 1 else values
 
 
 def record_failure(output_dir: str, error: BaseException) -> None:

@@ -4,9 +4,11 @@ Each job folder of a sweep (a folder with Hydra's ``.hydra/``) holds the job's `
 finished, or ``failure.json`` when it raised (written by the ``lightning-compress`` command). The
 summary has one row per job: the overrides that set it apart from the other jobs, its final stage (the last row of its report) and that
 stage's size and latency as ratios to the job's first stage (its dense model), and whether it lies on
-the Pareto front of accuracy against bytes and against latency. It is written as ``summary.csv``,
-``summary.md`` and ``pareto.png`` in the sweep folder, each atomically; running it again rewrites the
-same files from the same jobs.
+the Pareto front of validation accuracy against bytes and against latency. The fronts choose by validation
+accuracy, as a search does (:mod:`lightning_compress.sweeps.objectives`); each job's test accuracy is shown
+beside it, never used to choose. It is written as ``summary.csv``, ``summary.md`` and ``pareto.png`` in the
+sweep folder, each atomically, with the metrics the jobs returned to an optimizing sweeper
+(``optimized_metrics``); running it again rewrites the same files from the same jobs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ METRICS: dict[str, Callable[[ReportEntry], float | None]] = {
 }
 
 
+#: The accuracy the Pareto fronts rank jobs by, and the one a search optimizes: the validation split's.
+SELECTION_ACCURACY = "val_accuracy"
+
+
 def _latency_ms(entry: ReportEntry) -> float | None:
     """Median latency at the smallest measured batch size."""
     latency = entry.profile.latency
@@ -60,8 +66,8 @@ def stage_metrics(entry: ReportEntry, names: Sequence[str]) -> list[float]:
     Example:
         >>> import torch
         >>> from lightning_compress.analysis import profile_model
-        >>> entry = ReportEntry("after", profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=()), test_accuracy=0.5)
-        >>> stage_metrics(entry, ["test_accuracy", "parameters"])
+        >>> entry = ReportEntry("after", profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=()), val_accuracy=0.5)
+        >>> stage_metrics(entry, ["val_accuracy", "parameters"])
         [0.5, 10.0]
     """
     check_metrics(names)
@@ -76,10 +82,13 @@ def stage_metrics(entry: ReportEntry, names: Sequence[str]) -> list[float]:
 
 @dataclass
 class JobResult:
-    """One job of a sweep: where it ran, its overrides, and either its report or why it failed."""
+    """One job of a sweep: where it ran, its overrides, what it returned to an optimizing sweeper, and either its
+    report or why it failed."""
 
     folder: Path
     overrides: list[str]
+    #: The job's ``optimized_metrics``: what it returned to an optimizing sweeper (Optuna); empty for none.
+    optimized: list[str] = field(default_factory=list)
     #: The overrides that set this job apart: those not shared by every job of the sweep.
     swept: list[str] = field(default_factory=list)
     report: Report | None = None
@@ -93,11 +102,10 @@ class JobResult:
 
     @property
     def accuracy(self) -> float | None:
-        """The final run's test accuracy, or its validation accuracy without a test."""
+        """The accuracy the fronts rank the job by (:data:`SELECTION_ACCURACY`) of its final run."""
         if self.report is None or not self.report.entries:
             return None
-        final = self.report.entries[-1]
-        return final.test_accuracy if final.test_accuracy is not None else final.val_accuracy
+        return METRICS[SELECTION_ACCURACY](self.report.entries[-1])
 
     def row(self, sweep_dir: Path) -> dict[str, Any]:
         """The job as one row of :data:`COLUMNS` (a completed job's metrics, a failed job's error)."""
@@ -105,6 +113,7 @@ class JobResult:
             "job": str(self.folder.relative_to(sweep_dir)),
             "overrides": " ".join(self.swept),
             "status": self.status,
+            "optimized_metrics": " ".join(self.optimized),
         }
         if self.report is not None and self.report.entries:
             final, first = self.report.entries[-1], self.report.entries[0]
@@ -124,6 +133,7 @@ COLUMNS = [
     "job",
     "overrides",
     "status",
+    "optimized_metrics",
     "stage",
     *METRICS,
     "deployed_bytes_ratio",
@@ -166,7 +176,9 @@ def _job_order(sweep_dir: Path) -> Callable[[Path], tuple]:
 def _read_job(folder: Path) -> JobResult:
     overrides_file = folder / ".hydra" / "overrides.yaml"
     overrides = list(yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
-    job = JobResult(folder=folder, overrides=overrides)
+    config_file = folder / ".hydra" / "config.yaml"
+    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    job = JobResult(folder=folder, overrides=overrides, optimized=list(config.get("optimized_metrics") or []))
     if (folder / "report.json").is_file():
         job.report = Report.from_dict(json.loads((folder / "report.json").read_text()))
     elif (folder / "failure.json").is_file():
@@ -176,7 +188,8 @@ def _read_job(folder: Path) -> JobResult:
 
 
 def _mark_pareto(jobs: list[JobResult]) -> None:
-    """A job is on a front when no other job is at least as accurate and at least as small (fast), and better in one."""
+    """A job is on a front when no other job is at least as accurate (:attr:`JobResult.accuracy`, on the validation
+    split) and at least as small (fast), and better in one."""
     for axis, metric in PARETO_AXES.items():
         points = {
             id(job): (job.accuracy, METRICS[metric](job.report.entries[-1])) for job in jobs if job.report.entries
@@ -209,17 +222,19 @@ def write_summary(sweep_dir: str | os.PathLike[str]) -> dict[str, Path]:
     paths = {"csv": sweep_dir / "summary.csv", "markdown": sweep_dir / "summary.md", "plot": sweep_dir / "pareto.png"}
     write_atomically(paths["csv"], lambda path: _write_csv(path, rows))
     write_atomically(paths["markdown"], lambda path: path.write_text(to_markdown(rows)))
-    write_atomically(paths["plot"], lambda path: plot_pareto(pareto_points(jobs), path))
+    write_atomically(paths["plot"], lambda path: plot_pareto(pareto_points(jobs), path, _optimized(rows)))
     return paths
 
 
 def pareto_points(jobs: list[JobResult]) -> dict[str, list[ParetoPoint]]:
     """The points of the Pareto plot, one list per axis of :data:`PARETO_AXES`: each job that has an
-    accuracy and the axis' metric, with its place on that axis' front (see :func:`_mark_pareto`)."""
+    accuracy and the axis' metric, with its test accuracy and its place on that axis' front (see :func:`_mark_pareto`)."""
     panels = {}
     for axis, metric in PARETO_AXES.items():
         panels[axis] = [
-            ParetoPoint(cost, job.accuracy, job.folder.name, job.pareto.get(axis, False))
+            ParetoPoint(
+                cost, job.accuracy, job.report.entries[-1].test_accuracy, job.folder.name, job.pareto.get(axis, False)
+            )
             for job in jobs
             if job.report is not None and job.report.entries and job.accuracy is not None
             for cost in [METRICS[metric](job.report.entries[-1])]
@@ -239,12 +254,39 @@ def _csv_cell(value: Any) -> Any:
     return "" if value is None else value
 
 
+def _optimized(rows: list[dict[str, Any]]) -> list[str]:
+    """The jobs' distinct ``optimized_metrics``, each as ``"val_accuracy, deployed_bytes"``; one for a search,
+    none for a sweep that optimizes nothing."""
+    return list(dict.fromkeys(row["optimized_metrics"].replace(" ", ", ") for row in rows if row["optimized_metrics"]))
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    """The rows as a Markdown table of the columns people read first; failures listed below it with their error."""
+    """The rows as a Markdown table of the columns people read first, below a line that says what the fronts
+    chose by and what the jobs optimized; failures listed below it with their error.
+
+    Example:
+        >>> row = {"job": "0", "overrides": "", "status": "completed", "optimized_metrics": "val_accuracy macs",
+        ...        "stage": "pruning", "val_accuracy": 0.9, "test_accuracy": 0.85, "deployed_bytes": 2048,
+        ...        "deployed_bytes_ratio": 0.5, "latency_ms": None, "latency_ms_ratio": None,
+        ...        "pareto_bytes": True, "pareto_latency": False}
+        >>> print(to_markdown([row]))
+        Pareto fronts by validation accuracy (`val_accuracy`); test accuracy is shown, never used to choose (a choice by test accuracy reports an optimistic test score). Optimized: `val_accuracy, macs`.
+        <BLANKLINE>
+        | job | overrides | stage | val acc | test acc | deployed KiB | vs dense | latency (ms) | vs dense | Pareto (bytes / latency) |
+        |---|---|---|---|---|---|---|---|---|---|
+        | 0 |  | pruning | 90.00% | 85.00% | 2.0 | 0.500x | – | – | yes / – |
+        <BLANKLINE>
+    """
+    note = (
+        f"Pareto fronts by validation accuracy (`{SELECTION_ACCURACY}`); test accuracy is shown, never used to choose "
+        "(a choice by test accuracy reports an optimistic test score)."
+        + "".join(f" Optimized: `{metrics}`." for metrics in _optimized(rows))
+    )
     header = [
         "job",
         "overrides",
         "stage",
+        "val acc",
         "test acc",
         "deployed KiB",
         "vs dense",
@@ -252,7 +294,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         "vs dense",
         "Pareto (bytes / latency)",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [note, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if row["status"] != "completed":
             continue
@@ -263,6 +305,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
                     row["job"],
                     f"`{row['overrides']}`" if row["overrides"] else "",
                     row["stage"],
+                    _format(row["val_accuracy"], lambda v: f"{100 * v:.2f}%"),
                     _format(row["test_accuracy"], lambda v: f"{100 * v:.2f}%"),
                     _format(row["deployed_bytes"], lambda v: f"{v / 1024:,.1f}"),
                     _format(row["deployed_bytes_ratio"], lambda v: f"{v:.3f}x"),
