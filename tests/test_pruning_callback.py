@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import csv
-from functools import partial
+from functools import partial, reduce
 
 import lightning as L
 import pytest
 import torch
-from digits import digits_module, fit_digits, straight_and_resumed
+from digits import digits_module, fit_digits, quiet_trainer, straight_and_resumed
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 
@@ -182,6 +182,58 @@ def test_taylor_pruning_at_epoch_0_of_fewer_steps_prunes_at_its_end(tmp_path) ->
     _, module, _ = fit_digits(tmp_path, [taylor, RecordPruned()], max_epochs=2)
     assert pruned_at_epoch_start == [False, True] and taylor.pruned_epochs == [0]
     assert sum(zeros(module).values()) == round(0.5 * sum(module.state_dict()[n].numel() for n in TARGETS))
+
+
+class EpochsOf(L.LightningDataModule):
+    """Random 8x8 images in batches of 8: ``steps[epoch]`` batches at each epoch (rebuilt every epoch)."""
+
+    def __init__(self, steps: list[int]) -> None:
+        super().__init__()
+        self.steps = steps
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        count = 8 * self.steps[self.trainer.current_epoch]
+        generator = torch.Generator().manual_seed(self.trainer.current_epoch)
+        inputs, targets = (
+            torch.randn(count, 1, 8, 8, generator=generator),
+            torch.randint(10, (count,), generator=generator),
+        )
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets), batch_size=8)
+
+
+def test_a_taylor_step_after_a_step_that_took_its_epoch_sums_its_own_first_steps(tmp_path) -> None:
+    """Epoch 0 (2 steps, fewer than taylor_steps=3) prunes at its end; epoch 1's step has no steps before it, so it
+    sums epoch 1's first 3 and prunes after them; epoch 2's step sums the last 2 of epoch 1 and prunes at its start."""
+    steps: list[dict[str, torch.Tensor]] = []
+    pruned: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    class RecordScores(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            steps.append(
+                {name: taylor_scores(w).float() for name, w in pl_module.named_parameters() if name in TARGETS}
+            )
+
+        def on_train_start(self, trainer, pl_module):
+            prune = taylor.pruner.prune
+
+            def recorded(*args, taylor: dict[str, torch.Tensor], **options):
+                pruned.append((trainer.global_step, {name: score.clone() for name, score in taylor.items()}))
+                return prune(*args, taylor=taylor, **options)
+
+            taylor.pruner.prune = recorded
+
+    taylor = Pruning(amount=0.5, criterion="taylor", schedule="linear", start_epoch=0, end_epoch=2, taylor_steps=3)
+    L.seed_everything(0)
+    trainer = quiet_trainer(
+        tmp_path, [RecordScores(), taylor], max_epochs=3, reload_dataloaders_every_n_epochs=1, limit_val_batches=0
+    )
+    trainer.fit(digits_module(), datamodule=EpochsOf([2, 5, 1]))
+    assert taylor.pruned_epochs == [0, 1, 2]
+    assert [step for step, _ in pruned] == [2, 5, 7]  # epoch 0's end, epoch 1's third step, epoch 2's start
+    for (_, scores), summed in zip(pruned, (steps[0:2], steps[2:5], steps[5:7]), strict=True):
+        assert all(torch.equal(scores[name], reduce(torch.add, [step[name] for step in summed])) for name in TARGETS)
+    total = sum(mask.numel() for mask in taylor.masks.values())
+    assert sum(int((~mask).sum()) for mask in taylor.masks.values()) == round(0.5 * total)
 
 
 def test_rewinding_resets_survivors_to_the_rewind_epoch(tmp_path) -> None:

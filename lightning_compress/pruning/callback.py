@@ -41,8 +41,10 @@ class Pruning(L.Callback):
             sparsity, e.g. from :func:`~lightning_compress.analysis.sensitivity.layer_amounts`: those layers
             are the targets, each ranked on its own and following the schedule to its amount.
         criterion: ``"magnitude"`` (``|w|``), ``"l1"`` / ``"l2"`` (norm of each output channel, channel
-            granularity), ``"taylor"`` (``|w * dL/dw|`` summed over the epoch before each pruning step; a
-            step at epoch 0 sums the first ``taylor_steps`` of that epoch and prunes after them),
+            granularity), ``"taylor"`` (``|w * dL/dw|`` summed over the optimizer steps since the previous pruning
+            step, in the epoch before each pruning step; a step with no such steps before it, at epoch 0 or
+            after a step that pruned at the end of its own epoch, sums the first ``taylor_steps`` of its own
+            epoch and prunes after them),
             ``"random"`` (seeded), or a callable ``score(layer) -> Tensor`` of the weight's shape (your own
             importance; unstructured and N:M granularity).
         granularity: ``"unstructured"``, ``"channel"`` (whole output channels, with everything they
@@ -63,9 +65,10 @@ class Pruning(L.Callback):
         remove_channels: with channel or head granularity, remove the pruned channels (heads) physically at
             the end of fit (Torch-Pruning's DepGraph), leaving a smaller dense model with the same outputs.
         seed: seed of the random criterion.
-        taylor_steps: with ``criterion="taylor"``, the optimizer steps of epoch 0 whose gradients score a
-            pruning step at epoch 0 (it has no epoch before it); it prunes after them, or at the end of the
-            epoch if the epoch is shorter.
+        taylor_steps: with ``criterion="taylor"``, the optimizer steps of its own epoch whose gradients score a
+            pruning step that has none before it (at epoch 0, or after epochs shorter than this); it prunes
+            after them, or at the end of the epoch if the epoch is shorter. Every process counts the same
+            steps, so all prune at the same step.
         config: what to prune as a :class:`PruningConfig`, instead of ``amount``, ``criterion``,
             ``granularity``, ``scope``, ``targets``, ``exclude``, ``threshold`` and ``seed`` (not both).
 
@@ -143,6 +146,10 @@ class Pruning(L.Callback):
         self._step_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._rewind_weights: dict[str, torch.Tensor] = {}
         self._taylor: dict[str, torch.Tensor] = {}
+        #: Optimizer steps whose gradients went into ``_taylor`` (or overflowed) since the last pruning step.
+        self._scored_steps = 0
+        #: The epoch whose pruning step waits for the gradients of the epoch's own first ``taylor_steps``.
+        self._waiting_epoch: int | None = None
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -209,37 +216,41 @@ class Pruning(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if epoch in self.schedule.pruning_epochs() and epoch not in self.pruned_epochs and not self._scores_epoch_0():
+        if epoch not in self.schedule.pruning_epochs() or epoch in self.pruned_epochs:
+            return
+        if self.config.criterion == "taylor" and (self._scored_steps == 0 or self._waiting_epoch == epoch):
+            self._waiting_epoch = epoch  # scored by this epoch's first steps (a resumed epoch goes on waiting)
+        else:
             self._prune(trainer, epoch)
-
-    def _scores_epoch_0(self) -> bool:
-        """Whether the step at epoch 0 is still to come, scored by the gradients of that epoch's first steps."""
-        return self.config.criterion == "taylor" and 0 in self.schedule.pruning_epochs() and 0 not in self.pruned_epochs
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # Gradients here are whole (accumulated) and unscaled under mixed precision; skip a step that overflowed.
-        next_step_scored = trainer.current_epoch + 1 in self.schedule.pruning_epochs()
-        if self.config.criterion == "taylor" and (next_step_scored or self._scores_epoch_0()):
-            scores = {
-                name: taylor_scores(weight)
-                for name, weight in self.pruner.parameters.items()
-                if weight.grad is not None
-            }
-            if all(torch.isfinite(score).all() for score in scores.values()):
-                for name, score in scores.items():
-                    self._taylor[name] = self._taylor[name] + score if name in self._taylor else score
+        epoch = trainer.current_epoch
+        if self.config.criterion != "taylor" or not (
+            epoch + 1 in self.schedule.pruning_epochs() or self._waiting_epoch == epoch
+        ):
+            return
+        scores = {
+            name: taylor_scores(weight).float()  # summed in float32 under any precision
+            for name, weight in self.pruner.parameters.items()
+            if weight.grad is not None
+        }
+        if all(torch.isfinite(score).all() for score in scores.values()):
+            for name, score in scores.items():
+                self._taylor[name] = self._taylor[name] + score if name in self._taylor else score
+        self._scored_steps += 1  # every process counts every step, so all decide alike
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.current_epoch == 0 and self._scores_epoch_0() and trainer.global_step >= self.taylor_steps:
-            self._prune(trainer, 0)
+        if self._waiting_epoch == trainer.current_epoch and self._scored_steps >= self.taylor_steps:
+            self._prune(trainer, trainer.current_epoch)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == 0 and self._scores_epoch_0():  # an epoch shorter than taylor_steps
-            self._prune(trainer, 0)
+        if self._waiting_epoch == trainer.current_epoch:  # an epoch shorter than taylor_steps
+            self._prune(trainer, trainer.current_epoch)
         if trainer.current_epoch == self.rewind_epoch:
             self._rewind_weights = {name: weight.detach().clone() for name, weight in self.pruner.parameters.items()}
 
@@ -260,7 +271,7 @@ class Pruning(L.Callback):
             ),  # the same on every rank, and after a restart
             share=lambda tensors: trainer.strategy.broadcast(tensors, src=0),
         )
-        self._taylor = {}
+        self._taylor, self._scored_steps, self._waiting_epoch = {}, 0, None
         if self._rewind_weights:
             for name, weight in self.pruner.parameters.items():
                 weight.copy_(self._rewind_weights[name] * self.masks.get(name, True))
@@ -271,8 +282,11 @@ class Pruning(L.Callback):
         if self.config.criterion != "taylor":
             return None
         if not self._taylor:
-            seen = f"epoch {epoch - 1}" if epoch else "the steps of epoch 0"
-            raise RuntimeError(f"no gradients were seen in {seen}, so there is no Taylor importance to prune by")
+            seen = f"the first steps of epoch {epoch}" if self._waiting_epoch == epoch else f"epoch {epoch - 1}"
+            raise RuntimeError(
+                f"no finite gradients of the pruned weights were seen in {seen}, so there is no Taylor importance to "
+                "prune by"
+            )
         return {name: trainer.strategy.reduce(score, reduce_op="sum") for name, score in self._taylor.items()}
 
     def sparsity(self) -> dict[str, float]:
@@ -316,6 +330,8 @@ class Pruning(L.Callback):
             "pruned_epochs": list(self.pruned_epochs),
             "rewind_weights": self._rewind_weights,
             "taylor": self._taylor,
+            "scored_steps": self._scored_steps,
+            "waiting_epoch": self._waiting_epoch,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -329,3 +345,5 @@ class Pruning(L.Callback):
         self.pruned_epochs = list(state_dict["pruned_epochs"])
         self._rewind_weights = dict(state_dict["rewind_weights"])
         self._taylor = dict(state_dict["taylor"])
+        self._scored_steps = state_dict["scored_steps"]
+        self._waiting_epoch = state_dict["waiting_epoch"]
