@@ -94,7 +94,7 @@ class ChannelGroups:
                 module, handler = item.dep.target.module, item.dep.handler
                 if isinstance(module, WEIGHT_LAYER_TYPES) and self.graph.is_out_channel_pruning_fn(handler):
                     layer_taylor = taylor.get(f"{self._names[module]}.weight")
-                    per_channel = channel_scores(module.weight, criterion, layer_taylor, generator).cpu()
+                    per_channel = channel_scores(module.weight, criterion, layer_taylor, generator).cpu().float()
                     # root_idxs map this layer's channels onto the root's (they differ across concat/split)
                     total.index_add_(0, torch.tensor(item.root_idxs), per_channel[list(item.idxs)])
             result[name] = total

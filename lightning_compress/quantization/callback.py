@@ -95,6 +95,8 @@ class QuantizationAwareTraining(_QuantizingCallback):
     ``start_epoch``; observers freeze at ``freeze_observers_epoch``; BatchNorm layers stop updating
     their statistics (eval mode) from ``freeze_bn_epoch``. The switches are module buffers, so a
     resumed run, ``test(ckpt_path=...)`` and a checkpoint loaded into a fresh module quantize the same.
+    Under mixed precision and in a bfloat16 model (``precision="bf16-true"``) the quantizers keep their state
+    in float32 and round in float32 (see :class:`~lightning_compress.quantization.FakeQuantizer`).
 
     Args:
         config: the quantizer settings, a :class:`QuantConfig`; or its fields as keyword arguments

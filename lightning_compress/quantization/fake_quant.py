@@ -12,10 +12,16 @@ import torch
 from torch import nn
 
 from lightning_compress.quantization.observers import Observer
+from lightning_compress.quantization.own_dtypes import KeepsDtypes
 
 
-class FakeQuantizer(nn.Module):
+class FakeQuantizer(KeepsDtypes):
     """Observes a tensor's range and rounds the tensor onto the integer grid that range implies.
+
+    The rounding is computed in float32 and the result cast back to the tensor's dtype (the gradient flows through
+    both casts): in a bfloat16 model (Lightning's ``precision="bf16-true"``) the quantizer's state stays float32
+    (:class:`KeepsDtypes`), so a tensor rounds to the integers a float32 model would give it, and the output is the
+    bfloat16 nearest to each integer times its scale.
 
     Two switches, both buffers so checkpoints hold them: ``observing`` updates the range estimate (and
     with it ``scale`` and ``zero_point``) from each tensor seen in training mode (validation never moves
@@ -72,7 +78,7 @@ class FakeQuantizer(nn.Module):
         self.channel_axis = channel_axis
         self.learnable = learnable
         shape = observer.min_val.shape
-        scale = torch.ones(shape)
+        scale = torch.ones(shape, dtype=torch.float32)
         if learnable:
             self.scale = nn.Parameter(scale)
         else:
@@ -129,6 +135,10 @@ class FakeQuantizer(nn.Module):
             raise RuntimeError(
                 "fake quantization is enabled but the range was never observed; observe some inputs first"
             )
+        return self._round(x.float()).to(x.dtype)
+
+    def _round(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (float32) onto the grid."""
         if self.learnable:
             return self._learnable(x)
         quant_min, quant_max = self.quant_range

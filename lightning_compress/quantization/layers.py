@@ -48,7 +48,9 @@ class QuantizedLayer(nn.Module):
             return self.bias
         scale = (self.input_quantizer.scale * self.weight_quantizer.scale).detach().expand(self.bias.shape).contiguous()
         zero_point = torch.zeros(self.bias.shape, dtype=torch.int32, device=self.bias.device)
-        return torch.fake_quantize_per_channel_affine(self.bias, scale, zero_point, 0, *self.quant_config.bias_range)
+        bias = self.bias.float()  # on the grid in float32, as the quantizers round (see FakeQuantizer)
+        quantized = torch.fake_quantize_per_channel_affine(bias, scale, zero_point, 0, *self.quant_config.bias_range)
+        return quantized.to(self.bias.dtype)
 
     def _compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError

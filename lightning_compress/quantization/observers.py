@@ -10,15 +10,16 @@ standard deviations, or a percentile of each batch's values (averaged like the r
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from lightning_compress.quantization.config import QuantConfig
+from lightning_compress.quantization.own_dtypes import KeepsDtypes
 
 _EPS = torch.finfo(torch.float32).eps
 
 
-class Observer(nn.Module):
-    """Tracks ``min_val`` / ``max_val`` (buffers, so checkpoints hold them) per channel or per tensor.
+class Observer(KeepsDtypes):
+    """Tracks ``min_val`` / ``max_val`` (buffers, so checkpoints hold them) per channel or per tensor, in float32
+    whatever the model's precision (:class:`KeepsDtypes`).
 
     Example:
         >>> import torch
@@ -47,15 +48,15 @@ class Observer(nn.Module):
         self.n_std = n_std
         self.percentile = percentile
         shape = (channels,) if channels is not None else ()
-        self.register_buffer("min_val", torch.zeros(shape))
-        self.register_buffer("max_val", torch.zeros(shape))
+        self.register_buffer("min_val", torch.zeros(shape, dtype=torch.float32))
+        self.register_buffer("max_val", torch.zeros(shape, dtype=torch.float32))
         self.register_buffer("batches", torch.zeros((), dtype=torch.long))
         if kind == "mean_std":  # running sums over every value seen
             self.register_buffer("count", torch.zeros(shape, dtype=torch.float64))
             self.register_buffer("total", torch.zeros(shape, dtype=torch.float64))
             self.register_buffer("total_sq", torch.zeros(shape, dtype=torch.float64))
-            self.register_buffer("min_seen", torch.zeros(shape))
-            self.register_buffer("max_seen", torch.zeros(shape))
+            self.register_buffer("min_seen", torch.zeros(shape, dtype=torch.float32))
+            self.register_buffer("max_seen", torch.zeros(shape, dtype=torch.float32))
 
     @classmethod
     def for_activations(cls, config: QuantConfig) -> Observer:
@@ -88,7 +89,8 @@ class Observer(nn.Module):
             low = torch.maximum((mean - self.n_std * std).float(), self.min_seen)
             high = torch.minimum((mean + self.n_std * std).float(), self.max_seen)
         elif self.kind == "percentile":
-            quantiles = torch.tensor([1.0 - self.percentile / 100.0, self.percentile / 100.0], device=values.device)
+            bounds = [1.0 - self.percentile / 100.0, self.percentile / 100.0]
+            quantiles = torch.tensor(bounds, dtype=values.dtype, device=values.device)
             low, high = _quantiles(values, quantiles)
         else:
             low, high = values.amin(-1), values.amax(-1)
