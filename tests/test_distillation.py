@@ -159,15 +159,15 @@ def test_without_input_shape_the_adapters_are_sized_on_the_first_training_batch(
     )
     for name, value in module.state_dict().items():
         assert torch.equal(restored.state_dict()[name], value), name
+    # a dataloader given to fit itself: its first batch sizes them as well
     unsized = DistillationModule(student_net(), teacher_net(), num_classes=10, hints=hints)
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+        accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path
     )
     datamodule = DigitsDataModule()
     datamodule.setup("fit")
-    with pytest.raises(ValueError, match="give input_shape, or fit with a LightningDataModule"):
-        trainer.fit(unsized, train_dataloaders=datamodule.train_dataloader())
-    assert trainer.global_step == 0
+    trainer.fit(unsized, train_dataloaders=datamodule.train_dataloader())
+    assert tuple(unsized.adapters[0].weight.shape) == (64, 16, 1, 1) and unsized.hparams.input_shape == list(INPUT)
 
 
 def test_a_subclass_changes_only_the_distance(tmp_path) -> None:

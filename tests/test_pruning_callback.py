@@ -437,21 +437,6 @@ def test_channel_options_fail_before_training(tmp_path) -> None:
         ValueError, match="remove_channels=True .* needs granularity='channel' or 'head', not 'unstructured'"
     ):
         Pruning(amount=0.5, remove_channels=True)
-    module = ClassificationModule(SmallCNN(num_classes=10, image_size=8), num_classes=10)  # no example_input_array
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        callbacks=[Pruning(amount=0.5, granularity="channel")],
-        default_root_dir=tmp_path,
-    )
-    datamodule = DigitsDataModule()
-    datamodule.setup("fit")
-    with pytest.raises(
-        ValueError, match="set `example_input_array` on ClassificationModule, or fit with a LightningDataModule"
-    ):
-        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())  # no datamodule to take a batch from
-    assert trainer.global_step == 0
 
 
 def test_channel_pruning_without_an_example_input_traces_the_first_training_batch(tmp_path) -> None:

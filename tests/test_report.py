@@ -172,8 +172,11 @@ def test_callback_needs_an_input_shape_before_training(tmp_path) -> None:
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1, logger=False, callbacks=[CompressionReport()], default_root_dir=tmp_path
     )
-    with pytest.raises(ValueError, match="input_shape=\\(C, H, W\\).*ClassificationModule"):
-        trainer.fit(module, datamodule=DigitsDataModule())
+    datamodule = DigitsDataModule()
+    datamodule.setup("fit")
+    loaders = {"digits": datamodule.train_dataloader(), "again": datamodule.train_dataloader()}  # a batch of each
+    with pytest.raises(ValueError, match="input_shape=\\(C, H, W\\).*ClassificationModule, or fit it with one"):
+        trainer.fit(module, train_dataloaders=loaders)
     assert trainer.global_step == 0
     assert all(torch.equal(weights[key], value) for key, value in module.state_dict().items())
 

@@ -22,6 +22,7 @@ from lightning_compress.analysis.profile import (
     TimedModel,
     evaluate_accuracy,
     example_batch,
+    is_example_batch,
     profile_model,
     time_models,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "evaluate_accuracy",
     "example_batch",
     "global_sparsity",
+    "is_example_batch",
     "layer_amounts",
     "layer_sparsity",
     "measure_latencies",

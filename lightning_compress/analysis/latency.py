@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Union
 import torch
 from torch import nn
 
+from lightning_compress.batches import ModelInputs, call_model, input_tensors
 from lightning_compress.modules import eval_mode
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ def _synchronize(device: torch.device) -> None:
 
 def measure_latency(
     model: Runner,
-    example_input: torch.Tensor,
+    example_input: ModelInputs,
     *,
     warmup: int = 5,
     repeats: int = 30,
@@ -92,7 +93,8 @@ def measure_latency(
 ) -> LatencyResult:
     """Time ``model(example_input)`` in eval mode and return the median of ``repeats`` runs after ``warmup``.
 
-    ``model`` is a module (eager PyTorch) or an :class:`~lightning_compress.deploy.OnnxRuntimeModel`.
+    ``model`` is a module (eager PyTorch) or an :class:`~lightning_compress.deploy.OnnxRuntimeModel`;
+    ``example_input`` one tensor, a tuple of them or tensors by keyword (:func:`~lightning_compress.batches.call_model`).
     ``num_threads`` sets torch's intra-op threads for the measurement only (the previous count is restored);
     an ONNX Runtime session keeps the threads it was opened with. The count used is recorded in the
     result, since latency on CPU depends on it. To compare models, time them together with
@@ -105,7 +107,7 @@ def measure_latency(
 
 @torch.inference_mode()
 def measure_latencies(
-    contenders: Mapping[str, tuple[Runner, torch.Tensor]],
+    contenders: Mapping[str, tuple[Runner, ModelInputs]],
     *,
     warmup: int = 5,
     repeats: int = 30,
@@ -127,7 +129,7 @@ def measure_latencies(
         [('wide', 6), ('narrow', 6)]
     """
     for model, example_input in contenders.values():
-        check_latency_options(example_input.shape[:1], warmup, repeats, num_threads, rounds=rounds)
+        check_latency_options([_batch_size(example_input)], warmup, repeats, num_threads, rounds=rounds)
     rounds = min(rounds, repeats)
     per_round = [repeats // rounds + (index < repeats % rounds) for index in range(rounds)]
     order = random.Random(seed)
@@ -155,26 +157,31 @@ def measure_latencies(
             torch.set_num_threads(previous_threads)
     return {
         name: LatencyResult(
-            batch_size=example_input.shape[0],
+            batch_size=_batch_size(example_input),
             median_ms=statistics.median(timings_ms[name]),
             min_ms=min(timings_ms[name]),
             max_ms=max(timings_ms[name]),
             repeats=repeats,
             warmup=warmup,
             num_threads=threads[name],
-            device=str(example_input.device),
+            device=str(input_tensors(example_input)[0].device),
             runtime="torch" if isinstance(model, nn.Module) else model.runtime,
         )
         for name, (model, example_input) in contenders.items()
     }
 
 
-def _run(model: Runner, example_input: torch.Tensor, calls: int) -> list[float]:
+def _batch_size(example_input: ModelInputs) -> int:
+    return input_tensors(example_input)[0].shape[0]
+
+
+def _run(model: Runner, example_input: ModelInputs, calls: int) -> list[float]:
     """Milliseconds of each of ``calls`` calls of ``model(example_input)``, the device synchronized after each."""
+    device = input_tensors(example_input)[0].device
     timings_ms = []
     for _ in range(calls):
         start = time.perf_counter()
-        model(example_input)
-        _synchronize(example_input.device)
+        call_model(model, example_input)
+        _synchronize(device)
         timings_ms.append((time.perf_counter() - start) * 1000.0)
     return timings_ms

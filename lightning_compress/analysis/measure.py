@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_compress.batches import ModelInputs, call_model
 from lightning_compress.modules import WEIGHT_LAYER_TYPES, eval_mode, weight_layers
 
 
@@ -122,8 +123,9 @@ _FUSED_KERNELS = {
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on ``example_input`` (the whole batch it holds).
+def count_macs(model: nn.Module, example_input: ModelInputs) -> int:
+    """Multiply-accumulates of one forward pass on ``example_input`` (the whole batch it holds: one tensor, a tuple
+    of them, or tensors by keyword, see :func:`~lightning_compress.batches.call_model`).
 
     Counted by torch's own ``FlopCounterMode`` (matrix products, convolutions and attention, one MAC = two
     FLOPs), with the fused kernels it does not know counted by their matrix products: the CPU's attention,
@@ -132,5 +134,5 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     runs once in eval mode and every submodule is put back in the mode it had.
     """
     with eval_mode(model), FlopCounterMode(display=False, custom_mapping=_FUSED_KERNELS) as counter:
-        model(example_input)
+        call_model(model, example_input)
     return counter.get_total_flops() // 2

@@ -19,15 +19,25 @@ from lightning_compress.analysis.measure import (
     layer_sparsity,
     size_on_disk,
 )
-from lightning_compress.batches import placed_like
+from lightning_compress.batches import (
+    ModelInputs,
+    batch_targets,
+    call_model,
+    input_tensors,
+    map_inputs,
+    model_inputs,
+    output_logits,
+    placed_like,
+)
 from lightning_compress.deploy.compressed import compressed_bytes
 from lightning_compress.deploy.onnx import OnnxRuntimeModel, onnx_bytes
 from lightning_compress.modules import eval_mode
 from lightning_compress.quantization.layers import quantized_layers
 
 #: What a model is measured on: the shape of one input without the batch dimension (standard normal floats
-#: in the model's dtype), or an example batch, e.g. of token ids, whose first sample every batch repeats.
-Inputs = Sequence[int] | torch.Tensor
+#: in the model's dtype), or an example batch, e.g. of token ids, whose first sample every batch repeats: one tensor,
+#: a tuple of them, or tensors by keyword (a Hugging Face model's ``input_ids`` and ``attention_mask``).
+Inputs = Sequence[int] | ModelInputs
 
 
 @dataclass
@@ -108,7 +118,7 @@ def profile_model(
     compressed_size: bool = True,
 ) -> ModelProfile:
     """Measure ``model`` on ``inputs``: the shape of one input (without the batch dimension) or an example
-    batch (token ids, say), whose first sample makes every measured batch.
+    batch (token ids, say, or a Hugging Face model's inputs by keyword), whose first sample makes every measured batch.
 
     MACs are per sample (batch of one); latency is measured at each of ``latency_batch_sizes`` as
     :func:`time_models` measures it, in eager PyTorch (``latency_runtime="torch"``) or in ONNX Runtime
@@ -202,39 +212,56 @@ def time_models(
     return {name: TimedModel(latency[name], graph_sizes[name]) for name in models}
 
 
-def example_batch(inputs: Inputs, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def example_batch(inputs: Inputs, batch_size: int, device: torch.device, dtype: torch.dtype) -> ModelInputs:
     """A batch of ``batch_size`` for measuring, on ``device``: for a shape, standard normal floats of ``dtype``
-    (the same for every model: seeded by the batch size); for an example batch, its first sample repeated
-    (floats cast to ``dtype``, integers such as token ids kept as they are).
+    (the same for every model: seeded by the batch size); for an example batch, its first sample repeated in each
+    of its tensors (floats cast to ``dtype``, integers such as token ids kept as they are).
 
     Example:
         >>> example_batch(torch.tensor([[5, 7, 0], [1, 1, 1]]), 2, torch.device("cpu"), torch.float16)
         tensor([[5, 7, 0],
                 [5, 7, 0]])
+        >>> example_batch({"input_ids": torch.tensor([[5, 7]]), "attention_mask": torch.tensor([[1, 0]])}, 3,
+        ...               torch.device("cpu"), torch.float32)["attention_mask"].tolist()
+        [[1, 0], [1, 0], [1, 0]]
     """
-    if isinstance(inputs, torch.Tensor):
-        if inputs.dim() == 0 or len(inputs) == 0:
-            raise ValueError(
-                f"an example batch needs a batch dimension and one sample at least, got shape {tuple(inputs.shape)}"
-            )
-        batch = inputs[:1].expand(batch_size, *inputs.shape[1:]).contiguous()
+    if is_example_batch(inputs):
+        for tensor in input_tensors(inputs):
+            if tensor.dim() == 0 or len(tensor) == 0:
+                raise ValueError(
+                    f"an example batch needs a batch dimension and one sample at least, got shape {tuple(tensor.shape)}"
+                )
+        batch = map_inputs(inputs, lambda tensor: tensor[:1].expand(batch_size, *tensor.shape[1:]).contiguous())
         return placed_like(batch, device, dtype)
     generator = torch.Generator().manual_seed(batch_size)
     return torch.randn((batch_size, *inputs), generator=generator).to(device=device, dtype=dtype)
 
 
+def is_example_batch(inputs: Inputs) -> bool:
+    """Whether ``inputs`` is an example batch (a tensor, a tuple of tensors, tensors by keyword), not a shape.
+
+    Example:
+        >>> is_example_batch((3, 8, 8)), is_example_batch({"input_ids": torch.ones(1, 4)})
+        (False, True)
+    """
+    if isinstance(inputs, (torch.Tensor, Mapping)):
+        return True
+    return isinstance(inputs, tuple) and bool(inputs) and all(isinstance(item, torch.Tensor) for item in inputs)
+
+
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]]) -> float:
-    """Top-1 accuracy of ``model`` over ``(inputs, targets)`` batches, in eval mode (modes are restored).
+def evaluate_accuracy(model: nn.Module, batches: Iterable[Any]) -> float:
+    """Top-1 accuracy of ``model`` over ``(inputs, targets)`` batches or dict batches in Hugging Face's convention
+    (``labels`` the targets), in eval mode (modes are restored); the model may return a ``ModelOutput``.
 
     Inputs are moved to the device of the model's parameters, and floating inputs to their dtype.
     """
     device, dtype = _device_and_dtype(model)
     correct = total = 0
     with eval_mode(model):
-        for inputs, targets, *_ in batches:
-            inputs = placed_like(inputs, device, dtype)
-            predictions = model(inputs).argmax(dim=-1)
+        for batch in batches:
+            inputs, targets = placed_like(model_inputs(batch), device, dtype), batch_targets(batch)
+            predictions = output_logits(call_model(model, inputs)).argmax(dim=-1)
             correct += int((predictions == targets.to(device)).sum())
             total += targets.numel()
     if total == 0:

@@ -18,9 +18,11 @@ from lightning_compress.analysis import (
     TimedModel,
     check_latency_options,
     evaluate_accuracy,
+    is_example_batch,
     profile_model,
     time_models,
 )
+from lightning_compress.batches import first_training_input, map_inputs
 from lightning_compress.callbacks.finite import describe_non_finite, non_finite_parameters
 from lightning_compress.deploy.half import HALF_DTYPES, half_precision
 from lightning_compress.modules import model_copy
@@ -110,18 +112,21 @@ class CompressionReport(L.Callback):
         self._checkpoint_report = None
         if stage != "fit":
             return
-        example = getattr(pl_module, "example_input_array", None)
         if self.input_shape is not None:
             self._fit_inputs = self.input_shape
-        elif isinstance(example, torch.Tensor) and example.is_floating_point():
-            self._fit_inputs = tuple(example.shape[1:])
-        elif isinstance(example, torch.Tensor):  # token ids: measured on the example itself, not random floats
-            self._fit_inputs = example[:1].detach().cpu().clone()
-        else:
+            return
+        example = getattr(pl_module, "example_input_array", None)
+        if example is None:
+            example = first_training_input(trainer)
+        if example is None:
             raise ValueError(
-                "CompressionReport needs the shape of one input: pass input_shape=(C, H, W) or set "
-                f"`example_input_array` on {type(pl_module).__name__}"
+                "CompressionReport needs the shape of one input: pass input_shape=(C, H, W), set "
+                f"`example_input_array` on {type(pl_module).__name__}, or fit it with one training dataloader"
             )
+        if isinstance(example, torch.Tensor) and example.is_floating_point():
+            self._fit_inputs = tuple(example.shape[1:])
+        else:  # token ids, a Hugging Face model's inputs by keyword: measured on the example itself
+            self._fit_inputs = map_inputs(example, lambda tensor: tensor[:1].detach().cpu().clone())
 
     def time_stages(self, models: Mapping[str, torch.nn.Module], runtimes: Mapping[str, str]) -> dict[str, TimedModel]:
         """Time ``models`` (each in ``runtimes[name]``) together with this report's latency settings, in interleaved rounds."""
@@ -279,10 +284,29 @@ class CompressionReport(L.Callback):
 
 def _input_description(inputs: Inputs) -> dict[str, Any]:
     """The report's metadata of what the stages were measured on: one input's shape, and its dtype if it is
-    an example batch (token ids)."""
-    if isinstance(inputs, torch.Tensor):
-        return {"input_shape": list(inputs.shape[1:]), "input_dtype": str(inputs.dtype).removeprefix("torch.")}
-    return {"input_shape": list(inputs)}
+    an example batch (token ids); by name for inputs by keyword.
+
+    Example:
+        >>> _input_description({"input_ids": torch.ones(1, 8, dtype=torch.long), "attention_mask": torch.ones(1, 8)})
+        {'input_shape': {'input_ids': [8], 'attention_mask': [8]}, 'input_dtype': {'input_ids': 'int64', 'attention_mask': 'float32'}}
+    """
+    if not is_example_batch(inputs):
+        return {"input_shape": list(inputs)}
+
+    def shape(tensor: torch.Tensor) -> list[int]:
+        return list(tensor.shape[1:])
+
+    def dtype(tensor: torch.Tensor) -> str:
+        return str(tensor.dtype).removeprefix("torch.")
+
+    if isinstance(inputs, Mapping):
+        return {
+            "input_shape": {key: shape(value) for key, value in inputs.items()},
+            "input_dtype": {key: dtype(value) for key, value in inputs.items()},
+        }
+    if isinstance(inputs, tuple):
+        return {"input_shape": [shape(value) for value in inputs], "input_dtype": [dtype(value) for value in inputs]}
+    return {"input_shape": shape(inputs), "input_dtype": dtype(inputs)}
 
 
 def _validation_accuracy(trainer: L.Trainer, model: torch.nn.Module) -> float | None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.batches import ModelInputs
 from lightning_compress.files import write_atomically
 from lightning_compress.modules import model_copy
 from lightning_compress.quantization.config import QuantConfig
@@ -38,7 +39,7 @@ def check_export_format(format: str) -> None:
         raise ImportError(f"export format {format!r} needs {', '.join(missing)}, which is not installed: {install}")
 
 
-def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, format: str = "onnx") -> Path:
+def export(model: nn.Module, path: str | os.PathLike, example_input: ModelInputs, format: str = "onnx") -> Path:
     """Write ``model`` as a deployable artifact at ``path`` and return the path.
 
     - ``"onnx"``: the graph for ONNX Runtime (or any ONNX runtime), dynamic in the batch dimension.
@@ -53,7 +54,10 @@ def export(model: nn.Module, path: str | os.PathLike, example_input: torch.Tenso
       as integer codes at their bit width; shared weights as a codebook; then xz), and no pickle:
       :func:`~lightning_compress.deploy.compressed.load_compressed` loads it back.
 
-    ``example_input`` is a batch of model inputs, one tensor (its batch size does not matter); for
+    ``example_input`` is a batch of model inputs (its batch size does not matter): one tensor, a tuple of
+    tensors (positional inputs) or a dict of tensors (keyword inputs: a Hugging Face model's ``input_ids`` and
+    ``attention_mask``), which name the graph's inputs; the batch is dynamic, and so is the sequence length of
+    integer inputs where the model allows (see :func:`~lightning_compress.deploy.onnx.onnx_bytes`). For
     ``"onnx"`` the model runs on it once first, so an input it cannot take fails in one line, with the
     shape of the model's ``example_input_array`` where it has one. Missing folders of ``path`` are
     created. The file is written atomically: a reader never sees half of it.

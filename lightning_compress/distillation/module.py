@@ -19,7 +19,10 @@ from lightning_compress.batches import (
     batch_targets,
     call_model,
     first_training_input,
+    input_tensors,
+    map_inputs,
     model_inputs,
+    output_logits,
 )
 from lightning_compress.distillation.layers import EncoderRecorder, checked_layer_map, encoder_of
 from lightning_compress.distillation.losses import (
@@ -37,6 +40,7 @@ from lightning_compress.models.classifier import (
     example_input,
     labelled_cross_entropy,
 )
+from lightning_compress.modules import eval_mode
 
 LOGIT_LOSSES = ("kd", "dkd")
 
@@ -53,7 +57,8 @@ class DistillationModule(ClassificationModule):
     ``temperature``, times T²) or decoupled KD (``"dkd"``); subclasses override it to change the
     distance, and may override ``training_step`` / ``configure_optimizers`` as in any LightningModule.
     Batches are ``(inputs, targets)`` or dicts in Hugging Face's convention (``input_ids``,
-    ``attention_mask``, ``labels``), as for :class:`ClassificationModule`. Samples whose target is
+    ``attention_mask``, ``labels``), as for :class:`ClassificationModule`; student and teacher may return their
+    logits or a Hugging Face ``ModelOutput`` (``AutoModelForSequenceClassification`` as it comes). Samples whose target is
     :data:`~lightning_compress.batches.UNLABELED` (-100) are left out of the cross-entropy and learnt from the
     teacher alone (DKD takes the teacher's top class as their target): unlabeled data of the task's domain,
     Hinton et al.'s transfer set, is where a teacher has the most to teach.
@@ -79,7 +84,7 @@ class DistillationModule(ClassificationModule):
             exist is refused here.
         input_shape: one input's shape, used to check that student and teacher outputs have the same shape
             before training and, with ``hints``, to size the adapters (without it they are sized on the
-            first training batch of the fit's datamodule, at setup).
+            first training batch of the fit, at setup).
         cache_teacher: keep the teacher's logits per input, so epochs after the first skip its forward
             (for training data without augmentation; not with ``hints`` or ``layer_map``).
         input_dtype: the dtype of ``input_shape``'s inputs: ``"int64"`` for token ids.
@@ -178,16 +183,15 @@ class DistillationModule(ClassificationModule):
             self._check_and_build_adapters(torch.cat([self.example_input_array] * 2))
 
     def setup(self, stage: str) -> None:
-        """Without ``input_shape``, size the hints' adapters on the first training batch of the fit's
-        datamodule, before the optimizers are built; the shape goes into ``hparams``, so a checkpoint
-        loads back with its adapters."""
+        """Without ``input_shape``, size the hints' adapters on the first training batch of the fit, before the
+        optimizers are built; the shape goes into ``hparams``, so a checkpoint loads back with its adapters."""
         if stage != "fit" or not self.hints or len(self.adapters):
             return
         example = first_training_input(self.trainer)
-        if example is None:
+        if not isinstance(example, torch.Tensor):
             raise ValueError(
-                "hints size their adapters on one input: give input_shape, or fit with a LightningDataModule, "
-                "whose first training batch is then used"
+                "hints size their adapters on one input tensor, whose shape the checkpoint keeps: give input_shape "
+                f"(and input_dtype), as the first training batch {'is not one tensor' if example else 'is not known'}"
             )
         self.hparams["input_shape"] = [int(size) for size in example.shape[1:]]
         self.hparams["input_dtype"] = str(example.dtype).removeprefix("torch.")
@@ -227,18 +231,19 @@ class DistillationModule(ClassificationModule):
         keys = _digests(inputs)
         missing = [index for index, key in enumerate(keys) if key not in self._cache]
         if missing:
-            for index, logits in zip(missing, self._run_teacher(_samples(inputs, missing)).cpu(), strict=True):
+            unseen = self._run_teacher(map_inputs(inputs, lambda tensor: tensor[missing])).cpu()
+            for index, logits in zip(missing, unseen, strict=True):
                 self._cache[keys[index]] = logits
-        return torch.stack([self._cache[key] for key in keys]).to(_tensors(inputs)[0].device)
+        return torch.stack([self._cache[key] for key in keys]).to(input_tensors(inputs)[0].device)
 
     def _run_teacher(self, inputs: ModelInputs) -> torch.Tensor:
-        teacher, device = self.teacher, _tensors(inputs)[0].device
+        teacher, device = self.teacher, input_tensors(inputs)[0].device
         first = next(teacher.parameters(), None)
         if first is not None and first.device != device:
             teacher.to(device)
         teacher.eval()
         with torch.no_grad():
-            return call_model(teacher, inputs)
+            return output_logits(call_model(teacher, inputs))
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         inputs, targets = model_inputs(batch), batch_targets(batch)
@@ -350,9 +355,8 @@ class DistillationModule(ClassificationModule):
     def _check_and_build_adapters(self, example: torch.Tensor) -> None:
         """Check output shapes on ``example`` and size one adapter per hint from the features it produces."""
         with torch.no_grad():
-            training = self.model.training
-            student_output = self.model.eval()(example)
-            self.model.train(training)
+            with eval_mode(self.model):
+                student_output = output_logits(self.model(example))
             teacher_output = self._run_teacher(example)
         _check_same_shape(student_output, teacher_output)
         self._outputs_checked = True
@@ -401,19 +405,10 @@ def _adapter(pair: tuple[str, str], student: torch.Tensor | None, teacher: torch
     )
 
 
-def _tensors(inputs: ModelInputs) -> list[torch.Tensor]:
-    return list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
-
-
-def _samples(inputs: ModelInputs, index: list[int]) -> ModelInputs:
-    """The samples at ``index`` of one tensor or of every tensor by keyword."""
-    return {key: value[index] for key, value in inputs.items()} if isinstance(inputs, Mapping) else inputs[index]
-
-
 def _digests(inputs: ModelInputs) -> list[bytes]:
     """One digest per sample of its values: of every tensor's, for inputs by keyword (token ids and mask)."""
     digests = []
-    for sample in zip(*(tensor.detach().cpu() for tensor in _tensors(inputs))):
+    for sample in zip(*(tensor.detach().cpu() for tensor in input_tensors(inputs))):
         digest = hashlib.blake2b(digest_size=16)
         for values in sample:
             digest.update(values.numpy().tobytes())

@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import Self
 
-from lightning_compress.batches import UNLABELED, Batch, batch_targets, call_model, model_inputs
+from lightning_compress.batches import UNLABELED, Batch, batch_targets, call_model, model_inputs, output_logits
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -29,7 +29,9 @@ class ClassificationModule(L.LightningModule):
     called with the parameters and the optimizer in :meth:`configure_optimizers`. ``input_shape`` and
     ``input_dtype`` (``"int64"`` for token ids) make the ``example_input_array`` that export and the
     report use. A batch is ``(inputs, targets)`` or a dict in Hugging Face's convention (``input_ids``,
-    ``attention_mask``, ``labels``), whose tensors but ``labels`` are the model's keyword arguments; a target of
+    ``attention_mask``, ``labels``), whose tensors but ``labels`` are the model's keyword arguments; the model may
+    return its logits or a Hugging Face ``ModelOutput`` (``AutoModelForSequenceClassification``), whose ``logits``
+    the module returns; a target of
     :data:`~lightning_compress.batches.UNLABELED` (-100) marks a sample without a label, which the loss and
     accuracy leave out (:class:`~lightning_compress.DistillationModule` learns it from the teacher). Logged metrics:
     ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
@@ -92,7 +94,8 @@ class ClassificationModule(L.LightningModule):
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.model(*args, **kwargs)
+        """The wrapped model's logits (of a Hugging Face ``ModelOutput`` too, see :func:`~lightning_compress.batches.output_logits`)."""
+        return output_logits(self.model(*args, **kwargs))
 
     def _step(self, batch: Batch, stage: str, accuracy: MulticlassAccuracy) -> torch.Tensor:
         logits, targets = call_model(self, model_inputs(batch)), batch_targets(batch)

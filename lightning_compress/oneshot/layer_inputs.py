@@ -36,7 +36,7 @@ class LayerGroup:
 
 def token_positions(model: nn.Module, inputs: ModelInputs) -> torch.Tensor | None:
     """Where ``inputs`` hold real tokens, not padding: a dict batch's ``attention_mask``, or token ids ``(N, L)``
-    other than the ``pad_token_id`` of the model (or of one of its modules); ``None`` for other inputs.
+    other than the ``pad_token_id`` of the model (or of one of its modules); ``None`` for other inputs (a tuple's).
 
     A linear layer's inputs at padding positions are computed but never used, so they do not count.
 
@@ -50,7 +50,7 @@ def token_positions(model: nn.Module, inputs: ModelInputs) -> torch.Tensor | Non
     if isinstance(inputs, Mapping):
         mask = inputs.get("attention_mask")
         return None if mask is None else mask.bool()
-    if inputs.dim() != 2 or inputs.is_floating_point():
+    if isinstance(inputs, tuple) or inputs.dim() != 2 or inputs.is_floating_point():
         return None
     pad = next((m.pad_token_id for m in model.modules() if isinstance(getattr(m, "pad_token_id", None), int)), None)
     return None if pad is None else inputs != pad

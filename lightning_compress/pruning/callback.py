@@ -168,12 +168,13 @@ class Pruning(L.Callback):
             example = None
             if self.config.structured:
                 example = getattr(pl_module, "example_input_array", None)
-                if not isinstance(example, torch.Tensor):
+                if example is None:
                     example = first_training_input(trainer)
                 if example is None:
                     raise ValueError(
-                        f"{self.config.granularity} pruning traces the model on one input: set `example_input_array` on {type(pl_module).__name__}, "
-                        "or fit with a LightningDataModule, whose first training batch is then traced"
+                        f"{self.config.granularity} pruning traces the model on one input: set `example_input_array` "
+                        f"on {type(pl_module).__name__}, or fit it with one training dataloader, whose first batch is "
+                        "then traced"
                     )
             self.pruner = Pruner(pl_module, self.config, example, warn=rank_zero_warn)
         if stage == "fit":

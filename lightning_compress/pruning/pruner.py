@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.batches import ModelInputs, placed_like
 from lightning_compress.pruning.config import PruningConfig
 from lightning_compress.pruning.criteria import element_scores
 from lightning_compress.pruning.heads import AttentionHeadGroups
@@ -44,7 +45,7 @@ class Pruner:
         self,
         model: nn.Module,
         config: PruningConfig,
-        example_input: torch.Tensor | None = None,
+        example_input: ModelInputs | None = None,
         warn: Callable[[str], Any] = warnings.warn,
     ) -> None:
         self.config = config
@@ -63,7 +64,8 @@ class Pruner:
         if config.structured:
             if example_input is None:
                 raise ValueError(f"{config.granularity} pruning traces the model on one input: give example_input")
-            example_input = example_input.to(next(model.parameters()).device)
+            first = next(model.parameters())
+            example_input = placed_like(example_input, first.device, first.dtype)
             groups = AttentionHeadGroups if config.granularity == "head" else ChannelGroups
             check_removal(model, example_input, layers, groups)
             self.groups = groups(model, example_input, layers)

@@ -15,6 +15,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_compress.batches import ModelInputs, call_model, output_logits
 from lightning_compress.modules import WEIGHT_LAYER_TYPES, eval_mode, model_copy
 from lightning_compress.protocols import HasOutputChannelState
 from lightning_compress.pruning.criteria import channel_scores
@@ -44,7 +45,7 @@ class ChannelGroups:
         (16, 128, 64)
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, layers: dict[str, nn.Module]) -> None:
+    def __init__(self, model: nn.Module, example_input: ModelInputs, layers: dict[str, nn.Module]) -> None:
         self._names = {module: name for name, module in model.named_modules()}
         self._parameter_names = {parameter: name for name, parameter in model.named_parameters()}
         ignored = [m for m in model.modules() if isinstance(m, WEIGHT_LAYER_TYPES) and m not in layers.values()]
@@ -214,7 +215,7 @@ class _CutOnLoad:
 class PrunableGroups(Protocol):
     """Units of a model pruned and removed together: :class:`ChannelGroups` (channels) or heads of attention."""
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, layers: dict[str, nn.Module]) -> None: ...
+    def __init__(self, model: nn.Module, example_input: ModelInputs, layers: dict[str, nn.Module]) -> None: ...
 
     @property
     def units(self) -> dict[str, int]: ...
@@ -230,7 +231,7 @@ class PrunableGroups(Protocol):
 
 def check_removal(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: ModelInputs,
     layers: dict[str, nn.Module],
     groups: type[PrunableGroups] = ChannelGroups,
 ) -> None:
@@ -272,7 +273,7 @@ def _same_layers(copy: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.
 
 def _removal_problem(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: ModelInputs,
     layers: dict[str, nn.Module],
     groups: type[PrunableGroups],
     only: str | None,
@@ -292,11 +293,11 @@ def _removal_problem(
     with torch.no_grad(), eval_mode(trial):
         for name, mask in trial_groups.masks(keep).items():
             parameters[name].mul_(mask)
-        masked = trial(example_input)
+        masked = output_logits(call_model(trial, example_input))
     trial_groups.remove(keep)
     try:
         with torch.no_grad(), eval_mode(trial):
-            removed = trial(example_input)
+            removed = output_logits(call_model(trial, example_input))
     except Exception as error:  # whatever the model raises, it is the reason to refuse it
         return f"{type(error).__name__}: {next(iter(str(error).splitlines()), '')}"
     if removed.shape != masked.shape:
