@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_compress.models.attention import explicit_attention, fused_attention, not_explicit_because
 from lightning_compress.modules import WEIGHT_LAYER_TYPES, weight_layers
 from lightning_compress.protocols import ExcludesFromCompression
 
@@ -105,20 +106,40 @@ def warn_if_few_targeted(
     )
 
 
-def warn_about_fused_attention(model: nn.Module, method: str, warn: Callable[[str], Any]) -> None:
-    """Warn when ``model`` holds ``nn.MultiheadAttention`` layers: they compute with a fused ``in_proj_weight``
-    and read ``out_proj.weight`` directly, so no quantized layer or pruning mask reaches them.
+def explicit_fused_attention(model: nn.Module, method: str, warn: Callable[[str], Any]) -> None:
+    """Swap each ``nn.MultiheadAttention`` of ``model`` for the :class:`~lightning_compress.models.ExplicitMultiheadAttention`
+    that computes the same outputs with ``nn.Linear`` projections, which ``method`` then reaches, and say so with
+    ``warn`` (the parameters are new: build the optimizer after it; state dicts with ``in_proj_weight`` still load).
+    One that cannot be made explicit (separate key and value sizes...) is left as it is, in float and unpruned,
+    which ``warn`` says too: it computes with a fused ``in_proj_weight`` and reads ``out_proj.weight`` directly.
 
     Example:
-        >>> warn_about_fused_attention(nn.TransformerEncoderLayer(8, 2, 16), "Quantization", print)
-        Quantization leaves the 1 nn.MultiheadAttention layer (self_attn) in float, unpruned: it computes with a fused in_proj_weight and reads out_proj.weight without calling it. Call lightning_compress.models.explicit_attention(model) first, which swaps in an equivalent attention of nn.Linear layers
+        >>> layer = nn.TransformerEncoderLayer(8, 2, 16)
+        >>> explicit_fused_attention(layer, "Quantization", print)
+        Quantization made the 1 nn.MultiheadAttention layer (self_attn) explicit: ExplicitMultiheadAttention computes the same outputs with its q_proj, k_proj, v_proj and out_proj as nn.Linear layers, which Quantization reaches. Its parameters are new (build an optimizer after this); state dicts with in_proj_weight still load
+        >>> type(layer.self_attn).__name__
+        'ExplicitMultiheadAttention'
     """
-    fused = [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
-    if fused:
-        shown = ", ".join(fused[:3]) + (f" and {len(fused) - 3} more" if len(fused) > 3 else "")
+    fused = fused_attention(model)
+    refused = {name: why for name, attention in fused.items() if (why := not_explicit_because(attention))}
+    made_explicit = [name for name in fused if name not in refused and name]
+    if made_explicit:
+        explicit_attention(model, made_explicit)
         warn(
-            f"{method} leaves the {len(fused)} nn.MultiheadAttention layer{'s' if len(fused) > 1 else ''} ({shown}) in "
-            "float, unpruned: it computes with a fused in_proj_weight and reads out_proj.weight without calling it. "
-            "Call lightning_compress.models.explicit_attention(model) first, which swaps in an equivalent attention of "
-            "nn.Linear layers"
+            f"{method} made {_layers(made_explicit)} explicit: ExplicitMultiheadAttention computes the same outputs "
+            f"with its q_proj, k_proj, v_proj and out_proj as nn.Linear layers, which {method} reaches. Its "
+            "parameters are new (build an optimizer after this); state dicts with in_proj_weight still load"
         )
+    if refused:
+        warn(
+            f"{method} leaves {_layers(list(refused))} in float, unpruned: it computes with a fused in_proj_weight and "
+            "reads out_proj.weight without calling it, and has what ExplicitMultiheadAttention does not compute ("
+            + "; ".join(f"{name}: {why}" for name, why in refused.items())
+            + ")"
+        )
+
+
+def _layers(names: list[str]) -> str:
+    """``the 2 nn.MultiheadAttention layers (a, b)``, the first three names shown."""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"the {len(names)} nn.MultiheadAttention layer{'s' if len(names) > 1 else ''} ({shown})"

@@ -93,15 +93,24 @@ def test_a_vision_transformer_keeps_its_outputs_and_every_linear_layer_is_quanti
     assert sum(isinstance(layer, nn.Linear) for layer in quantized_layers(vit).values()) == 2 * 6 + 1
 
 
+class BiasedKeys(nn.Module):
+    """An attention with biases on its keys and values (``add_bias_kv``), which ExplicitMultiheadAttention lacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(x, x, x, need_weights=False)[0])
+
+
 def test_fused_attention_left_in_float_is_said_loudly_and_explicit_attention_is_not() -> None:
-    encoder = nn.TransformerEncoder(
-        nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2, enable_nested_tensor=False
-    )
     with pytest.warns(
         UserWarning,
-        match=r"leaves the 2 nn.MultiheadAttention layers \(layers.0.self_attn, layers.1.self_attn\) in float",
+        match=r"leaves the 1 nn.MultiheadAttention layer \(attention\) in float, .*\(attention: add_bias_kv\)$",
     ):
-        quantize_model(encoder, QuantConfig())
+        quantize_model(BiasedKeys(), QuantConfig())
     explicit = nn.TransformerEncoder(
         nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2, enable_nested_tensor=False
     )

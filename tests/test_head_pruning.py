@@ -9,6 +9,7 @@ import pytest
 import torch
 from digits import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_attention import BiasedKeys
 from text_models import TINY_BERT, TINY_BERT_LINEAR_LAYERS, fit_text, sample_datamodule, text_module
 from torch import nn
 from torchvision.models import VisionTransformer
@@ -141,11 +142,11 @@ def test_channel_pruning_of_a_bert_names_the_heads_and_the_residual_width_it_wou
 def test_head_granularity_on_a_model_without_known_attention_is_refused() -> None:
     with pytest.raises(ValueError, match="granularity='head' prunes attention heads, but SmallCNN has no attention"):
         Pruner(SmallCNN(10, image_size=8), PruningConfig(amount=0.5, granularity="head"), torch.zeros(1, 1, 8, 8))
-    fused = nn.TransformerEncoder(
-        nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1, enable_nested_tensor=False
-    )
-    with pytest.raises(ValueError, match=r"nn.MultiheadAttention \(\['layers.0.self_attn'\]\).*explicit_attention"):
-        Pruner(fused, PruningConfig(amount=0.5, granularity="head"), torch.zeros(1, 3, 16))
+    with pytest.raises(
+        ValueError,
+        match=r"nn.MultiheadAttention \(\['attention'\]\).*does not compute what it has \(attention: add_bias_kv\)",
+    ):
+        Pruner(BiasedKeys(), PruningConfig(amount=0.5, granularity="head"), torch.zeros(1, 3, 16))
     with pytest.raises(ValueError, match="a callable criterion scores each weight; head granularity ranks heads"):
         PruningConfig(amount=0.5, granularity="head", criterion=lambda layer: layer.weight)
 

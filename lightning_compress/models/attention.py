@@ -4,10 +4,14 @@
 one ``3·embed_dim × embed_dim`` parameter) and reads ``out_proj.weight`` directly, never calling any
 ``nn.Linear``: a fake-quantized layer or a pruning mask put on those would be bypassed.
 :class:`ExplicitMultiheadAttention` computes the same attention with four plain ``nn.Linear`` layers, and
-:func:`explicit_attention` swaps it in for every ``nn.MultiheadAttention`` of a model.
+:func:`explicit_attention` swaps it in for every ``nn.MultiheadAttention`` of a model; a state dict saved with the
+fused projections (``in_proj_weight``) loads into it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +34,8 @@ class ExplicitMultiheadAttention(nn.Module):
         >>> x = torch.randn(3, 5, 8)
         >>> torch.allclose(explicit(x, x, x)[0], fused(x, x, x)[0], atol=1e-6)
         True
+        >>> explicit.load_state_dict(torch.nn.MultiheadAttention(8, 2, batch_first=True).state_dict())
+        <All keys matched successfully>
     """
 
     # What the fast paths of nn.TransformerEncoder(Layer) check before they read a fused projection: with
@@ -60,18 +66,10 @@ class ExplicitMultiheadAttention(nn.Module):
     @torch.no_grad()
     def from_fused(cls, attention: nn.MultiheadAttention) -> ExplicitMultiheadAttention:
         """The same attention as ``attention`` (its weights, dropout and mode copied); one with separate key and
-        value sizes, key and value biases, or a zero attention column is refused."""
-        unsupported = [
-            why
-            for why, present in (
-                ("kdim or vdim other than embed_dim", not attention._qkv_same_embed_dim),
-                ("add_bias_kv", attention.bias_k is not None),
-                ("add_zero_attn", attention.add_zero_attn),
-            )
-            if present
-        ]
+        value sizes, key and value biases, or a zero attention column is refused (:func:`not_explicit_because`)."""
+        unsupported = not_explicit_because(attention)
         if unsupported:
-            raise ValueError(f"this nn.MultiheadAttention cannot be made explicit: it has {', '.join(unsupported)}")
+            raise ValueError(f"this nn.MultiheadAttention cannot be made explicit: it has {unsupported}")
         bias = attention.in_proj_bias is not None
         explicit = cls(
             attention.embed_dim,
@@ -92,6 +90,16 @@ class ExplicitMultiheadAttention(nn.Module):
             explicit.out_proj.bias.copy_(attention.out_proj.bias)
         explicit.train(attention.training)
         return explicit
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Load ``nn.MultiheadAttention``'s fused ``in_proj_weight`` / ``in_proj_bias`` as the three projections'
+        (rows of the query, the key, the value), before the projections read their keys."""
+        for kind in ("weight", "bias"):
+            fused = state_dict.pop(f"{prefix}in_proj_{kind}", None)
+            if fused is not None:
+                for name, rows in zip(("q_proj", "k_proj", "v_proj"), fused.chunk(3), strict=True):
+                    state_dict[f"{prefix}{name}.{kind}"] = rows
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(
         self,
@@ -161,21 +169,55 @@ def _additive_mask(
     return total
 
 
-def explicit_attention(model: nn.Module) -> int:
-    """Replace every ``nn.MultiheadAttention`` in ``model`` by its :class:`ExplicitMultiheadAttention`, in place, so
-    that quantization and pruning reach its projections; returns how many were replaced. Call it before the
-    optimizer is built and before loading a checkpoint saved after it (the parameter names change:
-    ``in_proj_weight`` becomes ``q_proj.weight``, ``k_proj.weight``, ``v_proj.weight``).
+def not_explicit_because(attention: nn.MultiheadAttention) -> str:
+    """What ``attention`` has that :class:`ExplicitMultiheadAttention` does not compute, ``""`` when nothing.
+
+    Example:
+        >>> not_explicit_because(torch.nn.MultiheadAttention(8, 2, kdim=4, add_bias_kv=True))
+        'kdim or vdim other than embed_dim, add_bias_kv'
+    """
+    return ", ".join(
+        why
+        for why, present in (
+            ("kdim or vdim other than embed_dim", not attention._qkv_same_embed_dim),
+            ("add_bias_kv", attention.bias_k is not None),
+            ("add_zero_attn", attention.add_zero_attn),
+        )
+        if present
+    )
+
+
+def fused_attention(model: nn.Module) -> dict[str, nn.MultiheadAttention]:
+    """The ``nn.MultiheadAttention`` layers of ``model``, by module name.
+
+    Example:
+        >>> list(fused_attention(torch.nn.TransformerEncoderLayer(8, 2, 16)))
+        ['self_attn']
+    """
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)}
+
+
+def explicit_attention(model: nn.Module, names: Collection[str] | None = None) -> int:
+    """Replace every ``nn.MultiheadAttention`` in ``model`` (those of ``names``, module names, where given) by its
+    :class:`ExplicitMultiheadAttention`, in place, so that quantization and pruning reach its projections; returns
+    how many were replaced. The outputs are the same. Call it before the optimizer is built: the parameters are new
+    (``in_proj_weight`` becomes ``q_proj.weight``, ``k_proj.weight``, ``v_proj.weight``); state dicts saved before
+    it load after it, and state dicts saved after it load into a model made explicit the same way.
 
     Example:
         >>> encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2)
+        >>> saved = encoder.state_dict()
         >>> explicit_attention(encoder), type(encoder.layers[0].self_attn).__name__
         (2, 'ExplicitMultiheadAttention')
+        >>> encoder.load_state_dict(saved)
+        <All keys matched successfully>
     """
-    replaced = 0
+    chosen = fused_attention(model) if names is None else {name: model.get_submodule(name) for name in names}
+    explicit = {id(fused): ExplicitMultiheadAttention.from_fused(fused) for fused in chosen.values()}
+    replaced = set()
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.MultiheadAttention):
-                setattr(parent, name, ExplicitMultiheadAttention.from_fused(child))
-                replaced += 1
-    return replaced
+        for attribute, child in list(parent.named_children()):
+            if id(child) in explicit:  # an attention shared by several parents stays shared
+                setattr(parent, attribute, explicit[id(child)])
+                replaced.add(id(child))
+    return len(replaced)

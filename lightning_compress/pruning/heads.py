@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_compress.models.attention import ExplicitMultiheadAttention
+from lightning_compress.batches import ModelInputs
+from lightning_compress.models.attention import ExplicitMultiheadAttention, fused_attention, not_explicit_because
 from lightning_compress.pruning.structured import ChannelGroups
 
 
@@ -79,7 +80,7 @@ class AttentionHeadGroups:
         (1, 4, 4)
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, layers: dict[str, nn.Module]) -> None:
+    def __init__(self, model: nn.Module, example_input: ModelInputs, layers: dict[str, nn.Module]) -> None:
         targeted = set(layers.values())
         attentions = [found for module in model.modules() if (found := Attention.of(module)) is not None]
         attentions = [found for found in attentions if targeted.issuperset(found.projections)]
@@ -130,12 +131,19 @@ class AttentionHeadGroups:
 
 
 def _no_attention_message(model: nn.Module) -> str:
-    fused = [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
+    fused = fused_attention(model)
     if fused:
+        reasons = {name: not_explicit_because(attention) for name, attention in fused.items()}
+        refused = "; ".join(f"{name}: {why}" for name, why in reasons.items() if why)
+        remedy = (
+            f"and ExplicitMultiheadAttention, whose heads can be pruned, does not compute what it has ({refused})"
+            if refused
+            else "make it explicit first with lightning_compress.models.explicit_attention(model), the same outputs "
+            "(Pruning and Pruner do it themselves)"
+        )
         return (
             f"granularity='head' prunes attention heads, but the attention of {type(model).__name__} is "
-            f"nn.MultiheadAttention ({fused}), whose fused in_proj_weight no pruning reaches: make it explicit "
-            "first with lightning_compress.models.explicit_attention(model) (the same outputs)"
+            f"nn.MultiheadAttention ({list(fused)}), whose fused in_proj_weight no pruning reaches, {remedy}"
         )
     return (
         f"granularity='head' prunes attention heads, but {type(model).__name__} has no attention whose query, key "

@@ -15,7 +15,7 @@ from lightning_compress.pruning.criteria import element_scores
 from lightning_compress.pruning.heads import AttentionHeadGroups
 from lightning_compress.pruning.masks import forget_pruned, n_of_m_masks, rank_masks, threshold_masks
 from lightning_compress.pruning.structured import ChannelGroups, PrunableGroups, check_removal
-from lightning_compress.targets import select_layers, warn_about_fused_attention, warn_if_few_targeted
+from lightning_compress.targets import explicit_fused_attention, select_layers, warn_if_few_targeted
 
 #: What a :class:`Pruner` hands its new masks to before using them (DDP: rank zero's, broadcast to all).
 Share = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
@@ -49,9 +49,9 @@ class Pruner:
         warn: Callable[[str], Any] = warnings.warn,
     ) -> None:
         self.config = config
+        explicit_fused_attention(model, "Pruning", warn)
         layers = select_layers(model, config.layers, config.exclude)
         warn_if_few_targeted(model, layers, "Pruning", warn)
-        warn_about_fused_attention(model, "Pruning", warn)
         self.layers = {f"{name}.weight": module for name, module in layers.items()}
         self.parameters = {name: module.weight for name, module in self.layers.items()}
         self.all_parameters = dict(model.named_parameters())

@@ -20,7 +20,7 @@ from torch import nn
 from lightning_compress.quantization.config import QuantConfig
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.observers import Observer
-from lightning_compress.targets import TargetSpec, select_layers, warn_about_fused_attention, warn_if_few_targeted
+from lightning_compress.targets import TargetSpec, explicit_fused_attention, select_layers, warn_if_few_targeted
 
 
 class QuantizedLayer(nn.Module):
@@ -155,6 +155,7 @@ def quantize_model(
         >>> list(quantize_model(model, QuantConfig(weight_bits=4)))
         ['0', '3']
     """
+    explicit_fused_attention(model, "Quantization", warn)
     layers = select_layers(model, targets, exclude)
     unsupported = {
         name: type(m).__name__
@@ -173,7 +174,6 @@ def quantize_model(
     for name, layer in quantized.items():
         check_groups(layer, config, name)
     warn_if_few_targeted(model, quantized, "Quantization", warn)
-    warn_about_fused_attention(model, "Quantization", warn)
     for layer in quantized.values():
         quantize_layer(layer, config)
     return quantized
