@@ -19,6 +19,7 @@ from torch import nn
 from lightning_compress import (
     ClassificationModule,
     CompressionReport,
+    DistillationModule,
     OneShotPruning,
     OneShotQuantization,
     PostTrainingQuantization,
@@ -39,14 +40,25 @@ PRECISIONS = {
 Fitted = tuple[L.Trainer, L.LightningModule, L.Callback, torch.Tensor]
 
 
-def fit(tmp_path, callback: L.Callback, precision: str) -> Fitted:
+def small_cnn() -> SmallCNN:
+    return SmallCNN(image_size=8, channels=(8, 16), hidden=32)
+
+
+def fit(
+    tmp_path,
+    callback: L.Callback | None,
+    precision: str,
+    make_module: Callable[[], ClassificationModule] = lambda: ClassificationModule(
+        small_cnn(), 10, input_shape=(1, 8, 8)
+    ),
+) -> Fitted:
     """Two epochs of 4 steps (32 digits) under ``precision``; also the training inputs as the model takes them."""
     L.seed_everything(0)
-    module = ClassificationModule(SmallCNN(image_size=8, channels=(8, 16), hidden=32), 10, input_shape=(1, 8, 8))
+    module = make_module()
     datamodule = DigitsDataModule(batch_size=8, train_samples=32)
     trainer = quiet_trainer(
         tmp_path,
-        [callback],
+        [callback] if callback is not None else [],
         max_epochs=2,
         limit_val_batches=1,
         num_sanity_val_steps=0,
@@ -208,6 +220,19 @@ CALLBACKS: dict[str, tuple[Callable[[], L.Callback], Callable[[Fitted], None]]] 
 def test_every_callback_under_every_precision(tmp_path, precision: str, callback: str) -> None:
     make, check = CALLBACKS[callback]
     check(fit(tmp_path, make(), precision))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_distillation_under_every_precision(tmp_path, precision: str) -> None:
+    """The teacher, outside the module tree, keeps its own float32 and takes the student's inputs in it."""
+    teacher = small_cnn()
+    trainer, module, _, inputs = fit(
+        tmp_path, None, precision, lambda: DistillationModule(small_cnn(), teacher, 10, input_shape=(1, 8, 8))
+    )
+    assert next(teacher.parameters()).dtype == torch.float32
+    assert torch.isfinite(trainer.callback_metrics["train/distill"]) and trainer.callback_metrics["train/distill"] > 0
+    with torch.no_grad():
+        assert torch.equal(module.teacher_output(inputs), teacher.eval()(inputs.float()))
 
 
 def test_lightning_runs_16_mixed_as_bf16_mixed_on_the_cpu(tmp_path) -> None:

@@ -23,6 +23,7 @@ from lightning_compress.batches import (
     map_inputs,
     model_inputs,
     output_logits,
+    placed_like,
 )
 from lightning_compress.distillation.layers import EncoderRecorder, checked_layer_map, encoder_of
 from lightning_compress.distillation.losses import (
@@ -66,9 +67,11 @@ class DistillationModule(ClassificationModule):
     The teacher is never trained and never saved: it is held outside the module tree, so it is in no
     ``state_dict``, no optimizer, no ``modules()`` walk (``Pruning`` and ``QuantizationAwareTraining``
     act on the student, and DDP needs no ``find_unused_parameters``), and ``.train()`` on the wrapper
-    leaves it in eval mode; its forward runs under ``torch.no_grad()``. Validation and test measure the
-    student alone. A checkpoint loads back with ``DistillationModule.load_from_checkpoint(path,
-    student=..., teacher=...)``; ``module.student`` (also ``module.model``) is the student as a plain model.
+    leaves it in eval mode; its forward runs under ``torch.no_grad()``, in the teacher's own dtype (Lightning's
+    ``precision="bf16-true"`` converts the student alone: a float32 teacher takes the inputs in float32).
+    Validation and test measure the student alone. A checkpoint loads back with
+    ``DistillationModule.load_from_checkpoint(path, student=..., teacher=...)``; ``module.student`` (also
+    ``module.model``) is the student as a plain model.
 
     Args:
         student: the model to train (stored as ``model``, like ``ClassificationModule``).
@@ -241,6 +244,8 @@ class DistillationModule(ClassificationModule):
         first = next(teacher.parameters(), None)
         if first is not None and first.device != device:
             teacher.to(device)
+        if first is not None:  # a student in bfloat16 (precision="bf16-true") has its inputs in it; the teacher its own
+            inputs = placed_like(inputs, device, first.dtype)
         teacher.eval()
         with torch.no_grad():
             return output_logits(call_model(teacher, inputs))
