@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -19,10 +18,14 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from lightning_compress.analysis import measure_latencies
+from lightning_compress.analysis.cpu import cpu_flags
 from lightning_compress.data import FashionMNISTDataModule
 from lightning_compress.deploy import OnnxRuntimeModel
 
 RESULTS = Path(__file__).parent / "results"
+#: This machine's CPU model and its flags avx2, avx512_vnni and avx_vnni (``vnni``: either), which decide ONNX Runtime's
+#: int8 kernels: every benchmark's JSON records them beside its timings
+cpu_description = cpu_flags
 
 
 class StepTimer(L.Callback):
@@ -72,17 +75,6 @@ def cpu_trainer(max_epochs: int, callbacks: list[L.Callback], **options: Any) ->
         callbacks=callbacks,
         **options,
     )
-
-
-def cpu_description() -> dict[str, Any]:
-    """This machine's CPU model and whether it has VNNI, which decides how ONNX Runtime's int8 kernels accumulate."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    return {
-        "model": names[0] if names else platform.processor(),
-        "vnni": any(flag in ("avx512_vnni", "avx_vnni") for flag in flags),
-    }
 
 
 def write_results(name: str, settings: dict, results: dict, markdown: str) -> None:

@@ -19,7 +19,9 @@ from lightning_compress import (
     export,
     load_quantized,
 )
+from lightning_compress.analysis.cpu import cpu_flags
 from lightning_compress.deploy import onnx_bytes
+from lightning_compress.deploy.qdq import LARGEST_SIGNED_WEIGHT
 from lightning_compress.quantization import (
     QuantConfig,
     calibrate,
@@ -259,3 +261,56 @@ def test_integer_products_compute_the_models_numbers_on_cpus_without_vnni(tokens
         )
     with torch.no_grad():
         torch.testing.assert_close(run_onnx(graph.SerializeToString(), inputs), model(inputs), atol=1e-5, rtol=1e-5)
+
+
+def conv_linear_on_positive_numbers(config: QuantConfig) -> tuple[nn.Module, torch.Tensor]:
+    """A conv and a linear layer with all-positive weights, calibrated on non-negative inputs (uint8 grids from zero):
+    the products that would overflow an AVX2 CPU's 16-bit pair sums if 8-bit int8 weights reached it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[3]):
+            layer.weight.uniform_(0.5, 1.0)
+    quantize_model(model, config)
+    inputs = torch.rand((32, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    calibrate(model, [inputs])
+    return model, inputs
+
+
+def stored_weights(graph: onnx.ModelProto) -> list[np.ndarray]:
+    """The integer weight initializers that the graph's DequantizeLinear nodes read (conv and linear)."""
+    values = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.graph.initializer}
+    readers = [node.input[0] for node in graph.graph.node if node.op_type == "DequantizeLinear"]
+    return [values[name] for name in readers if name in values and values[name].ndim >= 2]
+
+
+@pytest.mark.parametrize(
+    ("config", "storage", "largest"),
+    [
+        (QuantConfig(), np.int8, 63),  # the default: 7-bit weights, int8
+        (QuantConfig(reduce_range=False), np.uint8, 255),  # full 8-bit weights for any x86 CPU: uint8, 127 + 128
+        pytest.param(
+            QuantConfig(target_cpu="vnni"),
+            np.int8,
+            127,  # full 8-bit weights for VNNI CPUs: int8
+            marks=pytest.mark.skipif(
+                not cpu_flags()["vnni"], reason="int8 weights beyond 64 are exact only on a CPU with VNNI"
+            ),
+        ),
+    ],
+    ids=["default-7-bit-int8", "8-bit-uint8-for-avx2", "8-bit-int8-for-vnni"],
+)
+def test_each_weight_storage_computes_the_fake_quantized_models_numbers(config, storage, largest) -> None:
+    """The default export and both storages of full 8-bit weights, run by ONNX Runtime's integer kernels (QLinearConv,
+    QGemm), give the fake-quantized model's outputs; the default's weights fit :data:`LARGEST_SIGNED_WEIGHT`, which
+    no uint8 input can overflow on a CPU without VNNI, so it is exact there too."""
+    model, inputs = conv_linear_on_positive_numbers(config)
+    graph = onnx.load_from_string(onnx_bytes(model, inputs[:1]))
+    weights = stored_weights(graph)
+    assert len(weights) == 2 and all(weight.dtype == storage for weight in weights)
+    assert max(int(np.abs(weight.astype(np.int64)).max()) for weight in weights) == largest
+    if config == QuantConfig():
+        assert config.weight_range == (-63, 63) and max(config.weight_range) <= LARGEST_SIGNED_WEIGHT
+    with torch.no_grad():
+        expected = model(inputs)
+    torch.testing.assert_close(run_onnx(graph.SerializeToString(), inputs), expected, atol=1e-5, rtol=1e-5)

@@ -56,8 +56,8 @@ def test_every_linear_layer_of_a_bert_is_integer_in_onnx_and_runs_in_integer_ker
     weights = {tensor.data_type for tensor in integer_weights}
     if config.activation_symmetric is False:  # ONNX Runtime's pairing for transformers: uint8 inputs, int8 weights
         assert activations == {onnx.TensorProto.UINT8} and weights == {onnx.TensorProto.INT8}
-    if config == QuantConfig():  # full 8-bit weights, shifted to uint8: exact on x86 CPUs without VNNI too
-        assert weights == {onnx.TensorProto.UINT8}
+    if config == QuantConfig():  # 7-bit weights by default: int8, exact in the u8 x s8 kernels of every x86 CPU
+        assert weights == {onnx.TensorProto.INT8}
     # integer matrix products read uint8 (x86's u8 x s8 kernels): a symmetric grid shifted by 128, zero point 128
     product_zero_points = [by_name[node.input[2]] for node in nodes if node.op_type == "MatMulInteger"]
     assert {tensor.data_type for tensor in product_zero_points} == {onnx.TensorProto.UINT8}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ class ReportEntry:
     test_accuracy: float | None = None
     #: One line the report prints under its table about this stage (e.g. why it was timed in another runtime).
     note: str | None = None
+    #: Integer layers whose 8-bit weights the ONNX export stores as uint8 (full 8-bit weights for
+    #: ``target_cpu="avx2"``), which ONNX Runtime multiplies by uint8 inputs in its uint8 x uint8 kernels.
+    uint8_weight_layers: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,6 +48,7 @@ class ReportEntry:
             "val_accuracy": self.val_accuracy,
             "test_accuracy": self.test_accuracy,
             "note": self.note,
+            "uint8_weight_layers": self.uint8_weight_layers,
             **self.profile.to_dict(),
         }
 
@@ -64,10 +69,25 @@ class Report:
     entries: list[ReportEntry] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, name: str, profile: ModelProfile, val_accuracy: float | None = None, note: str | None = None) -> None:
+    def add(
+        self,
+        name: str,
+        profile: ModelProfile,
+        val_accuracy: float | None = None,
+        note: str | None = None,
+        uint8_weight_layers: int = 0,
+    ) -> None:
         """Add a stage, replacing an earlier one of the same name."""
         self.entries = [entry for entry in self.entries if entry.name != name]
-        self.entries.append(ReportEntry(name=name, profile=profile, val_accuracy=val_accuracy, note=note))
+        self.entries.append(
+            ReportEntry(
+                name=name,
+                profile=profile,
+                val_accuracy=val_accuracy,
+                note=note,
+                uint8_weight_layers=uint8_weight_layers,
+            )
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
@@ -79,6 +99,7 @@ class Report:
                 val_accuracy=stage["val_accuracy"],
                 test_accuracy=stage["test_accuracy"],
                 note=stage.get("note"),
+                uint8_weight_layers=stage.get("uint8_weight_layers", 0),
             )
             for stage in data["stages"]
         ]
@@ -151,11 +172,12 @@ class Report:
 
     def notes(self) -> list[str]:
         """The stages' notes, one line each, as ``"<stage>: <note>"``: those given with the stage, and why a
-        stage is slower than the first one where it is (:func:`slower_because`)."""
+        stage is slower than the first one where it is (:func:`slower_because`, for the CPU in ``metadata["cpu"]``,
+        as :func:`~lightning_compress.analysis.cpu.cpu_flags` describes it)."""
         notes = [f"{entry.name}: {entry.note}" for entry in self.entries if entry.note]
         reference = self.entries[0].profile if self.entries else None
         for entry in self.entries[1:]:
-            reason = slower_because(entry.profile, reference)
+            reason = slower_because(entry.profile, reference, self.metadata.get("cpu"), entry.uint8_weight_layers)
             if reason is not None:
                 notes.append(f"{entry.name}: {reason}")
         return notes
@@ -198,15 +220,36 @@ class Report:
         return paths
 
 
-def slower_because(profile: ModelProfile, reference: ModelProfile) -> str | None:
+# Why integer graphs were slower than float on a CPU with VNNI, as measured there: uint8 weights by
+# benchmarks/quantization_vs_ort.py, the cost at batch 1 by ONNX Runtime's profiler (SmallCNN, 1 thread)
+_MEASURED_ON_VNNI = {
+    "uint8_weights": (
+        "its full 8-bit weights are stored as uint8 for CPUs without VNNI (target_cpu='avx2' with reduce_range=False), "
+        "and ONNX Runtime's uint8 x uint8 kernels are slow on this VNNI CPU (measured on SmallCNN: 1.5x-1.9x the time "
+        "of int8 weights); 7-bit weights (the default) or target_cpu='vnni' run in its fast uint8 x int8 kernels"
+    ),
+    "batch_1": (
+        "at batch 1 on a VNNI CPU, ONNX Runtime's profile of SmallCNN on 8x8 inputs (347,392 MACs) put the integer "
+        "graph's extra time in quantizing the input and changing its layout for the integer kernels (a Transpose in, "
+        "one out), which its integer arithmetic did not win back (quantize_static's graph was as slow)"
+    ),
+}
+
+
+def slower_because(
+    profile: ModelProfile,
+    reference: ModelProfile,
+    cpu: Mapping[str, Any] | None = None,
+    uint8_weight_layers: int = 0,
+) -> str | None:
     """Why ``profile`` is slower than ``reference`` at some batch size (timed in the same runtime), in one
     line, or ``None`` where it is not slower.
 
     In order: a stage whose fastest run is as fast as the first stage's median run is within the spread
-    of repeated timings; a model with the same
-    MACs and no integer layers computes what the first stage does, so the difference is timing noise; an integer
-    model pays a fixed cost per call (quantizing its input, the integer kernels' layout) that its
-    arithmetic does not win back at this size.
+    of repeated timings; a model with the same MACs and no integer layers computes what the first stage does,
+    so the difference is timing noise; an integer model gets the cause measured on the kind of CPU it ran on
+    (``cpu``, :func:`~lightning_compress.analysis.cpu.cpu_flags`: with or without VNNI), given its
+    ``uint8_weight_layers`` (see :class:`ReportEntry`), or the note says the cause is not known.
 
     Example:
         >>> from lightning_compress.analysis.latency import LatencyResult
@@ -214,8 +257,8 @@ def slower_because(profile: ModelProfile, reference: ModelProfile) -> str | None
         >>> def profile(ms, low, high, quantized=0):
         ...     timing = LatencyResult(1, ms, low, high, 10, 2, 1, "cpu", "onnxruntime")
         ...     return ModelProfile(10, 10, SparsityStats(0, 8), {}, 100, 8, {1: timing}, quantized_layers=quantized)
-        >>> slower_because(profile(0.03, 0.028, 0.035, quantized=2), profile(0.02, 0.019, 0.022))
-        "slower than the first stage at batch 1 (1.50x): at 8 MACs per sample, the integer graph's fixed cost per call (quantizing the input, changing its layout for the integer kernels) is more than integer arithmetic saves"
+        >>> slower_because(profile(0.03, 0.028, 0.035, quantized=2), profile(0.02, 0.019, 0.022), {"vnni": False})
+        'slower than the first stage at batch 1 (1.50x): the cause is not known: it was not measured on a CPU without VNNI, like this one'
     """
     slower = {
         batch: (here, reference.latency[batch])
@@ -238,8 +281,27 @@ def slower_because(profile: ModelProfile, reference: ModelProfile) -> str | None
             "difference is the machine's timing noise; prune channels (remove_channels=True) to cut MACs and time"
         )
     if profile.quantized_layers:
-        return f"{where}: at {profile.macs:,} MACs per sample, the integer graph's fixed cost per call (quantizing the input, changing its layout for the integer kernels) is more than integer arithmetic saves"
+        return f"{where}: {_integer_cause(here.runtime, batch, cpu, uint8_weight_layers)}"
     return f"{where}"
+
+
+def _integer_cause(runtime: str, batch: int, cpu: Mapping[str, Any] | None, uint8_weight_layers: int) -> str:
+    """Why a fake-quantized model timed in ``runtime`` at ``batch`` was slower than float, as measured on ``cpu``'s kind."""
+    if runtime != "onnxruntime":
+        return (
+            f"timed in {RUNTIME_NAMES.get(runtime, runtime)}, where fake quantization rounds in float on top of the "
+            "float arithmetic; latency_runtime='onnxruntime' times the integer graph"
+        )
+    vnni = None if cpu is None else cpu.get("vnni")
+    if vnni is None:
+        return "the cause is not known: the report does not say whether this CPU has VNNI"
+    if not vnni:
+        return "the cause is not known: it was not measured on a CPU without VNNI, like this one"
+    if uint8_weight_layers:
+        return _MEASURED_ON_VNNI["uint8_weights"]
+    if batch == 1:
+        return _MEASURED_ON_VNNI["batch_1"]
+    return f"the cause is not known: on a VNNI CPU, integer graphs with int8 weights were not measured slower at batch {batch}"
 
 
 def _compressed_cell(profile: ModelProfile, reference: ModelProfile) -> str:

@@ -22,6 +22,7 @@ from lightning_compress.analysis import (
     profile_model,
     time_models,
 )
+from lightning_compress.analysis.cpu import cpu_flags
 from lightning_compress.batches import first_training_input, map_inputs
 from lightning_compress.callbacks.finite import describe_non_finite, non_finite_parameters
 from lightning_compress.deploy.half import HALF_DTYPES, half_precision
@@ -163,6 +164,7 @@ class CompressionReport(L.Callback):
             model=type(getattr(pl_module, "model", pl_module)).__name__,
             data=type(trainer.datamodule).__name__ if trainer.datamodule is not None else None,
             torch=str(torch.__version__),
+            cpu=cpu_flags(),  # the kind of CPU the latencies are measured on, for the notes on them
             **_input_description(self._fit_inputs),
         )
         accuracy = _validation_accuracy(trainer, pl_module) if self.evaluate_before else None
@@ -181,7 +183,14 @@ class CompressionReport(L.Callback):
         accuracy = _validation_accuracy(trainer, pl_module)
         if accuracy is None:
             accuracy = self._metric(trainer, self.val_metric)
-        self.report.add("after", self._profile(pl_module, timed=False), val_accuracy=accuracy)
+        from lightning_compress.deploy.qdq import uint8_weight_layers  # imports onnx: not at import time
+
+        self.report.add(
+            "after",
+            self._profile(pl_module, timed=False),
+            val_accuracy=accuracy,
+            uint8_weight_layers=len(uint8_weight_layers(pl_module)),
+        )
         self.models["after"] = pl_module
         if self.half_precision is not None and not quantized_layers(pl_module):
             half = half_precision(pl_module, self.half_precision)

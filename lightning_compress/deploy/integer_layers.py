@@ -27,6 +27,7 @@ class IntegerLayer:
     """The integer form of one quantized layer, read from its fake quantizers (an embedding, and a weight quantized
     alone, have no input grid). The weight's scales and zero points are one an output channel, ``(out,)``, or
     with ``group_size`` one an output channel and group of input columns, ``(out, in // group_size)``.
+    ``target_cpu`` is the layer's ``QuantConfig.target_cpu``, for which the export picks the weight's storage.
 
     Example:
         >>> import torch
@@ -38,7 +39,7 @@ class IntegerLayer:
         >>> _ = model(torch.tensor([[0.0, 2.0]]))   # observe
         >>> set_quantization(model, enabled=True)
         >>> IntegerLayer.of(model[0].eval()).weight
-        array([[127, -64]])
+        array([[ 63, -31]])
     """
 
     weight: np.ndarray
@@ -50,6 +51,7 @@ class IntegerLayer:
     input_range: tuple[int, int] | None
     bias_range: tuple[int, int]
     group_size: int | None = None
+    target_cpu: str = "avx2"
 
     @classmethod
     @torch.no_grad()
@@ -76,6 +78,7 @@ class IntegerLayer:
             input_range=None if inputs is None else (inputs.quant_min, inputs.quant_max),
             bias_range=layer.quant_config.bias_range,
             group_size=quantizer.group_size,
+            target_cpu=layer.quant_config.target_cpu,
         )
 
     def dequantized_weight(self) -> torch.Tensor:

@@ -26,11 +26,14 @@ such an input, so no runtime folds it (ONNX Runtime warns once that it will not)
 same bits as with the steps alone.
 Layers that read one tensor on one grid (a transformer's query, key and value) share its ``QuantizeLinear``.
 
-Inputs reach integer kernels as uint8 and weights as int8 where no product can overflow: x86 CPUs without VNNI
-(AVX2, AVX-512BW) add two uint8 x int8 products into a saturating 16-bit sum, which weights up to 64 in magnitude
-never exceed (7-bit ``reduce_range`` weights, 4-bit ones). Full 8-bit weights are stored as uint8, 128 higher with
-their zero points, the same grid, so ONNX Runtime multiplies uint8 by uint8 and sums in 32 bits: the graph computes
-the model's numbers on every CPU (on a VNNI-less AVX2 CPU the int8 form of a BERT layer was off by up to 0.5).
+Inputs reach integer kernels as uint8, and weights as int8 where no product can overflow on the layer's
+``QuantConfig.target_cpu`` (:func:`kernel_weight_type`): x86 CPUs without VNNI (AVX2, AVX-512BW) add two uint8 x int8
+products into a saturating 16-bit sum, which weights up to 64 in magnitude never exceed (7-bit weights, the default
+for ``target_cpu="avx2"``, and 4-bit ones); VNNI CPUs sum them in 32 bits. Full 8-bit weights for ``"avx2"`` are
+stored as uint8, 128 higher with their zero points, the same grid, so ONNX Runtime multiplies uint8 by uint8 and
+sums in 32 bits: exact on every CPU (on a VNNI-less AVX2 CPU the int8 form of a BERT layer was off by up to 0.5),
+but slow (on an AVX-512 VNNI CPU SmallCNN's uint8 weights took 1.5x-1.9x the time of int8 ones). For ``"vnni"`` they
+stay int8: exact and fast on CPUs with ``avx512_vnni`` or ``avx_vnni``, not exact on those without.
 
 Weights whose range fits in four bits (``weight_bits=4``: ``[-7, 7]``, or ``[0, 15]`` when asymmetric)
 are stored as ``INT4`` / ``UINT4`` initializers, two integers a byte, and widened by a ``Cast`` to the
@@ -48,9 +51,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from torch import nn
 
 from lightning_compress.deploy.graph_editor import GraphEditor
 from lightning_compress.deploy.integer_layers import IntegerLayer
+from lightning_compress.quantization.layers import quantized_layers
 
 # Operators f with round(f(x) / s) = f(round(x / s)) for a scale s > 0 and a grid holding zero.
 ROUNDING_COMMUTES = frozenset(
@@ -94,6 +99,45 @@ def weight_storage(quant_range: tuple[int, int]) -> np.dtype:
 
 def _is_four_bit(quant_range: tuple[int, int]) -> bool:
     return helper.np_dtype_to_tensor_dtype(weight_storage(quant_range)) in _FOUR_BIT_TYPES
+
+
+def kernel_weight_type(quant_range: tuple[int, int], target_cpu: str) -> np.dtype:
+    """The 8-bit type in which ONNX Runtime's integer kernels read a weight on ``quant_range`` for ``target_cpu``
+    (``QuantConfig.target_cpu``): int8, unless the range holds integers beyond :data:`LARGEST_SIGNED_WEIGHT` in
+    magnitude that a CPU without VNNI could not multiply exactly (``"avx2"``), or integers beyond int8: then uint8.
+
+    Example:
+        >>> from lightning_compress.quantization import QuantConfig
+        >>> [str(kernel_weight_type(config.weight_range, config.target_cpu)) for config in (
+        ...     QuantConfig(), QuantConfig(reduce_range=False), QuantConfig(target_cpu="vnni"))]
+        ['int8', 'uint8', 'int8']
+    """
+    low, high = quant_range
+    if _storage_type(quant_range) is np.uint8 or (target_cpu == "avx2" and max(-low, high) > LARGEST_SIGNED_WEIGHT):
+        return np.dtype(np.uint8)
+    return np.dtype(np.int8)
+
+
+def uint8_weight_layers(model: nn.Module) -> list[str]:
+    """The fake-quantized layers of ``model`` whose integer kernels the ONNX export makes read 8-bit weights as uint8
+    (:func:`kernel_weight_type`), which ONNX Runtime multiplies by uint8 inputs in its uint8 x uint8 kernels.
+
+    Example:
+        >>> import torch
+        >>> from lightning_compress.quantization import QuantConfig, quantize_model
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        >>> _ = quantize_model(model, QuantConfig(reduce_range=False), targets=["0"])
+        >>> _ = quantize_model(model, QuantConfig(), targets=["1"])
+        >>> uint8_weight_layers(model)
+        ['0']
+    """
+    return [
+        name
+        for name, layer in quantized_layers(model).items()
+        if layer.input_quantizer is not None  # embeddings and weight-only layers have no integer products
+        and layer.weight_quantizer.group_size is None
+        and kernel_weight_type(layer.weight_quantizer.quant_range, layer.quant_config.target_cpu) == np.uint8
+    ]
 
 
 @dataclass(frozen=True)
@@ -372,15 +416,14 @@ def _weight_integers(
     """A weight's ``integers`` as an initializer in their storage type, widened to eight bits where they are stored in
     four (a ``Cast``, which ONNX Runtime folds when it loads the graph), and their ``zero_point``.
 
-    Signed 8-bit integers beyond :data:`LARGEST_SIGNED_WEIGHT` are stored as uint8, 128 higher, with their zero
-    points: the same grid. x86 CPUs without VNNI (AVX2, AVX-512BW) multiply ONNX Runtime's uint8 inputs by int8
-    weights into 16-bit sums of two products, which saturate beyond 32,767, so such weights could compute other
-    numbers there than the model does; uint8 by uint8 products are summed in 32 bits on every CPU, and smaller
-    signed weights (``QuantConfig(reduce_range=True)``, four bits) keep the faster signed kernels exactly.
+    Signed integers that the layer's target CPU reads as uint8 (:func:`kernel_weight_type`) are stored 128 higher,
+    with their zero points: the same grid, on which ONNX Runtime multiplies uint8 by uint8 and sums in 32 bits.
     """
-    eight_bit = np.dtype(_storage_type(layer.weight_range))  # the type DequantizeLinear and MatMulInteger read
-    if eight_bit == np.int8 and np.abs(integers).max(initial=0) > LARGEST_SIGNED_WEIGHT:
-        integers, zero_point, eight_bit = integers + 128, zero_point + 128, np.dtype(np.uint8)
+    eight_bit = kernel_weight_type(
+        layer.weight_range, layer.target_cpu
+    )  # the type DequantizeLinear and MatMulInteger read
+    if eight_bit == np.uint8 and _storage_type(layer.weight_range) is np.int8:
+        integers, zero_point = integers + 128, zero_point + 128
     if not _is_four_bit(layer.weight_range):
         stored = editor.constant(f"{weight_name}_int", integers.astype(eight_bit))
         return _StoredWeight(stored, [], zero_point.astype(eight_bit))
