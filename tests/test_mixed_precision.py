@@ -7,6 +7,7 @@ Lightning's own ``MixedPrecision`` plugin with float16 autocast and a ``GradScal
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import lightning as L
@@ -28,6 +29,7 @@ from lightning_compress import (
     WeightClustering,
 )
 from lightning_compress.data import DigitsDataModule
+from lightning_compress.deploy.onnx import OnnxRuntimeModel
 from lightning_compress.models import SmallCNN
 from lightning_compress.quantization import FakeQuantizer, QuantConfig, calibrate, quantize_model, quantized_layers
 
@@ -46,7 +48,7 @@ def small_cnn() -> SmallCNN:
 
 def fit(
     tmp_path,
-    callback: L.Callback | None,
+    callback: L.Callback | list[L.Callback] | None,
     precision: str,
     make_module: Callable[[], ClassificationModule] = lambda: ClassificationModule(
         small_cnn(), 10, input_shape=(1, 8, 8)
@@ -58,7 +60,7 @@ def fit(
     datamodule = DigitsDataModule(batch_size=8, train_samples=32)
     trainer = quiet_trainer(
         tmp_path,
-        [callback] if callback is not None else [],
+        callback if isinstance(callback, list) else [callback] if callback is not None else [],
         max_epochs=2,
         limit_val_batches=1,
         num_sanity_val_steps=0,
@@ -233,6 +235,20 @@ def test_distillation_under_every_precision(tmp_path, precision: str) -> None:
     assert torch.isfinite(trainer.callback_metrics["train/distill"]) and trainer.callback_metrics["train/distill"] > 0
     with torch.no_grad():
         assert torch.equal(module.teacher_output(inputs), teacher.eval()(inputs.float()))
+
+
+def test_a_bfloat16_model_runs_in_onnx_runtime_in_float32_with_its_integers(tmp_path) -> None:
+    """ONNX Runtime's CPU kernels have no bfloat16 convolution: the export (and the report's ONNX Runtime timing,
+    through the same OnnxRuntimeModel) runs a float32 copy, whose integer layers hold the model's integers."""
+    _, module, _, inputs = fit(tmp_path, QuantizationAwareTraining(), "bf16-true")
+    model = module.model.eval()
+    runtime = OnnxRuntimeModel.from_module(model, inputs[:1])
+    assert [value.type for value in runtime.session.get_inputs()] == ["tensor(float)"]
+    with torch.no_grad():
+        expected = copy.deepcopy(model).float()(inputs.float())
+    predicted = runtime(inputs)
+    assert torch.equal(predicted.argmax(1), expected.argmax(1))
+    assert (predicted - expected).abs().median() < 1e-3  # integer kernels against fake quantization, as in float32
 
 
 def test_lightning_runs_16_mixed_as_bf16_mixed_on_the_cpu(tmp_path) -> None:

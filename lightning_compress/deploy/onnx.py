@@ -25,7 +25,7 @@ from lightning_compress.batches import (
     output_logits,
 )
 from lightning_compress.deploy.integer_layers import split_quantization
-from lightning_compress.modules import eval_mode
+from lightning_compress.modules import eval_mode, model_copy
 
 if TYPE_CHECKING:
     import onnx
@@ -47,7 +47,9 @@ def onnx_bytes(model: nn.Module, example_input: ModelInputs) -> bytes:
     with fake quantization on are written as integer layers in the QDQ format (see :mod:`.qdq`). Residual
     sums before a layer norm are written as ``Sum``, which ONNX Runtime does not fuse into its slower
     ``SkipLayerNormalization`` (see :func:`_unfused_residual_sums`). The exporter's debugging records
-    (each node's stack trace, with this machine's paths) are left out.
+    (each node's stack trace, with this machine's paths) are left out. A model in bfloat16 (Lightning's
+    ``precision="bf16-true"``) is written in float32, which ONNX Runtime's CPU kernels compute (they have no
+    bfloat16 convolution): the same weights, and the same integers where it is quantized (see :func:`in_float32`).
     :func:`check_example_input` checks ``example_input`` first, so a wrong one fails in one line rather than in
     the exporter's log.
 
@@ -59,6 +61,7 @@ def onnx_bytes(model: nn.Module, example_input: ModelInputs) -> bytes:
     """
     from lightning_compress.deploy.qdq import to_qdq  # imports onnx
 
+    model, example_input = in_float32(model, example_input)
     check_example_input(model, example_input)
     examples = tuple(_batch_of_two(tensor.detach()) for tensor in input_tensors(example_input))
     sequences = [] if isinstance(example_input, torch.Tensor) else [i for i, x in enumerate(examples) if _tokens(x)]
@@ -87,6 +90,26 @@ def onnx_bytes(model: nn.Module, example_input: ModelInputs) -> bytes:
     _unfused_residual_sums(graph)
     _drop_exporter_records(graph)
     return graph.SerializeToString()
+
+
+def in_float32(model: nn.Module, example_input: ModelInputs) -> tuple[nn.Module, ModelInputs]:
+    """``model`` and ``example_input`` as they are, or a float32 copy of a model that holds bfloat16 tensors and its
+    floating inputs in float32. Every bfloat16 value is exact in float32, and quantizers round in float32 whatever
+    the model's dtype, so the copy's quantized layers hold the same integers.
+
+    Example:
+        >>> import torch
+        >>> model, inputs = in_float32(torch.nn.Linear(4, 2).bfloat16(), torch.zeros(1, 4, dtype=torch.bfloat16))
+        >>> model.weight.dtype, inputs.dtype
+        (torch.float32, torch.float32)
+    """
+    if all(tensor.dtype != torch.bfloat16 for tensor in [*model.parameters(), *model.buffers()]):
+        return model, example_input
+    return model_copy(model).float(), map_inputs(example_input, _float32_if_bfloat16)
+
+
+def _float32_if_bfloat16(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype == torch.bfloat16 else tensor
 
 
 def graph_input_names(model: nn.Module, example_input: ModelInputs) -> list[str]:
@@ -292,6 +315,10 @@ class OnnxRuntimeModel:
                 f"this graph takes the inputs {self.input_names}, positionally or by name; got {len(inputs)} "
                 f"positional and the keywords {sorted(keyword_inputs)}"
             )
-        arrays = {name: np.ascontiguousarray(value.detach().cpu().numpy()) for name, value in feed.items()}
+        # a bfloat16 model's inputs, for its float32 graph (see in_float32): numpy has no bfloat16
+        arrays = {
+            name: np.ascontiguousarray(_float32_if_bfloat16(value.detach().cpu()).numpy())
+            for name, value in feed.items()
+        }
         (outputs, *_) = self.session.run(None, arrays)
         return torch.from_numpy(outputs)
