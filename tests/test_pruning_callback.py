@@ -287,6 +287,28 @@ def test_a_resumed_run_ends_with_the_same_masks_and_weights(tmp_path, options: d
         torch.testing.assert_close(value, other, rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_taylor_checkpoint_from_before_the_step_count_resumes_as_the_straight_run(tmp_path) -> None:
+    """Pruning state saved before ``scored_steps`` and ``waiting_epoch`` existed, with scores summed mid-schedule."""
+    options = RESUMABLE["taylor"]
+    straight = Pruning(**options)
+    _, whole, _ = fit_digits(tmp_path / "a", [straight], max_epochs=4)
+    fit_digits(
+        tmp_path / "b", [Pruning(**options), ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)], max_epochs=2
+    )
+    checkpoint_path = tmp_path / "b" / "last.ckpt"
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    for key, state in checkpoint["callbacks"].items():
+        if key.startswith("Pruning"):
+            assert state["taylor"] and state.pop("scored_steps") > 0 and state.pop("waiting_epoch") is None
+    torch.save(checkpoint, checkpoint_path)
+    resumed = Pruning(**options)
+    _, continued, _ = fit_digits(tmp_path / "c", [resumed], max_epochs=4, ckpt_path=str(checkpoint_path))
+    assert resumed.pruned_epochs == straight.pruned_epochs == [1, 2, 3]
+    assert all(torch.equal(straight.masks[name], resumed.masks[name]) for name in straight.masks)
+    for (name, value), other in zip(whole.state_dict().items(), continued.state_dict().values()):
+        torch.testing.assert_close(value, other, rtol=0, atol=1e-6, msg=name)
+
+
 def test_fit_twice_validate_test_and_test_from_checkpoint(tmp_path) -> None:
     pruning = Pruning(amount=0.5, schedule="oneshot")
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)

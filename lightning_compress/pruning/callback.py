@@ -346,5 +346,6 @@ class Pruning(L.Callback):
         self.pruned_epochs = list(state_dict["pruned_epochs"])
         self._rewind_weights = dict(state_dict["rewind_weights"])
         self._taylor = dict(state_dict["taylor"])
-        self._scored_steps = state_dict["scored_steps"]
-        self._waiting_epoch = state_dict["waiting_epoch"]
+        # Checkpoints from before the step count kept only the scores: any scores mean steps were scored.
+        self._scored_steps = state_dict.get("scored_steps", len(self._taylor) and 1)
+        self._waiting_epoch = state_dict.get("waiting_epoch")
