@@ -35,7 +35,7 @@ def quant_config(
 
     Example:
         >>> quant_config(None, {"weight_bits": 4}, {"observer": "minmax"})
-        QuantConfig(weight_bits=4, activation_bits=8, bias_bits=32, per_channel=True, group_size=None, symmetric=True, activation_symmetric=None, reduce_range=False, observer='minmax', learnable_scales=False, averaging_constant=0.01, n_std=3.0, percentile=99.99)
+        QuantConfig(weight_bits=4, activation_bits=8, bias_bits=32, per_channel=True, group_size=None, symmetric=True, activation_symmetric=None, reduce_range=None, target_cpu='avx2', observer='minmax', learnable_scales=False, averaging_constant=0.01, n_std=3.0, percentile=99.99)
     """
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
