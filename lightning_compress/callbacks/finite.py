@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_compress.finiteness import non_finite_counts
+
 
 class FiniteCheck(L.Callback):
     """Stop training at the first batch whose loss is NaN or infinite, and after the last training batch of
@@ -58,11 +60,7 @@ def non_finite_parameters(model: nn.Module) -> dict[str, int]:
         >>> non_finite_parameters(layer)
         {'weight': 1}
     """
-    named = list(model.named_parameters())
-    if not named:
-        return {}
-    counts = torch.stack([(~torch.isfinite(parameter.detach())).sum() for _, parameter in named]).tolist()
-    return {name: count for (name, _), count in zip(named, counts) if count}
+    return non_finite_counts(dict(model.named_parameters()))
 
 
 def describe_non_finite(broken: dict[str, int]) -> str:

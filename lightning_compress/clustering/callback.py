@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_compress.arguments import check_argument, is_int
 from lightning_compress.clustering.kmeans import INITS, SharedWeights, kmeans_labels
+from lightning_compress.finiteness import require_finite
 from lightning_compress.pruning import Pruning
 from lightning_compress.targets import TargetSpec, select_layers
 
@@ -158,6 +159,7 @@ class WeightClustering(L.Callback):
 
     @torch.no_grad()
     def _cluster(self, trainer: L.Trainer) -> None:
+        require_finite(self._weights, "WeightClustering clusters the weights")  # on every rank: the same weights
         labels = None
         if trainer.is_global_zero:
             labels = {

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_compress.arguments import check_argument, is_int, is_number
+from lightning_compress.finiteness import require_finite
 from lightning_compress.oneshot.gptq import WeightGrid, gptq_quantize
 from lightning_compress.oneshot.hessian import BLOCK_SIZE, DAMPING, InputGram
 from lightning_compress.oneshot.layer_inputs import calibration_inputs, compress_layer_by_layer
@@ -95,6 +96,9 @@ def one_shot_quantize(
         >>> sorted(layers), model[0].weight_quantizer.quant_range
         (['0', '2'], (-7, 7))
     """
+    require_finite(
+        dict(model.named_parameters()), f"One-shot quantization ({config.method}) rounds and runs the parameters"
+    )
     layers = quantize_targets(model, config, warn)
     weight = next(iter(layers.values())).weight
     inputs = calibration_inputs(batches, calibration_batches, weight.device, weight.dtype)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_compress.batches import call_model, model_inputs, placed_like
+from lightning_compress.finiteness import require_finite
 from lightning_compress.modules import eval_mode
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.layers import quantizers, set_quantization
@@ -60,6 +61,7 @@ def start_calibration(model: nn.Module) -> list[FakeQuantizer]:
         raise ValueError(
             f"{type(model).__name__} has no quantized layer to calibrate: quantize it first (quantize_model)"
         )
+    require_finite(dict(model.named_parameters()), "Post-training calibration observes what the parameters compute")
     for quantizer in observed:
         quantizer.observer.reset()
     set_quantization(model, enabled=False, observing=True)
