@@ -527,7 +527,8 @@ def test_arguments_of_the_wrong_type_fail_in_init_naming_the_argument(options: d
 
 
 class _TwoLinears(L.LightningModule):
-    """Weights 2, 4, ..., 24 (first layer) and 1, 3, ..., 11 (second): a global 50% prunes 4 + 5 of the 18."""
+    """Weights 2, 4, ..., 24 (first layer) and 1, 3, ..., 11 (second): a global 50% prunes 7 + 2 of the 18 (ranked
+    by LAMP scores, each weight against its own layer; the largest of every row kept)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -560,8 +561,8 @@ def test_sparsity_counts_the_weights_that_are_zero_not_the_masks() -> None:
     pruning.on_train_epoch_start(trainer, module)  # epoch 0: the one-shot step, logged
     expected = {
         "pruning/sparsity": 9 / 18,
-        "pruning/sparsity/first.weight": 4 / 12,
-        "pruning/sparsity/second.weight": 5 / 6,
+        "pruning/sparsity/first.weight": 7 / 12,
+        "pruning/sparsity/second.weight": 2 / 6,
     }
     assert recorder.logged == [expected] and pruning.sparsity() == expected
     with torch.no_grad():

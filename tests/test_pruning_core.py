@@ -60,10 +60,8 @@ def test_global_and_layer_masks_prune_exact_counts() -> None:
     assert rank_masks({"a": torch.zeros(7)}, 0.3)["a"].sum() == 5  # round(2.1) = 2 pruned, ties broken exactly
 
 
-def test_min_keep_protects_each_layer_in_a_global_ranking() -> None:
-    masks = rank_masks(
-        {"small": torch.tensor([0.1, 0.2]), "large": torch.tensor([5.0, 6.0, 7.0, 8.0])}, 0.5, min_keep=1
-    )
+def test_a_one_dimensional_score_keeps_its_top_entry_in_a_global_ranking() -> None:
+    masks = rank_masks({"small": torch.tensor([0.1, 0.2]), "large": torch.tensor([5.0, 6.0, 7.0, 8.0])}, 0.5)
     assert masks["small"].tolist() == [False, True]
     assert int((~masks["large"]).sum()) == 2
 
@@ -143,7 +141,7 @@ def test_channel_groups_follow_residual_connections() -> None:
     inputs = torch.randn(4, 1, 8, 8)
     groups = ChannelGroups(model, inputs[:1], select_layers(model))
     assert "fc" not in groups.units  # the output layer is never pruned
-    keep = rank_masks(groups.scores("l1"), 0.5, min_keep=1)
+    keep = rank_masks(groups.scores("l1"), 0.5)
     assert sum(int((~kept).sum()) for kept in keep.values()) == round(0.5 * sum(groups.units.values()))
     parameters = dict(model.named_parameters())
     with torch.no_grad():

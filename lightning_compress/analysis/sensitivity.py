@@ -99,7 +99,8 @@ def _accuracy_with_pruned(
     if layer is None:
         return evaluate_accuracy(model, batches)
     original = layer.weight.detach().clone()
-    mask = rank_masks({"weight": element_scores(original, "magnitude")}, level, scope="layer")["weight"]
+    scores = {"weight": element_scores(original, "magnitude")}
+    mask = rank_masks(scores, level, scope="layer", keep_rows=False)["weight"]  # the layer alone, any row
     layer.weight.mul_(mask)
     try:
         return evaluate_accuracy(model, batches)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lightning_compress.arguments import check_argument, is_int, is_number
+from lightning_compress.finiteness import require_finite
 from lightning_compress.oneshot.hessian import BLOCK_SIZE, DAMPING, InputGram, inverse_hessian_factor
 from lightning_compress.oneshot.layer_inputs import calibration_inputs, compress_layer_by_layer
 from lightning_compress.oneshot.reconstruction import RECONSTRUCTION_DAMPING, reconstruct_surviving_weights
@@ -96,7 +97,9 @@ class OneShotPruningConfig:
         """The :class:`PruningConfig` of the :class:`Pruner` that holds the result: the same sparsity, on the
         targeted layers (every ``nn.Linear`` by default, or the layers ``amount`` names)."""
         targets = [nn.Linear] if self.targets is None and not isinstance(self.amount, Mapping) else self.targets
-        return PruningConfig(amount=self.amount, granularity=self.granularity, targets=targets, exclude=self.exclude)
+        return PruningConfig(  # each layer pruned on its own: the Pruner refuses an amount that empties a row of one
+            amount=self.amount, granularity=self.granularity, scope="layer", targets=targets, exclude=self.exclude
+        )
 
     def layer_amount(self, layer: str) -> float:
         """The sparsity of the layer named ``layer``."""
@@ -140,6 +143,7 @@ def one_shot_prune(
         >>> pruner.sparsity()["pruning/sparsity"], int((model[0].weight == 0).sum())
         (0.5, 64)
     """
+    require_finite(dict(model.named_parameters()), f"One-shot pruning ({config.method}) ranks and runs the parameters")
     pruner = linear_pruner(model, config, warn)
     layers = {name.removesuffix(".weight"): pruner.layers[name] for name in pruner.parameters}
     masks: dict[str, torch.Tensor] = {}

@@ -51,3 +51,41 @@ def taylor_scores(weight: torch.Tensor) -> torch.Tensor:
     if weight.grad is None:
         raise ValueError("taylor_scores needs the weight's gradient; call it after backward()")
     return (weight.detach() * weight.grad.detach()).abs()
+
+
+def normalize_per_layer(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each layer's scores divided by their mean, so that one ranking of channels or heads across layers compares
+    each with its own layer's (Torch-Pruning's ``"mean"`` normalizer). A layer's order is unchanged.
+
+    Example:
+        >>> import torch
+        >>> normalized = normalize_per_layer({"small": torch.tensor([0.25, 0.75]), "large": torch.tensor([1.0, 3.0])})
+        >>> normalized["small"].tolist() == normalized["large"].tolist() == [0.5, 1.5]
+        True
+    """
+    return {name: score / score.mean().clamp_min(1e-12) for name, score in scores.items()}
+
+
+def lamp_scores(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LAMP scores (Lee et al. 2021, layer-adaptive magnitude pruning): each score squared, over the sum of the
+    squares of the scores in its layer that are at least as large.
+
+    They rank weights of layers of different scales together: a layer scaled by any factor keeps its scores,
+    the largest of every layer scores 1, and a layer's order is unchanged (ties are broken by position). A
+    layer of all-zero scores scores 0. Ranked globally, small layers keep a larger share than large ones.
+
+    Example:
+        >>> import torch
+        >>> lamp = lamp_scores({"a": torch.tensor([1.0, 2.0, 2.0]), "b": torch.tensor([100.0, 200.0, 200.0])})
+        >>> lamp["a"].tolist() == lamp["b"].tolist(), [round(value, 4) for value in lamp["a"].tolist()]
+        (True, [0.1111, 0.5, 1.0])
+    """
+    lamp = {}
+    for name, score in scores.items():
+        magnitudes, order = score.detach().flatten().abs().sort(stable=True)
+        ascending = magnitudes.double().square()
+        at_least = ascending.flip(0).cumsum(0).flip(0).clamp_min(torch.finfo(torch.float64).tiny)
+        ranked = torch.empty(ascending.shape, dtype=torch.float32, device=score.device)
+        ranked[order] = (ascending / at_least).float()
+        lamp[name] = ranked.view(score.shape)
+    return lamp

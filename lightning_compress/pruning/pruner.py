@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from lightning_compress.batches import ModelInputs, placed_like
+from lightning_compress.finiteness import require_finite
 from lightning_compress.pruning.config import PruningConfig
-from lightning_compress.pruning.criteria import element_scores
+from lightning_compress.pruning.criteria import element_scores, lamp_scores, normalize_per_layer
 from lightning_compress.pruning.heads import AttentionHeadGroups
-from lightning_compress.pruning.masks import forget_pruned, n_of_m_masks, rank_masks, threshold_masks
+from lightning_compress.pruning.masks import check_row_floor, forget_pruned, n_of_m_masks, rank_masks, threshold_masks
 from lightning_compress.pruning.structured import ChannelGroups, PrunableGroups, check_removal
 from lightning_compress.targets import explicit_fused_attention, select_layers, warn_if_few_targeted
 
@@ -25,10 +26,17 @@ class Pruner:
     """Prunes the targeted Conv and Linear weights of ``model`` to a sparsity and keeps the pruned ones at zero.
 
     :meth:`prune` ranks the weights (or the output channels, with channel granularity, or the attention
-    heads, with head granularity, together with everything each one touches) by the config's criterion and writes the masks into the weights; masks
-    only grow, so a pruned weight is never revived. :meth:`attach` keeps the zeros after every step of
-    an optimizer. Channel granularity traces ``model`` on ``example_input``. No Lightning needed: the
-    :class:`~lightning_compress.Pruning` callback decides *when* and calls this.
+    heads, with head granularity, together with everything each one touches) by the config's criterion and
+    writes the masks into the weights; masks only grow, so a pruned weight is never revived. A global ranking
+    compares layers of different scales by each score's standing in its own layer: weights by their LAMP
+    scores (:func:`~lightning_compress.pruning.criteria.lamp_scores`, for magnitude and Taylor; random and
+    your own scores are ranked as they are), channels and heads by their score over their layer's mean. Every
+    output unit keeps at least one weight (with channel or head granularity every layer keeps one channel or
+    head), so no layer is ever emptied; an amount that cannot leave that much is refused here, before any
+    pruning, and a layer whose scores are all zero (zero-initialised) is named in a warning. :meth:`attach`
+    keeps the zeros after every step of an optimizer. Channel granularity traces ``model`` on
+    ``example_input``. No Lightning needed: the :class:`~lightning_compress.Pruning` callback decides *when*
+    and calls this.
 
     Example:
         >>> import torch
@@ -49,6 +57,7 @@ class Pruner:
         warn: Callable[[str], Any] = warnings.warn,
     ) -> None:
         self.config = config
+        self.warn = warn
         explicit_fused_attention(model, "Pruning", warn)
         layers = select_layers(model, config.layers, config.exclude)
         warn_if_few_targeted(model, layers, "Pruning", warn)
@@ -77,6 +86,7 @@ class Pruner:
                     f"amount per layer names {left_out}, which this pruning would leave as they are (excluded, or not the "
                     f"root of a group of channels or heads: the output layer never is); it can prune {list(prunable)}"
                 )
+        self._check_row_floor()
 
     def _drop_layers_without_n_of_m_groups(self, warn: Callable[[str], Any]) -> None:
         """Skip (default targets, with a warning) or refuse (explicit targets) weights whose input dimension is
@@ -93,6 +103,17 @@ class Pruner:
         if unfit:
             warn(f"Pruning {n}:{m}: leaving {unfit} dense, their input dimension is not a multiple of {m}")
         self.parameters = {name: weight for name, weight in self.parameters.items() if name not in unfit}
+
+    def _check_row_floor(self) -> None:
+        """Refuse a final amount that would have to empty an output unit (see :func:`check_row_floor`)."""
+        config = self.config
+        if config.threshold is not None or config.n_of_m or config.final_amount is None:
+            return
+        if self.groups is not None:
+            shapes, suffix = {name: torch.Size([count]) for name, count in self.groups.units.items()}, ""
+        else:
+            shapes, suffix = {name: weight.shape for name, weight in self.parameters.items()}, ".weight"
+        check_row_floor(shapes, *self._target(config.final_amount)(suffix))
 
     @torch.no_grad()
     def prune(
@@ -117,22 +138,42 @@ class Pruner:
             raise ValueError("criterion='taylor' needs the summed |w * dL/dw| of each weight: pass taylor=")
         target = self._target(config.final_amount if sparsity is None else sparsity)
         weights = {name: weight.detach() for name, weight in self.parameters.items()}
+        require_finite(weights, "Pruning ranks the weights it prunes")
         if config.threshold is not None:
             masks = threshold_masks(weights, config.threshold)
         elif self.groups is not None:
-            scores = self.groups.scores(config.criterion, taylor or {}, generator)
-            scores = {name: score / score.mean().clamp_min(1e-12) for name, score in scores.items()}  # layers compare
-            keep = rank_masks(forget_pruned(scores, self.channel_keep), *target(""), min_keep=1)
+            scores = normalize_per_layer(
+                self._warn_if_blank(self.groups.scores(config.criterion, taylor or {}, generator))
+            )
+            keep = rank_masks(forget_pruned(scores, self.channel_keep), *target(""))
             keep = {name: kept & self.channel_keep.get(name, kept) for name, kept in keep.items()}
             self.channel_keep = share(keep)
             masks = self.groups.masks(self.channel_keep)
         else:
-            scores = forget_pruned(self._element_scores(weights, taylor or {}, generator), self.masks)
-            masks = n_of_m_masks(scores, *config.n_of_m) if config.n_of_m else rank_masks(scores, *target(".weight"))
+            scores = self._warn_if_blank(self._element_scores(weights, taylor or {}, generator))
+            if config.n_of_m:
+                masks = n_of_m_masks(forget_pruned(scores, self.masks), *config.n_of_m)
+            else:
+                sparsity, scope = target(".weight")
+                if scope == "global" and config.criterion in ("magnitude", "taylor"):
+                    scores = lamp_scores(scores)  # layers of different scales compare
+                masks = rank_masks(forget_pruned(scores, self.masks), sparsity, scope)
         masks = {name: mask & self.masks[name] if name in self.masks else mask for name, mask in masks.items()}
         shared = share({name: mask.cpu() for name, mask in masks.items()})
         self.masks = {name: mask.to(self.all_parameters[name].device) for name, mask in shared.items()}
         self.apply()
+
+    def _warn_if_blank(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``scores``, after a warning naming the layers whose scores are all zero: which of their weights
+        survive (at least one per output unit) is arbitrary."""
+        blank = [name for name, score in scores.items() if not score.any()]
+        if blank:
+            self.warn(
+                f"Pruning: every importance score of {blank} is zero (zero-initialised, or reached by no gradient), "
+                "so which of their weights survive is arbitrary (each output unit keeps one): exclude them, or "
+                "start pruning after some training (start_epoch >= 1)"
+            )
+        return scores
 
     def _element_scores(
         self, weights: dict[str, torch.Tensor], taylor: dict[str, torch.Tensor], generator: torch.Generator
@@ -150,6 +191,7 @@ class Pruner:
                 raise ValueError(
                     f"the criterion's score for {name!r} has shape {shape}; it must be the weight's, {tuple(weights[name].shape)}"
                 )
+        require_finite(scores, "Pruning ranks the criterion's scores")
         return scores
 
     def _target(self, sparsity: float) -> Callable[[str], tuple[float | dict[str, float], str]]:
