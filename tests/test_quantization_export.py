@@ -60,8 +60,10 @@ def test_int8_artifact_predicts_as_the_fake_quantized_model(qat_digits) -> None:
         predicted = run_onnx(graph, inputs, optimized)
         agreement = (predicted.argmax(1) == expected.argmax(1)).float().mean().item()
         assert agreement >= 0.99, (optimized, agreement)
-        # rounding the same values the same way: only a folded-BatchNorm ulp can move a value one step
-        assert (predicted - expected).abs().median() < 1e-3
+        # the same values rounded the same way, but for the int32 biases of the BatchNorm-folded convolutions, stored on
+        # the grid of input scale x weight scale (an error up to 8.4e-5 in the first one here): it moves about 0.2% of the
+        # next layer's inputs one step, which leaves most logits within 2e-3 of the fake-quantized model's
+        assert (predicted - expected).abs().median() < 5e-3
 
 
 def test_weights_are_stored_as_int8_with_the_pruned_zeros(qat_digits) -> None:
