@@ -53,7 +53,10 @@ class Pruning(L.Callback):
             the input dimension, e.g. ``"2:4"``), or ``"head"`` (whole attention heads: each head's
             channels of the query, key and value projections and its columns of the output projection;
             ``ExplicitMultiheadAttention`` and Hugging Face BERT-style attention).
-        scope: ``"global"`` (one ranking across all targeted layers) or ``"layer"`` (each layer to ``amount``).
+        scope: ``"global"`` (one ranking across all targeted layers, by each score's standing in its own layer:
+            LAMP scores for magnitude and Taylor, channel and head scores over their layer's mean) or ``"layer"``
+            (each layer to ``amount``). Every output unit keeps its best weight (every layer one channel or head), so
+            no layer is emptied; an amount that cannot leave them is refused at setup.
         schedule: ``"oneshot"``, ``"linear"``, ``"agp"`` (cubic, Zhu & Gupta) or a callable ``epoch -> sparsity``.
         start_epoch, end_epoch, frequency: pruning epochs ``start_epoch, start_epoch + frequency, ...,
             end_epoch``; ``end_epoch=None`` prunes during the first half of the epochs from ``start_epoch``
