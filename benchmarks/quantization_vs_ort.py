@@ -1,19 +1,21 @@
 """Quantization on real Fashion-MNIST, side by side with ONNX Runtime's own ``quantize_static``, in one process.
 
-For each seed, the project's SmallCNN trains for the same epochs three ways:
+For each seed, the project's SmallCNN trains for the same epochs four ways:
 - fp32;
-- ``QuantizationAwareTraining`` int8 (fake quantization from epoch 1, observers and BatchNorm frozen
-  for the last epoch, 7-bit weights with ``reduce_range`` as this AVX2 CPU's int8 kernels need);
+- ``QuantizationAwareTraining`` int8 with its defaults (fake quantization from epoch 1, observers and BatchNorm
+  frozen for the last epoch): 7-bit weights for ``target_cpu="avx2"``, exact and fast on every x86 CPU;
+- the same with full 8-bit weights (``reduce_range=False``), exported twice: for ``target_cpu="vnni"`` (int8
+  weights: exact only on CPUs with VNNI) and for ``"avx2"`` (uint8 weights: exact on every CPU);
 - ``QuantizationAwareTraining`` W4A8 with learned step sizes (LSQ).
-The trained fp32 model is then quantized without training by ``PostTrainingQuantization`` (int8 and
-W4A8, calibrated on 32 training batches) and by the peer, ONNX Runtime's ``quantize_static`` (QDQ,
+The trained fp32 model is then quantized without training by ``PostTrainingQuantization`` (int8 with 7 and
+8-bit weights, W4A8, calibrated on 32 training batches) and by the peer, ONNX Runtime's ``quantize_static`` (QDQ,
 int8 weights per channel and int8 activations, min-max calibration on the same 32 batches).
-Records test accuracy (in PyTorch and, for the ONNX artifacts, in ONNX Runtime), top-1 agreement of
-our int8 and W4A8 artifacts with their fake-quantized models, ONNX file bytes, ONNX Runtime latency at
-batch 1 and 256 of fp32, our int8, the peer's int8 and our W4A8, and the median training step time with
-fake quantization on against plain training. The four ONNX models are timed together in a fresh
-process, in interleaved rounds of a new random order each, at 1 thread (where ONNX Runtime repeats
-within 3% on this machine: the bar) and at 2 threads (reported: bimodal at batch 1 here).
+Records test accuracy (in PyTorch and, for the ONNX artifacts, in ONNX Runtime), top-1 agreement and the largest
+difference of our artifacts' logits with their fake-quantized models', ONNX file bytes, ONNX Runtime latency at
+batch 1 and 256 of every ONNX model, and the median training step time with fake quantization on against plain
+training. The ONNX models are timed together in a fresh process, in interleaved rounds of a new random order each,
+at 1 thread and at 2 threads. The JSON records the CPU's flags (avx2, avx512_vnni, avx_vnni): ONNX Runtime's int8
+kernels differ with them, so timings hold for the kind of CPU they were measured on.
 Writes ``results/quantization.json`` and ``results/quantization.md``.
 
     apt-get install dataset-fashion-mnist
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 
 import lightning as L
@@ -47,13 +50,24 @@ from lightning_compress.analysis import evaluate_accuracy
 from lightning_compress.data import FashionMNISTDataModule
 from lightning_compress.deploy import OnnxRuntimeModel, onnx_bytes
 from lightning_compress.models import SmallCNN
+from lightning_compress.quantization import quantized_layers
 
 INPUT_SHAPE = (1, 28, 28)
 CALIBRATION_BATCHES = 32
 BATCHES = (1, 256)
 THREADS = (1, 2)
-#: The ONNX models timed against each other; "ours_w4a8" is the W4A8 LSQ model with 4-bit weights.
-TIMED = ("fp32", "qat_int8", "ort_static", "qat_w4a8_lsq")
+#: The trained models: fp32, QAT int8 with the defaults (7-bit weights), with full 8-bit weights, W4A8 with LSQ.
+METHODS = ("fp32", "qat_int8", "qat_int8_w8", "qat_w4a8_lsq")
+#: The ONNX models timed against each other: the QAT model with full 8-bit weights is exported for VNNI CPUs (int8
+#: weights) and for every x86 CPU (uint8 weights).
+TIMED = ("fp32", "qat_int8", "ort_static", "qat_int8_w8_vnni", "qat_int8_w8_avx2", "qat_w4a8_lsq")
+#: Each ONNX model of ours: the trained model it is exported from, and the CPU it is exported for
+EXPORTED = {
+    "qat_int8": ("qat_int8", "avx2"),
+    "qat_int8_w8_vnni": ("qat_int8_w8", "vnni"),
+    "qat_int8_w8_avx2": ("qat_int8_w8", "avx2"),
+    "qat_w4a8_lsq": ("qat_w4a8_lsq", "avx2"),
+}
 
 
 def train(
@@ -66,9 +80,10 @@ def train(
     last = epochs - 1
     callbacks = {
         "fp32": [],
-        "qat_int8": [
+        "qat_int8": [QuantizationAwareTraining(start_epoch=1, freeze_observers_epoch=last, freeze_bn_epoch=last)],
+        "qat_int8_w8": [
             QuantizationAwareTraining(
-                start_epoch=1, freeze_observers_epoch=last, freeze_bn_epoch=last, reduce_range=True
+                start_epoch=1, freeze_observers_epoch=last, freeze_bn_epoch=last, reduce_range=False
             )
         ],
         "qat_w4a8_lsq": [
@@ -79,6 +94,19 @@ def train(
     trainer = cpu_trainer(epochs, [timer, *callbacks], limit_train_batches=limit_batches)
     trainer.fit(module, datamodule=datamodule)
     return module.eval(), 1000 * statistics.median(timer.intervals)
+
+
+def for_cpu(model: ClassificationModule, target_cpu: str) -> ClassificationModule:
+    """A copy of ``model`` whose quantized layers are exported for ``target_cpu``: the same grids (their
+    ``reduce_range`` is set), only the ONNX storage of their weights differs."""
+    copied = copy.deepcopy(model)
+    for layer in quantized_layers(copied).values():
+        layer.quant_config = dataclasses.replace(layer.quant_config, target_cpu=target_cpu)
+    return copied
+
+
+#: Post-training quantization of the fp32 model: the defaults (7-bit weights), full 8-bit weights, W4A8
+PTQ = {"ptq_int8": {}, "ptq_int8_w8": {"reduce_range": False}, "ptq_w4a8": {"weight_bits": 4}}
 
 
 def ort_latencies(graphs: dict[str, bytes], seed: int) -> dict[str, float]:
@@ -97,41 +125,39 @@ def run_seed(seed: int, epochs: int, data_root: str, limit_batches: int | None =
     datamodule, calibration, test_inputs, test_targets = fashion_mnist(seed, 128, CALIBRATION_BATCHES, data_root)
     test = list(zip(test_inputs.split(500), test_targets.split(500)))
 
-    def ort_accuracy(graph: bytes) -> tuple[float, torch.Tensor]:
-        predictions = OnnxRuntimeModel(graph, num_threads=2)(test_inputs).argmax(1)
-        return (predictions == test_targets).float().mean().item(), predictions
-
-    def agreement_with_fake_quant(model: ClassificationModule, predictions: torch.Tensor) -> float:
-        with torch.no_grad():
-            return (predictions == model(test_inputs).argmax(1)).float().mean().item()
+    def ort_logits(graph: bytes) -> torch.Tensor:
+        return OnnxRuntimeModel(graph, num_threads=2)(test_inputs)
 
     result: dict = {"seed": seed}
-    methods = ["fp32", "qat_int8", "qat_w4a8_lsq"]
-    rotation = seed % len(methods)
+    rotation = seed % len(METHODS)
     trained = {}
-    for method in methods[rotation:] + methods[:rotation]:
+    for method in METHODS[rotation:] + METHODS[:rotation]:
         trained[method], result[f"{method}_step_ms"] = train(method, seed, epochs, datamodule, limit_batches)
         result[f"{method}_test_accuracy"] = evaluate_accuracy(trained[method], test)
 
     fp32 = trained["fp32"]
     graphs = {"fp32": onnx_bytes(fp32, test_inputs[:1])}
 
-    for name, weight_bits in (("ptq_int8", 8), ("ptq_w4a8", 4)):
+    for name, settings in PTQ.items():
         quantized = copy.deepcopy(fp32)
-        PostTrainingQuantization(
-            weight_bits=weight_bits, reduce_range=weight_bits == 8, calibration_batches=CALIBRATION_BATCHES
-        ).quantize(quantized, calibration)
+        PostTrainingQuantization(calibration_batches=CALIBRATION_BATCHES, **settings).quantize(quantized, calibration)
         result[f"{name}_test_accuracy"] = evaluate_accuracy(quantized, test)
 
-    for method in ("qat_int8", "qat_w4a8_lsq"):
-        graphs[method] = onnx_bytes(trained[method], test_inputs[:1])
+    for name, (method, target_cpu) in EXPORTED.items():
+        graphs[name] = onnx_bytes(for_cpu(trained[method], target_cpu), test_inputs[:1])
 
     graphs["ort_static"] = ort_quantize_static(graphs["fp32"], calibration)
     for name, graph in graphs.items():
         result[f"{name}_onnx_bytes"] = len(graph)
-        result[f"{name}_ort_test_accuracy"], predictions = ort_accuracy(graph)
-        if name in trained and name != "fp32":
-            result[f"{name}_ort_agreement_with_fake_quant"] = agreement_with_fake_quant(trained[name], predictions)
+        logits = ort_logits(graph)
+        result[f"{name}_ort_test_accuracy"] = (logits.argmax(1) == test_targets).float().mean().item()
+        if name in EXPORTED:
+            with torch.no_grad():
+                expected = trained[EXPORTED[name][0]](test_inputs)
+            result[f"{name}_ort_agreement_with_fake_quant"] = (
+                (logits.argmax(1) == expected.argmax(1)).float().mean().item()
+            )
+            result[f"{name}_ort_largest_difference_from_fake_quant"] = (logits - expected).abs().max().item()
     return result | ort_latencies({name: graphs[name] for name in TIMED}, seed)
 
 
@@ -143,24 +169,44 @@ def latency_key(model: str, threads: int, batch: int) -> str:
     return f"{model}_latency_t{threads}_b{batch}_ms"
 
 
-#: Latency ratios the benchmark reports: (model, reference).
-RATIOS = (("qat_int8", "fp32"), ("ort_static", "fp32"), ("qat_int8", "ort_static"), ("qat_w4a8_lsq", "fp32"))
+#: Latency ratios the benchmark reports: each of our ONNX models and the peer against fp32, ours against the peer.
+RATIOS = (
+    *((model, "fp32") for model in TIMED if model != "fp32"),
+    *((model, "ort_static") for model in EXPORTED),
+)
+#: The accuracy rows: name, the model's accuracy key in PyTorch (None: ONNX only), its ONNX model (None: not exported)
+ROWS = (
+    ("`QuantizationAwareTraining` int8, defaults (7-bit weights)", "qat_int8", "qat_int8"),
+    ("`QuantizationAwareTraining` int8, 8-bit weights for VNNI CPUs (int8)", "qat_int8_w8", "qat_int8_w8_vnni"),
+    ("`QuantizationAwareTraining` int8, 8-bit weights for any x86 CPU (uint8)", "qat_int8_w8", "qat_int8_w8_avx2"),
+    ("`QuantizationAwareTraining` W4A8, LSQ", "qat_w4a8_lsq", "qat_w4a8_lsq"),
+    ("`PostTrainingQuantization` int8, defaults (7-bit weights)", "ptq_int8", None),
+    ("`PostTrainingQuantization` int8, 8-bit weights", "ptq_int8_w8", None),
+    ("`PostTrainingQuantization` W4A8", "ptq_w4a8", None),
+    ("ONNX Runtime `quantize_static` int8 (peer)", None, "ort_static"),
+)
+NAMES = {
+    "fp32": "fp32",
+    "qat_int8": "ours, QAT int8, defaults (7-bit weights, int8)",
+    "ort_static": "peer, `quantize_static`",
+    "qat_int8_w8_vnni": "ours, QAT int8, 8-bit weights, `target_cpu='vnni'` (int8)",
+    "qat_int8_w8_avx2": "ours, QAT int8, 8-bit weights, `target_cpu='avx2'` (uint8)",
+    "qat_w4a8_lsq": "ours, QAT W4A8 (4-bit weights)",
+}
 
 
 def summary(runs: list[dict]) -> dict:
     fp32 = median(runs, "fp32_test_accuracy")
-    accuracies = {
-        method: median(runs, f"{method}_test_accuracy")
-        for method in ("fp32", "qat_int8", "qat_w4a8_lsq", "ptq_int8", "ptq_w4a8")
-    }
+    accuracies = {method: median(runs, f"{method}_test_accuracy") for method in (*METHODS, *PTQ)}
     result = {
         "test_accuracy": accuracies,
         "drop_points_vs_fp32": {
             method: 100 * (fp32 - accuracy) for method, accuracy in accuracies.items() if method != "fp32"
         },
         "ort_test_accuracy": {m: median(runs, f"{m}_ort_test_accuracy") for m in TIMED},
-        "ort_agreement_with_fake_quant": {
-            m: median(runs, f"{m}_ort_agreement_with_fake_quant") for m in ("qat_int8", "qat_w4a8_lsq")
+        "ort_agreement_with_fake_quant": {m: median(runs, f"{m}_ort_agreement_with_fake_quant") for m in EXPORTED},
+        "ort_largest_difference_from_fake_quant": {
+            m: max(run[f"{m}_ort_largest_difference_from_fake_quant"] for run in runs) for m in EXPORTED
         },
         "onnx_bytes": {m: median(runs, f"{m}_onnx_bytes") for m in TIMED},
         "bytes_ratio_to_fp32": {
@@ -178,50 +224,52 @@ def summary(runs: list[dict]) -> dict:
             for t in THREADS
             for b in BATCHES
         },
-        "step_ms": {m: median(runs, f"{m}_step_ms") for m in ("fp32", "qat_int8", "qat_w4a8_lsq")},
+        "step_ms": {m: median(runs, f"{m}_step_ms") for m in METHODS},
     }
     result["step_time_ratio_to_fp32"] = {
-        m: result["step_ms"][m] / result["step_ms"]["fp32"] for m in ("qat_int8", "qat_w4a8_lsq")
+        m: result["step_ms"][m] / result["step_ms"]["fp32"] for m in METHODS if m != "fp32"
     }
     return result
 
 
-def markdown(result: dict, epochs: int, seeds: list[int]) -> str:
+def markdown(result: dict, epochs: int, seeds: list[int], cpu: dict) -> str:
     acc, drop, ort_acc = result["test_accuracy"], result["drop_points_vs_fp32"], result["ort_test_accuracy"]
     ratio, nbytes, latency = result["latency_ratio"], result["bytes_ratio_to_fp32"], result["ort_latency_ms"]
     steps, agreement = result["step_time_ratio_to_fp32"], result["ort_agreement_with_fake_quant"]
+    difference = result["ort_largest_difference_from_fake_quant"]
+    flags = ", ".join(f"{flag} {'yes' if cpu[flag] else 'no'}" for flag in ("avx2", "avx512_vnni", "avx_vnni"))
     lines = [
         f"Fashion-MNIST, SmallCNN, {epochs} epochs, Adam 1e-3, batch 128, seeds {seeds}; medians over seeds. "
-        f"QAT fake-quantizes from epoch 1; post-training calibration uses {CALIBRATION_BATCHES} training batches.",
+        f"QAT fake-quantizes from epoch 1; post-training calibration uses {CALIBRATION_BATCHES} training batches. "
+        f"CPU: {cpu['model']} ({flags}).",
         "",
         "| model | test acc (PyTorch) | drop vs fp32 (points) | test acc in ONNX Runtime | training step vs fp32 |",
         "|---|---|---|---|---|",
         f"| fp32 | {100 * acc['fp32']:.2f}% | – | {100 * ort_acc['fp32']:.2f}% | 1.000x ({result['step_ms']['fp32']:.1f} ms) |",
-        f"| `QuantizationAwareTraining` int8 | {100 * acc['qat_int8']:.2f}% | {drop['qat_int8']:.2f} | {100 * ort_acc['qat_int8']:.2f}% "
-        f"(top-1 agreement {100 * agreement['qat_int8']:.2f}%) | {steps['qat_int8']:.3f}x |",
-        f"| `QuantizationAwareTraining` W4A8, LSQ | {100 * acc['qat_w4a8_lsq']:.2f}% | {drop['qat_w4a8_lsq']:.2f} | {100 * ort_acc['qat_w4a8_lsq']:.2f}% "
-        f"(top-1 agreement {100 * agreement['qat_w4a8_lsq']:.2f}%) | {steps['qat_w4a8_lsq']:.3f}x |",
-        f"| `PostTrainingQuantization` int8 | {100 * acc['ptq_int8']:.2f}% | {drop['ptq_int8']:.2f} | – | – |",
-        f"| `PostTrainingQuantization` W4A8 | {100 * acc['ptq_w4a8']:.2f}% | {drop['ptq_w4a8']:.2f} | – | – |",
-        f"| ONNX Runtime `quantize_static` int8 (peer) | – | – | {100 * ort_acc['ort_static']:.2f}% | – |",
+    ]
+    for name, method, graph in ROWS:
+        cells = [name, "–", "–", "–", "–"]
+        if method is not None:
+            cells[1:3] = [f"{100 * acc[method]:.2f}%", f"{drop[method]:.2f}"]
+            cells[4] = f"{steps[method]:.3f}x" if method in steps else "–"
+        if graph is not None:
+            cells[3] = f"{100 * ort_acc[graph]:.2f}%"
+        if graph in EXPORTED:
+            cells[3] += f" (top-1 agreement {100 * agreement[graph]:.2f}%, logits within {difference[graph]:.1e})"
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
         "",
-        "ONNX Runtime latency: for each seed the four models are timed in one fresh process, in 30 interleaved "
-        "rounds of a new random order each; ratios are medians over seeds of each seed's ratio.",
+        f"ONNX Runtime latency: for each seed the {len(TIMED)} models are timed in one fresh process, in 30 "
+        "interleaved rounds of a new random order each; ratios are medians over seeds of each seed's ratio.",
         "",
         "| model | bytes vs fp32 | threads | latency b1 | latency b256 | b1 vs fp32 | b256 vs fp32 | b1 vs peer | b256 vs peer |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    names = {
-        "fp32": "fp32",
-        "qat_int8": "ours, QAT int8",
-        "ort_static": "peer, `quantize_static`",
-        "qat_w4a8_lsq": "ours, QAT W4A8 (4-bit weights)",
-    }
     for threads in THREADS:
         for model in TIMED:
             size = f"1.000x ({result['onnx_bytes']['fp32']:,.0f} B)" if model == "fp32" else f"{nbytes[model]:.3f}x"
             cells = [
-                names[model],
+                NAMES[model],
                 size,
                 str(threads),
                 *(f"{latency[f'{model}_t{threads}_b{batch}']:.3f} ms" for batch in BATCHES),
@@ -251,9 +299,10 @@ def main() -> None:
     torch.set_num_threads(2)
     runs = [run_seed(seed, args.epochs, args.data_root, args.limit_batches) for seed in args.seeds]
     result = summary(runs)
-    settings = {"epochs": args.epochs, "seeds": args.seeds, "cpu": cpu_description()}
+    cpu = cpu_description()
+    settings = {"epochs": args.epochs, "seeds": args.seeds, "cpu": cpu}
     write_results(
-        "quantization", settings, {"summary": result, "runs": runs}, markdown(result, args.epochs, args.seeds)
+        "quantization", settings, {"summary": result, "runs": runs}, markdown(result, args.epochs, args.seeds, cpu)
     )
 
 
