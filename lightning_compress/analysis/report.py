@@ -225,7 +225,7 @@ class Report:
 _MEASURED_ON_VNNI = {
     "uint8_weights": (
         "its full 8-bit weights are stored as uint8 for CPUs without VNNI (target_cpu='avx2' with reduce_range=False), "
-        "and ONNX Runtime's uint8 x uint8 kernels are slow on this VNNI CPU (measured on SmallCNN: 1.5x-1.9x the time "
+        "and ONNX Runtime's uint8 x uint8 kernels are slow on this VNNI CPU (measured on SmallCNN: 1.4x-1.8x the time "
         "of int8 weights); 7-bit weights (the default) or target_cpu='vnni' run in its fast uint8 x int8 kernels"
     ),
     "batch_1": (

@@ -32,7 +32,7 @@ products into a saturating 16-bit sum, which weights up to 64 in magnitude never
 for ``target_cpu="avx2"``, and 4-bit ones); VNNI CPUs sum them in 32 bits. Full 8-bit weights for ``"avx2"`` are
 stored as uint8, 128 higher with their zero points, the same grid, so ONNX Runtime multiplies uint8 by uint8 and
 sums in 32 bits: exact on every CPU (on a VNNI-less AVX2 CPU the int8 form of a BERT layer was off by up to 0.5),
-but slow (on an AVX-512 VNNI CPU SmallCNN's uint8 weights took 1.5x-1.9x the time of int8 ones). For ``"vnni"`` they
+but slow (on an AVX-512 VNNI CPU SmallCNN's uint8 weights took 1.4x-1.8x the time of int8 ones). For ``"vnni"`` they
 stay int8: exact and fast on CPUs with ``avx512_vnni`` or ``avx_vnni``, not exact on those without.
 
 Weights whose range fits in four bits (``weight_bits=4``: ``[-7, 7]``, or ``[0, 15]`` when asymmetric)

@@ -35,7 +35,7 @@ class QuantConfig:
     (symmetric, without ``group_size``), which run exactly in the fast uint8 x int8 kernels of every x86
     CPU; full 8-bit weights for ``"vnni"``, stored as int8, exact and as fast on VNNI CPUs but not exact on
     CPUs without VNNI. ``reduce_range=False`` with ``target_cpu="avx2"`` keeps full 8-bit weights stored as
-    uint8 (128 higher, the same grid): exact on every CPU, in uint8 x uint8 kernels that were 1.5x-1.9x as
+    uint8 (128 higher, the same grid): exact on every CPU, in uint8 x uint8 kernels that were 1.4x-1.8x as
     slow as int8 weights' on an AVX-512 VNNI CPU (SmallCNN) and 1.1x-1.15x on an AVX2 one (MiniLM).
     ``group_size`` gives each output channel of a linear layer one scale per group of that many consecutive
     input columns (GPTQ's and AWQ's ``group_size=128``): weight-only quantization, whose inputs and bias stay
