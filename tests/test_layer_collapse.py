@@ -6,9 +6,9 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
-import lightning as L
 import pytest
 import torch
+from digits import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import efficientnet_b0, mobilenet_v2
@@ -42,20 +42,8 @@ CASES = [(model, amount) for model in [*FITTED, *PRUNED] for amount in (0.5, 0.9
 IMAGES = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-def trainer(callbacks: list[L.Callback], max_epochs: int = 2) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
-
-
 @pytest.fixture(scope="module")
-def pruned() -> Callable[[str, float], tuple[nn.Module, Pruner]]:
+def pruned(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, float], tuple[nn.Module, Pruner]]:
     """``(model, amount)`` -> the model pruned to ``amount`` with the defaults of ``Pruning``, and its Pruner."""
     done: dict[tuple[str, float], tuple[nn.Module, Pruner]] = {}
 
@@ -70,7 +58,8 @@ def pruned() -> Callable[[str, float], tuple[nn.Module, Pruner]]:
                 else:
                     module, pruning = ClassificationModule(FITTED[model](), num_classes=10), Pruning(amount=amount)
                     data = DataLoader(TensorDataset(IMAGES, torch.tensor([0, 1, 2, 3])), batch_size=2)
-                    trainer([pruning]).fit(module, data)
+                    root = tmp_path_factory.mktemp("fit")
+                    quiet_trainer(root, [pruning], enable_checkpointing=False).fit(module, data)
                     done[(model, amount)] = module, pruning.pruner
         return done[(model, amount)]
 
@@ -151,20 +140,20 @@ def broken_model() -> nn.Sequential:
 NAMED = r"'2\.weight' is NaN or infinite"
 
 
-def test_pruning_refuses_a_nan_weight_naming_it() -> None:
+def test_pruning_refuses_a_nan_weight_naming_it(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"Pruning ranks the weights it prunes.*" + NAMED):
         prune_(broken_model(), 0.5)
     module = ClassificationModule(broken_model(), num_classes=4)
     data = DataLoader(TensorDataset(torch.randn(4, 8), torch.tensor([0, 1, 2, 3])), batch_size=2)
     with pytest.raises(ValueError, match="model.2.weight"):
-        trainer([Pruning(amount=0.5)], max_epochs=1).fit(module, data)
+        quiet_trainer(tmp_path, [Pruning(amount=0.5)], max_epochs=1).fit(module, data)
 
 
-def test_weight_clustering_refuses_a_nan_weight_naming_it() -> None:
+def test_weight_clustering_refuses_a_nan_weight_naming_it(tmp_path) -> None:
     module = ClassificationModule(broken_model(), num_classes=4)
     data = DataLoader(TensorDataset(torch.randn(4, 8), torch.tensor([0, 1, 2, 3])), batch_size=2)
     with pytest.raises(ValueError, match=r"WeightClustering clusters the weights.*'model\.2\.weight' is NaN"):
-        trainer([WeightClustering(clusters=4)], max_epochs=1).fit(module, data)
+        quiet_trainer(tmp_path, [WeightClustering(clusters=4)], max_epochs=1).fit(module, data)
 
 
 def test_calibration_refuses_a_nan_weight_naming_it() -> None:
