@@ -55,7 +55,7 @@ class CheckOptimizedMetrics(Callback):
     first job starts, so a search that would select on test accuracy stops at once instead of failing every
     trial. It exits (``SystemExit``, status 1): Hydra turns any other exception of a callback into a warning.
 
-    Example (``configs/hparams_search/*.yaml`` list it)::
+    Example (``configs/hydra/default.yaml`` lists it, so every sweep of the app is checked)::
 
         hydra:
           callbacks:
