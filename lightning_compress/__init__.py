@@ -1,6 +1,7 @@
 """lightning-compress: model compression for PyTorch Lightning, measured."""
 
 from lightning_compress.analysis import Report, profile_model
+from lightning_compress.auto import AutoCompression
 from lightning_compress.callbacks import CompressionCheckpoint, CompressionReport, FiniteCheck
 from lightning_compress.clustering import WeightClustering
 from lightning_compress.deploy import compressed_bytes, export, half_precision, load_compressed, load_quantized
@@ -14,6 +15,7 @@ from lightning_compress.quantization import (
 )
 
 __all__ = [
+    "AutoCompression",
     "ClassificationModule",
     "CompressionCheckpoint",
     "CompressionReport",

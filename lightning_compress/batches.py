@@ -167,19 +167,25 @@ def placed_like(inputs: ModelInputs, device: torch.device, dtype: torch.dtype) -
 
 def first_training_input(trainer: L.Trainer) -> ModelInputs | None:
     """What the model is called with for the first batch of the training dataloader of ``trainer``'s fit (see
-    :func:`model_inputs`): a datamodule's, the LightningModule's ``train_dataloader()``, or the dataloader given to
-    ``fit`` itself; ``None`` outside a fit and for several training dataloaders (a batch of each).
+    :func:`model_inputs`); ``None`` where :func:`training_inputs` finds no dataloader."""
+    return next(iter(training_inputs(trainer, 1)), None)
+
+
+def training_inputs(trainer: L.Trainer, count: int) -> list[ModelInputs]:
+    """What the model is called with for the first ``count`` batches of the training dataloader of ``trainer``'s fit
+    (see :func:`model_inputs`): a datamodule's, the LightningModule's ``train_dataloader()``, or the dataloader given to
+    ``fit`` itself; none outside a fit and for several training dataloaders (a batch of each).
 
     Lightning builds the training dataloader when training starts, after the ``setup`` hooks; this asks the fit
     loop's source of it (its ``_data_source``, the one private name) for the dataloader, as the loop will.
     """
     source = trainer.fit_loop._data_source
     if source.instance is None or not source.is_defined():
-        return None
+        return []
     loader = source.dataloader()
     if isinstance(loader, (Mapping, Sequence)) or not isinstance(loader, Iterable):
-        return None
-    return model_inputs(next(iter(loader)))
+        return []
+    return [model_inputs(batch) for _, batch in zip(range(count), loader)]
 
 
 def _required(batch: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:

@@ -25,6 +25,7 @@ def kmeans_labels(
     per_channel: bool = False,
     preserve_zeros: bool = True,
     seed: int = 0,
+    max_samples: int | None = None,
 ) -> torch.Tensor:
     """The cluster of each weight: an ``int16`` tensor of ``weight``'s shape, labels ``0 .. clusters - 1``.
 
@@ -34,6 +35,9 @@ def kmeans_labels(
     ``clusters`` gets one cluster per value. With ``preserve_zeros`` the exact zeros (pruned weights) take
     no part in k-means and get the label ``KEPT_ZERO`` (-1): they stay zero and are not a centroid.
     KMeans is seeded with ``seed`` (one run, ``n_init=1``), so the same weights give the same labels.
+    ``max_samples`` fits the centroids on at most that many of the values, evenly spaced in sorted order (the
+    values' quantiles, so the fit sees their distribution), and gives every value its nearest centroid: for a
+    quick estimate of what clustering a large tensor does.
 
     Example:
         >>> weight = torch.tensor([[0.0, 0.1, 0.12, 0.9], [1.0, 0.0, 0.11, 0.88]])
@@ -51,25 +55,30 @@ def kmeans_labels(
         for row, slice_values in enumerate(slices.numpy()):
             clustered = slice_values != 0 if preserve_zeros else np.ones(slice_values.shape, dtype=bool)
             if clustered.any():
-                labels[row, clustered] = _kmeans_1d(slice_values[clustered], clusters, init, seed)
+                labels[row, clustered] = _kmeans_1d(slice_values[clustered], clusters, init, seed, max_samples)
     return torch.from_numpy(labels).reshape(weight.shape)
 
 
-def _kmeans_1d(values: np.ndarray, clusters: int, init: str, seed: int) -> np.ndarray:
-    """Labels of 1-D ``values`` in at most ``clusters`` clusters, numbered in the order of their centroids."""
+def _kmeans_1d(values: np.ndarray, clusters: int, init: str, seed: int, max_samples: int | None = None) -> np.ndarray:
+    """Labels of 1-D ``values`` in at most ``clusters`` clusters, numbered in the order of their centroids; the
+    centroids fit on at most ``max_samples`` evenly spaced order statistics of ``values``."""
     distinct = np.unique(values)
     if distinct.size <= clusters:
         return np.searchsorted(distinct, values)
+    fitted = values
+    if max_samples is not None and values.size > max_samples:
+        fitted = np.sort(values)[np.linspace(0, values.size - 1, max(max_samples, clusters)).round().astype(np.int64)]
     if init == "kmeans++":
         start: str | np.ndarray = "k-means++"
     elif init == "linear":
         start = np.linspace(values.min(), values.max(), clusters).reshape(-1, 1)
     else:  # density
         start = np.quantile(values, (np.arange(clusters) + 0.5) / clusters).reshape(-1, 1)
-    kmeans = KMeans(n_clusters=clusters, init=start, n_init=1, random_state=seed).fit(values.reshape(-1, 1))
+    kmeans = KMeans(n_clusters=clusters, init=start, n_init=1, random_state=seed).fit(fitted.reshape(-1, 1))
     rank = np.empty(clusters, dtype=np.int64)
     rank[np.argsort(kmeans.cluster_centers_.ravel(), kind="stable")] = np.arange(clusters)
-    return rank[kmeans.labels_]
+    labels = kmeans.labels_ if fitted is values else kmeans.predict(values.reshape(-1, 1))
+    return rank[labels]
 
 
 class SharedWeights:

@@ -1,0 +1,462 @@
+"""``AutoCompression``: say what may be lost and what to minimize; get the per-layer plan, the trained model and
+the proof on validation data."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_compress.arguments import check_argument, is_int, is_number
+from lightning_compress.auto.allocation import cheapest_plan, least_damage_plan, plan_cost
+from lightning_compress.auto.realization import CompressedWeights
+from lightning_compress.auto.sensitivity import Candidate, measure_candidates
+from lightning_compress.auto.settings import METHODS, LayerSetting
+from lightning_compress.auto.teacher import TeacherGradient
+from lightning_compress.batches import placed_like, training_inputs
+from lightning_compress.deploy.compressed import compressed_bytes, tensor_bytes
+from lightning_compress.modules import model_copy
+from lightning_compress.targets import TargetSpec, select_layers
+
+#: What AutoCompression can minimize: the bytes of ``export(..., format="compressed")``.
+OBJECTIVES = ("compressed_bytes",)
+MODES = ("max", "min")
+#: Until a level is rejected, each level is predicted to take at most 1 / GROWTH of the last accepted one's bytes.
+GROWTH = 2.0
+#: After a rejection, levels halve the gap (geometrically) until the rejected one is within this factor.
+RESOLUTION = 1.1
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer is compressed: its setting, its weight's bytes as predicted and as measured in the model, and
+    the damage the setting did alone to the dense model's predictions (KL divergence on calibration batches).
+
+    Example:
+        >>> LayerPlan(sparsity=0.95, bits=4, predicted_bytes=9_812, measured_bytes=9_790, damage=0.031).bits
+        4
+    """
+
+    sparsity: float
+    bits: int | None
+    predicted_bytes: int
+    measured_bytes: int
+    damage: float
+
+
+@dataclass(frozen=True)
+class Level:
+    """One compression level tried: its first epoch, the predicted ratio of the dense bytes to its bytes, its bytes
+    (predicted, and of the compressed file), the monitored metric after recovery, its drop from the dense
+    model's, and whether it was within the budget.
+
+    Example:
+        >>> Level(1, 0, 2.0, 532_000, 498_311, 0.971, 0.002, True).accepted
+        True
+    """
+
+    level: int
+    epoch: int
+    ratio: float
+    predicted_bytes: int
+    measured_bytes: int
+    metric: float
+    drop: float
+    accepted: bool
+
+
+class AutoCompression(L.Callback):
+    """Compress a trained model as far as ``max_accuracy_drop`` allows, choosing the plan of every layer itself.
+
+    At the start of fit the dense model's ``monitor`` is measured on the whole validation set (Lightning's
+    sanity check, made full) and a frozen copy is kept: the reference of the budget and the teacher of
+    recovery. Then every targeted layer's candidate settings (sparsities from 50% to 99%, and the non-zeros
+    shared among 2 to 256 values: 1 to 8 bits) are measured alone on ``calibration_batches`` training
+    batches: the KL divergence of the model's predictions from the dense model's, and the layer's bytes in
+    the compressed format. Each level's plan is the least predicted damage (the sum of its layers') within
+    the level's byte budget, solved exactly as a multiple-choice knapsack (SciPy's ``milp``). A level is
+    applied at the start of an epoch (pruned by magnitude, then clustered, from the weights of the last
+    accepted level) and the model recovers for ``recovery_epochs`` with the dense teacher's soft targets
+    added to its own loss (``kd_weight``, ``temperature``). Its validation metric then decides: within the
+    budget, the next level halves the bytes again; out of it, the model, its masks and clusters and the
+    optimizers' state go back to the last accepted level, and the next level lies halfway (geometrically)
+    between the two, until they are within 10% or the epochs run out. Training then stops, with the best
+    accepted level in the model (and in the ``last.ckpt`` of a ``ModelCheckpoint(save_last=True)``).
+    A resumed fit continues the search where it stopped: the reference, the measurements, the history,
+    the accepted level and the teacher are in the checkpoint. Measure the test set once, afterwards.
+
+    Args:
+        objective: what to minimize; ``"compressed_bytes"``, the bytes of ``export(..., format="compressed")``.
+        max_accuracy_drop: how far ``monitor`` may fall below the dense model's (rise above it for
+            ``mode="min"``), in its own units: 0.005 is half a point of an accuracy in [0, 1].
+        monitor: a metric the LightningModule logs in validation (``ClassificationModule`` logs ``val/acc``).
+        mode: ``"max"`` when higher is better, ``"min"`` when lower is.
+        methods: what may be done to a layer: ``"pruning"`` (unstructured, by magnitude, every output unit
+            keeps a weight) and ``"clustering"`` (shared values, k-means).
+        teacher: distil from the dense model during recovery.
+        recovery_epochs: epochs each level trains before its validation decides.
+        calibration_batches: training batches the candidate settings are measured on.
+        temperature, kd_weight: the soft targets' temperature and weight (see ``kd_loss``).
+        targets, exclude: module types and module-name patterns of the layers to compress (see ``select_layers``).
+        seed: the random state of k-means.
+
+    Example:
+        >>> import lightning as L
+        >>> auto = AutoCompression(objective="compressed_bytes", max_accuracy_drop=0.005, monitor="val/acc")
+        >>> trainer = L.Trainer(accelerator="cpu", max_epochs=16, logger=False, callbacks=[auto])
+        >>> # trainer.fit(trained_module, datamodule); then auto.plan and auto.history
+    """
+
+    def __init__(
+        self,
+        objective: str = "compressed_bytes",
+        max_accuracy_drop: float = 0.005,
+        monitor: str = "val/acc",
+        mode: str = "max",
+        methods: Sequence[str] = METHODS,
+        teacher: bool = True,
+        recovery_epochs: int = 2,
+        calibration_batches: int = 8,
+        temperature: float = 4.0,
+        kd_weight: float = 1.0,
+        targets: TargetSpec = None,
+        exclude: TargetSpec = None,
+        seed: int = 0,
+    ) -> None:
+        check_argument("objective", objective, objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}")
+        check_argument(
+            "max_accuracy_drop",
+            max_accuracy_drop,
+            is_number(max_accuracy_drop) and 0.0 < max_accuracy_drop < 1.0,
+            "a number in (0, 1): the most the monitored metric may lose, 0.005 for half a point of accuracy",
+        )
+        check_argument("monitor", monitor, isinstance(monitor, str) and bool(monitor), "the name of a logged metric")
+        check_argument("mode", mode, mode in MODES, f"one of {', '.join(MODES)}")
+        unknown = [method for method in methods if method not in METHODS] if not isinstance(methods, str) else [methods]
+        check_argument("methods", methods, bool(methods) and not unknown, f"a non-empty list of {', '.join(METHODS)}")
+        check_argument("teacher", teacher, isinstance(teacher, bool), "True or False")
+        check_argument(
+            "recovery_epochs", recovery_epochs, is_int(recovery_epochs) and recovery_epochs >= 1, "an int >= 1"
+        )
+        check_argument(
+            "calibration_batches",
+            calibration_batches,
+            is_int(calibration_batches) and calibration_batches >= 1,
+            "an int >= 1",
+        )
+        check_argument("temperature", temperature, is_number(temperature) and temperature > 0, "a number > 0")
+        check_argument("kd_weight", kd_weight, is_number(kd_weight) and kd_weight >= 0, "a number >= 0")
+        check_argument("seed", seed, is_int(seed) and 0 <= seed < 2**32, "an int in [0, 2**32)")
+        self.objective = objective
+        self.max_accuracy_drop = float(max_accuracy_drop)
+        self.monitor = monitor
+        self.mode = mode
+        self.methods = tuple(methods)
+        self.teacher = teacher
+        self.recovery_epochs = int(recovery_epochs)
+        self.calibration_batches = int(calibration_batches)
+        self.temperature = float(temperature)
+        self.kd_weight = float(kd_weight)
+        self.targets = targets
+        self.exclude = exclude
+        self.seed = int(seed)
+        #: The dense model's ``monitor`` on the whole validation set, measured before training.
+        self.reference: float | None = None
+        #: Every layer's candidate settings, measured alone, by layer name (the dense one first).
+        self.options: dict[str, list[Candidate]] = {}
+        #: Each level tried, in order.
+        self.history: list[Level] = []
+        #: Whether the search has ended (the model holds the best accepted level).
+        self.done = False
+        self._layers: dict[str, torch.nn.Module] = {}
+        self._weights: CompressedWeights | None = None
+        self._dense_bytes = 0
+        self._fixed_bytes = 0
+        self._accepted: dict[str, Candidate] = {}
+        self._rejected_ratio: float | None = None
+        self._phase: tuple[int, dict[str, Candidate]] | None = None  # (first epoch, plan) of the level in training
+        self._snapshot: dict[str, Any] = {}
+        self._teacher_state: dict[str, torch.Tensor] | None = None
+        self._teacher: TeacherGradient | None = None
+        self._handles: list[Any] = []
+
+    # --- what the user reads -------------------------------------------------------------------------
+
+    @property
+    def plan(self) -> dict[str, LayerPlan]:
+        """The accepted plan, by layer name: each layer's setting, predicted and measured bytes, and damage."""
+        return {
+            layer: LayerPlan(
+                candidate.setting.sparsity,
+                candidate.setting.bits,
+                candidate.cost,
+                tensor_bytes(self._layers[layer].weight) if not self._phase else candidate.cost,
+                candidate.damage,
+            )
+            for layer, candidate in self._accepted.items()
+        }
+
+    @property
+    def accepted_ratio(self) -> float:
+        """The predicted ratio of the dense model's bytes to the accepted level's (1.0 before any level)."""
+        return self._ratio(self._accepted) if self._accepted else 1.0
+
+    # --- setup: what can be compressed, and whether this fit can search ------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.world_size > 1:
+            raise ValueError(f"AutoCompression runs in one process; this Trainer has {trainer.world_size}")
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "AutoCompression adds the teacher's loss to automatic optimization; this module optimizes manually"
+            )
+        if trainer.check_val_every_n_epoch != 1 or trainer.val_check_interval != 1.0:
+            raise ValueError(
+                "AutoCompression decides on each level by its validation metric at the end of an epoch: validate once "
+                f"every epoch (check_val_every_n_epoch=1, val_check_interval=1.0), got check_val_every_n_epoch="
+                f"{trainer.check_val_every_n_epoch}, val_check_interval={trainer.val_check_interval}"
+            )
+        max_epochs = trainer.max_epochs
+        if max_epochs is None or max_epochs < self.recovery_epochs:
+            raise ValueError(
+                f"AutoCompression needs max_epochs >= recovery_epochs={self.recovery_epochs} (one level's recovery), got "
+                f"max_epochs={max_epochs}"
+            )
+        self._layers = select_layers(pl_module, self.targets, self.exclude)
+        self._weights = CompressedWeights(
+            {f"{name}.weight": layer.weight for name, layer in self._layers.items()}, seed=self.seed
+        )
+        trainer.num_sanity_val_steps = math.inf  # the reference: the dense model on the whole validation set
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.reference is None:
+            self.reference = self._metric(trainer)
+            rank_zero_info(f"AutoCompression: the dense model's {self.monitor} is {self.reference:.6g}")
+
+    def _metric(self, trainer: L.Trainer) -> float:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            logged = ", ".join(sorted(trainer.callback_metrics)) or "nothing"
+            raise ValueError(
+                f"AutoCompression monitors {self.monitor!r}, which validation does not log; it logs {logged}"
+            )
+        return float(value)
+
+    # --- the start: teacher, measurements, hooks -----------------------------------------------------
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.reference is None:
+            raise ValueError(
+                "AutoCompression measures the dense model on validation data before training: fit with a validation "
+                "dataloader (a datamodule's val_dataloader, or val_dataloaders=)"
+            )
+        if not self._snapshot:  # a new search: the model is dense
+            self._teacher_state = {name: value.detach().clone() for name, value in pl_module.state_dict().items()}
+            self._measure(trainer, pl_module)
+            self._snapshot = self._take_snapshot(trainer, pl_module)
+        if self.teacher:
+            teacher = model_copy(pl_module)
+            teacher.load_state_dict(self._teacher_state)
+            self._teacher = TeacherGradient(teacher, self.temperature, self.kd_weight)
+            self._handles.append(self._teacher.attach(pl_module))
+        self._handles += [
+            optimizer.register_step_post_hook(lambda *_: self._weights.keep()) for optimizer in trainer.optimizers
+        ]
+
+    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        first = next(pl_module.parameters())
+        batches = [
+            placed_like(inputs, first.device, first.dtype)
+            for inputs in training_inputs(trainer, self.calibration_batches)
+        ]
+        if not batches:
+            raise ValueError(
+                "AutoCompression measures each layer's settings on training batches: fit with one training dataloader"
+            )
+        self.options = measure_candidates(pl_module, self._layers, self.methods, batches, self.seed)
+        state = pl_module.state_dict()
+        targeted = {f"{name}.weight" for name in self._layers}
+        self._fixed_bytes = sum(tensor_bytes(tensor) for key, tensor in state.items() if key not in targeted)
+        self._dense_bytes = self._fixed_bytes + sum(candidates[0].cost for candidates in self.options.values())
+        self._accepted = {layer: candidates[0] for layer, candidates in self.options.items()}
+        if self._most_ratio() <= 1.0:
+            raise ValueError(f"AutoCompression: no setting of {self.methods} makes any of {list(self._layers)} smaller")
+
+    # --- levels --------------------------------------------------------------------------------------
+
+    def _ratio(self, plan: dict[str, Candidate]) -> float:
+        return self._dense_bytes / (self._fixed_bytes + plan_cost(plan))
+
+    def _follows_accepted(self, candidate: Candidate) -> bool:
+        return candidate.setting.covers(self._accepted[candidate.layer].setting)
+
+    def _most_ratio(self) -> float:
+        return self._ratio(cheapest_plan(self.options, self._follows_accepted))
+
+    def _next_plan(self) -> dict[str, Candidate] | None:
+        """The next level's plan, or ``None`` when the search is over."""
+        low, high, most = self.accepted_ratio, self._rejected_ratio, self._most_ratio()
+        if high is None:
+            if most <= low * (1 + 1e-9):
+                return None
+            target = min(low * GROWTH, most)
+        elif high / low <= RESOLUTION:
+            return None
+        else:
+            target = math.sqrt(low * high)
+        plan = least_damage_plan(self.options, self._dense_bytes / target - self._fixed_bytes, self._follows_accepted)
+        if plan is None or (high is not None and self._ratio(plan) >= high * (1 - 1e-9)):
+            return None  # nothing lies between the accepted and the rejected level
+        return plan
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.done or self._phase is not None:
+            return
+        if trainer.max_epochs - trainer.current_epoch < self.recovery_epochs:
+            trainer.should_stop = True  # resumed with no room for another level
+            return
+        plan = self._next_plan()
+        if plan is None:
+            self.done = True
+            trainer.should_stop = True
+            return
+        changed = {
+            f"{layer}.weight": candidate.setting
+            for layer, candidate in plan.items()
+            if candidate.setting != self._accepted[layer].setting
+        }
+        self._weights.apply(changed)
+        self._phase = (trainer.current_epoch, plan)
+        rank_zero_info(
+            f"AutoCompression level {len(self.history) + 1}: {self._ratio(plan):.1f}x fewer bytes (predicted), "
+            + ", ".join(f"{layer} {_described(c.setting)}" for layer, c in plan.items())
+        )
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._weights.share_gradients()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self._phase is None:
+            return
+        first_epoch, plan = self._phase
+        if trainer.current_epoch < first_epoch + self.recovery_epochs - 1:
+            return
+        metric = self._metric(trainer)
+        drop = self.reference - metric if self.mode == "max" else metric - self.reference
+        accepted = drop <= self.max_accuracy_drop + 1e-12
+        measured = len(compressed_bytes(pl_module))
+        self.history.append(
+            Level(
+                len(self.history) + 1,
+                first_epoch,
+                self._ratio(plan),
+                self._fixed_bytes + plan_cost(plan),
+                measured,
+                metric,
+                drop,
+                accepted,
+            )
+        )
+        self._phase = None
+        if accepted:
+            self._accepted = plan
+            self._snapshot = self._take_snapshot(trainer, pl_module)
+        else:
+            self._rejected_ratio = self._ratio(plan)
+            self._restore(trainer, pl_module)
+        rank_zero_info(
+            f"AutoCompression level {len(self.history)}: {self.monitor} {metric:.6g}, drop {drop:.6g} "
+            f"({'within' if accepted else 'over'} {self.max_accuracy_drop}), {measured} bytes compressed"
+        )
+        if self._next_plan() is None:
+            self.done = True
+            trainer.should_stop = True
+        elif trainer.max_epochs - (trainer.current_epoch + 1) < self.recovery_epochs:
+            trainer.should_stop = True  # no room for the next level; a fit resumed with more epochs goes on
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._phase is not None:  # the fit stopped inside a level (max_epochs, or stopped from outside)
+            self._restore(trainer, pl_module)
+            self._phase = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # --- the accepted level: kept, and gone back to ----------------------------------------------------
+
+    def _take_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        return {
+            "model": {name: value.detach().clone() for name, value in pl_module.state_dict().items()},
+            "weights": self._weights.state_dict(),
+            "optimizers": [copy.deepcopy(optimizer.state_dict()) for optimizer in trainer.optimizers],
+        }
+
+    def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.load_state_dict(self._snapshot["model"])
+        self._weights.load_state_dict(self._snapshot["weights"])
+        for optimizer, state in zip(trainer.optimizers, self._snapshot["optimizers"]):
+            optimizer.load_state_dict(state)
+
+    # --- checkpoint state: plain tensors, numbers and strings ------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(objective=self.objective, monitor=self.monitor, targets=str(self.targets))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "reference": self.reference,
+            "options": [_candidate_row(c) for candidates in self.options.values() for c in candidates],
+            "dense_bytes": self._dense_bytes,
+            "fixed_bytes": self._fixed_bytes,
+            "history": [asdict(level) for level in self.history],
+            "done": self.done,
+            "accepted": [_candidate_row(c) for c in self._accepted.values()],
+            "rejected_ratio": self._rejected_ratio,
+            "phase": None
+            if self._phase is None
+            else [self._phase[0], [_candidate_row(c) for c in self._phase[1].values()]],
+            "weights": self._weights.state_dict(),
+            "snapshot": self._snapshot,
+            "teacher": self._teacher_state,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reference = state_dict["reference"]
+        self.options = {}
+        for row in state_dict["options"]:
+            self.options.setdefault(row[0], []).append(_candidate(row))
+        self._dense_bytes, self._fixed_bytes = state_dict["dense_bytes"], state_dict["fixed_bytes"]
+        self.history = [Level(**level) for level in state_dict["history"]]
+        self.done = state_dict["done"]
+        self._accepted = {row[0]: _candidate(row) for row in state_dict["accepted"]}
+        self._rejected_ratio = state_dict["rejected_ratio"]
+        phase = state_dict["phase"]
+        self._phase = None if phase is None else (phase[0], {row[0]: _candidate(row) for row in phase[1]})
+        self._weights.load_state_dict(state_dict["weights"])
+        self._snapshot = state_dict["snapshot"]
+        self._teacher_state = state_dict["teacher"]
+
+
+def _candidate_row(candidate: Candidate) -> list[Any]:
+    return [candidate.layer, candidate.setting.sparsity, candidate.setting.bits, candidate.damage, candidate.cost]
+
+
+def _candidate(row: list[Any]) -> Candidate:
+    layer, sparsity, bits, damage, cost = row
+    return Candidate(layer, LayerSetting(sparsity, bits), damage, cost)
+
+
+def _described(setting: LayerSetting) -> str:
+    bits = "float" if setting.bits is None else f"{setting.bits}-bit shared values"
+    return f"{setting.sparsity:.0%} pruned, {bits}"

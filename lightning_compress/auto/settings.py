@@ -1,0 +1,100 @@
+"""What :class:`~lightning_compress.AutoCompression` may do to one layer, and doing it to a weight tensor.
+
+A :class:`LayerSetting` prunes a fraction of a layer's weights by magnitude (every output unit keeps its
+largest weight, as :func:`~lightning_compress.pruning.rank_masks` always does) and, with ``bits``, shares the
+surviving weights among ``2**bits`` values found by k-means (Deep Compression's weight sharing, zeros kept
+out), which the compressed format stores as a codebook with ``bits``-bit indices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lightning_compress.clustering.kmeans import SharedWeights, kmeans_labels
+from lightning_compress.pruning.criteria import element_scores
+from lightning_compress.pruning.masks import forget_pruned, rank_masks
+
+#: The methods AutoCompression chooses among for the ``compressed_bytes`` objective.
+METHODS = ("pruning", "clustering")
+#: Sparsities a layer may be pruned to (those that would empty an output unit are left out per layer).
+SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+#: Bits of the shared values' indices (``None``: each weight keeps its own float value).
+BITS = (None, 8, 6, 5, 4, 3, 2)
+#: The values k-means fits its centroids on when a setting's effect is estimated (see ``kmeans_labels``).
+ESTIMATE_SAMPLES = 4096
+
+
+@dataclass(frozen=True)
+class LayerSetting:
+    """One layer's compression: ``sparsity`` of its weights pruned, its non-zeros in ``2**bits`` shared values.
+
+    Example:
+        >>> LayerSetting(sparsity=0.9, bits=4).clusters
+        16
+        >>> LayerSetting(0.95, 3).covers(LayerSetting(0.9, 4)), LayerSetting(0.95).covers(LayerSetting(0.9, 4))
+        (True, False)
+    """
+
+    sparsity: float = 0.0
+    bits: int | None = None
+
+    @property
+    def clusters(self) -> int | None:
+        """The shared values of the non-zero weights, or ``None`` for float weights."""
+        return None if self.bits is None else 2**self.bits
+
+    @property
+    def dense(self) -> bool:
+        return self.sparsity == 0.0 and self.bits is None
+
+    def covers(self, other: LayerSetting) -> bool:
+        """Whether this setting compresses at least as far as ``other`` in both ways, so it can follow it."""
+        fewer_bits = other.bits is None or (self.bits is not None and self.bits <= other.bits)
+        return self.sparsity >= other.sparsity and fewer_bits
+
+
+def layer_settings(methods: Sequence[str], weight_shape: torch.Size) -> list[LayerSetting]:
+    """The settings of ``methods`` that a weight of ``weight_shape`` allows, the dense one first.
+
+    Example:
+        >>> [(s.sparsity, s.bits) for s in layer_settings(["pruning"], torch.Size([4, 2]))]
+        [(0.0, None), (0.5, None)]
+    """
+    rows = weight_shape[0] if len(weight_shape) > 1 else 1
+    most = 1.0 - rows / max(1, weight_shape.numel())  # one weight per output unit survives
+    sparsities = [s for s in SPARSITIES if s <= most + 1e-12] if "pruning" in methods else [0.0]
+    bits = BITS if "clustering" in methods else (None,)
+    return [LayerSetting(sparsity, width) for sparsity in sparsities for width in bits]
+
+
+@torch.no_grad()
+def prune_mask(weight: torch.Tensor, sparsity: float, pruned: torch.Tensor | None = None) -> torch.Tensor:
+    """The kept weights (``True``) of ``weight`` pruned by magnitude to ``sparsity``, none of ``pruned``'s revived."""
+    scores = {"weight": element_scores(weight.detach(), "magnitude")}
+    if pruned is not None:
+        scores = forget_pruned(scores, {"weight": pruned})
+    mask = rank_masks(scores, sparsity, scope="layer")["weight"]
+    return mask if pruned is None else mask & pruned
+
+
+@torch.no_grad()
+def cluster_labels(weight: torch.Tensor, setting: LayerSetting, estimate: bool, seed: int = 0) -> torch.Tensor | None:
+    """The shared value of each non-zero weight (k-means from evenly spaced centroids, zeros labelled -1), or
+    ``None`` for float weights; ``estimate`` fits the centroids on :data:`ESTIMATE_SAMPLES` quantiles only."""
+    if setting.clusters is None:
+        return None
+    samples = ESTIMATE_SAMPLES if estimate else None
+    return kmeans_labels(weight, setting.clusters, "linear", seed=seed, max_samples=samples)
+
+
+@torch.no_grad()
+def compressed_weight(weight: torch.Tensor, setting: LayerSetting, seed: int = 0) -> torch.Tensor:
+    """``weight`` as ``setting`` would leave it (clusters estimated): pruned, then each non-zero its centroid."""
+    compressed = weight.detach() * prune_mask(weight, setting.sparsity)
+    labels = cluster_labels(compressed, setting, estimate=True, seed=seed)
+    if labels is not None:
+        SharedWeights(labels.to(compressed.device), setting.clusters).tie(compressed)
+    return compressed

@@ -1,0 +1,222 @@
+"""AutoCompression: the plan chosen within an accuracy budget, trained with the dense teacher, proven on validation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+from digits import digits_module, quiet_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress import AutoCompression, ClassificationModule, compressed_bytes
+from lightning_compress.auto import LayerSetting, least_damage_plan, measure_candidates
+from lightning_compress.auto.teacher import TeacherGradient
+from lightning_compress.data import DigitsDataModule
+from lightning_compress.distillation.losses import kd_loss
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> ClassificationModule:
+    """The small CNN trained dense on the digits for 6 epochs: what a user starts AutoCompression from."""
+    L.seed_everything(0)
+    module = digits_module()
+    quiet_trainer(tmp_path_factory.mktemp("dense"), [], max_epochs=6, enable_checkpointing=False).fit(
+        module, datamodule=DigitsDataModule()
+    )
+    return module
+
+
+def compress(tmp_path, module: L.LightningModule, auto: AutoCompression, max_epochs: int) -> L.Trainer:
+    L.seed_everything(0)
+    trainer = quiet_trainer(tmp_path, [auto], max_epochs=max_epochs, enable_checkpointing=False)
+    trainer.fit(module, datamodule=DigitsDataModule())
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"objective": "flops"}, r"objective must be one of compressed_bytes; got 'flops'"),
+        ({"max_accuracy_drop": 0.0}, r"max_accuracy_drop must be a number in \(0, 1\).*got 0.0"),
+        ({"max_accuracy_drop": 1.0}, r"max_accuracy_drop must be a number in \(0, 1\).*got 1.0"),
+        ({"max_accuracy_drop": math.nan}, r"max_accuracy_drop must be a number in \(0, 1\).*got nan"),
+        ({"methods": ["pruning", "distillation"]}, r"methods must be a non-empty list of pruning, clustering"),
+        ({"methods": []}, r"methods must be a non-empty list"),
+        ({"mode": "maximum"}, r"mode must be one of max, min; got 'maximum'"),
+        ({"recovery_epochs": 0}, r"recovery_epochs must be an int >= 1; got 0"),
+    ],
+)
+def test_bad_settings_fail_when_made(arguments: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AutoCompression(**arguments)
+
+
+def test_a_monitor_validation_does_not_log_fails_before_training_naming_what_it_logs(tmp_path, trained) -> None:
+    module = copy.deepcopy(trained)
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(
+        ValueError, match=r"monitors 'val_acc', which validation does not log; it logs val/acc, val/loss"
+    ):
+        compress(tmp_path, module, AutoCompression(monitor="val_acc"), max_epochs=2)
+    assert all(torch.equal(before[name], value) for name, value in module.state_dict().items())
+
+
+def test_a_fit_shorter_than_one_recovery_fails_at_setup(tmp_path, trained) -> None:
+    with pytest.raises(ValueError, match=r"max_epochs >= recovery_epochs=3 \(one level's recovery\), got max_epochs=2"):
+        compress(tmp_path, copy.deepcopy(trained), AutoCompression(recovery_epochs=3), max_epochs=2)
+
+
+def test_a_fit_without_validation_data_fails_before_training(tmp_path, trained) -> None:
+    data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.arange(8) % 10), batch_size=4)
+    with pytest.raises(ValueError, match=r"measures the dense model on validation data before training"):
+        quiet_trainer(tmp_path, [AutoCompression()], max_epochs=2, enable_checkpointing=False).fit(
+            copy.deepcopy(trained), data
+        )
+
+
+def test_a_model_without_a_layer_to_compress_is_refused_at_setup(tmp_path, trained) -> None:
+    with pytest.raises(ValueError, match=r"leave no layer to compress"):
+        compress(tmp_path, copy.deepcopy(trained), AutoCompression(exclude=["model.*"]), max_epochs=2)
+
+
+def test_the_teacher_adds_the_gradient_of_its_distillation_loss() -> None:
+    torch.manual_seed(0)
+    student, inputs, targets = nn.Linear(6, 4), torch.randn(5, 6), torch.tensor([0, 1, 2, 3, 0])
+    teacher = nn.Linear(6, 4)
+    explicit = copy.deepcopy(student)
+    loss = nn.functional.cross_entropy(explicit(inputs), targets)
+    (loss + 0.7 * kd_loss(explicit(inputs), teacher(inputs).detach(), temperature=2.0)).backward()
+
+    handle = TeacherGradient(teacher, temperature=2.0, weight=0.7).attach(student)
+    nn.functional.cross_entropy(student(inputs), targets).backward()
+    handle.remove()
+    torch.testing.assert_close(student.weight.grad, explicit.weight.grad, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(student.bias.grad, explicit.bias.grad, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():  # evaluation is left alone
+        student.eval()
+        assert torch.equal(student(inputs), nn.functional.linear(inputs, student.weight, student.bias))
+
+
+class WithIdleBranch(nn.Module):
+    """A classifier and a branch that adds nothing to its output: compressing the branch costs no accuracy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(16, 4)
+        self.idle = nn.Linear(16, 4)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.used(inputs) + 0.0 * self.idle(inputs)
+
+
+def test_a_layer_that_costs_nothing_to_compress_gets_the_most_compression() -> None:
+    torch.manual_seed(0)
+    model = WithIdleBranch()
+    table = measure_candidates(
+        model, {"used": model.used, "idle": model.idle}, ["pruning", "clustering"], [torch.randn(64, 16)]
+    )
+    assert all(candidate.damage == 0.0 for candidate in table["idle"])
+    dense_cost = sum(candidates[0].cost for candidates in table.values())
+    plan = least_damage_plan(table, max_cost=0.75 * dense_cost)
+    cheapest_idle = min(candidate.cost for candidate in table["idle"])
+    assert plan["idle"].cost == cheapest_idle
+    assert plan["idle"].setting == LayerSetting(sparsity=0.93, bits=2)  # 60 of 64 pruned: each of 4 rows keeps one
+    assert plan["used"].damage == 0.0 and plan["used"].cost == table["used"][0].cost  # the idle branch meets the budget
+
+
+def test_the_plan_is_the_least_predicted_damage_within_the_budget() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    layers = {"0": model[0], "2": model[2]}
+    table = measure_candidates(model, layers, ["pruning", "clustering"], [torch.randn(64, 16)])
+    budget = 0.3 * sum(candidates[0].cost for candidates in table.values())
+    plan = least_damage_plan(table, max_cost=budget)
+    best = min(
+        (a.damage + b.damage, a.cost + b.cost) for a in table["0"] for b in table["2"] if a.cost + b.cost <= budget
+    )
+    assert sum(c.damage for c in plan.values()) == pytest.approx(best[0], rel=1e-9, abs=1e-12)
+    assert sum(c.cost for c in plan.values()) <= budget
+
+
+class Unchanged(ClassificationModule):
+    """Validation logs how close the weights are to where they started: any compression makes it worse."""
+
+    def on_fit_start(self) -> None:
+        self.start = [parameter.detach().clone() for parameter in self.parameters()]
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        moved = sum(float((p.detach() - s).abs().sum()) for p, s in zip(self.parameters(), self.start))
+        self.log("val/closeness", -moved)
+
+
+def test_a_budget_nothing_fits_in_gives_back_the_dense_model_exactly(tmp_path, trained) -> None:
+    module = Unchanged(copy.deepcopy(trained.model), num_classes=10, input_shape=(1, 8, 8))
+    dense = copy.deepcopy(module.state_dict())
+    auto = AutoCompression(max_accuracy_drop=1e-9, monitor="val/closeness", recovery_epochs=1)
+    compress(tmp_path, module, auto, max_epochs=4)
+    assert [level.accepted for level in auto.history] == [False] * len(auto.history) and auto.history
+    assert auto.done and auto.accepted_ratio == 1.0
+    assert all(torch.equal(dense[name], value) for name, value in module.state_dict().items())
+    assert all(layer.sparsity == 0.0 and layer.bits is None for layer in auto.plan.values())
+
+
+def test_the_search_compresses_within_the_budget_and_the_model_holds_the_plan(tmp_path, trained) -> None:
+    module = copy.deepcopy(trained)
+    auto = AutoCompression(max_accuracy_drop=0.01, recovery_epochs=1)
+    trainer = compress(tmp_path, module, auto, max_epochs=10)
+    accepted = [level for level in auto.history if level.accepted]
+    assert accepted and auto.done and trainer.current_epoch <= 10
+    assert all(level.drop <= 0.01 for level in accepted)
+    assert all((level.drop <= 0.01) == level.accepted for level in auto.history)
+    assert auto.accepted_ratio == max(level.ratio for level in accepted) > 4.0
+    # The model is the last accepted level: validated again, its metric is the one that was accepted.
+    metric = trainer.validate(module, datamodule=DigitsDataModule(), verbose=False)[0]["val/acc"]
+    assert auto.reference - metric <= 0.01
+    assert metric == pytest.approx(accepted[-1].metric, abs=1e-6)
+    for name, layer in auto.plan.items():
+        weight = module.get_submodule(name).weight.detach()
+        assert int((weight == 0).sum()) == round(layer.sparsity * weight.numel())  # to the element
+        if layer.bits is not None:
+            assert weight[weight != 0].unique().numel() <= 2**layer.bits
+        assert layer.measured_bytes > 0
+    assert len(compressed_bytes(module)) == accepted[-1].measured_bytes
+
+
+@pytest.mark.parametrize("resumed_after", [1, 2], ids=["between-levels", "inside-a-level"])
+def test_a_resumed_search_equals_an_uninterrupted_one(tmp_path, trained, resumed_after: int) -> None:
+    """Levels of 2 epochs: epoch 1 ends the first, epoch 2 is inside the second."""
+
+    def fit(folder: str, ckpt_path: str | None = None) -> tuple[AutoCompression, ClassificationModule]:
+        auto, module = (
+            AutoCompression(max_accuracy_drop=0.02, recovery_epochs=2, calibration_batches=2),
+            copy.deepcopy(trained),
+        )
+        L.seed_everything(0)
+        every_epoch = ModelCheckpoint(dirpath=tmp_path / folder, save_top_k=-1, filename="{epoch}")
+        quiet_trainer(tmp_path / folder, [auto, every_epoch], max_epochs=6).fit(
+            module, datamodule=DigitsDataModule(), ckpt_path=ckpt_path
+        )
+        return auto, module
+
+    straight, whole = fit("straight")
+    resumed, continued = fit("resumed", str(tmp_path / "straight" / f"epoch={resumed_after}.ckpt"))
+    assert len(straight.history) == 3 and resumed.history == straight.history
+    assert resumed.reference == straight.reference and resumed.plan == straight.plan
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, continued.state_dict()[name]), name
+
+
+def test_the_checkpoint_loads_without_running_code(tmp_path, trained) -> None:
+    auto = AutoCompression(max_accuracy_drop=0.01, recovery_epochs=1)
+    L.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(tmp_path, [auto, checkpoint], max_epochs=2).fit(copy.deepcopy(trained), datamodule=DigitsDataModule())
+    state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    (saved,) = [value for key, value in state["callbacks"].items() if key.startswith("AutoCompression")]
+    assert saved["reference"] == auto.reference
+    assert [level["accepted"] for level in saved["history"]] == [level.accepted for level in auto.history]
