@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_compress.analysis import Report, ReportEntry
+from lightning_compress.auto import AutoCompression
+from lightning_compress.auto.search_report import search_summary, write_search
 from lightning_compress.callbacks import CompressionReport
 from lightning_compress.deploy import check_export_format
 from lightning_compress.distributed import job_processes
@@ -69,6 +71,8 @@ def train(cfg: DictConfig) -> Report | None:
     if teacher_cfg is not None:
         check_settings(teacher_cfg, key_prefix="teacher_run.")
     runs = plan_runs(list(RUNS if cfg.get("runs") is None else cfg.runs), list(recipes)) if recipes else {"": []}
+    if "auto" in recipes:
+        _check_auto(list(recipes), runs)
     final_module = _check_runs_on_model(cfg, recipes, runs)
     resuming = cfg.get("ckpt_path") is not None
     check_writable(cfg.output_dir, "output_dir")
@@ -106,6 +110,7 @@ def _train_runs(
     """Train the teacher (with distillation), then each of the planned ``runs``, and end the job's process
     group; one report of them all."""
     finished: dict[str, Run] = {}
+    searches: dict[str, AutoCompression] = {}  # by run name, the AutoCompression whose search it ran
     with job_processes() as launched:
 
         def record(name: str, run: Run) -> None:
@@ -118,15 +123,19 @@ def _train_runs(
             record("teacher", run_in_folder(teacher_cfg, "teacher", [], resume=False))
         for index, (name, names) in enumerate(runs.items() if recipes else ()):
             callbacks = [build(recipes[recipe]) for recipe in names if recipe != "distillation"]
-            wrap = (
-                partial(_distill, recipes["distillation"], finished["teacher"].module.model)
-                if "distillation" in names
-                else None
-            )
+            wrap = None
+            if "distillation" in names:
+                wrap = partial(_distill, recipes["distillation"], finished["teacher"].module.model)
+            elif "auto" in names:
+                wrap = partial(_from_weights, finished["dense"].module)
             resume = index == len(runs) - 1
             record(name, run_in_folder(cfg, name, callbacks, resume=resume, wrap=wrap, dense=not names))
+            searches.update({name: callback for callback in callbacks if isinstance(callback, AutoCompression)})
     report = merged_report(finished, first_planned=next(iter(runs))) if recipes else finished[""].report
     if report is not None:
+        for name, auto in searches.items():
+            report.entry(name).note = f"{search_summary(auto)}; its levels and plan in auto_compression.md"
+            write_search(auto, cfg.output_dir)
         if recipes:
             report.write(cfg.output_dir)
         report.print()
@@ -200,6 +209,26 @@ def _check_runs_on_model(
             for name, callback in callbacks.items():  # the checks that need every callback set up
                 with _named_recipe(name):
                     callback.on_fit_start(trainer, module)
+    return module
+
+
+def _check_auto(recipes: list[str], runs: dict[str, list[str]]) -> None:
+    """``compression=auto`` chooses its own plan from the dense run's weights: alone, after a ``dense`` run."""
+    others = [name for name in recipes if name != "auto"]
+    if others:
+        raise ValueError(
+            f"compression/auto chooses every layer's pruning and shared values itself: leave out {others} "
+            f"({' '.join(f'~compression/{name}' for name in others)})"
+        )
+    if "dense" not in runs:
+        raise ValueError(
+            f"compression/auto starts from the dense run's trained weights: keep dense in runs, got {list(runs)}"
+        )
+
+
+def _from_weights(trained: L.LightningModule, module: L.LightningModule) -> L.LightningModule:
+    """``module`` with ``trained``'s weights: AutoCompression starts from the dense run's model."""
+    module.load_state_dict(trained.state_dict())
     return module
 
 

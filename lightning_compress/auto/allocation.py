@@ -7,7 +7,7 @@ variables, one equality per layer and one cost constraint, by SciPy's ``milp`` (
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -15,13 +15,9 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from lightning_compress.auto.sensitivity import Candidate
 
 
-def least_damage_plan(
-    options: Mapping[str, Sequence[Candidate]],
-    max_cost: float,
-    allowed: Callable[[Candidate], bool] = lambda candidate: True,
-) -> dict[str, Candidate] | None:
-    """The candidate of each layer that together cost at most ``max_cost`` with the least summed damage, among the
-    ``allowed`` ones; ``None`` when no choice fits the budget. Ties go to the cheaper plan.
+def least_damage_plan(options: Mapping[str, Sequence[Candidate]], max_cost: float) -> dict[str, Candidate] | None:
+    """The candidate of each layer that together cost at most ``max_cost`` with the least summed damage; ``None``
+    when no choice fits the budget. Ties go to the cheaper plan.
 
     Example:
         >>> from lightning_compress.auto.settings import LayerSetting
@@ -35,9 +31,7 @@ def least_damage_plan(
         True
     """
     layers = list(options)
-    choices = [(layer, candidate) for layer in layers for candidate in options[layer] if allowed(candidate)]
-    if {layer for layer, _ in choices} != set(layers):
-        return None
+    choices = [(layer, candidate) for layer in layers for candidate in options[layer]]
     damage = np.array([candidate.damage for _, candidate in choices])
     cost = np.array([float(candidate.cost) for _, candidate in choices])
     # Damage first; a cost term too small to outweigh any damage difference breaks ties towards fewer bytes.
@@ -59,11 +53,6 @@ def plan_cost(plan: Mapping[str, Candidate]) -> int:
     return sum(candidate.cost for candidate in plan.values())
 
 
-def cheapest_plan(
-    options: Mapping[str, Sequence[Candidate]], allowed: Callable[[Candidate], bool]
-) -> dict[str, Candidate]:
-    """The cheapest ``allowed`` candidate of each layer (the least damage among equally cheap ones)."""
-    return {
-        layer: min((c for c in candidates if allowed(c)), key=lambda c: (c.cost, c.damage))
-        for layer, candidates in options.items()
-    }
+def cheapest_plan(options: Mapping[str, Sequence[Candidate]]) -> dict[str, Candidate]:
+    """The cheapest candidate of each layer (the least damage among equally cheap ones)."""
+    return {layer: min(candidates, key=lambda c: (c.cost, c.damage)) for layer, candidates in options.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,9 +18,9 @@ from lightning_compress.arguments import check_argument, is_int, is_number
 from lightning_compress.auto.allocation import cheapest_plan, least_damage_plan, plan_cost
 from lightning_compress.auto.realization import CompressedWeights
 from lightning_compress.auto.sensitivity import Candidate, measure_candidates
-from lightning_compress.auto.settings import METHODS, LayerSetting
+from lightning_compress.auto.settings import METHODS, LayerSetting, next_settings
 from lightning_compress.auto.teacher import TeacherGradient
-from lightning_compress.batches import placed_like, training_inputs
+from lightning_compress.batches import ModelInputs, placed_like, training_inputs
 from lightning_compress.deploy.compressed import compressed_bytes, tensor_bytes
 from lightning_compress.modules import model_copy
 from lightning_compress.targets import TargetSpec, select_layers
@@ -52,16 +53,17 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class Level:
-    """One compression level tried: its first epoch, the predicted ratio of the dense bytes to its bytes, its bytes
+    """One compression level tried: the method it went further with, its first epoch, the predicted ratio of the dense bytes to its bytes, its bytes
     (predicted, and of the compressed file), the monitored metric after recovery, its drop from the dense
     model's, and whether it was within the budget.
 
     Example:
-        >>> Level(1, 0, 2.0, 532_000, 498_311, 0.971, 0.002, True).accepted
+        >>> Level(1, "pruning", 0, 2.0, 532_000, 498_311, 0.971, 0.002, True).accepted
         True
     """
 
     level: int
+    method: str
     epoch: int
     ratio: float
     predicted_bytes: int
@@ -76,20 +78,23 @@ class AutoCompression(L.Callback):
 
     At the start of fit the dense model's ``monitor`` is measured on the whole validation set (Lightning's
     sanity check, made full) and a frozen copy is kept: the reference of the budget and the teacher of
-    recovery. Then every targeted layer's candidate settings (sparsities from 50% to 99%, and the non-zeros
-    shared among 2 to 256 values: 1 to 8 bits) are measured alone on ``calibration_batches`` training
-    batches: the KL divergence of the model's predictions from the dense model's, and the layer's bytes in
-    the compressed format. Each level's plan is the least predicted damage (the sum of its layers') within
-    the level's byte budget, solved exactly as a multiple-choice knapsack (SciPy's ``milp``). A level is
-    applied at the start of an epoch (pruned by magnitude, then clustered, from the weights of the last
-    accepted level) and the model recovers for ``recovery_epochs`` with the dense teacher's soft targets
-    added to its own loss (``kd_weight``, ``temperature``). Its validation metric then decides: within the
-    budget, the next level halves the bytes again; out of it, the model, its masks and clusters and the
-    optimizers' state go back to the last accepted level, and the next level lies halfway (geometrically)
-    between the two, until they are within 10% or the epochs run out. Training then stops, with the best
-    accepted level in the model (and in the ``last.ckpt`` of a ``ModelCheckpoint(save_last=True)``).
-    A resumed fit continues the search where it stopped: the reference, the measurements, the history,
-    the accepted level and the teacher are in the checkpoint. Measure the test set once, afterwards.
+    recovery. The methods go one after the other, as Deep Compression's pipeline does: pruning first (what
+    retraining recovers from), then shared values (what it hardly recovers from). Each level of a method
+    starts from the last accepted one: every targeted layer's next settings (higher sparsities, from 50% to
+    99%, every output unit keeping a weight; or fewer shared values, 256 down to 4: 8 to 2 bits) are
+    measured alone on ``calibration_batches`` training batches, the KL divergence of the model's predictions
+    from its own before, and the layer's bytes in the compressed format. The level's plan is the least
+    predicted damage (the sum of its layers') within its byte budget, solved exactly as a multiple-choice
+    knapsack (SciPy's ``milp``). It is applied at the start of an epoch (pruned by magnitude, then clustered)
+    and the model recovers for ``recovery_epochs`` with the dense teacher's soft targets added to its own loss
+    (``kd_weight``, ``temperature``). Its validation metric then decides: within the budget, the next level
+    halves the bytes again; out of it, the model, its masks and clusters and the optimizers' state go back to
+    the last accepted level, and the next level lies halfway (geometrically) between the two, until they are
+    within 10%; then the next method. Training stops when the last method is done or no further level fits
+    in ``max_epochs``, with the best accepted level in the model (and in the ``last.ckpt`` of a
+    ``ModelCheckpoint(save_last=True)``). A resumed fit continues the search where it stopped: the
+    reference, the measurements, the history, the accepted level and the teacher are in the checkpoint.
+    Measure the test set once, afterwards.
 
     Args:
         objective: what to minimize; ``"compressed_bytes"``, the bytes of ``export(..., format="compressed")``.
@@ -157,7 +162,7 @@ class AutoCompression(L.Callback):
         self.max_accuracy_drop = float(max_accuracy_drop)
         self.monitor = monitor
         self.mode = mode
-        self.methods = tuple(methods)
+        self.methods = tuple(method for method in METHODS if method in methods)  # pruning first, then clustering
         self.teacher = teacher
         self.recovery_epochs = int(recovery_epochs)
         self.calibration_batches = int(calibration_batches)
@@ -168,13 +173,18 @@ class AutoCompression(L.Callback):
         self.seed = int(seed)
         #: The dense model's ``monitor`` on the whole validation set, measured before training.
         self.reference: float | None = None
-        #: Every layer's candidate settings, measured alone, by layer name (the dense one first).
+        #: Every layer's next settings of the current method, measured alone from the accepted level, by layer
+        #: name (the accepted setting first); empty until measured.
         self.options: dict[str, list[Candidate]] = {}
         #: Each level tried, in order.
         self.history: list[Level] = []
         #: Whether the search has ended (the model holds the best accepted level).
         self.done = False
+        #: The wall time, in seconds, of measuring every layer's settings (the search's cost besides its epochs).
+        self.measure_seconds = 0.0
         self._layers: dict[str, torch.nn.Module] = {}
+        self._batches: list[ModelInputs] = []
+        self._stage = 0  # the method whose levels are being tried: an index into methods
         self._weights: CompressedWeights | None = None
         self._dense_bytes = 0
         self._fixed_bytes = 0
@@ -250,7 +260,7 @@ class AutoCompression(L.Callback):
             )
         return float(value)
 
-    # --- the start: teacher, measurements, hooks -----------------------------------------------------
+    # --- the start: teacher, calibration batches, hooks ----------------------------------------------
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.reference is None:
@@ -258,9 +268,23 @@ class AutoCompression(L.Callback):
                 "AutoCompression measures the dense model on validation data before training: fit with a validation "
                 "dataloader (a datamodule's val_dataloader, or val_dataloaders=)"
             )
+        first = next(pl_module.parameters())
+        inputs = training_inputs(trainer, self.calibration_batches)
+        if not inputs:
+            raise ValueError(
+                "AutoCompression measures each layer's settings on training batches: fit with one training dataloader"
+            )
+        self._batches = [placed_like(batch, first.device, first.dtype) for batch in inputs]
         if not self._snapshot:  # a new search: the model is dense
-            self._teacher_state = {name: value.detach().clone() for name, value in pl_module.state_dict().items()}
-            self._measure(trainer, pl_module)
+            state = pl_module.state_dict()
+            self._teacher_state = {name: value.detach().clone() for name, value in state.items()}
+            targeted = {f"{name}.weight" for name in self._layers}
+            self._fixed_bytes = sum(tensor_bytes(tensor) for key, tensor in state.items() if key not in targeted)
+            self._accepted = {
+                name: Candidate(name, LayerSetting(), 0.0, tensor_bytes(layer.weight))
+                for name, layer in self._layers.items()
+            }
+            self._dense_bytes = self._fixed_bytes + plan_cost(self._accepted)
             self._snapshot = self._take_snapshot(trainer, pl_module)
         if self.teacher:
             teacher = model_copy(pl_module)
@@ -271,39 +295,38 @@ class AutoCompression(L.Callback):
             optimizer.register_step_post_hook(lambda *_: self._weights.keep()) for optimizer in trainer.optimizers
         ]
 
-    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        first = next(pl_module.parameters())
-        batches = [
-            placed_like(inputs, first.device, first.dtype)
-            for inputs in training_inputs(trainer, self.calibration_batches)
-        ]
-        if not batches:
-            raise ValueError(
-                "AutoCompression measures each layer's settings on training batches: fit with one training dataloader"
-            )
-        self.options = measure_candidates(pl_module, self._layers, self.methods, batches, self.seed)
-        state = pl_module.state_dict()
-        targeted = {f"{name}.weight" for name in self._layers}
-        self._fixed_bytes = sum(tensor_bytes(tensor) for key, tensor in state.items() if key not in targeted)
-        self._dense_bytes = self._fixed_bytes + sum(candidates[0].cost for candidates in self.options.values())
-        self._accepted = {layer: candidates[0] for layer, candidates in self.options.items()}
-        if self._most_ratio() <= 1.0:
-            raise ValueError(f"AutoCompression: no setting of {self.methods} makes any of {list(self._layers)} smaller")
-
     # --- levels --------------------------------------------------------------------------------------
 
     def _ratio(self, plan: dict[str, Candidate]) -> float:
         return self._dense_bytes / (self._fixed_bytes + plan_cost(plan))
 
-    def _follows_accepted(self, candidate: Candidate) -> bool:
-        return candidate.setting.covers(self._accepted[candidate.layer].setting)
+    def _next_plan(self, pl_module: L.LightningModule) -> dict[str, Candidate] | None:
+        """The next level's plan: of the current method, or once its levels are done, of the next one; ``None``
+        when the search is over. Measures the current method's settings on the model where they are missing."""
+        while self._stage < len(self.methods):
+            if not self.options:
+                self._measure(pl_module)
+            plan = self._plan_within_method()
+            if plan is not None:
+                return plan
+            self._stage, self._rejected_ratio, self.options = self._stage + 1, None, {}
+        return None
 
-    def _most_ratio(self) -> float:
-        return self._ratio(cheapest_plan(self.options, self._follows_accepted))
+    def _measure(self, pl_module: L.LightningModule) -> None:
+        """Every layer's next settings of the current method, from where the model stands."""
+        start = time.perf_counter()
+        method = self.methods[self._stage]
+        settings = {
+            name: next_settings(method, self._accepted[name].setting, layer.weight.shape)
+            for name, layer in self._layers.items()
+        }
+        self.options = measure_candidates(pl_module, self._layers, settings, self._batches, self.seed)
+        self.measure_seconds += time.perf_counter() - start
 
-    def _next_plan(self) -> dict[str, Candidate] | None:
-        """The next level's plan, or ``None`` when the search is over."""
-        low, high, most = self.accepted_ratio, self._rejected_ratio, self._most_ratio()
+    def _plan_within_method(self) -> dict[str, Candidate] | None:
+        """The least predicted damage at the next byte budget of the current method, or ``None`` past its last."""
+        here = {layer: candidates[0] for layer, candidates in self.options.items()}
+        low, high, most = self._ratio(here), self._rejected_ratio, self._ratio(cheapest_plan(self.options))
         if high is None:
             if most <= low * (1 + 1e-9):
                 return None
@@ -312,7 +335,7 @@ class AutoCompression(L.Callback):
             return None
         else:
             target = math.sqrt(low * high)
-        plan = least_damage_plan(self.options, self._dense_bytes / target - self._fixed_bytes, self._follows_accepted)
+        plan = least_damage_plan(self.options, self._dense_bytes / target - self._fixed_bytes)
         if plan is None or (high is not None and self._ratio(plan) >= high * (1 - 1e-9)):
             return None  # nothing lies between the accepted and the rejected level
         return plan
@@ -323,7 +346,7 @@ class AutoCompression(L.Callback):
         if trainer.max_epochs - trainer.current_epoch < self.recovery_epochs:
             trainer.should_stop = True  # resumed with no room for another level
             return
-        plan = self._next_plan()
+        plan = self._next_plan(pl_module)
         if plan is None:
             self.done = True
             trainer.should_stop = True
@@ -336,8 +359,8 @@ class AutoCompression(L.Callback):
         self._weights.apply(changed)
         self._phase = (trainer.current_epoch, plan)
         rank_zero_info(
-            f"AutoCompression level {len(self.history) + 1}: {self._ratio(plan):.1f}x fewer bytes (predicted), "
-            + ", ".join(f"{layer} {_described(c.setting)}" for layer, c in plan.items())
+            f"AutoCompression level {len(self.history) + 1} ({self.methods[self._stage]}): {self._ratio(plan):.1f}x "
+            "fewer bytes (predicted), " + ", ".join(f"{layer} {_described(c.setting)}" for layer, c in plan.items())
         )
 
     def on_before_optimizer_step(
@@ -354,13 +377,16 @@ class AutoCompression(L.Callback):
         metric = self._metric(trainer)
         drop = self.reference - metric if self.mode == "max" else metric - self.reference
         accepted = drop <= self.max_accuracy_drop + 1e-12
+        predicted = self._fixed_bytes + plan_cost(plan)
         measured = len(compressed_bytes(pl_module))
+        method = self.methods[self._stage]
         self.history.append(
             Level(
                 len(self.history) + 1,
+                method,
                 first_epoch,
                 self._ratio(plan),
-                self._fixed_bytes + plan_cost(plan),
+                predicted,
                 measured,
                 metric,
                 drop,
@@ -369,7 +395,7 @@ class AutoCompression(L.Callback):
         )
         self._phase = None
         if accepted:
-            self._accepted = plan
+            self._accepted, self.options = plan, {}  # the next level is measured from here
             self._snapshot = self._take_snapshot(trainer, pl_module)
         else:
             self._rejected_ratio = self._ratio(plan)
@@ -378,7 +404,7 @@ class AutoCompression(L.Callback):
             f"AutoCompression level {len(self.history)}: {self.monitor} {metric:.6g}, drop {drop:.6g} "
             f"({'within' if accepted else 'over'} {self.max_accuracy_drop}), {measured} bytes compressed"
         )
-        if self._next_plan() is None:
+        if self._next_plan(pl_module) is None:
             self.done = True
             trainer.should_stop = True
         elif trainer.max_epochs - (trainer.current_epoch + 1) < self.recovery_epochs:
@@ -416,11 +442,13 @@ class AutoCompression(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "reference": self.reference,
+            "measure_seconds": self.measure_seconds,
             "options": [_candidate_row(c) for candidates in self.options.values() for c in candidates],
             "dense_bytes": self._dense_bytes,
             "fixed_bytes": self._fixed_bytes,
             "history": [asdict(level) for level in self.history],
             "done": self.done,
+            "stage": self._stage,
             "accepted": [_candidate_row(c) for c in self._accepted.values()],
             "rejected_ratio": self._rejected_ratio,
             "phase": None
@@ -433,12 +461,14 @@ class AutoCompression(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reference = state_dict["reference"]
+        self.measure_seconds = state_dict["measure_seconds"]
         self.options = {}
         for row in state_dict["options"]:
             self.options.setdefault(row[0], []).append(_candidate(row))
         self._dense_bytes, self._fixed_bytes = state_dict["dense_bytes"], state_dict["fixed_bytes"]
         self.history = [Level(**level) for level in state_dict["history"]]
         self.done = state_dict["done"]
+        self._stage = state_dict["stage"]
         self._accepted = {row[0]: _candidate(row) for row in state_dict["accepted"]}
         self._rejected_ratio = state_dict["rejected_ratio"]
         phase = state_dict["phase"]

@@ -1,11 +1,10 @@
 """What each setting of each layer would cost in accuracy and save in bytes, measured one layer at a time.
 
-For every targeted layer and every :class:`~lightning_compress.auto.settings.LayerSetting` it allows, the
-layer alone is compressed as the setting says and the model's outputs on a few calibration batches are
-compared with the dense model's: the damage is the mean KL divergence of the compressed model's
-predictions from the dense model's (what distillation from the dense teacher then has to recover). The
-cost is the bytes of the compressed weight in the compressed format. The layer gets its weight back
-after each setting.
+For every targeted layer and every :class:`~lightning_compress.auto.settings.LayerSetting` it may take next,
+the layer alone is compressed further as the setting says and the model's outputs on a few calibration
+batches are compared with its outputs before: the damage is the mean KL divergence of the predictions from
+the model's own (what recovery then has to win back). The cost is the bytes of the compressed weight in the
+compressed format. The layer gets its weight back after each setting.
 """
 
 from __future__ import annotations
@@ -14,10 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from rich.progress import Progress
 from torch import nn
 
-from lightning_compress.auto.settings import LayerSetting, compressed_weight, layer_settings
+from lightning_compress.auto.settings import LayerSetting, compressed_weight
 from lightning_compress.batches import ModelInputs, call_model, output_logits
 from lightning_compress.deploy.compressed import tensor_bytes
 from lightning_compress.distillation.losses import kd_loss
@@ -44,17 +42,20 @@ class Candidate:
 def measure_candidates(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
-    methods: Sequence[str],
+    settings: Mapping[str, Sequence[LayerSetting]],
     batches: Sequence[ModelInputs],
     seed: int = 0,
-    progress: bool = False,
 ) -> dict[str, list[Candidate]]:
-    """Every setting of ``methods`` of every layer of ``layers`` (name -> module of ``model``), measured alone
-    on the inputs ``batches``; by layer name, the dense setting first. ``model`` is unchanged afterwards.
+    """Each layer of ``layers`` (name -> module of ``model``) at each of its ``settings``, measured alone on the
+    inputs ``batches`` against ``model``'s own predictions; by layer name. A layer's first setting is where its
+    weight stands (damage 0, its bytes as it is); the others compress it further from there. ``model`` is
+    unchanged afterwards.
 
     Example:
+        >>> from lightning_compress.auto.settings import next_settings
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
-        >>> table = measure_candidates(model, {"0": model[0]}, ["pruning"], [torch.randn(32, 8)])
+        >>> settings = {"0": next_settings("pruning", LayerSetting(), model[0].weight.shape)}
+        >>> table = measure_candidates(model, {"0": model[0]}, settings, [torch.randn(32, 8)])
         >>> [(c.setting.sparsity, c.cost) for c in table["0"][:3]]
         [(0.0, 512), (0.5, 272), (0.7, 167)]
         >>> table["0"][0].damage
@@ -63,21 +64,19 @@ def measure_candidates(
     with eval_mode(model):
         reference = [output_logits(call_model(model, inputs)).float() for inputs in batches]
         table: dict[str, list[Candidate]] = {}
-        settings = {name: layer_settings(methods, layer.weight.shape) for name, layer in layers.items()}
-        with Progress(disable=not progress, transient=True) as bar:
-            task = bar.add_task("compression sensitivity", total=sum(map(len, settings.values())))
-            for name, layer in layers.items():
-                original = layer.weight.detach().clone()
-                try:
-                    table[name] = []
-                    for setting in settings[name]:
-                        compressed = original if setting.dense else compressed_weight(original, setting, seed)
-                        layer.weight.copy_(compressed)
-                        damage = 0.0 if setting.dense else _damage(model, batches, reference)
-                        table[name].append(Candidate(name, setting, damage, tensor_bytes(compressed)))
-                        bar.advance(task)
-                finally:
-                    layer.weight.copy_(original)
+        for name, layer in layers.items():
+            original = layer.weight.detach().clone()
+            current, *further = settings[name]
+            table[name] = [Candidate(name, current, 0.0, tensor_bytes(original))]
+            try:
+                for setting in further:
+                    compressed = compressed_weight(original, setting, seed)
+                    layer.weight.copy_(compressed)
+                    table[name].append(
+                        Candidate(name, setting, _damage(model, batches, reference), tensor_bytes(compressed))
+                    )
+            finally:
+                layer.weight.copy_(original)
     return table
 
 

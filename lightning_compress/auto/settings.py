@@ -8,7 +8,6 @@ out), which the compressed format stores as a codebook with ``bits``-bit indices
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ from lightning_compress.clustering.kmeans import SharedWeights, kmeans_labels
 from lightning_compress.pruning.criteria import element_scores
 from lightning_compress.pruning.masks import forget_pruned, rank_masks
 
-#: The methods AutoCompression chooses among for the ``compressed_bytes`` objective.
+#: The methods AutoCompression chooses among for the ``compressed_bytes`` objective, in the order it applies them.
 METHODS = ("pruning", "clustering")
 #: Sparsities a layer may be pruned to (those that would empty an output unit are left out per layer).
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
@@ -56,18 +55,23 @@ class LayerSetting:
         return self.sparsity >= other.sparsity and fewer_bits
 
 
-def layer_settings(methods: Sequence[str], weight_shape: torch.Size) -> list[LayerSetting]:
-    """The settings of ``methods`` that a weight of ``weight_shape`` allows, the dense one first.
+def next_settings(method: str, current: LayerSetting, weight_shape: torch.Size) -> list[LayerSetting]:
+    """``current`` and the settings ``method`` may take a layer of ``weight_shape`` to from there: higher
+    sparsities (as far as every output unit keeps a weight) for ``"pruning"``, fewer bits for ``"clustering"``.
 
     Example:
-        >>> [(s.sparsity, s.bits) for s in layer_settings(["pruning"], torch.Size([4, 2]))]
+        >>> [(s.sparsity, s.bits) for s in next_settings("pruning", LayerSetting(), torch.Size([4, 2]))]
         [(0.0, None), (0.5, None)]
+        >>> [s.bits for s in next_settings("clustering", LayerSetting(0.9, 5), torch.Size([300, 784]))]
+        [5, 4, 3, 2]
     """
-    rows = weight_shape[0] if len(weight_shape) > 1 else 1
-    most = 1.0 - rows / max(1, weight_shape.numel())  # one weight per output unit survives
-    sparsities = [s for s in SPARSITIES if s <= most + 1e-12] if "pruning" in methods else [0.0]
-    bits = BITS if "clustering" in methods else (None,)
-    return [LayerSetting(sparsity, width) for sparsity in sparsities for width in bits]
+    if method == "pruning":
+        rows = weight_shape[0] if len(weight_shape) > 1 else 1
+        most = 1.0 - rows / max(1, weight_shape.numel())  # one weight per output unit survives
+        further = [LayerSetting(s, current.bits) for s in SPARSITIES if current.sparsity < s <= most + 1e-12]
+    else:
+        further = [LayerSetting(current.sparsity, b) for b in BITS[1:] if current.bits is None or b < current.bits]
+    return [current, *further]
 
 
 @torch.no_grad()
