@@ -8,7 +8,9 @@ import math
 import lightning as L
 import pytest
 import torch
+from commands import EAGER_QUICK_REPORT
 from digits import digits_module, quiet_trainer
+from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -19,6 +21,7 @@ from lightning_compress.auto.settings import next_settings
 from lightning_compress.auto.teacher import TeacherGradient
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.distillation.losses import kd_loss
+from lightning_compress.job import train
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +229,43 @@ def test_the_checkpoint_loads_without_running_code(tmp_path, trained) -> None:
     (saved,) = [value for key, value in state["callbacks"].items() if key.startswith("AutoCompression")]
     assert saved["reference"] == auto.reference
     assert [level["accepted"] for level in saved["history"]] == [level.accepted for level in auto.history]
+
+
+def test_the_app_runs_auto_from_the_dense_run_and_writes_its_search(compose_config, tmp_path) -> None:
+    cfg = compose_config(
+        "compression=auto",
+        "compression.auto.recovery_epochs=1",
+        "trainer.max_epochs=3",
+        "export=compressed",
+        f"output_dir={tmp_path}",
+        *EAGER_QUICK_REPORT,
+    )
+    dense, _, auto = train(cfg).entries  # dense, its bfloat16 copy, auto
+    assert (dense.name, auto.name) == ("dense", "auto")
+    assert auto.val_accuracy >= dense.val_accuracy - 0.005  # the budget, on the validation split
+    assert auto.profile.compressed_bytes < dense.profile.compressed_bytes
+    assert auto.note.startswith("AutoCompression (compressed_bytes): budget 0.005 of val/acc from the dense model's")
+    search = (tmp_path / "auto_compression.md").read_text()
+    assert "| level | method |" in search and (tmp_path / "auto_compression.png").stat().st_size > 0
+    assert len((tmp_path / "auto" / "model.lcz").read_bytes()) == auto.profile.compressed_bytes
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["+compression/clustering=k16"],
+            r"compression/auto chooses every layer's pruning and shared values itself: "
+            r"leave out \['clustering'\] \(~compression/clustering\)",
+        ),
+        (["runs=[combined]"], r"compression/auto starts from the dense run's trained weights: keep dense in runs"),
+        (["compression.auto.objective=latency"], r"objective must be one of compressed_bytes; got 'latency'"),
+    ],
+)
+def test_the_app_refuses_auto_settings_it_cannot_run_before_training(
+    compose_config, tmp_path, overrides, message
+) -> None:
+    cfg = compose_config("compression=auto", *overrides, f"output_dir={tmp_path / 'job'}")
+    with pytest.raises((ValueError, InstantiationException), match=message):  # Hydra wraps what a recipe raises
+        train(cfg)
+    assert not (tmp_path / "job").exists()
