@@ -32,6 +32,8 @@ MODES = ("max", "min")
 GROWTH = 2.0
 #: After a rejection, levels halve the gap (geometrically) until the rejected one is within this factor.
 RESOLUTION = 1.1
+#: The method of the epochs after the search: the kept level trains on, kept where it validates better.
+RECOVERY = "recovery"
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,10 @@ class AutoCompression(L.Callback):
     (``kd_weight``, ``temperature``). Its validation metric then decides: within the budget, the next level
     halves the bytes again; out of it, the model, its masks and clusters and the optimizers' state go back to
     the last accepted level, and the next level lies halfway (geometrically) between the two, until they are
-    within 10%; then the next method. Training stops when the last method is done or no further level fits
-    in ``max_epochs``, with the best accepted level in the model (and in the ``last.ckpt`` of a
-    ``ModelCheckpoint(save_last=True)``). A resumed fit continues the search where it stopped: the
+    within 10%; then the next method. The epochs left after the last method recover the kept level with the
+    teacher, one at a time, each kept only where it validates better (undone otherwise), so at the end of
+    every epoch the model holds the best kept level (and so does the ``last.ckpt`` of a
+    ``ModelCheckpoint(save_last=True)``); with no level within the budget, the dense model comes back unchanged. A resumed fit continues the search where it stopped: the
     reference, the measurements, the history, the accepted level and the teacher are in the checkpoint.
     Measure the test set once, afterwards.
 
@@ -190,7 +193,8 @@ class AutoCompression(L.Callback):
         self._fixed_bytes = 0
         self._accepted: dict[str, Candidate] = {}
         self._rejected_ratio: float | None = None
-        self._phase: tuple[int, dict[str, Candidate]] | None = None  # (first epoch, plan) of the level in training
+        #: The level in training: its first epoch, its method (or RECOVERY) and its plan.
+        self._phase: tuple[int, str, dict[str, Candidate]] | None = None
         self._snapshot: dict[str, Any] = {}
         self._teacher_state: dict[str, torch.Tensor] | None = None
         self._teacher: TeacherGradient | None = None
@@ -341,15 +345,17 @@ class AutoCompression(L.Callback):
         return plan
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.done or self._phase is not None:
+        if self._phase is not None:
+            return
+        if self.done:  # the kept level trains on, one epoch at a time, kept only where it validates better
+            self._phase = (trainer.current_epoch, RECOVERY, self._accepted)
             return
         if trainer.max_epochs - trainer.current_epoch < self.recovery_epochs:
             trainer.should_stop = True  # resumed with no room for another level
             return
         plan = self._next_plan(pl_module)
-        if plan is None:
-            self.done = True
-            trainer.should_stop = True
+        if plan is None:  # nothing to try from a resumed checkpoint
+            self._finish_search(trainer)
             return
         changed = {
             f"{layer}.weight": candidate.setting
@@ -357,11 +363,17 @@ class AutoCompression(L.Callback):
             if candidate.setting != self._accepted[layer].setting
         }
         self._weights.apply(changed)
-        self._phase = (trainer.current_epoch, plan)
+        self._phase = (trainer.current_epoch, self.methods[self._stage], plan)
         rank_zero_info(
             f"AutoCompression level {len(self.history) + 1} ({self.methods[self._stage]}): {self._ratio(plan):.1f}x "
             "fewer bytes (predicted), " + ", ".join(f"{layer} {_described(c.setting)}" for layer, c in plan.items())
         )
+
+    def _finish_search(self, trainer: L.Trainer) -> None:
+        """The search is over: the kept level recovers in the epochs left, or with none kept the fit stops."""
+        self.done = True
+        if not any(level.accepted for level in self.history):
+            trainer.should_stop = True
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
@@ -371,22 +383,24 @@ class AutoCompression(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self._phase is None:
             return
-        first_epoch, plan = self._phase
-        if trainer.current_epoch < first_epoch + self.recovery_epochs - 1:
+        first_epoch, method, plan = self._phase
+        if trainer.current_epoch < first_epoch + (1 if method == RECOVERY else self.recovery_epochs) - 1:
             return
         metric = self._metric(trainer)
         drop = self.reference - metric if self.mode == "max" else metric - self.reference
-        accepted = drop <= self.max_accuracy_drop + 1e-12
-        predicted = self._fixed_bytes + plan_cost(plan)
+        if method == RECOVERY:
+            kept = next(level.metric for level in reversed(self.history) if level.accepted)
+            accepted = metric > kept if self.mode == "max" else metric < kept
+        else:
+            accepted = drop <= self.max_accuracy_drop + 1e-12
         measured = len(compressed_bytes(pl_module))
-        method = self.methods[self._stage]
         self.history.append(
             Level(
                 len(self.history) + 1,
                 method,
                 first_epoch,
                 self._ratio(plan),
-                predicted,
+                self._fixed_bytes + plan_cost(plan),
                 measured,
                 metric,
                 drop,
@@ -395,19 +409,21 @@ class AutoCompression(L.Callback):
         )
         self._phase = None
         if accepted:
-            self._accepted, self.options = plan, {}  # the next level is measured from here
+            if method != RECOVERY:
+                self._accepted, self.options = plan, {}  # the next level is measured from here
             self._snapshot = self._take_snapshot(trainer, pl_module)
         else:
-            self._rejected_ratio = self._ratio(plan)
+            if method != RECOVERY:
+                self._rejected_ratio = self._ratio(plan)
             self._restore(trainer, pl_module)
         rank_zero_info(
-            f"AutoCompression level {len(self.history)}: {self.monitor} {metric:.6g}, drop {drop:.6g} "
-            f"({'within' if accepted else 'over'} {self.max_accuracy_drop}), {measured} bytes compressed"
+            f"AutoCompression level {len(self.history)} ({method}): {self.monitor} {metric:.6g}, drop {drop:.6g}, "
+            f"{'kept' if accepted else 'undone'}, {measured} bytes compressed"
         )
-        if self._next_plan(pl_module) is None:
-            self.done = True
-            trainer.should_stop = True
-        elif trainer.max_epochs - (trainer.current_epoch + 1) < self.recovery_epochs:
+        if not self.done and self._next_plan(pl_module) is None:
+            self._finish_search(trainer)
+        needed = 1 if self.done else self.recovery_epochs
+        if trainer.max_epochs - (trainer.current_epoch + 1) < needed:
             trainer.should_stop = True  # no room for the next level; a fit resumed with more epochs goes on
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -453,7 +469,7 @@ class AutoCompression(L.Callback):
             "rejected_ratio": self._rejected_ratio,
             "phase": None
             if self._phase is None
-            else [self._phase[0], [_candidate_row(c) for c in self._phase[1].values()]],
+            else [self._phase[0], self._phase[1], [_candidate_row(c) for c in self._phase[2].values()]],
             "weights": self._weights.state_dict(),
             "snapshot": self._snapshot,
             "teacher": self._teacher_state,
@@ -472,7 +488,7 @@ class AutoCompression(L.Callback):
         self._accepted = {row[0]: _candidate(row) for row in state_dict["accepted"]}
         self._rejected_ratio = state_dict["rejected_ratio"]
         phase = state_dict["phase"]
-        self._phase = None if phase is None else (phase[0], {row[0]: _candidate(row) for row in phase[1]})
+        self._phase = None if phase is None else (phase[0], phase[1], {row[0]: _candidate(row) for row in phase[2]})
         self._weights.load_state_dict(state_dict["weights"])
         self._snapshot = state_dict["snapshot"]
         self._teacher_state = state_dict["teacher"]
