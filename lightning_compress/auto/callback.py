@@ -204,7 +204,8 @@ class AutoCompression(L.Callback):
 
     @property
     def plan(self) -> dict[str, LayerPlan]:
-        """The accepted plan, by layer name: each layer's setting, predicted and measured bytes, and damage."""
+        """The kept plan, by layer name: each layer's setting, its bytes as predicted when the setting was chosen and as
+        they are in the model, and the damage predicted for the setting then."""
         return {
             layer: LayerPlan(
                 candidate.setting.sparsity,
@@ -409,8 +410,12 @@ class AutoCompression(L.Callback):
         )
         self._phase = None
         if accepted:
-            if method != RECOVERY:
-                self._accepted, self.options = plan, {}  # the next level is measured from here
+            if method != RECOVERY:  # a layer the level left as it was keeps the candidate it was chosen as
+                self._accepted = {
+                    layer: chosen if chosen.setting != self._accepted[layer].setting else self._accepted[layer]
+                    for layer, chosen in plan.items()
+                }
+                self.options = {}  # the next level is measured from here
             self._snapshot = self._take_snapshot(trainer, pl_module)
         else:
             if method != RECOVERY:
