@@ -38,8 +38,9 @@ RECOVERY = "recovery"
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one layer is compressed: its setting, its weight's bytes as predicted and as measured in the model, and
-    the damage the setting did alone to the dense model's predictions (KL divergence on calibration batches).
+    """How one layer is compressed: its setting, its weight's bytes as predicted when the setting was chosen and as
+    they are in the model, and the damage predicted then (the KL divergence the layer alone added to the model's
+    predictions on the calibration batches).
 
     Example:
         >>> LayerPlan(sparsity=0.95, bits=4, predicted_bytes=9_812, measured_bytes=9_790, damage=0.031).bits
@@ -55,9 +56,10 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class Level:
-    """One compression level tried: the method it went further with, its first epoch, the predicted ratio of the dense bytes to its bytes, its bytes
-    (predicted, and of the compressed file), the monitored metric after recovery, its drop from the dense
-    model's, and whether it was within the budget.
+    """One level tried: the method it went further with (or ``"recovery"``, an epoch of the kept level after the
+    search), its first epoch, the predicted ratio of the dense bytes to its bytes, its bytes (predicted, and of
+    the compressed file), the monitored metric after recovery, its drop from the dense model's, and whether it
+    was kept (within the budget; for a recovery epoch, better than the kept level).
 
     Example:
         >>> Level(1, "pruning", 0, 2.0, 532_000, 498_311, 0.971, 0.002, True).accepted
@@ -197,7 +199,6 @@ class AutoCompression(L.Callback):
         self._phase: tuple[int, str, dict[str, Candidate]] | None = None
         self._snapshot: dict[str, Any] = {}
         self._teacher_state: dict[str, torch.Tensor] | None = None
-        self._teacher: TeacherGradient | None = None
         self._handles: list[Any] = []
 
     # --- what the user reads -------------------------------------------------------------------------
@@ -294,8 +295,7 @@ class AutoCompression(L.Callback):
         if self.teacher:
             teacher = model_copy(pl_module)
             teacher.load_state_dict(self._teacher_state)
-            self._teacher = TeacherGradient(teacher, self.temperature, self.kd_weight)
-            self._handles.append(self._teacher.attach(pl_module))
+            self._handles.append(TeacherGradient(teacher, self.temperature, self.kd_weight).attach(pl_module))
         self._handles += [
             optimizer.register_step_post_hook(lambda *_: self._weights.keep()) for optimizer in trainer.optimizers
         ]
