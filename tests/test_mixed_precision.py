@@ -18,6 +18,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from lightning_compress import (
+    AutoCompression,
     ClassificationModule,
     CompressionReport,
     DistillationModule,
@@ -184,7 +185,18 @@ def check_report(fitted: Fitted) -> None:
     assert 0.0 <= after.val_accuracy <= 1.0 and after.profile.macs == before.profile.macs > 0
 
 
+def check_auto(fitted: Fitted) -> None:
+    """Levels were tried, and the model holds the kept plan: its sparsity to the element, its shared values."""
+    auto, module = fitted[2], fitted[1]
+    assert len(auto.history) == 2 and auto.reference is not None
+    for name, layer in auto.plan.items():
+        weight = module.get_submodule(name).weight.detach()
+        assert int((weight == 0).sum()) == round(layer.sparsity * weight.numel()), name
+        assert layer.bits is None or weight[weight != 0].unique().numel() <= 2**layer.bits
+
+
 CALLBACKS: dict[str, tuple[Callable[[], L.Callback], Callable[[Fitted], None]]] = {
+    "auto": (lambda: AutoCompression(max_accuracy_drop=0.5, recovery_epochs=1, calibration_batches=2), check_auto),
     "qat": (lambda: QuantizationAwareTraining(), check_qat),
     "lsq": (lambda: QuantizationAwareTraining(weight_bits=4, learnable_scales=True), check_lsq),
     "ptq": (lambda: PostTrainingQuantization(calibration_batches=None), check_ptq_minmax),
