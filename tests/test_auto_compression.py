@@ -202,9 +202,9 @@ def test_the_search_compresses_within_the_budget_and_the_model_holds_the_plan(tm
     assert len(compressed_bytes(module)) == accepted[-1].measured_bytes
 
 
-@pytest.mark.parametrize("resumed_after", [1, 2], ids=["between-levels", "inside-a-level"])
-def test_a_resumed_search_equals_an_uninterrupted_one(tmp_path, trained, resumed_after: int) -> None:
-    """Levels of 2 epochs: epoch 1 ends the first, epoch 2 is inside the second."""
+def test_a_resumed_search_equals_an_uninterrupted_one_and_its_checkpoint_runs_no_code(tmp_path, trained) -> None:
+    """Levels of 2 epochs: resumed after epoch 1, between the first and the second, and after epoch 2, inside the
+    second."""
 
     def fit(folder: str, ckpt_path: str | None = None) -> tuple[AutoCompression, ClassificationModule]:
         auto, module = (
@@ -219,22 +219,17 @@ def test_a_resumed_search_equals_an_uninterrupted_one(tmp_path, trained, resumed
         return auto, module
 
     straight, whole = fit("straight")
-    resumed, continued = fit("resumed", str(tmp_path / "straight" / f"epoch={resumed_after}.ckpt"))
-    assert len(straight.history) == 3 and resumed.history == straight.history
-    assert resumed.reference == straight.reference and resumed.plan == straight.plan
-    for name, value in whole.state_dict().items():
-        assert torch.equal(value, continued.state_dict()[name]), name
-
-
-def test_the_checkpoint_loads_without_running_code(tmp_path, trained) -> None:
-    auto = AutoCompression(max_accuracy_drop=0.01, recovery_epochs=1)
-    L.seed_everything(0)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    quiet_trainer(tmp_path, [auto, checkpoint], max_epochs=2).fit(copy.deepcopy(trained), datamodule=DigitsDataModule())
-    state = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert len(straight.history) == 3
+    for resumed_after in (1, 2):
+        resumed, continued = fit(f"resumed{resumed_after}", str(tmp_path / "straight" / f"epoch={resumed_after}.ckpt"))
+        assert resumed.history == straight.history, resumed_after
+        assert resumed.reference == straight.reference and resumed.plan == straight.plan
+        for name, value in whole.state_dict().items():
+            assert torch.equal(value, continued.state_dict()[name]), (resumed_after, name)
+    state = torch.load(tmp_path / "straight" / "epoch=5.ckpt", map_location="cpu", weights_only=True)
     (saved,) = [value for key, value in state["callbacks"].items() if key.startswith("AutoCompression")]
-    assert saved["reference"] == auto.reference
-    assert [level["accepted"] for level in saved["history"]] == [level.accepted for level in auto.history]
+    assert saved["reference"] == straight.reference
+    assert [level["accepted"] for level in saved["history"]] == [level.accepted for level in straight.history]
 
 
 def test_the_app_runs_auto_from_the_dense_run_and_writes_its_search(compose_config, tmp_path) -> None:
