@@ -46,7 +46,8 @@ def train(cfg: DictConfig) -> Report | None:
     A distillation recipe first trains the ``teacher`` (in ``output_dir/teacher``, a row of the report) and
     wraps the model in its ``DistillationModule`` (``teacher_run`` changes the teacher's trainer, data or
     seed, e.g. a teacher trained longer on all training images); pruning and quantization recipes are
-    callbacks. ``ckpt_path`` resumes the last run; the others, seeded and deterministic in their data
+    callbacks. ``compression=auto`` (alone) runs ``AutoCompression`` from the dense run's trained weights and
+    writes its levels and plan beside the report (``auto_compression.md`` and ``.png``). ``ckpt_path`` resumes the last run; the others, seeded and deterministic in their data
     order, are trained again.
 
     Every setting is checked before the first run trains (:mod:`lightning_compress.preflight`): the
