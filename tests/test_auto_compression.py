@@ -101,9 +101,18 @@ def test_the_teacher_adds_the_gradient_of_its_distillation_loss() -> None:
     handle.remove()
     torch.testing.assert_close(student.weight.grad, explicit.weight.grad, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(student.bias.grad, explicit.bias.grad, rtol=1e-6, atol=1e-7)
-    with torch.no_grad():  # evaluation is left alone
-        student.eval()
-        assert torch.equal(student(inputs), nn.functional.linear(inputs, student.weight, student.bias))
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    handle = TeacherGradient(teacher, temperature=2.0, weight=0.7).attach(student)
+    student(inputs).sum().backward()
+    assert len(calls) == 1  # a training forward runs the teacher
+    with torch.no_grad():  # evaluation and inference do not
+        student.eval()(inputs)
+    student.train()(inputs.requires_grad_(False)).detach()
+    with torch.no_grad():
+        student(inputs)
+    handle.remove()
+    assert len(calls) == 2  # the training forward with gradients only
 
 
 class WithIdleBranch(nn.Module):
