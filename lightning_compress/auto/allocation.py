@@ -15,9 +15,11 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from lightning_compress.auto.sensitivity import Candidate
 
 
-def least_damage_plan(options: Mapping[str, Sequence[Candidate]], max_cost: float) -> dict[str, Candidate] | None:
-    """The candidate of each layer that together cost at most ``max_cost`` with the least summed damage; ``None``
-    when no choice fits the budget. Ties go to the cheaper plan.
+def least_damage_plan(
+    options: Mapping[str, Sequence[Candidate]], max_cost: float, min_cost: float = -np.inf
+) -> dict[str, Candidate] | None:
+    """The candidate of each layer that together cost at most ``max_cost`` (and at least ``min_cost``) with the
+    least summed damage; ``None`` when no choice fits between the two. Ties go to the cheaper plan.
 
     Example:
         >>> from lightning_compress.auto.settings import LayerSetting
@@ -29,6 +31,8 @@ def least_damage_plan(options: Mapping[str, Sequence[Candidate]], max_cost: floa
         {'a': 0.0, 'b': 0.9}
         >>> least_damage_plan(options, max_cost=10) is None
         True
+        >>> {layer: c.setting.sparsity for layer, c in least_damage_plan(options, 200, min_cost=200).items()}
+        {'a': 0.0, 'b': 0.0}
     """
     layers = list(options)
     choices = [(layer, candidate) for layer in layers for candidate in options[layer]]
@@ -41,7 +45,7 @@ def least_damage_plan(options: Mapping[str, Sequence[Candidate]], max_cost: floa
         damage + tie_break * cost,
         integrality=np.ones(len(choices)),
         bounds=Bounds(0, 1),
-        constraints=[LinearConstraint(one_per_layer, 1, 1), LinearConstraint(cost[None, :], -np.inf, max_cost)],
+        constraints=[LinearConstraint(one_per_layer, 1, 1), LinearConstraint(cost[None, :], min_cost, max_cost)],
     )
     if result.x is None:
         return None

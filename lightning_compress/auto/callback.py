@@ -28,7 +28,8 @@ from lightning_compress.targets import TargetSpec, select_layers
 #: What AutoCompression can minimize: the bytes of ``export(..., format="compressed")``.
 OBJECTIVES = ("compressed_bytes",)
 MODES = ("max", "min")
-#: Until a level is rejected, each level is predicted to take at most 1 / GROWTH of the last accepted one's bytes.
+#: Until a level is rejected, each level is predicted to take at most 1 / GROWTH of the last accepted one's bytes
+#: (in a method's later rounds: its last step, which each kept level squares, up to GROWTH).
 GROWTH = 2.0
 #: After a rejection, levels halve the gap (geometrically) until the rejected one is within this factor.
 RESOLUTION = 1.1
@@ -93,8 +94,11 @@ class AutoCompression(L.Callback):
     and the model recovers for ``recovery_epochs`` with the dense teacher's soft targets added to its own loss
     (``kd_weight``, ``temperature``). Its validation metric then decides: within the budget, the next level
     halves the bytes again; out of it, the model, its masks and clusters and the optimizers' state go back to
-    the last accepted level, and the next level lies halfway (geometrically) between the two, until they are
-    within 10%; then the next method. The epochs left after the last method recover the kept level with the
+    the last accepted level, and the next level lies halfway (geometrically) between the two (strictly: its
+    bytes are fewer than the accepted level's and more than the rejected one's), until they are within 10%;
+    then the next method. After the last method the methods go round again from the model they left, as long
+    as a round keeps a level, each method's first step in a new round the finest of its last (squared with each
+    level kept, up to halving). The epochs left when the search ends recover the kept level with the
     teacher, one at a time, each kept only where it validates better (undone otherwise), so at the end of
     every epoch the model holds the best kept level (and so does the ``last.ckpt`` of a
     ``ModelCheckpoint(save_last=True)``); with no level within the budget, the dense model comes back unchanged. A resumed fit continues the search where it stopped: the
@@ -190,6 +194,8 @@ class AutoCompression(L.Callback):
         self._layers: dict[str, torch.nn.Module] = {}
         self._batches: list[ModelInputs] = []
         self._stage = 0  # the method whose levels are being tried: an index into methods
+        self._round_start = 0  # the first level of this round of the methods: an index into history
+        self._steps: dict[str, float] = {}  # by method, the factor its next level's bytes shrink by (GROWTH if none)
         self._weights: CompressedWeights | None = None
         self._dense_bytes = 0
         self._fixed_bytes = 0
@@ -308,14 +314,19 @@ class AutoCompression(L.Callback):
     def _next_plan(self, pl_module: L.LightningModule) -> dict[str, Candidate] | None:
         """The next level's plan: of the current method, or once its levels are done, of the next one; ``None``
         when the search is over. Measures the current method's settings on the model where they are missing."""
-        while self._stage < len(self.methods):
+        while True:
             if not self.options:
                 self._measure(pl_module)
             plan = self._plan_within_method()
             if plan is not None:
                 return plan
+            if self._rejected_ratio is not None:  # the method's next round starts with its finest step
+                self._steps[self.methods[self._stage]] = self._rejected_ratio / self.accepted_ratio
             self._stage, self._rejected_ratio, self.options = self._stage + 1, None, {}
-        return None
+            if self._stage == len(self.methods):  # a round of every method: another, from here, if it kept a level
+                if len(self.methods) == 1 or not any(level.accepted for level in self.history[self._round_start :]):
+                    return None
+                self._stage, self._round_start = 0, len(self.history)
 
     def _measure(self, pl_module: L.LightningModule) -> None:
         """Every layer's next settings of the current method, from where the model stands."""
@@ -335,15 +346,14 @@ class AutoCompression(L.Callback):
         if high is None:
             if most <= low * (1 + 1e-9):
                 return None
-            target = min(low * GROWTH, most)
+            target = min(low * self._steps.get(self.methods[self._stage], GROWTH), most)
         elif high / low <= RESOLUTION:
             return None
         else:
             target = math.sqrt(low * high)
-        plan = least_damage_plan(self.options, self._dense_bytes / target - self._fixed_bytes)
-        if plan is None or (high is not None and self._ratio(plan) >= high * (1 - 1e-9)):
-            return None  # nothing lies between the accepted and the rejected level
-        return plan
+        # After a rejection the plan must lie strictly between the accepted and the rejected level's bytes.
+        fewest = -math.inf if high is None else round(self._dense_bytes / high) - self._fixed_bytes + 1
+        return least_damage_plan(self.options, self._dense_bytes / target - self._fixed_bytes, fewest)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._phase is not None:
@@ -411,6 +421,7 @@ class AutoCompression(L.Callback):
         self._phase = None
         if accepted:
             if method != RECOVERY:  # a layer the level left as it was keeps the candidate it was chosen as
+                self._steps[method] = min(GROWTH, self._steps.get(method, GROWTH) ** 2)
                 self._accepted = {
                     layer: chosen if chosen.setting != self._accepted[layer].setting else self._accepted[layer]
                     for layer, chosen in plan.items()
@@ -470,6 +481,8 @@ class AutoCompression(L.Callback):
             "history": [asdict(level) for level in self.history],
             "done": self.done,
             "stage": self._stage,
+            "round_start": self._round_start,
+            "steps": self._steps,
             "accepted": [_candidate_row(c) for c in self._accepted.values()],
             "rejected_ratio": self._rejected_ratio,
             "phase": None
@@ -489,7 +502,8 @@ class AutoCompression(L.Callback):
         self._dense_bytes, self._fixed_bytes = state_dict["dense_bytes"], state_dict["fixed_bytes"]
         self.history = [Level(**level) for level in state_dict["history"]]
         self.done = state_dict["done"]
-        self._stage = state_dict["stage"]
+        self._stage, self._round_start = state_dict["stage"], state_dict["round_start"]
+        self._steps = dict(state_dict["steps"])
         self._accepted = {row[0]: _candidate(row) for row in state_dict["accepted"]}
         self._rejected_ratio = state_dict["rejected_ratio"]
         phase = state_dict["phase"]
