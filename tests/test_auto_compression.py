@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import AutoCompression, ClassificationModule, compressed_bytes
+from lightning_compress.analysis import count_macs
 from lightning_compress.auto import LayerSetting, least_damage_plan, measure_candidates
 from lightning_compress.auto.settings import next_settings
 from lightning_compress.auto.teacher import TeacherGradient
@@ -45,7 +46,7 @@ def compress(tmp_path, module: L.LightningModule, auto: AutoCompression, max_epo
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        ({"objective": "flops"}, r"objective must be one of compressed_bytes; got 'flops'"),
+        ({"objective": "flops"}, r"objective must be one of compressed_bytes, macs; got 'flops'"),
         ({"max_accuracy_drop": 0.0}, r"max_accuracy_drop must be a number in \(0, 1\).*got 0.0"),
         ({"max_accuracy_drop": 1.0}, r"max_accuracy_drop must be a number in \(0, 1\).*got 1.0"),
         ({"max_accuracy_drop": math.nan}, r"max_accuracy_drop must be a number in \(0, 1\).*got nan"),
@@ -212,8 +213,8 @@ def test_the_search_compresses_within_the_budget_and_the_model_holds_the_plan(tm
         assert int((weight == 0).sum()) == round(layer.sparsity * weight.numel())  # to the element
         if layer.bits is not None:
             assert weight[weight != 0].unique().numel() <= 2**layer.bits
-        assert layer.measured_bytes > 0
-    assert len(compressed_bytes(module)) == accepted[-1].measured_bytes
+        assert layer.cost > 0
+    assert len(compressed_bytes(module)) == accepted[-1].measured_cost
 
 
 def test_a_resumed_search_equals_an_uninterrupted_one_and_its_checkpoint_runs_no_code(tmp_path, trained) -> None:
@@ -274,7 +275,7 @@ def test_the_app_runs_auto_from_the_dense_run_and_writes_its_search(compose_conf
             r"leave out \['clustering'\] \(~compression/clustering\)",
         ),
         (["runs=[combined]"], r"compression/auto starts from the dense run's trained weights: keep dense in runs"),
-        (["compression.auto.objective=latency"], r"objective must be one of compressed_bytes; got 'latency'"),
+        (["compression.auto.objective=latency"], r"objective must be one of compressed_bytes, macs; got 'latency'"),
     ],
 )
 def test_the_app_refuses_auto_settings_it_cannot_run_before_training(
@@ -284,3 +285,28 @@ def test_the_app_refuses_auto_settings_it_cannot_run_before_training(
     with pytest.raises((ValueError, InstantiationException), match=message):  # Hydra wraps what a recipe raises
         train(cfg)
     assert not (tmp_path / "job").exists()
+
+
+def test_the_macs_objective_removes_channels_and_the_model_has_the_macs_it_measured(tmp_path, trained) -> None:
+    module = copy.deepcopy(trained)
+    dense_macs = count_macs(module, torch.zeros(64, 1, 8, 8))  # a training batch of the digits: 64 images
+    auto = AutoCompression(objective="macs", max_accuracy_drop=0.02, recovery_epochs=1)
+    trainer = compress(tmp_path, module, auto, max_epochs=8)
+    accepted = [level for level in auto.history if level.accepted and level.method == "channels"]
+    assert accepted and {level.method for level in auto.history} <= {"channels", "recovery"}
+    assert all(level.drop <= 0.02 for level in accepted)
+    # At the end of fit the pruned channels are gone: the smaller model has the MACs the search measured.
+    assert count_macs(module, torch.zeros(64, 1, 8, 8)) == accepted[-1].measured_cost < dense_macs / 1.5
+    features = module.model.features
+    assert features[0].out_channels == 32 - round(32 * auto.plan["model.features.0"].channels)
+    assert features[4].in_channels == features[0].out_channels == features[1].num_features
+    assert sum(plan.cost for plan in auto.plan.values()) < accepted[-1].measured_cost  # the layers' part of it
+    # Removing them changed no output: validated again, the metric is the one that was accepted.
+    metric = trainer.validate(module, datamodule=DigitsDataModule(), verbose=False)[0]["val/acc"]
+    kept = [level for level in auto.history if level.accepted][-1]
+    assert metric == pytest.approx(kept.metric, abs=1e-6)
+
+
+def test_an_objective_refuses_methods_it_cannot_use() -> None:
+    with pytest.raises(ValueError, match=r"methods must be a non-empty list of channels for macs; got \['pruning'\]"):
+        AutoCompression(objective="macs", methods=["pruning"])

@@ -7,7 +7,7 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import lightning as L
@@ -15,52 +15,59 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_compress.arguments import check_argument, is_int, is_number
-from lightning_compress.auto.allocation import cheapest_plan, least_damage_plan, plan_cost
-from lightning_compress.auto.realization import CompressedWeights
-from lightning_compress.auto.sensitivity import Candidate, measure_candidates
-from lightning_compress.auto.settings import METHODS, LayerSetting, next_settings
+from lightning_compress.auto.allocation import cheapest_plan, least_damage_plan
+from lightning_compress.auto.objectives import (
+    OBJECTIVE_METHODS,
+    OBJECTIVES,
+    ChannelMACs,
+    CompressedBytes,
+    Objective,
+)
+from lightning_compress.auto.sensitivity import Candidate
+from lightning_compress.auto.settings import LayerSetting
 from lightning_compress.auto.teacher import TeacherGradient
 from lightning_compress.batches import ModelInputs, placed_like, training_inputs
-from lightning_compress.deploy.compressed import compressed_bytes, tensor_bytes
 from lightning_compress.modules import model_copy
 from lightning_compress.targets import TargetSpec, select_layers
 
-#: What AutoCompression can minimize: the bytes of ``export(..., format="compressed")``.
-OBJECTIVES = ("compressed_bytes",)
 MODES = ("max", "min")
 #: Until a level is rejected, each level is predicted to take at most 1 / GROWTH of the last accepted one's bytes
 #: (in a method's later rounds: its last step, which each kept level squares, up to GROWTH).
 GROWTH = 2.0
 #: After a rejection, levels halve the gap (geometrically) until the rejected one is within this factor.
 RESOLUTION = 1.1
+#: How many times a level's knapsack is solved again with a smaller budget when its plan's prediction is over.
+ALLOCATION_ROUNDS = 8
 #: The method of the epochs after the search: the kept level trains on, kept where it validates better.
 RECOVERY = "recovery"
 
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one layer is compressed: its setting, its weight's bytes as predicted when the setting was chosen and as
-    they are in the model, and the damage predicted then (the KL divergence the layer alone added to the model's
-    predictions on the calibration batches).
+    """How one layer is compressed: its setting (a fraction of its weights pruned, of its output channels pruned,
+    its shared values' bits), its part of the objective as it is in the model (its weight's bytes in the
+    compressed format, or its multiply-accumulates), and the damage predicted when the setting was chosen (the
+    KL divergence the layer alone added to the model's predictions on the calibration batches).
 
     Example:
-        >>> LayerPlan(sparsity=0.95, bits=4, predicted_bytes=9_812, measured_bytes=9_790, damage=0.031).bits
+        >>> LayerPlan(sparsity=0.95, channels=0.0, bits=4, cost=9_790, damage=0.031).bits
         4
     """
 
     sparsity: float
+    channels: float
     bits: int | None
-    predicted_bytes: int
-    measured_bytes: int
+    cost: int
     damage: float
 
 
 @dataclass(frozen=True)
 class Level:
     """One level tried: the method it went further with (or ``"recovery"``, an epoch of the kept level after the
-    search), its first epoch, the predicted ratio of the dense bytes to its bytes, its bytes (predicted, and of
-    the compressed file), the monitored metric after recovery, its drop from the dense model's, and whether it
-    was kept (within the budget; for a recovery epoch, better than the kept level).
+    search), its first epoch, the predicted ratio of the dense model's objective to its own, its objective
+    (predicted, and measured: the compressed file's bytes, or the MACs), the monitored metric after recovery,
+    its drop from the dense model's, and whether it was kept (within the budget; for a recovery epoch, better
+    than the kept level).
 
     Example:
         >>> Level(1, "pruning", 0, 2.0, 532_000, 498_311, 0.971, 0.002, True).accepted
@@ -71,8 +78,8 @@ class Level:
     method: str
     epoch: int
     ratio: float
-    predicted_bytes: int
-    measured_bytes: int
+    predicted_cost: int
+    measured_cost: int
     metric: float
     drop: float
     accepted: bool
@@ -101,18 +108,27 @@ class AutoCompression(L.Callback):
     level kept, up to halving). The epochs left when the search ends recover the kept level with the
     teacher, one at a time, each kept only where it validates better (undone otherwise), so at the end of
     every epoch the model holds the best kept level (and so does the ``last.ckpt`` of a
-    ``ModelCheckpoint(save_last=True)``); with no level within the budget, the dense model comes back unchanged. A resumed fit continues the search where it stopped: the
-    reference, the measurements, the history, the accepted level and the teacher are in the checkpoint.
+    ``ModelCheckpoint(save_last=True)``); with no level within the budget, the dense model comes back
+    unchanged. A resumed fit continues the search where it stopped: the reference, the measurements, the history, the accepted level and the teacher are in the checkpoint.
     Measure the test set once, afterwards.
 
+    With ``objective="macs"`` the layers are channel groups (a layer's output channels with everything that
+    reads them, found by Torch-Pruning's dependency graph), their settings fractions of the channels (by L2
+    norm, 12.5% to 87.5%), their costs the change of the model's multiply-accumulates; a plan's own MACs,
+    counted with all its groups at once, keep the budget (the knapsack is solved again with the excess taken
+    off until they do). The pruned channels are masked during the search and removed at the end of fit.
+
     Args:
-        objective: what to minimize; ``"compressed_bytes"``, the bytes of ``export(..., format="compressed")``.
+        objective: what to minimize: ``"compressed_bytes"``, the bytes of ``export(..., format="compressed")``
+            (methods ``"pruning"``, ``"clustering"``), or ``"macs"``, the multiply-accumulates of a forward pass
+            on a training batch (method ``"channels"``: whole output channels pruned, removed at the end of fit).
         max_accuracy_drop: how far ``monitor`` may fall below the dense model's (rise above it for
             ``mode="min"``), in its own units: 0.005 is half a point of an accuracy in [0, 1].
         monitor: a metric the LightningModule logs in validation (``ClassificationModule`` logs ``val/acc``).
         mode: ``"max"`` when higher is better, ``"min"`` when lower is.
-        methods: what may be done to a layer: ``"pruning"`` (unstructured, by magnitude, every output unit
-            keeps a weight) and ``"clustering"`` (shared values, k-means).
+        methods: what may be done to a layer (by default all the objective's): ``"pruning"`` (unstructured, by
+            magnitude, every output unit keeps a weight), ``"clustering"`` (shared values, k-means) or
+            ``"channels"`` (fractions of a layer's output channels, by L2 norm, with all they touch).
         teacher: distil from the dense model during recovery.
         recovery_epochs: epochs each level trains before its validation decides.
         calibration_batches: training batches the candidate settings are measured on.
@@ -133,7 +149,7 @@ class AutoCompression(L.Callback):
         max_accuracy_drop: float = 0.005,
         monitor: str = "val/acc",
         mode: str = "max",
-        methods: Sequence[str] = METHODS,
+        methods: Sequence[str] | None = None,
         teacher: bool = True,
         recovery_epochs: int = 2,
         calibration_batches: int = 8,
@@ -152,8 +168,15 @@ class AutoCompression(L.Callback):
         )
         check_argument("monitor", monitor, isinstance(monitor, str) and bool(monitor), "the name of a logged metric")
         check_argument("mode", mode, mode in MODES, f"one of {', '.join(MODES)}")
-        unknown = [method for method in methods if method not in METHODS] if not isinstance(methods, str) else [methods]
-        check_argument("methods", methods, bool(methods) and not unknown, f"a non-empty list of {', '.join(METHODS)}")
+        allowed = OBJECTIVE_METHODS[objective]
+        methods = allowed if methods is None else methods
+        unknown = [method for method in methods if method not in allowed] if not isinstance(methods, str) else [methods]
+        check_argument(
+            "methods",
+            methods,
+            bool(methods) and not unknown,
+            f"a non-empty list of {', '.join(allowed)} for {objective}",
+        )
         check_argument("teacher", teacher, isinstance(teacher, bool), "True or False")
         check_argument(
             "recovery_epochs", recovery_epochs, is_int(recovery_epochs) and recovery_epochs >= 1, "an int >= 1"
@@ -171,7 +194,7 @@ class AutoCompression(L.Callback):
         self.max_accuracy_drop = float(max_accuracy_drop)
         self.monitor = monitor
         self.mode = mode
-        self.methods = tuple(method for method in METHODS if method in methods)  # pruning first, then clustering
+        self.methods = tuple(method for method in allowed if method in methods)  # e.g. pruning first, then clustering
         self.teacher = teacher
         self.recovery_epochs = int(recovery_epochs)
         self.calibration_batches = int(calibration_batches)
@@ -191,14 +214,13 @@ class AutoCompression(L.Callback):
         self.done = False
         #: The wall time, in seconds, of measuring every layer's settings (the search's cost besides its epochs).
         self.measure_seconds = 0.0
-        self._layers: dict[str, torch.nn.Module] = {}
+        self._objective: Objective | None = None
         self._batches: list[ModelInputs] = []
         self._stage = 0  # the method whose levels are being tried: an index into methods
         self._round_start = 0  # the first level of this round of the methods: an index into history
         self._steps: dict[str, float] = {}  # by method, the factor its next level's bytes shrink by (GROWTH if none)
-        self._weights: CompressedWeights | None = None
-        self._dense_bytes = 0
-        self._fixed_bytes = 0
+        self._dense = 0  # the dense model's objective
+        self._fixed = 0  # the objective's part that the candidates' costs add to (see objectives)
         self._accepted: dict[str, Candidate] = {}
         self._rejected_ratio: float | None = None
         #: The level in training: its first epoch, its method (or RECOVERY) and its plan.
@@ -216,9 +238,9 @@ class AutoCompression(L.Callback):
         return {
             layer: LayerPlan(
                 candidate.setting.sparsity,
+                candidate.setting.channels,
                 candidate.setting.bits,
-                candidate.cost,
-                tensor_bytes(self._layers[layer].weight) if not self._phase else candidate.cost,
+                self._objective.layer_cost(layer),
                 candidate.damage,
             )
             for layer, candidate in self._accepted.items()
@@ -226,8 +248,8 @@ class AutoCompression(L.Callback):
 
     @property
     def accepted_ratio(self) -> float:
-        """The predicted ratio of the dense model's bytes to the accepted level's (1.0 before any level)."""
-        return self._ratio(self._accepted) if self._accepted else 1.0
+        """The predicted ratio of the dense model's objective to the accepted level's (1.0 before any level)."""
+        return next((level.ratio for level in reversed(self.history) if level.accepted), 1.0)
 
     # --- setup: what can be compressed, and whether this fit can search ------------------------------
 
@@ -252,10 +274,17 @@ class AutoCompression(L.Callback):
                 f"AutoCompression needs max_epochs >= recovery_epochs={self.recovery_epochs} (one level's recovery), got "
                 f"max_epochs={max_epochs}"
             )
-        self._layers = select_layers(pl_module, self.targets, self.exclude)
-        self._weights = CompressedWeights(
-            {f"{name}.weight": layer.weight for name, layer in self._layers.items()}, seed=self.seed
-        )
+        layers = select_layers(pl_module, self.targets, self.exclude)
+        if self.objective == "macs":
+            example = training_inputs(trainer, 1)
+            if not example:
+                raise ValueError(
+                    "AutoCompression(objective='macs') traces the model on a training batch: fit with one training "
+                    "dataloader"
+                )
+            self._objective = ChannelMACs(pl_module, layers, example[0])
+        else:
+            self._objective = CompressedBytes(pl_module, layers, self.seed)
         trainer.num_sanity_val_steps = math.inf  # the reference: the dense model on the whole validation set
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -290,26 +319,20 @@ class AutoCompression(L.Callback):
         if not self._snapshot:  # a new search: the model is dense
             state = pl_module.state_dict()
             self._teacher_state = {name: value.detach().clone() for name, value in state.items()}
-            targeted = {f"{name}.weight" for name in self._layers}
-            self._fixed_bytes = sum(tensor_bytes(tensor) for key, tensor in state.items() if key not in targeted)
-            self._accepted = {
-                name: Candidate(name, LayerSetting(), 0.0, tensor_bytes(layer.weight))
-                for name, layer in self._layers.items()
-            }
-            self._dense_bytes = self._fixed_bytes + plan_cost(self._accepted)
+            self._accepted = {name: Candidate(name, LayerSetting(), 0.0, 0) for name in self._objective.layers}
             self._snapshot = self._take_snapshot(trainer, pl_module)
         if self.teacher:
             teacher = model_copy(pl_module)
             teacher.load_state_dict(self._teacher_state)
             self._handles.append(TeacherGradient(teacher, self.temperature, self.kd_weight).attach(pl_module))
         self._handles += [
-            optimizer.register_step_post_hook(lambda *_: self._weights.keep()) for optimizer in trainer.optimizers
+            optimizer.register_step_post_hook(lambda *_: self._objective.keep()) for optimizer in trainer.optimizers
         ]
 
     # --- levels --------------------------------------------------------------------------------------
 
     def _ratio(self, plan: dict[str, Candidate]) -> float:
-        return self._dense_bytes / (self._fixed_bytes + plan_cost(plan))
+        return self._dense / self._objective.predicted(plan)
 
     def _next_plan(self, pl_module: L.LightningModule) -> dict[str, Candidate] | None:
         """The next level's plan: of the current method, or once its levels are done, of the next one; ``None``
@@ -333,10 +356,12 @@ class AutoCompression(L.Callback):
         start = time.perf_counter()
         method = self.methods[self._stage]
         settings = {
-            name: next_settings(method, self._accepted[name].setting, layer.weight.shape)
-            for name, layer in self._layers.items()
+            name: self._objective.settings(method, self._accepted[name].setting, name) for name in self._accepted
         }
-        self.options = measure_candidates(pl_module, self._layers, settings, self._batches, self.seed)
+        self.options, self._fixed = self._objective.measure(pl_module, settings, self._batches)
+        # the accepted level costs what it measures now (the same bytes; MACs relative to where the model stands)
+        self._accepted = {name: replace(c, cost=self.options[name][0].cost) for name, c in self._accepted.items()}
+        self._dense = self._dense or self._objective.predicted(self._accepted)
         self.measure_seconds += time.perf_counter() - start
 
     def _plan_within_method(self) -> dict[str, Candidate] | None:
@@ -351,9 +376,23 @@ class AutoCompression(L.Callback):
             return None
         else:
             target = math.sqrt(low * high)
-        # After a rejection the plan must lie strictly between the accepted and the rejected level's bytes.
-        fewest = -math.inf if high is None else round(self._dense_bytes / high) - self._fixed_bytes + 1
-        return least_damage_plan(self.options, self._dense_bytes / target - self._fixed_bytes, fewest)
+        return self._plan_within(self._dense / target, None if high is None else self._dense / high)
+
+    def _plan_within(self, most_cost: float, rejected_cost: float | None) -> dict[str, Candidate] | None:
+        """The least predicted damage whose predicted cost is at most ``most_cost`` (and, after a rejection, more
+        than ``rejected_cost``). The candidates' costs add up to a first-order prediction (exact for bytes); where
+        a plan's own prediction is over, the budget shrinks by the excess and the knapsack is solved again."""
+        fewest = -math.inf if rejected_cost is None else round(rejected_cost) - self._fixed + 1
+        budget = most_cost - self._fixed
+        for _ in range(ALLOCATION_ROUNDS):
+            plan = least_damage_plan(self.options, budget, fewest)
+            if plan is None:
+                return None
+            excess = self._objective.predicted(plan) - most_cost
+            if excess <= 0:
+                return plan if rejected_cost is None or self._objective.predicted(plan) > rejected_cost else None
+            budget -= excess
+        return None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._phase is not None:
@@ -369,11 +408,11 @@ class AutoCompression(L.Callback):
             self._finish_search(trainer)
             return
         changed = {
-            f"{layer}.weight": candidate.setting
+            layer: candidate.setting
             for layer, candidate in plan.items()
             if candidate.setting != self._accepted[layer].setting
         }
-        self._weights.apply(changed)
+        self._objective.apply(changed)
         self._phase = (trainer.current_epoch, self.methods[self._stage], plan)
         rank_zero_info(
             f"AutoCompression level {len(self.history) + 1} ({self.methods[self._stage]}): {self._ratio(plan):.1f}x "
@@ -389,7 +428,7 @@ class AutoCompression(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._weights.share_gradients()
+        self._objective.share_gradients()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self._phase is None:
@@ -404,14 +443,14 @@ class AutoCompression(L.Callback):
             accepted = metric > kept if self.mode == "max" else metric < kept
         else:
             accepted = drop <= self.max_accuracy_drop + 1e-12
-        measured = len(compressed_bytes(pl_module))
+        measured = self._objective.total(pl_module)
         self.history.append(
             Level(
                 len(self.history) + 1,
                 method,
                 first_epoch,
                 self._ratio(plan),
-                self._fixed_bytes + plan_cost(plan),
+                self._objective.predicted(plan),
                 measured,
                 metric,
                 drop,
@@ -446,6 +485,7 @@ class AutoCompression(L.Callback):
         if self._phase is not None:  # the fit stopped inside a level (max_epochs, or stopped from outside)
             self._restore(trainer, pl_module)
             self._phase = None
+        self._objective.finish()  # the kept level as the objective counts it (channels removed)
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -455,13 +495,13 @@ class AutoCompression(L.Callback):
     def _take_snapshot(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         return {
             "model": {name: value.detach().clone() for name, value in pl_module.state_dict().items()},
-            "weights": self._weights.state_dict(),
+            "weights": self._objective.state_dict(),
             "optimizers": [copy.deepcopy(optimizer.state_dict()) for optimizer in trainer.optimizers],
         }
 
     def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.load_state_dict(self._snapshot["model"])
-        self._weights.load_state_dict(self._snapshot["weights"])
+        self._objective.load_state_dict(self._snapshot["weights"])
         for optimizer, state in zip(trainer.optimizers, self._snapshot["optimizers"]):
             optimizer.load_state_dict(state)
 
@@ -476,8 +516,8 @@ class AutoCompression(L.Callback):
             "reference": self.reference,
             "measure_seconds": self.measure_seconds,
             "options": [_candidate_row(c) for candidates in self.options.values() for c in candidates],
-            "dense_bytes": self._dense_bytes,
-            "fixed_bytes": self._fixed_bytes,
+            "dense": self._dense,
+            "fixed": self._fixed,
             "history": [asdict(level) for level in self.history],
             "done": self.done,
             "stage": self._stage,
@@ -488,7 +528,7 @@ class AutoCompression(L.Callback):
             "phase": None
             if self._phase is None
             else [self._phase[0], self._phase[1], [_candidate_row(c) for c in self._phase[2].values()]],
-            "weights": self._weights.state_dict(),
+            "weights": self._objective.state_dict(),
             "snapshot": self._snapshot,
             "teacher": self._teacher_state,
         }
@@ -499,7 +539,7 @@ class AutoCompression(L.Callback):
         self.options = {}
         for row in state_dict["options"]:
             self.options.setdefault(row[0], []).append(_candidate(row))
-        self._dense_bytes, self._fixed_bytes = state_dict["dense_bytes"], state_dict["fixed_bytes"]
+        self._dense, self._fixed = state_dict["dense"], state_dict["fixed"]
         self.history = [Level(**level) for level in state_dict["history"]]
         self.done = state_dict["done"]
         self._stage, self._round_start = state_dict["stage"], state_dict["round_start"]
@@ -508,20 +548,23 @@ class AutoCompression(L.Callback):
         self._rejected_ratio = state_dict["rejected_ratio"]
         phase = state_dict["phase"]
         self._phase = None if phase is None else (phase[0], phase[1], {row[0]: _candidate(row) for row in phase[2]})
-        self._weights.load_state_dict(state_dict["weights"])
+        self._objective.load_state_dict(state_dict["weights"])
         self._snapshot = state_dict["snapshot"]
         self._teacher_state = state_dict["teacher"]
 
 
 def _candidate_row(candidate: Candidate) -> list[Any]:
-    return [candidate.layer, candidate.setting.sparsity, candidate.setting.bits, candidate.damage, candidate.cost]
+    setting = candidate.setting
+    return [candidate.layer, setting.sparsity, setting.bits, setting.channels, candidate.damage, candidate.cost]
 
 
 def _candidate(row: list[Any]) -> Candidate:
-    layer, sparsity, bits, damage, cost = row
-    return Candidate(layer, LayerSetting(sparsity, bits), damage, cost)
+    layer, sparsity, bits, channels, damage, cost = row
+    return Candidate(layer, LayerSetting(sparsity, bits, channels), damage, cost)
 
 
 def _described(setting: LayerSetting) -> str:
+    if setting.channels:
+        return f"{setting.channels:.1%} of its channels pruned"
     bits = "float" if setting.bits is None else f"{setting.bits}-bit shared values"
     return f"{setting.sparsity:.0%} pruned, {bits}"

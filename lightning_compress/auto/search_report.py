@@ -13,13 +13,16 @@ from lightning_compress.files import write_atomically
 if TYPE_CHECKING:
     from lightning_compress.auto.callback import AutoCompression
 
+#: What each objective's measured figure is, for people.
+UNITS = {"compressed_bytes": "bytes compressed", "macs": "MACs"}
+
 
 def search_summary(auto: AutoCompression) -> str:
     """One line: the budget, the reference, and the accepted level's validation drop and predicted ratio."""
     accepted = [level for level in auto.history if level.accepted]
     reached = (
         f"level {accepted[-1].level} kept: {auto.monitor} {accepted[-1].metric:.4g} (drop {accepted[-1].drop:.4g}), "
-        f"{accepted[-1].measured_bytes:,} bytes compressed ({auto.accepted_ratio:.1f}x fewer predicted)"
+        f"{accepted[-1].measured_cost:,} {UNITS[auto.objective]} ({auto.accepted_ratio:.1f}x fewer predicted)"
         if accepted
         else "no level within the budget: the dense model is kept"
     )
@@ -31,52 +34,54 @@ def search_summary(auto: AutoCompression) -> str:
 
 def search_markdown(auto: AutoCompression) -> str:
     """The summary, a table of the levels tried and a table of the accepted plan."""
+    unit = UNITS[auto.objective]
     lines = [
         search_summary(auto),
         "",
-        f"| level | method | first epoch | ratio (predicted) | bytes (predicted) | compressed file | {auto.monitor} | drop | kept |",
+        f"| level | method | first epoch | ratio (predicted) | {unit} (predicted) | {unit} (measured) | {auto.monitor} | "
+        "drop | kept |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {level.level} | {level.method} | {level.epoch} | {level.ratio:.1f}x | {level.predicted_bytes:,} | "
-        f"{level.measured_bytes:,} | {level.metric:.4g} | {level.drop:.4g} | {'yes' if level.accepted else 'no'} |"
+        f"| {level.level} | {level.method} | {level.epoch} | {level.ratio:.1f}x | {level.predicted_cost:,} | "
+        f"{level.measured_cost:,} | {level.metric:.4g} | {level.drop:.4g} | {'yes' if level.accepted else 'no'} |"
         for level in auto.history
     ]
     lines += [
         "",
-        "| layer | sparsity | shared values | bytes (predicted) | bytes (in the model) | damage at its level (KL) |",
+        f"| layer | weights pruned | channels pruned | shared values | {unit} (in the model) | damage at its level (KL) |",
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {layer} | {plan.sparsity:.0%} | {'float' if plan.bits is None else f'{2**plan.bits} ({plan.bits} bits)'} | "
-        f"{plan.predicted_bytes:,} | {plan.measured_bytes:,} | {plan.damage:.3g} |"
+        f"| {layer} | {plan.sparsity:.0%} | {plan.channels:.1%} | "
+        f"{'float' if plan.bits is None else f'{2**plan.bits} ({plan.bits} bits)'} | {plan.cost:,} | {plan.damage:.3g} |"
         for layer, plan in auto.plan.items()
     ]
     return "\n".join(lines) + "\n"
 
 
 def plot_search(auto: AutoCompression, path: str | os.PathLike[str]) -> None:
-    """The compressed file's bytes against the monitored metric for each level tried, the dense model's metric and
+    """The measured objective (the compressed file's bytes, or the MACs) against the monitored metric for each level tried, the dense model's metric and
     the budget as lines, the kept level circled."""
     figure, axes = new_figure((7, 4.5))
     for accepted, marker, color, label in ((True, "o", "tab:green", "within budget"), (False, "x", "tab:red", "over")):
         levels = [level for level in auto.history if level.accepted == accepted]
         axes.scatter(
-            [level.measured_bytes / 1024 for level in levels],
+            [level.measured_cost for level in levels],
             [level.metric for level in levels],
             marker=marker,
             color=color,
             label=label,
         )
         for level in levels:
-            axes.annotate(str(level.level), (level.measured_bytes / 1024, level.metric), fontsize=8)
+            axes.annotate(str(level.level), (level.measured_cost, level.metric), fontsize=8)
     sign = -1 if auto.mode == "max" else 1
     axes.axhline(auto.reference, color="grey", linestyle="--", label=f"dense {auto.monitor}")
     axes.axhline(auto.reference + sign * auto.max_accuracy_drop, color="black", linestyle=":", label="budget")
     kept = [level for level in auto.history if level.accepted]
     if kept:
         axes.scatter(
-            [kept[-1].measured_bytes / 1024],
+            [kept[-1].measured_cost],
             [kept[-1].metric],
             s=160,
             facecolors="none",
@@ -84,7 +89,7 @@ def plot_search(auto: AutoCompression, path: str | os.PathLike[str]) -> None:
             label="kept",
         )
     axes.set_xscale("log")
-    axes.set_xlabel("compressed file (KiB, log scale)")
+    axes.set_xlabel(f"{UNITS[auto.objective]} (log scale)")
     axes.set_ylabel(auto.monitor)
     axes.set_title("AutoCompression: each level tried")
     axes.grid(alpha=0.3)

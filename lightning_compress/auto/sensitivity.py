@@ -20,12 +20,16 @@ from lightning_compress.batches import ModelInputs, call_model, output_logits
 from lightning_compress.deploy.compressed import tensor_bytes
 from lightning_compress.distillation.losses import kd_loss
 from lightning_compress.modules import eval_mode
+from lightning_compress.quantization.config import QuantConfig
 
 
 @dataclass(frozen=True)
 class Candidate:
     """One setting of one layer: its predicted ``damage`` (KL divergence from the dense model's predictions)
-    and ``cost`` (bytes of the layer's weight in the compressed format).
+    and ``cost`` (bytes of the layer's weight in the compressed format). The allocation reads the layer, the
+    damage and the cost alone; the setting is carried: a :class:`LayerSetting`, or a layer's grids (a
+    ``QuantConfig``) for :func:`~lightning_compress.auto.post_training.allocate_bits`, whose damage and cost
+    are its own.
 
     Example:
         >>> Candidate("fc1", LayerSetting(0.9, 4), damage=0.012, cost=18_304).setting.clusters
@@ -33,7 +37,7 @@ class Candidate:
     """
 
     layer: str
-    setting: LayerSetting
+    setting: LayerSetting | QuantConfig
     damage: float
     cost: int
 
@@ -53,6 +57,7 @@ def measure_candidates(
 
     Example:
         >>> from lightning_compress.auto.settings import next_settings
+        >>> _ = torch.manual_seed(0)
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
         >>> settings = {"0": next_settings("pruning", LayerSetting(), model[0].weight.shape)}
         >>> table = measure_candidates(model, {"0": model[0]}, settings, [torch.randn(32, 8)])
@@ -62,7 +67,7 @@ def measure_candidates(
         0.0
     """
     with eval_mode(model):
-        reference = [output_logits(call_model(model, inputs)).float() for inputs in batches]
+        damage = PredictionDamage(model, batches)
         table: dict[str, list[Candidate]] = {}
         for name, layer in layers.items():
             original = layer.weight.detach().clone()
@@ -72,18 +77,36 @@ def measure_candidates(
                 for setting in further:
                     compressed = compressed_weight(original, setting, seed)
                     layer.weight.copy_(compressed)
-                    table[name].append(
-                        Candidate(name, setting, _damage(model, batches, reference), tensor_bytes(compressed))
-                    )
+                    table[name].append(Candidate(name, setting, damage(), tensor_bytes(compressed)))
             finally:
                 layer.weight.copy_(original)
     return table
 
 
-def _damage(model: nn.Module, batches: Sequence[ModelInputs], reference: list[torch.Tensor]) -> float:
-    """The mean KL divergence of ``model``'s predictions from ``reference`` over ``batches``."""
-    divergences = [
-        kd_loss(output_logits(call_model(model, inputs)), dense, temperature=1.0).item()
-        for inputs, dense in zip(batches, reference)
-    ]
-    return max(0.0, sum(divergences) / len(divergences))
+class PredictionDamage:
+    """How far ``model``'s predictions on ``batches`` have moved from what they were when this was made: the mean KL
+    divergence over the batches, each time it is called (run it with the model in eval mode).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 3)
+        >>> damage = PredictionDamage(model, [torch.randn(8, 4)])
+        >>> damage()
+        0.0
+        >>> with torch.no_grad():
+        ...     _ = model.weight.mul_(-1.0)
+        >>> damage() > 0
+        True
+    """
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, batches: Sequence[ModelInputs]) -> None:
+        self.model, self.batches = model, batches
+        self.reference = [output_logits(call_model(model, inputs)).float() for inputs in batches]
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        divergences = [
+            kd_loss(output_logits(call_model(self.model, inputs)), before, temperature=1.0).item()
+            for inputs, before in zip(self.batches, self.reference)
+        ]
+        return max(0.0, sum(divergences) / len(divergences))

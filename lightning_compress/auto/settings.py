@@ -16,8 +16,8 @@ from lightning_compress.clustering.kmeans import SharedWeights, kmeans_labels
 from lightning_compress.pruning.criteria import element_scores
 from lightning_compress.pruning.masks import forget_pruned, rank_masks
 
-#: The methods AutoCompression chooses among for the ``compressed_bytes`` objective, in the order it applies them.
-METHODS = ("pruning", "clustering")
+#: The methods AutoCompression chooses among (each objective its own, see ``OBJECTIVE_METHODS``).
+METHODS = ("pruning", "clustering", "channels")
 #: Sparsities a layer may be pruned to (those that would empty an output unit are left out per layer).
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 #: Bits of the shared values' indices (``None``: each weight keeps its own float value).
@@ -28,31 +28,24 @@ ESTIMATE_SAMPLES = 4096
 
 @dataclass(frozen=True)
 class LayerSetting:
-    """One layer's compression: ``sparsity`` of its weights pruned, its non-zeros in ``2**bits`` shared values.
+    """One layer's compression: ``sparsity`` of its weights pruned, its non-zeros in ``2**bits`` shared values;
+    or, for a channel group, ``channels`` of its output channels pruned.
 
     Example:
         >>> LayerSetting(sparsity=0.9, bits=4).clusters
         16
-        >>> LayerSetting(0.95, 3).covers(LayerSetting(0.9, 4)), LayerSetting(0.95).covers(LayerSetting(0.9, 4))
-        (True, False)
+        >>> LayerSetting(channels=0.5)
+        LayerSetting(sparsity=0.0, bits=None, channels=0.5)
     """
 
     sparsity: float = 0.0
     bits: int | None = None
+    channels: float = 0.0
 
     @property
     def clusters(self) -> int | None:
         """The shared values of the non-zero weights, or ``None`` for float weights."""
         return None if self.bits is None else 2**self.bits
-
-    @property
-    def dense(self) -> bool:
-        return self.sparsity == 0.0 and self.bits is None
-
-    def covers(self, other: LayerSetting) -> bool:
-        """Whether this setting compresses at least as far as ``other`` in both ways, so it can follow it."""
-        fewer_bits = other.bits is None or (self.bits is not None and self.bits <= other.bits)
-        return self.sparsity >= other.sparsity and fewer_bits
 
 
 def next_settings(method: str, current: LayerSetting, weight_shape: torch.Size) -> list[LayerSetting]:

@@ -1,0 +1,191 @@
+"""What :class:`~lightning_compress.AutoCompression` minimizes, and with which methods: each objective names the
+layers it compresses, the settings each may take next, how a setting is measured (its damage and what it costs),
+and how a plan is applied and kept through training.
+
+The costs of one measurement add up: the model's cost predicted for a plan is ``fixed`` plus the summed costs of
+its layers' candidates, which is exact for bytes (each layer's weight is stored alone) and first order for MACs
+(each group's candidates are measured with the other groups where they stand).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from torch import nn
+
+from lightning_compress.auto.allocation import plan_cost
+from lightning_compress.auto.channels import (
+    ChannelMasks,
+    channel_settings,
+    layer_macs,
+    measure_channel_candidates,
+    pruned_macs,
+)
+from lightning_compress.auto.realization import CompressedWeights
+from lightning_compress.auto.sensitivity import Candidate, PredictionDamage, measure_candidates
+from lightning_compress.auto.settings import LayerSetting, next_settings
+from lightning_compress.batches import ModelInputs
+from lightning_compress.deploy.compressed import compressed_bytes, tensor_bytes
+from lightning_compress.modules import eval_mode
+
+#: The methods each objective may use, in the order it applies them (its default ``methods``).
+OBJECTIVE_METHODS = {"compressed_bytes": ("pruning", "clustering"), "macs": ("channels",)}
+OBJECTIVES = tuple(OBJECTIVE_METHODS)
+
+
+class Objective(Protocol):
+    """An objective's layers, settings, measurements and realization (see the module's docstring)."""
+
+    layers: dict[str, nn.Module]
+
+    def settings(self, method: str, current: LayerSetting, layer: str) -> list[LayerSetting]: ...
+
+    def measure(
+        self, model: nn.Module, settings: Mapping[str, Sequence[LayerSetting]], batches: Sequence[ModelInputs]
+    ) -> tuple[dict[str, list[Candidate]], int]: ...
+
+    def predicted(self, plan: Mapping[str, Candidate]) -> int: ...
+
+    def total(self, model: nn.Module) -> int: ...
+
+    def layer_cost(self, layer: str) -> int: ...
+
+    def apply(self, plan: Mapping[str, LayerSetting]) -> None: ...
+
+    def keep(self) -> None: ...
+
+    def share_gradients(self) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class CompressedBytes:
+    """``compressed_bytes``: the bytes of ``export(..., format="compressed")``, cut by unstructured pruning and
+    shared values; a layer's cost is its weight's bytes in that format, ``fixed`` the bytes of everything else.
+
+    Example:
+        >>> import torch
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> objective = CompressedBytes(model, {"0": model[0]})
+        >>> options, fixed = objective.measure(model, {"0": [LayerSetting(), LayerSetting(0.5)]}, [torch.randn(4, 8)])
+        >>> fixed, [candidate.cost for candidate in options["0"]]
+        (336, [512, 272])
+    """
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], seed: int = 0) -> None:
+        self.layers, self.seed = dict(layers), seed
+        self.weights = CompressedWeights({name: layer.weight for name, layer in self.layers.items()}, seed)
+        targeted = {id(layer.weight) for layer in self.layers.values()}
+        self._fixed = sum(tensor_bytes(t) for t in model.state_dict(keep_vars=True).values() if id(t) not in targeted)
+
+    def settings(self, method: str, current: LayerSetting, layer: str) -> list[LayerSetting]:
+        return next_settings(method, current, self.layers[layer].weight.shape)
+
+    def measure(
+        self, model: nn.Module, settings: Mapping[str, Sequence[LayerSetting]], batches: Sequence[ModelInputs]
+    ) -> tuple[dict[str, list[Candidate]], int]:
+        return measure_candidates(model, self.layers, settings, batches, self.seed), self._fixed
+
+    def predicted(self, plan: Mapping[str, Candidate]) -> int:
+        """The bytes of the model with every layer as ``plan`` says (each weight is stored alone: exact)."""
+        return self._fixed + plan_cost(plan)
+
+    def total(self, model: nn.Module) -> int:
+        return len(compressed_bytes(model))
+
+    def layer_cost(self, layer: str) -> int:
+        return tensor_bytes(self.layers[layer].weight)
+
+    def apply(self, plan: Mapping[str, LayerSetting]) -> None:
+        self.weights.apply(plan)
+
+    def keep(self) -> None:
+        self.weights.keep()
+
+    def share_gradients(self) -> None:
+        self.weights.share_gradients()
+
+    def finish(self) -> None:
+        """Nothing: the compressed format stores the kept zeros and shared values as they are."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.weights.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.weights.load_state_dict(state)
+
+
+class ChannelMACs:
+    """``macs``: the multiply-accumulates of one forward pass on a training batch, cut by removing whole channels.
+    The layers are channel groups named by their root layer; a candidate's cost is what its group's channels
+    change of the model's MACs (the others where they stand), ``fixed`` the model's MACs as it stands; at the
+    end of fit the pruned channels are removed.
+
+    Example:
+        >>> import torch
+        >>> from lightning_compress.models import SmallCNN
+        >>> model = SmallCNN(num_classes=10, image_size=8)
+        >>> objective = ChannelMACs(model, {"features.0": model.features[0]}, torch.zeros(1, 1, 8, 8))
+        >>> options, fixed = objective.measure(
+        ...     model, {"features.0": [LayerSetting(), LayerSetting(channels=0.5)]}, [torch.randn(4, 1, 8, 8)]
+        ... )
+        >>> fixed, [candidate.cost for candidate in options["features.0"]]
+        (347392, [0, -156672])
+    """
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], example_input: ModelInputs) -> None:
+        self.channels = ChannelMasks(model, example_input, layers)
+        modules = dict(model.named_modules())
+        self.layers = {name: modules[name] for name in self.channels.units}
+        self.macs = layer_macs(model, example_input)
+
+    def settings(self, method: str, current: LayerSetting, layer: str) -> list[LayerSetting]:
+        return channel_settings(current, self.channels.units[layer])
+
+    def measure(
+        self, model: nn.Module, settings: Mapping[str, Sequence[LayerSetting]], batches: Sequence[ModelInputs]
+    ) -> tuple[dict[str, list[Candidate]], int]:
+        with eval_mode(model):
+            table, base = measure_channel_candidates(
+                self.channels, settings, PredictionDamage(model, batches), self.macs
+            )
+        options = {
+            group: [Candidate(group, setting, damage, macs - base) for setting, damage, macs in rows]
+            for group, rows in table.items()
+        }
+        return options, base
+
+    def predicted(self, plan: Mapping[str, Candidate]) -> int:
+        """The MACs of the model with every group as ``plan`` says, all at once (exact, unlike the summed costs)."""
+        kept = {group: self.channels.kept_channels(group, c.setting) for group, c in plan.items()}
+        return pruned_macs(*self.macs, self.channels.groups.masks({**self.channels.kept, **kept}))
+
+    def total(self, model: nn.Module) -> int:
+        return pruned_macs(*self.macs, self.channels.masks)
+
+    def layer_cost(self, layer: str) -> int:
+        return pruned_macs({layer: self.macs[0][layer]}, 0, self.channels.masks)
+
+    def apply(self, plan: Mapping[str, LayerSetting]) -> None:
+        self.channels.apply(plan)
+
+    def keep(self) -> None:
+        self.channels.keep()
+
+    def share_gradients(self) -> None:
+        self.channels.share_gradients()
+
+    def finish(self) -> None:
+        """Remove the pruned channels: the model gets smaller layers and the same outputs."""
+        self.channels.remove()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.channels.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.channels.load_state_dict(state)
