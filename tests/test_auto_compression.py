@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress import AutoCompression, ClassificationModule, compressed_bytes
 from lightning_compress.analysis import count_macs
 from lightning_compress.auto import LayerSetting, least_damage_plan, measure_candidates
+from lightning_compress.auto.objectives import ChannelLatency
 from lightning_compress.auto.settings import next_settings
 from lightning_compress.auto.teacher import TeacherGradient
 from lightning_compress.data import DigitsDataModule
+from lightning_compress.deploy import OnnxRuntimeModel
 from lightning_compress.distillation.losses import kd_loss
 from lightning_compress.job import train
 
@@ -46,7 +48,7 @@ def compress(tmp_path, module: L.LightningModule, auto: AutoCompression, max_epo
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        ({"objective": "flops"}, r"objective must be one of compressed_bytes, macs; got 'flops'"),
+        ({"objective": "flops"}, r"objective must be one of compressed_bytes, macs, latency; got 'flops'"),
         ({"max_accuracy_drop": 0.0}, r"max_accuracy_drop must be a number in \(0, 1\).*got 0.0"),
         ({"max_accuracy_drop": 1.0}, r"max_accuracy_drop must be a number in \(0, 1\).*got 1.0"),
         ({"max_accuracy_drop": math.nan}, r"max_accuracy_drop must be a number in \(0, 1\).*got nan"),
@@ -275,7 +277,10 @@ def test_the_app_runs_auto_from_the_dense_run_and_writes_its_search(compose_conf
             r"leave out \['clustering'\] \(~compression/clustering\)",
         ),
         (["runs=[combined]"], r"compression/auto starts from the dense run's trained weights: keep dense in runs"),
-        (["compression.auto.objective=latency"], r"objective must be one of compressed_bytes, macs; got 'latency'"),
+        (
+            ["compression.auto.objective=flops"],
+            r"objective must be one of compressed_bytes, macs, latency; got 'flops'",
+        ),
     ],
 )
 def test_the_app_refuses_auto_settings_it_cannot_run_before_training(
@@ -310,3 +315,23 @@ def test_the_macs_objective_removes_channels_and_the_model_has_the_macs_it_measu
 def test_an_objective_refuses_methods_it_cannot_use() -> None:
     with pytest.raises(ValueError, match=r"methods must be a non-empty list of channels for macs; got \['pruning'\]"):
         AutoCompression(objective="macs", methods=["pruning"])
+
+
+def test_the_latency_objective_times_the_model_with_the_channels_removed_and_computing_the_same(trained) -> None:
+    """A cost is a time (not asserted); what is timed is checked: the smaller graph computes what the masked model
+    does, with the channels gone."""
+    module = copy.deepcopy(trained)
+    layers = {"model.features.0": module.model.features[0], "model.features.4": module.model.features[4]}
+    objective = ChannelLatency(module, layers, torch.zeros(4, 1, 8, 8), batch_size=8, repeats=2)
+    kept = {"model.features.0": torch.arange(32) % 4 != 0, "model.features.4": torch.arange(64) < 40}
+    dense, smaller = objective.costs([{}, kept])
+    assert isinstance(dense, int) and isinstance(smaller, int) and dense > 0 and smaller > 0
+    smaller = objective.removed(kept)
+    features = smaller.model.features
+    assert (features[0].out_channels, features[4].in_channels, features[4].out_channels) == (24, 24, 40)
+    objective.channels.load_state_dict({"kept": kept})  # the masked model, to compare
+    objective.keep()
+    x = torch.randn(8, 1, 8, 8)
+    module.eval()
+    runtime = OnnxRuntimeModel.from_module(smaller, x, num_threads=1)
+    assert torch.allclose(runtime(x), module(x), atol=1e-5)

@@ -19,6 +19,8 @@ from lightning_compress.auto.allocation import cheapest_plan, least_damage_plan
 from lightning_compress.auto.objectives import (
     OBJECTIVE_METHODS,
     OBJECTIVES,
+    UNITS,
+    ChannelLatency,
     ChannelMACs,
     CompressedBytes,
     Objective,
@@ -65,9 +67,9 @@ class LayerPlan:
 class Level:
     """One level tried: the method it went further with (or ``"recovery"``, an epoch of the kept level after the
     search), its first epoch, the predicted ratio of the dense model's objective to its own, its objective
-    (predicted, and measured: the compressed file's bytes, or the MACs), the monitored metric after recovery,
-    its drop from the dense model's, and whether it was kept (within the budget; for a recovery epoch, better
-    than the kept level).
+    (predicted, and measured: the compressed file's bytes, the MACs, or the microseconds), the monitored metric
+    after recovery, its drop from the dense model's, and whether it was kept (within the budget; for a recovery
+    epoch, better than the kept level).
 
     Example:
         >>> Level(1, "pruning", 0, 2.0, 532_000, 498_311, 0.971, 0.002, True).accepted
@@ -121,7 +123,10 @@ class AutoCompression(L.Callback):
     Args:
         objective: what to minimize: ``"compressed_bytes"``, the bytes of ``export(..., format="compressed")``
             (methods ``"pruning"``, ``"clustering"``), or ``"macs"``, the multiply-accumulates of a forward pass
-            on a training batch (method ``"channels"``: whole output channels pruned, removed at the end of fit).
+            on a training batch (method ``"channels"``: whole output channels pruned, removed at the end of fit),
+            or ``"latency"``, the microseconds of a forward pass of ``latency_batch_size`` samples in ONNX Runtime
+            on this machine, one thread (method ``"channels"``; each candidate exported and timed beside the dense
+            model in interleaved rounds).
         max_accuracy_drop: how far ``monitor`` may fall below the dense model's (rise above it for
             ``mode="min"``), in its own units: 0.005 is half a point of an accuracy in [0, 1].
         monitor: a metric the LightningModule logs in validation (``ClassificationModule`` logs ``val/acc``).
@@ -135,6 +140,8 @@ class AutoCompression(L.Callback):
         temperature, kd_weight: the soft targets' temperature and weight (see ``kd_loss``).
         targets, exclude: module types and module-name patterns of the layers to compress (see ``select_layers``).
         seed: the random state of k-means.
+        latency_batch_size: the batch the ``latency`` objective is timed at (the first training batch's inputs,
+            repeated to it).
 
     Example:
         >>> import lightning as L
@@ -158,6 +165,7 @@ class AutoCompression(L.Callback):
         targets: TargetSpec = None,
         exclude: TargetSpec = None,
         seed: int = 0,
+        latency_batch_size: int = 256,
     ) -> None:
         check_argument("objective", objective, objective in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}")
         check_argument(
@@ -190,6 +198,12 @@ class AutoCompression(L.Callback):
         check_argument("temperature", temperature, is_number(temperature) and temperature > 0, "a number > 0")
         check_argument("kd_weight", kd_weight, is_number(kd_weight) and kd_weight >= 0, "a number >= 0")
         check_argument("seed", seed, is_int(seed) and 0 <= seed < 2**32, "an int in [0, 2**32)")
+        check_argument(
+            "latency_batch_size",
+            latency_batch_size,
+            is_int(latency_batch_size) and latency_batch_size >= 1,
+            "an int >= 1",
+        )
         self.objective = objective
         self.max_accuracy_drop = float(max_accuracy_drop)
         self.monitor = monitor
@@ -203,6 +217,7 @@ class AutoCompression(L.Callback):
         self.targets = targets
         self.exclude = exclude
         self.seed = int(seed)
+        self.latency_batch_size = int(latency_batch_size)
         #: The dense model's ``monitor`` on the whole validation set, measured before training.
         self.reference: float | None = None
         #: Every layer's next settings of the current method, measured alone from the accepted level, by layer
@@ -233,8 +248,8 @@ class AutoCompression(L.Callback):
 
     @property
     def plan(self) -> dict[str, LayerPlan]:
-        """The kept plan, by layer name: each layer's setting, its bytes as predicted when the setting was chosen and as
-        they are in the model, and the damage predicted for the setting then."""
+        """The kept plan, by layer name: each layer's setting, its part of the objective as it is in the model, and the
+        damage predicted for the setting when it was chosen."""
         return {
             layer: LayerPlan(
                 candidate.setting.sparsity,
@@ -275,14 +290,18 @@ class AutoCompression(L.Callback):
                 f"max_epochs={max_epochs}"
             )
         layers = select_layers(pl_module, self.targets, self.exclude)
-        if self.objective == "macs":
+        if self.objective in ("macs", "latency"):
             example = training_inputs(trainer, 1)
             if not example:
                 raise ValueError(
-                    "AutoCompression(objective='macs') traces the model on a training batch: fit with one training "
+                    f"AutoCompression(objective={self.objective!r}) traces the model on a training batch: fit with one training "
                     "dataloader"
                 )
-            self._objective = ChannelMACs(pl_module, layers, example[0])
+            self._objective = (
+                ChannelMACs(pl_module, layers, example[0])
+                if self.objective == "macs"
+                else ChannelLatency(pl_module, layers, example[0], self.latency_batch_size)
+            )
         else:
             self._objective = CompressedBytes(pl_module, layers, self.seed)
         trainer.num_sanity_val_steps = math.inf  # the reference: the dense model on the whole validation set
@@ -416,7 +435,8 @@ class AutoCompression(L.Callback):
         self._phase = (trainer.current_epoch, self.methods[self._stage], plan)
         rank_zero_info(
             f"AutoCompression level {len(self.history) + 1} ({self.methods[self._stage]}): {self._ratio(plan):.1f}x "
-            "fewer bytes (predicted), " + ", ".join(f"{layer} {_described(c.setting)}" for layer, c in plan.items())
+            f"less {self.objective} (predicted), "
+            + ", ".join(f"{layer} {_described(c.setting)}" for layer, c in plan.items())
         )
 
     def _finish_search(self, trainer: L.Trainer) -> None:
@@ -473,7 +493,7 @@ class AutoCompression(L.Callback):
             self._restore(trainer, pl_module)
         rank_zero_info(
             f"AutoCompression level {len(self.history)} ({method}): {self.monitor} {metric:.6g}, drop {drop:.6g}, "
-            f"{'kept' if accepted else 'undone'}, {measured} bytes compressed"
+            f"{'kept' if accepted else 'undone'}, {measured:,} {UNITS[self.objective]}"
         )
         if not self.done and self._next_plan(pl_module) is None:
             self._finish_search(trainer)

@@ -122,10 +122,6 @@ class ChannelMasks:
         kept[torch.topk(scores, scores.numel() - round(setting.channels * scores.numel())).indices] = True
         return kept
 
-    def masks_with(self, group: str, kept: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The parameter masks with ``group``'s kept channels replaced by ``kept``."""
-        return self.groups.masks({**self.kept, group: kept})
-
     @torch.no_grad()
     def apply(self, plan: Mapping[str, LayerSetting]) -> None:
         """Prune each named group to its setting's fraction of channels."""
@@ -164,26 +160,23 @@ class ChannelMasks:
 
 @torch.no_grad()
 def measure_channel_candidates(
-    channels: ChannelMasks,
-    settings: Mapping[str, Sequence[LayerSetting]],
-    damage: Callable[[], float],
-    macs: tuple[dict[str, int], int],
-) -> tuple[dict[str, list[tuple[LayerSetting, float, int]]], int]:
-    """Each group at each of its ``settings``, alone, from where ``channels`` stands: ``(setting, damage, MACs of
-    the model)``, by group, with ``damage()`` called while the group's further channels are masked; and the
-    model's MACs as it stands. ``model`` is unchanged afterwards."""
-    base = pruned_macs(*macs, channels.masks)
-    table: dict[str, list[tuple[LayerSetting, float, int]]] = {}
+    channels: ChannelMasks, settings: Mapping[str, Sequence[LayerSetting]], damage: Callable[[], float]
+) -> dict[str, list[tuple[LayerSetting, float, dict[str, torch.Tensor]]]]:
+    """Each group at each of its ``settings``, alone, from where ``channels`` stands: ``(setting, damage, the kept
+    channels of every group)``, by group, with ``damage()`` called while the group's further channels are
+    masked. The model is unchanged afterwards."""
+    table: dict[str, list[tuple[LayerSetting, float, dict[str, torch.Tensor]]]] = {}
     for group, (current, *further) in settings.items():
-        table[group] = [(current, 0.0, base)]
+        table[group] = [(current, 0.0, dict(channels.kept))]
         for setting in further:
-            masks = channels.masks_with(group, channels.kept_channels(group, setting))
+            kept = {**channels.kept, group: channels.kept_channels(group, setting)}
+            masks = channels.groups.masks(kept)
             originals = {name: channels.parameters[name].detach().clone() for name in masks}
             try:
                 for name, mask in masks.items():
                     channels.parameters[name].mul_(mask)
-                table[group].append((setting, damage(), pruned_macs(*macs, masks)))
+                table[group].append((setting, damage(), kept))
             finally:
                 for name, original in originals.items():
                     channels.parameters[name].copy_(original)
-    return table, base
+    return table

@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
+from lightning_compress.analysis.latency import measure_latencies
 from lightning_compress.auto.allocation import plan_cost
 from lightning_compress.auto.channels import (
     ChannelMasks,
@@ -25,13 +27,17 @@ from lightning_compress.auto.channels import (
 from lightning_compress.auto.realization import CompressedWeights
 from lightning_compress.auto.sensitivity import Candidate, PredictionDamage, measure_candidates
 from lightning_compress.auto.settings import LayerSetting, next_settings
-from lightning_compress.batches import ModelInputs
+from lightning_compress.batches import ModelInputs, map_inputs
 from lightning_compress.deploy.compressed import compressed_bytes, tensor_bytes
-from lightning_compress.modules import eval_mode
+from lightning_compress.deploy.onnx import OnnxRuntimeModel
+from lightning_compress.modules import eval_mode, model_copy
+from lightning_compress.pruning.structured import ChannelGroups
 
 #: The methods each objective may use, in the order it applies them (its default ``methods``).
-OBJECTIVE_METHODS = {"compressed_bytes": ("pruning", "clustering"), "macs": ("channels",)}
+OBJECTIVE_METHODS = {"compressed_bytes": ("pruning", "clustering"), "macs": ("channels",), "latency": ("channels",)}
 OBJECTIVES = tuple(OBJECTIVE_METHODS)
+#: What each objective's figures count, for people.
+UNITS = {"compressed_bytes": "bytes compressed", "macs": "MACs", "latency": "microseconds (ONNX Runtime)"}
 
 
 class Objective(Protocol):
@@ -147,26 +153,29 @@ class ChannelMACs:
     def settings(self, method: str, current: LayerSetting, layer: str) -> list[LayerSetting]:
         return channel_settings(current, self.channels.units[layer])
 
+    def costs(self, kept: Sequence[Mapping[str, torch.Tensor]]) -> list[int]:
+        """The model's MACs with each of ``kept`` (the kept channels of every group) removed."""
+        return [pruned_macs(*self.macs, self.channels.groups.masks(dict(channels))) for channels in kept]
+
     def measure(
         self, model: nn.Module, settings: Mapping[str, Sequence[LayerSetting]], batches: Sequence[ModelInputs]
     ) -> tuple[dict[str, list[Candidate]], int]:
         with eval_mode(model):
-            table, base = measure_channel_candidates(
-                self.channels, settings, PredictionDamage(model, batches), self.macs
-            )
-        options = {
-            group: [Candidate(group, setting, damage, macs - base) for setting, damage, macs in rows]
-            for group, rows in table.items()
-        }
+            table = measure_channel_candidates(self.channels, settings, PredictionDamage(model, batches))
+        rows = [(group, setting, damage, kept) for group, found in table.items() for setting, damage, kept in found[1:]]
+        base, *costs = self.costs([self.channels.kept, *(kept for *_, kept in rows)])
+        options = {group: [Candidate(group, found[0][0], 0.0, 0)] for group, found in table.items()}
+        for (group, setting, damage, _), cost in zip(rows, costs):
+            options[group].append(Candidate(group, setting, damage, cost - base))
         return options, base
 
     def predicted(self, plan: Mapping[str, Candidate]) -> int:
-        """The MACs of the model with every group as ``plan`` says, all at once (exact, unlike the summed costs)."""
+        """The model's cost with every group as ``plan`` says, all at once (unlike the summed costs)."""
         kept = {group: self.channels.kept_channels(group, c.setting) for group, c in plan.items()}
-        return pruned_macs(*self.macs, self.channels.groups.masks({**self.channels.kept, **kept}))
+        return self.costs([{**self.channels.kept, **kept}])[0]
 
     def total(self, model: nn.Module) -> int:
-        return pruned_macs(*self.macs, self.channels.masks)
+        return self.costs([self.channels.kept])[0]
 
     def layer_cost(self, layer: str) -> int:
         return pruned_macs({layer: self.macs[0][layer]}, 0, self.channels.masks)
@@ -189,3 +198,63 @@ class ChannelMACs:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.channels.load_state_dict(state)
+
+
+class ChannelLatency(ChannelMACs):
+    """``latency``: the time of one forward pass of ``batch_size`` samples in ONNX Runtime on this machine (one
+    thread), cut by removing whole channels, in microseconds. Each cost is the model with those channels removed,
+    exported and timed in the same interleaved, shuffled rounds as the dense model (see ``measure_latencies``),
+    as the dense model's time measured at the start times their ratio, so that figures measured at different
+    times compare. A layer's own part is its MACs (a time is the whole model's).
+
+    Example:
+        >>> import torch
+        >>> from lightning_compress.models import SmallCNN
+        >>> model = SmallCNN(num_classes=10, image_size=8)
+        >>> objective = ChannelLatency(model, {"features.0": model.features[0]}, torch.zeros(1, 1, 8, 8), batch_size=4)
+        >>> half = {"features.0": torch.arange(32) % 2 == 0}
+        >>> dense, smaller = objective.costs([{}, half])
+        >>> dense > 0 and smaller > 0
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, nn.Module],
+        example_input: ModelInputs,
+        batch_size: int = 256,
+        repeats: int = 20,
+    ) -> None:
+        super().__init__(model, layers, example_input)
+        self.model, self.layer_names, self.repeats = model, list(layers), repeats
+        self.example = map_inputs(example_input, lambda tensor: tensor[torch.arange(batch_size) % len(tensor)].cpu())
+        self.dense = self._runtime({})
+        self.dense_microseconds = self._timed({"dense": self.dense})["dense"]
+
+    def removed(self, kept: Mapping[str, torch.Tensor]) -> nn.Module:
+        """A copy of the model on the CPU with the channels ``kept`` leaves out removed."""
+        with torch.inference_mode(False), torch.enable_grad():  # Torch-Pruning traces with autograd
+            smaller = model_copy(self.model).cpu().float()
+            modules = dict(smaller.named_modules())
+            if kept:
+                layers = {name: modules[name] for name in self.layer_names}
+                ChannelGroups(smaller, self.example, layers).remove(dict(kept))
+            return smaller
+
+    def _runtime(self, kept: Mapping[str, torch.Tensor]) -> OnnxRuntimeModel:
+        """The model with ``kept``'s pruned channels removed, in an ONNX Runtime session of one thread."""
+        return OnnxRuntimeModel.from_module(self.removed(kept), self.example, num_threads=1)
+
+    def _timed(self, runtimes: Mapping[str, OnnxRuntimeModel]) -> dict[str, float]:
+        results = measure_latencies(
+            {name: (runtime, self.example) for name, runtime in runtimes.items()}, warmup=2, repeats=self.repeats
+        )
+        return {name: 1000.0 * result.median_ms for name, result in results.items()}
+
+    def costs(self, kept: Sequence[Mapping[str, torch.Tensor]]) -> list[int]:
+        """The model's microseconds with each of ``kept`` removed: timed beside the dense model, scaled to it."""
+        runtimes = {str(index): self._runtime(channels) for index, channels in enumerate(kept)}
+        timed = self._timed({"dense": self.dense, **runtimes})
+        scale = self.dense_microseconds / timed["dense"]
+        return [round(timed[str(index)] * scale) for index in range(len(kept))]

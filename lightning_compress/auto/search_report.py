@@ -8,13 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lightning_compress.analysis.plots import new_figure
+from lightning_compress.auto.objectives import UNITS
 from lightning_compress.files import write_atomically
 
 if TYPE_CHECKING:
     from lightning_compress.auto.callback import AutoCompression
-
-#: What each objective's measured figure is, for people.
-UNITS = {"compressed_bytes": "bytes compressed", "macs": "MACs"}
 
 
 def search_summary(auto: AutoCompression) -> str:
