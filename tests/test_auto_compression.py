@@ -23,6 +23,7 @@ from lightning_compress.auto.settings import next_settings
 from lightning_compress.auto.teacher import TeacherGradient
 from lightning_compress.data import DigitsDataModule
 from lightning_compress.deploy import OnnxRuntimeModel
+from lightning_compress.deploy.onnx import onnx_bytes
 from lightning_compress.distillation.losses import kd_loss
 from lightning_compress.job import train
 
@@ -335,3 +336,23 @@ def test_the_latency_objective_times_the_model_with_the_channels_removed_and_com
     module.eval()
     runtime = OnnxRuntimeModel.from_module(smaller, x, num_threads=1)
     assert torch.allclose(runtime(x), module(x), atol=1e-5)
+
+
+def test_the_onnx_bytes_objective_leaves_a_graph_of_the_bytes_it_measured(tmp_path, trained) -> None:
+    """One group (the second convolution), one level: the exported graph has the measured bytes, to the byte."""
+    module = copy.deepcopy(trained)
+    example = torch.zeros(2, 1, 8, 8)
+    dense_bytes = len(onnx_bytes(module, example))
+    auto = AutoCompression(
+        objective="onnx_bytes",
+        max_accuracy_drop=0.05,
+        recovery_epochs=1,
+        exclude=["model.classifier.*", "model.features.0"],
+    )
+    compress(tmp_path, module, auto, max_epochs=1)
+    (level,) = auto.history
+    assert level.method == "channels" and level.accepted == (level.drop <= 0.05)
+    assert set(auto.plan) == {"model.features.4"}
+    assert len(onnx_bytes(module, example)) == (level.measured_cost if level.accepted else dense_bytes)
+    if level.accepted:
+        assert level.measured_cost < dense_bytes / 1.5  # the level halves the predicted bytes

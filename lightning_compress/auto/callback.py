@@ -15,13 +15,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_compress.arguments import check_argument, is_int, is_number
-from lightning_compress.auto.allocation import cheapest_plan, least_damage_plan
+from lightning_compress.auto.allocation import cheapest_plan, least_damage_plan, plan_cost
 from lightning_compress.auto.objectives import (
     OBJECTIVE_METHODS,
     OBJECTIVES,
     UNITS,
     ChannelLatency,
     ChannelMACs,
+    ChannelONNXBytes,
     CompressedBytes,
     Objective,
 )
@@ -124,7 +125,8 @@ class AutoCompression(L.Callback):
         objective: what to minimize: ``"compressed_bytes"``, the bytes of ``export(..., format="compressed")``
             (methods ``"pruning"``, ``"clustering"``), or ``"macs"``, the multiply-accumulates of a forward pass
             on a training batch (method ``"channels"``: whole output channels pruned, removed at the end of fit),
-            or ``"latency"``, the microseconds of a forward pass of ``latency_batch_size`` samples in ONNX Runtime
+            ``"onnx_bytes"``, the bytes of its ONNX graph (what a runtime loads; method ``"channels"``, each
+            candidate exported), or ``"latency"``, the microseconds of a forward pass of ``latency_batch_size`` samples in ONNX Runtime
             on this machine, one thread (method ``"channels"``; each candidate exported and timed beside the dense
             model in interleaved rounds).
         max_accuracy_drop: how far ``monitor`` may fall below the dense model's (rise above it for
@@ -290,18 +292,19 @@ class AutoCompression(L.Callback):
                 f"max_epochs={max_epochs}"
             )
         layers = select_layers(pl_module, self.targets, self.exclude)
-        if self.objective in ("macs", "latency"):
+        if self.objective != "compressed_bytes":
             example = training_inputs(trainer, 1)
             if not example:
                 raise ValueError(
                     f"AutoCompression(objective={self.objective!r}) traces the model on a training batch: fit with one training "
                     "dataloader"
                 )
-            self._objective = (
-                ChannelMACs(pl_module, layers, example[0])
-                if self.objective == "macs"
-                else ChannelLatency(pl_module, layers, example[0], self.latency_batch_size)
-            )
+            if self.objective == "latency":
+                self._objective = ChannelLatency(pl_module, layers, example[0], self.latency_batch_size)
+            else:
+                self._objective = {"macs": ChannelMACs, "onnx_bytes": ChannelONNXBytes}[self.objective](
+                    pl_module, layers, example[0]
+                )
         else:
             self._objective = CompressedBytes(pl_module, layers, self.seed)
         trainer.num_sanity_val_steps = math.inf  # the reference: the dense model on the whole validation set
@@ -400,17 +403,18 @@ class AutoCompression(L.Callback):
     def _plan_within(self, most_cost: float, rejected_cost: float | None) -> dict[str, Candidate] | None:
         """The least predicted damage whose predicted cost is at most ``most_cost`` (and, after a rejection, more
         than ``rejected_cost``). The candidates' costs add up to a first-order prediction (exact for bytes); where
-        a plan's own prediction is over, the budget shrinks by the excess and the knapsack is solved again."""
+        a plan's own prediction is over, the budget becomes its summed cost less the excess and the knapsack is
+        solved again."""
         fewest = -math.inf if rejected_cost is None else round(rejected_cost) - self._fixed + 1
         budget = most_cost - self._fixed
         for _ in range(ALLOCATION_ROUNDS):
             plan = least_damage_plan(self.options, budget, fewest)
             if plan is None:
                 return None
-            excess = self._objective.predicted(plan) - most_cost
-            if excess <= 0:
-                return plan if rejected_cost is None or self._objective.predicted(plan) > rejected_cost else None
-            budget -= excess
+            predicted = self._objective.predicted(plan)
+            if predicted <= most_cost:
+                return plan if rejected_cost is None or predicted > rejected_cost else None
+            budget = plan_cost(plan) - (predicted - most_cost)  # below this plan's own summed cost: another plan
         return None
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -29,15 +29,25 @@ from lightning_compress.auto.sensitivity import Candidate, PredictionDamage, mea
 from lightning_compress.auto.settings import LayerSetting, next_settings
 from lightning_compress.batches import ModelInputs, map_inputs
 from lightning_compress.deploy.compressed import compressed_bytes, tensor_bytes
-from lightning_compress.deploy.onnx import OnnxRuntimeModel
+from lightning_compress.deploy.onnx import OnnxRuntimeModel, onnx_bytes
 from lightning_compress.modules import eval_mode, model_copy
 from lightning_compress.pruning.structured import ChannelGroups
 
 #: The methods each objective may use, in the order it applies them (its default ``methods``).
-OBJECTIVE_METHODS = {"compressed_bytes": ("pruning", "clustering"), "macs": ("channels",), "latency": ("channels",)}
+OBJECTIVE_METHODS = {
+    "compressed_bytes": ("pruning", "clustering"),
+    "onnx_bytes": ("channels",),
+    "macs": ("channels",),
+    "latency": ("channels",),
+}
 OBJECTIVES = tuple(OBJECTIVE_METHODS)
 #: What each objective's figures count, for people.
-UNITS = {"compressed_bytes": "bytes compressed", "macs": "MACs", "latency": "microseconds (ONNX Runtime)"}
+UNITS = {
+    "compressed_bytes": "bytes compressed",
+    "onnx_bytes": "bytes of ONNX",
+    "macs": "MACs",
+    "latency": "microseconds (ONNX Runtime)",
+}
 
 
 class Objective(Protocol):
@@ -200,7 +210,47 @@ class ChannelMACs:
         self.channels.load_state_dict(state)
 
 
-class ChannelLatency(ChannelMACs):
+class RemovedChannels(ChannelMACs):
+    """The channel objectives measured on the model with the channels removed for real: a copy on the CPU, cut by
+    Torch-Pruning (:meth:`removed`); what :meth:`costs` measures of it is the subclass's."""
+
+    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], example_input: ModelInputs) -> None:
+        super().__init__(model, layers, example_input)
+        self.model, self.layer_names = model, list(layers)
+        self.example = map_inputs(example_input, lambda tensor: tensor.cpu())
+
+    def removed(self, kept: Mapping[str, torch.Tensor]) -> nn.Module:
+        """A copy of the model on the CPU with the channels ``kept`` leaves out removed."""
+        with torch.inference_mode(False), torch.enable_grad():  # Torch-Pruning traces with autograd
+            smaller = model_copy(self.model).cpu().float()
+            modules = dict(smaller.named_modules())
+            if kept:
+                layers = {name: modules[name] for name in self.layer_names}
+                ChannelGroups(smaller, self.example, layers).remove(dict(kept))
+            return smaller
+
+
+class ChannelONNXBytes(RemovedChannels):
+    """``onnx_bytes``: the bytes of the model's ONNX graph (what a runtime loads: ``export(..., format="onnx")``),
+    cut by removing whole channels. Each cost is the graph of the model with those channels removed, exported.
+    A layer's own part is its MACs.
+
+    Example:
+        >>> import torch
+        >>> from lightning_compress.models import SmallCNN
+        >>> model = SmallCNN(num_classes=10, image_size=8)
+        >>> objective = ChannelONNXBytes(model, {"features.0": model.features[0]}, torch.zeros(1, 1, 8, 8))
+        >>> dense, smaller = objective.costs([{}, {"features.0": torch.arange(32) % 2 == 0}])
+        >>> dense - smaller > 4 * 16 * 64 * 9  # half of the second convolution's weights, at least
+        True
+    """
+
+    def costs(self, kept: Sequence[Mapping[str, torch.Tensor]]) -> list[int]:
+        """The bytes of the model's ONNX graph with each of ``kept`` removed."""
+        return [len(onnx_bytes(self.removed(channels), self.example)) for channels in kept]
+
+
+class ChannelLatency(RemovedChannels):
     """``latency``: the time of one forward pass of ``batch_size`` samples in ONNX Runtime on this machine (one
     thread), cut by removing whole channels, in microseconds. Each cost is the model with those channels removed,
     exported and timed in the same interleaved, shuffled rounds as the dense model (see ``measure_latencies``),
@@ -227,20 +277,10 @@ class ChannelLatency(ChannelMACs):
         repeats: int = 20,
     ) -> None:
         super().__init__(model, layers, example_input)
-        self.model, self.layer_names, self.repeats = model, list(layers), repeats
-        self.example = map_inputs(example_input, lambda tensor: tensor[torch.arange(batch_size) % len(tensor)].cpu())
+        self.repeats = repeats
+        self.example = map_inputs(self.example, lambda tensor: tensor[torch.arange(batch_size) % len(tensor)])
         self.dense = self._runtime({})
         self.dense_microseconds = self._timed({"dense": self.dense})["dense"]
-
-    def removed(self, kept: Mapping[str, torch.Tensor]) -> nn.Module:
-        """A copy of the model on the CPU with the channels ``kept`` leaves out removed."""
-        with torch.inference_mode(False), torch.enable_grad():  # Torch-Pruning traces with autograd
-            smaller = model_copy(self.model).cpu().float()
-            modules = dict(smaller.named_modules())
-            if kept:
-                layers = {name: modules[name] for name in self.layer_names}
-                ChannelGroups(smaller, self.example, layers).remove(dict(kept))
-            return smaller
 
     def _runtime(self, kept: Mapping[str, torch.Tensor]) -> OnnxRuntimeModel:
         """The model with ``kept``'s pruned channels removed, in an ONNX Runtime session of one thread."""
