@@ -14,7 +14,7 @@ The test set is used once per model, at the end. Records the test accuracy, the 
 (``export(format="compressed")``) and its ratio to the dense float32 state dict, the validation drop the search
 reached, and the search's cost: its epochs, the seconds of its measurements (also in dense epochs' time) and its
 wall time. The order of the two contenders alternates from seed to seed. Writes ``results/auto_compression.json``
-and ``.md``.
+and ``.md`` after every seed.
 
     apt-get install dataset-fashion-mnist
     python benchmarks/auto_compression.py --seeds 0 1 2
@@ -171,10 +171,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    runs = [measure(seed, args) for seed in args.seeds]
-    write_results(
-        "auto_compression", {"settings": vars(args), "cpu_flags": cpu_flags()}, {"runs": runs}, markdown(runs, args)
-    )
+    runs = []
+    for seed in args.seeds:  # written after every seed: a long run that stops keeps the seeds it finished
+        runs.append(measure(seed, args))
+        write_results(
+            "auto_compression", {"settings": vars(args), "cpu_flags": cpu_flags()}, {"runs": runs}, markdown(runs, args)
+        )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def compress(tmp_path, module: L.LightningModule, auto: AutoCompression, max_epo
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        ({"objective": "flops"}, r"objective must be one of compressed_bytes, macs, latency; got 'flops'"),
+        ({"objective": "flops"}, r"objective must be one of compressed_bytes, onnx_bytes, macs, latency; got 'flops'"),
         ({"max_accuracy_drop": 0.0}, r"max_accuracy_drop must be a number in \(0, 1\).*got 0.0"),
         ({"max_accuracy_drop": 1.0}, r"max_accuracy_drop must be a number in \(0, 1\).*got 1.0"),
         ({"max_accuracy_drop": math.nan}, r"max_accuracy_drop must be a number in \(0, 1\).*got nan"),
@@ -280,7 +280,7 @@ def test_the_app_runs_auto_from_the_dense_run_and_writes_its_search(compose_conf
         (["runs=[combined]"], r"compression/auto starts from the dense run's trained weights: keep dense in runs"),
         (
             ["compression.auto.objective=flops"],
-            r"objective must be one of compressed_bytes, macs, latency; got 'flops'",
+            r"objective must be one of compressed_bytes, onnx_bytes, macs, latency; got 'flops'",
         ),
     ],
 )

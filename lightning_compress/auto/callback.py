@@ -16,16 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_compress.arguments import check_argument, is_int, is_number
 from lightning_compress.auto.allocation import cheapest_plan, least_damage_plan, plan_cost
-from lightning_compress.auto.objectives import (
-    OBJECTIVE_METHODS,
-    OBJECTIVES,
-    UNITS,
-    ChannelLatency,
-    ChannelMACs,
-    ChannelONNXBytes,
-    CompressedBytes,
-    Objective,
-)
+from lightning_compress.auto.objectives import OBJECTIVE_METHODS, OBJECTIVES, UNITS, Objective, objective_for
 from lightning_compress.auto.sensitivity import Candidate
 from lightning_compress.auto.settings import LayerSetting
 from lightning_compress.auto.teacher import TeacherGradient
@@ -292,21 +283,15 @@ class AutoCompression(L.Callback):
                 f"max_epochs={max_epochs}"
             )
         layers = select_layers(pl_module, self.targets, self.exclude)
-        if self.objective != "compressed_bytes":
-            example = training_inputs(trainer, 1)
-            if not example:
-                raise ValueError(
-                    f"AutoCompression(objective={self.objective!r}) traces the model on a training batch: fit with one training "
-                    "dataloader"
-                )
-            if self.objective == "latency":
-                self._objective = ChannelLatency(pl_module, layers, example[0], self.latency_batch_size)
-            else:
-                self._objective = {"macs": ChannelMACs, "onnx_bytes": ChannelONNXBytes}[self.objective](
-                    pl_module, layers, example[0]
-                )
-        else:
-            self._objective = CompressedBytes(pl_module, layers, self.seed)
+        example = training_inputs(trainer, 1) if self.objective != "compressed_bytes" else [None]
+        if not example:
+            raise ValueError(
+                f"AutoCompression(objective={self.objective!r}) traces the model on a training batch: fit with one "
+                "training dataloader"
+            )
+        self._objective = objective_for(
+            self.objective, pl_module, layers, example[0], seed=self.seed, latency_batch_size=self.latency_batch_size
+        )
         trainer.num_sanity_val_steps = math.inf  # the reference: the dense model on the whole validation set
 
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -298,3 +298,26 @@ class ChannelLatency(RemovedChannels):
         timed = self._timed({"dense": self.dense, **runtimes})
         scale = self.dense_microseconds / timed["dense"]
         return [round(timed[str(index)] * scale) for index in range(len(kept))]
+
+
+def objective_for(
+    name: str,
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    example_input: ModelInputs | None,
+    seed: int = 0,
+    latency_batch_size: int = 256,
+) -> Objective:
+    """The objective ``name`` of :data:`OBJECTIVES` for ``model``'s ``layers``: the channel objectives trace the model
+    on ``example_input`` (a training batch); ``seed`` is k-means' and ``latency_batch_size`` the timed batch.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> type(objective_for("compressed_bytes", model, {"0": model[0]}, None)).__name__
+        'CompressedBytes'
+    """
+    if name == "compressed_bytes":
+        return CompressedBytes(model, layers, seed)
+    if name == "latency":
+        return ChannelLatency(model, layers, example_input, latency_batch_size)
+    return {"macs": ChannelMACs, "onnx_bytes": ChannelONNXBytes}[name](model, layers, example_input)
