@@ -2,9 +2,11 @@
 layers it compresses, the settings each may take next, how a setting is measured (its damage and what it costs),
 and how a plan is applied and kept through training.
 
-The costs of one measurement add up: the model's cost predicted for a plan is ``fixed`` plus the summed costs of
-its layers' candidates, which is exact for bytes (each layer's weight is stored alone) and first order for MACs
-(each group's candidates are measured with the other groups where they stand).
+The costs of one measurement add up: a plan's cost is predicted as ``fixed`` plus the summed costs of its layers'
+candidates, which is exact for the compressed file's bytes (each layer's weight is stored alone) and first order
+for the channel objectives (each group's candidates are measured with the other groups where they stand; two
+groups in a row save less together than the sum of what each saves alone), whose :meth:`Objective.predicted`
+therefore measures a whole plan at once.
 """
 
 from __future__ import annotations
@@ -53,31 +55,43 @@ UNITS = {
 class Objective(Protocol):
     """An objective's layers, settings, measurements and realization (see the module's docstring)."""
 
+    #: The layers it compresses, by name (for channels: each group's root layer).
     layers: dict[str, nn.Module]
 
-    def settings(self, method: str, current: LayerSetting, layer: str) -> list[LayerSetting]: ...
+    def settings(self, method: str, current: LayerSetting, layer: str) -> list[LayerSetting]:
+        """``current`` and the settings ``method`` may take ``layer`` to next."""
 
     def measure(
         self, model: nn.Module, settings: Mapping[str, Sequence[LayerSetting]], batches: Sequence[ModelInputs]
-    ) -> tuple[dict[str, list[Candidate]], int]: ...
+    ) -> tuple[dict[str, list[Candidate]], int]:
+        """Each layer at each of its ``settings``, alone, on ``batches``: the candidates by layer, and ``fixed``."""
 
-    def predicted(self, plan: Mapping[str, Candidate]) -> int: ...
+    def predicted(self, plan: Mapping[str, Candidate]) -> int:
+        """The model's cost with every layer as ``plan`` says."""
 
-    def total(self, model: nn.Module) -> int: ...
+    def total(self, model: nn.Module) -> int:
+        """The model's cost as it stands (its compressed file, graph, MACs or time)."""
 
-    def layer_cost(self, layer: str) -> int: ...
+    def layer_cost(self, layer: str) -> int:
+        """``layer``'s own part of the cost as it stands (its weight's bytes, or its MACs)."""
 
-    def apply(self, plan: Mapping[str, LayerSetting]) -> None: ...
+    def apply(self, plan: Mapping[str, LayerSetting]) -> None:
+        """Compress each named layer to its setting, from where it stands."""
 
-    def keep(self) -> None: ...
+    def keep(self) -> None:
+        """Put what the plan compressed back as it says (after each optimizer step)."""
 
-    def share_gradients(self) -> None: ...
+    def share_gradients(self) -> None:
+        """Shape the gradients to the plan (before each optimizer step)."""
 
-    def finish(self) -> None: ...
+    def finish(self) -> None:
+        """Leave the model as the objective counts it, at the end of fit."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the realization: plain tensors."""
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The realization back from :meth:`state_dict`, beside the model's weights."""
 
 
 class CompressedBytes:
