@@ -30,7 +30,7 @@ import time
 
 import lightning as L
 import torch
-from common import EpochTimer, cpu_trainer, write_results
+from common import EpochTimer, cpu_trainer, measure_seeds
 
 from lightning_compress import AutoCompression, ClassificationModule, Pruning, WeightClustering, compressed_bytes
 from lightning_compress.analysis import evaluate_accuracy, size_on_disk
@@ -171,12 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    runs = []
-    for seed in args.seeds:  # written after every seed: a long run that stops keeps the seeds it finished
-        runs.append(measure(seed, args))
-        write_results(
-            "auto_compression", {"settings": vars(args), "cpu_flags": cpu_flags()}, {"runs": runs}, markdown(runs, args)
-        )
+    measure_seeds("auto_compression", args, measure, markdown)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from common import EpochTimer, cpu_trainer, time_graphs_in_fresh_process, write_results
+from common import EpochTimer, cpu_trainer, measure_seeds, time_graphs_in_fresh_process
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -188,12 +188,7 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=None, help="fewer training images (a quick check)")
     parser.add_argument("--idx-dir", default="/usr/share/datasets/fashion-mnist")
     args = parser.parse_args()
-    runs = []
-    for seed in args.seeds:  # written after every seed: a long run that stops keeps the seeds it finished
-        runs.append(measure(seed, args))
-        write_results(
-            "auto_latency", {"settings": vars(args), "cpu_flags": cpu_flags()}, {"runs": runs}, markdown(runs, args)
-        )
+    measure_seeds("auto_latency", args, measure, markdown)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,21 @@ def write_results(name: str, settings: dict, results: dict, markdown: str) -> No
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     print(markdown)
+
+
+def measure_seeds(
+    name: str,
+    args: argparse.Namespace,
+    measure: Callable[[int, argparse.Namespace], dict],
+    markdown: Callable[[list[dict], argparse.Namespace], str],
+) -> list[dict]:
+    """``measure(seed, args)`` for each of ``args.seeds``, the results written (:func:`write_results`, with the
+    settings and the CPU's flags) after every seed, so that a long run that stops keeps the seeds it finished."""
+    runs: list[dict] = []
+    for seed in args.seeds:
+        runs.append(measure(seed, args))
+        write_results(name, {"settings": vars(args), "cpu_flags": cpu_flags()}, {"runs": runs}, markdown(runs, args))
+    return runs
 
 
 def fashion_mnist(

@@ -94,7 +94,29 @@ class Objective(Protocol):
         """The realization back from :meth:`state_dict`, beside the model's weights."""
 
 
-class CompressedBytes:
+class Realized:
+    """What an objective does to the model, done by its ``realization`` (:class:`CompressedWeights` or
+    :class:`~lightning_compress.auto.channels.ChannelMasks`), which has the same five methods."""
+
+    realization: CompressedWeights | ChannelMasks
+
+    def apply(self, plan: Mapping[str, LayerSetting]) -> None:
+        self.realization.apply(plan)
+
+    def keep(self) -> None:
+        self.realization.keep()
+
+    def share_gradients(self) -> None:
+        self.realization.share_gradients()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.realization.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.realization.load_state_dict(state)
+
+
+class CompressedBytes(Realized):
     """``compressed_bytes``: the bytes of ``export(..., format="compressed")``, cut by unstructured pruning and
     shared values; a layer's cost is its weight's bytes in that format, ``fixed`` the bytes of everything else.
 
@@ -109,7 +131,7 @@ class CompressedBytes:
 
     def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], seed: int = 0) -> None:
         self.layers, self.seed = dict(layers), seed
-        self.weights = CompressedWeights({name: layer.weight for name, layer in self.layers.items()}, seed)
+        self.realization = CompressedWeights({name: layer.weight for name, layer in self.layers.items()}, seed)
         targeted = {id(layer.weight) for layer in self.layers.values()}
         self._fixed = sum(tensor_bytes(t) for t in model.state_dict(keep_vars=True).values() if id(t) not in targeted)
 
@@ -131,26 +153,11 @@ class CompressedBytes:
     def layer_cost(self, layer: str) -> int:
         return tensor_bytes(self.layers[layer].weight)
 
-    def apply(self, plan: Mapping[str, LayerSetting]) -> None:
-        self.weights.apply(plan)
-
-    def keep(self) -> None:
-        self.weights.keep()
-
-    def share_gradients(self) -> None:
-        self.weights.share_gradients()
-
     def finish(self) -> None:
         """Nothing: the compressed format stores the kept zeros and shared values as they are."""
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.weights.state_dict()
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.weights.load_state_dict(state)
-
-
-class ChannelMACs:
+class ChannelMACs(Realized):
     """``macs``: the multiply-accumulates of one forward pass on a training batch, cut by removing whole channels.
     The layers are channel groups named by their root layer; a candidate's cost is what its group's channels
     change of the model's MACs (the others where they stand), ``fixed`` the model's MACs as it stands; at the
@@ -169,7 +176,7 @@ class ChannelMACs:
     """
 
     def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], example_input: ModelInputs) -> None:
-        self.channels = ChannelMasks(model, example_input, layers)
+        self.channels = self.realization = ChannelMasks(model, example_input, layers)
         modules = dict(model.named_modules())
         self.layers = {name: modules[name] for name in self.channels.units}
         self.macs = layer_macs(model, example_input)
@@ -204,24 +211,9 @@ class ChannelMACs:
     def layer_cost(self, layer: str) -> int:
         return pruned_macs({layer: self.macs[0][layer]}, 0, self.channels.masks)
 
-    def apply(self, plan: Mapping[str, LayerSetting]) -> None:
-        self.channels.apply(plan)
-
-    def keep(self) -> None:
-        self.channels.keep()
-
-    def share_gradients(self) -> None:
-        self.channels.share_gradients()
-
     def finish(self) -> None:
         """Remove the pruned channels: the model gets smaller layers and the same outputs."""
         self.channels.remove()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.channels.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.channels.load_state_dict(state)
 
 
 class RemovedChannels(ChannelMACs):
