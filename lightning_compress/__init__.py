@@ -1,7 +1,7 @@
 """lightning-compress: model compression for PyTorch Lightning, measured."""
 
 from lightning_compress.analysis import Report, profile_model
-from lightning_compress.auto import AutoCompression
+from lightning_compress.auto import AutoCompression, allocate_bits
 from lightning_compress.callbacks import CompressionCheckpoint, CompressionReport, FiniteCheck
 from lightning_compress.clustering import WeightClustering
 from lightning_compress.deploy import compressed_bytes, export, half_precision, load_compressed, load_quantized
@@ -30,6 +30,7 @@ __all__ = [
     "QuantizationAwareTraining",
     "Report",
     "WeightClustering",
+    "allocate_bits",
     "compressed_bytes",
     "export",
     "half_precision",

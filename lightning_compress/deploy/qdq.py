@@ -101,6 +101,17 @@ def _is_four_bit(quant_range: tuple[int, int]) -> bool:
     return helper.np_dtype_to_tensor_dtype(weight_storage(quant_range)) in _FOUR_BIT_TYPES
 
 
+def stored_bits(quant_range: tuple[int, int]) -> int:
+    """The bits each of a weight's integers on ``quant_range`` takes in the exported file: 4 where they are stored
+    as INT4 or UINT4 (two a byte, see :func:`weight_storage`), else 8.
+
+    Example:
+        >>> stored_bits((-7, 7)), stored_bits((0, 15)), stored_bits((-127, 127))
+        (4, 4, 8)
+    """
+    return 4 if _is_four_bit(quant_range) else 8
+
+
 def kernel_weight_type(quant_range: tuple[int, int], target_cpu: str) -> np.dtype:
     """The 8-bit type in which ONNX Runtime's integer kernels read a weight on ``quant_range`` for ``target_cpu``
     (``QuantConfig.target_cpu``): int8, unless the range holds integers beyond :data:`LARGEST_SIGNED_WEIGHT` in

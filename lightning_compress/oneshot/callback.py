@@ -190,7 +190,9 @@ class OneShotQuantization(L.Callback):
         targets, exclude: module types and name patterns; every ``nn.Linear`` by default.
         damping, block_size: GPTQ's damping of the Hessian and its block of columns.
         progress: show a progress bar over the layers.
-        config: the settings as a :class:`OneShotQuantizationConfig` instead of the arguments (not both).
+        config: the settings as a :class:`OneShotQuantizationConfig` instead of the arguments (not both); its
+            ``layer_quantization`` gives layers grids of their own (a plan of
+            :func:`~lightning_compress.auto.allocate_bits`).
 
     Example:
         >>> import lightning as L
