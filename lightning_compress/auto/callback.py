@@ -25,7 +25,7 @@ from lightning_compress.modules import model_copy
 from lightning_compress.targets import TargetSpec, select_layers
 
 MODES = ("max", "min")
-#: Until a level is rejected, each level is predicted to take at most 1 / GROWTH of the last accepted one's bytes
+#: Until a level is rejected, each level is predicted to cost at most 1 / GROWTH of the last accepted one
 #: (in a method's later rounds: its last step, which each kept level squares, up to GROWTH).
 GROWTH = 2.0
 #: After a rejection, levels halve the gap (geometrically) until the rejected one is within this factor.
@@ -103,23 +103,25 @@ class AutoCompression(L.Callback):
     teacher, one at a time, each kept only where it validates better (undone otherwise), so at the end of
     every epoch the model holds the best kept level (and so does the ``last.ckpt`` of a
     ``ModelCheckpoint(save_last=True)``); with no level within the budget, the dense model comes back
-    unchanged. A resumed fit continues the search where it stopped: the reference, the measurements, the history, the accepted level and the teacher are in the checkpoint.
+    unchanged. A resumed fit continues the search where it stopped: the reference, the measurements, the
+    history, the accepted level and the teacher are in the checkpoint.
     Measure the test set once, afterwards.
 
-    With ``objective="macs"`` the layers are channel groups (a layer's output channels with everything that
-    reads them, found by Torch-Pruning's dependency graph), their settings fractions of the channels (by L2
-    norm, 12.5% to 87.5%), their costs the change of the model's multiply-accumulates; a plan's own MACs,
-    counted with all its groups at once, keep the budget (the knapsack is solved again with the excess taken
-    off until they do). The pruned channels are masked during the search and removed at the end of fit.
+    With the channel objectives (``onnx_bytes``, ``macs``, ``latency``) the layers are channel groups (a layer's
+    output channels with everything that reads them, found by Torch-Pruning's dependency graph), their settings
+    fractions of the channels (by L2 norm, 12.5% to 87.5%), their costs what the model with those channels
+    removed changes: its exported graph's bytes, its multiply-accumulates or its time in ONNX Runtime. A plan's
+    own cost, measured with all its groups at once, keeps the budget (the knapsack is solved again below it until
+    it does). The pruned channels are masked during the search and removed at the end of fit.
 
     Args:
         objective: what to minimize: ``"compressed_bytes"``, the bytes of ``export(..., format="compressed")``
             (methods ``"pruning"``, ``"clustering"``), or ``"macs"``, the multiply-accumulates of a forward pass
             on a training batch (method ``"channels"``: whole output channels pruned, removed at the end of fit),
             ``"onnx_bytes"``, the bytes of its ONNX graph (what a runtime loads; method ``"channels"``, each
-            candidate exported), or ``"latency"``, the microseconds of a forward pass of ``latency_batch_size`` samples in ONNX Runtime
-            on this machine, one thread (method ``"channels"``; each candidate exported and timed beside the dense
-            model in interleaved rounds).
+            candidate exported), or ``"latency"``, the microseconds of a forward pass of ``latency_batch_size``
+            samples in ONNX Runtime on this machine, one thread (method ``"channels"``; each candidate exported
+            and timed beside the dense model in interleaved rounds).
         max_accuracy_drop: how far ``monitor`` may fall below the dense model's (rise above it for
             ``mode="min"``), in its own units: 0.005 is half a point of an accuracy in [0, 1].
         monitor: a metric the LightningModule logs in validation (``ClassificationModule`` logs ``val/acc``).
