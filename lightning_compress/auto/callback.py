@@ -356,7 +356,7 @@ class AutoCompression(L.Callback):
                 self._steps[self.methods[self._stage]] = self._rejected_ratio / self.accepted_ratio
             self._stage, self._rejected_ratio, self.options = self._stage + 1, None, {}
             if self._stage == len(self.methods):  # a round of every method: another, from here, if it kept a level
-                if len(self.methods) == 1 or not any(level.accepted for level in self.history[self._round_start :]):
+                if not any(level.accepted for level in self.history[self._round_start :]):
                     return None
                 self._stage, self._round_start = 0, len(self.history)
 
