@@ -295,14 +295,14 @@ def test_the_app_refuses_auto_settings_it_cannot_run_before_training(
 
 def test_the_macs_objective_removes_channels_and_the_model_has_the_macs_it_measured(tmp_path, trained) -> None:
     module = copy.deepcopy(trained)
-    dense_macs = count_macs(module, torch.zeros(64, 1, 8, 8))  # a training batch of the digits: 64 images
+    example = module.example_input_array  # what the channel objectives trace and count on
     auto = AutoCompression(objective="macs", max_accuracy_drop=0.02, recovery_epochs=1)
     trainer = compress(tmp_path, module, auto, max_epochs=8)
     accepted = [level for level in auto.history if level.accepted and level.method == "channels"]
     assert accepted and {level.method for level in auto.history} <= {"channels", "recovery"}
     assert all(level.drop <= 0.02 for level in accepted)
     # At the end of fit the pruned channels are gone: the smaller model has the MACs the search measured.
-    assert count_macs(module, torch.zeros(64, 1, 8, 8)) == accepted[-1].measured_cost < dense_macs / 1.5
+    assert count_macs(module, example) == accepted[-1].measured_cost < count_macs(trained, example) / 1.5
     features = module.model.features
     assert features[0].out_channels == 32 - round(32 * auto.plan["model.features.0"].channels)
     assert features[4].in_channels == features[0].out_channels == features[1].num_features

@@ -20,7 +20,7 @@ from lightning_compress.auto.objectives import OBJECTIVE_METHODS, OBJECTIVES, UN
 from lightning_compress.auto.sensitivity import Candidate
 from lightning_compress.auto.settings import LayerSetting
 from lightning_compress.auto.teacher import TeacherGradient
-from lightning_compress.batches import ModelInputs, placed_like, training_inputs
+from lightning_compress.batches import ModelInputs, first_training_input, placed_like, training_inputs
 from lightning_compress.modules import model_copy
 from lightning_compress.targets import TargetSpec, select_layers
 
@@ -117,7 +117,7 @@ class AutoCompression(L.Callback):
     Args:
         objective: what to minimize: ``"compressed_bytes"``, the bytes of ``export(..., format="compressed")``
             (methods ``"pruning"``, ``"clustering"``), or ``"macs"``, the multiply-accumulates of a forward pass
-            on a training batch (method ``"channels"``: whole output channels pruned, removed at the end of fit),
+            on the module's ``example_input_array`` (else the first training batch) (method ``"channels"``: whole output channels pruned, removed at the end of fit),
             ``"onnx_bytes"``, the bytes of its ONNX graph (what a runtime loads; method ``"channels"``, each
             candidate exported), or ``"latency"``, the microseconds of a forward pass of ``latency_batch_size``
             samples in ONNX Runtime on this machine, one thread (method ``"channels"``; each candidate exported
@@ -135,8 +135,7 @@ class AutoCompression(L.Callback):
         temperature, kd_weight: the soft targets' temperature and weight (see ``kd_loss``).
         targets, exclude: module types and module-name patterns of the layers to compress (see ``select_layers``).
         seed: the random state of k-means.
-        latency_batch_size: the batch the ``latency`` objective is timed at (the first training batch's inputs,
-            repeated to it).
+        latency_batch_size: the batch the ``latency`` objective is timed at (the traced input repeated to it).
 
     Example:
         >>> import lightning as L
@@ -285,14 +284,17 @@ class AutoCompression(L.Callback):
                 f"max_epochs={max_epochs}"
             )
         layers = select_layers(pl_module, self.targets, self.exclude)
-        example = training_inputs(trainer, 1) if self.objective != "compressed_bytes" else [None]
-        if not example:
+        example = getattr(pl_module, "example_input_array", None)
+        if example is None:
+            example = first_training_input(trainer)
+        if example is None and self.objective != "compressed_bytes":
             raise ValueError(
-                f"AutoCompression(objective={self.objective!r}) traces the model on a training batch: fit with one "
-                "training dataloader"
+                f"AutoCompression(objective={self.objective!r}) traces the model on one input: set "
+                f"`example_input_array` on {type(pl_module).__name__}, or fit it with one training dataloader, whose "
+                "first batch is then traced"
             )
         self._objective = objective_for(
-            self.objective, pl_module, layers, example[0], seed=self.seed, latency_batch_size=self.latency_batch_size
+            self.objective, pl_module, layers, example, seed=self.seed, latency_batch_size=self.latency_batch_size
         )
         trainer.num_sanity_val_steps = math.inf  # the reference: the dense model on the whole validation set
 

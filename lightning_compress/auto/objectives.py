@@ -158,7 +158,7 @@ class CompressedBytes(Realized):
 
 
 class ChannelMACs(Realized):
-    """``macs``: the multiply-accumulates of one forward pass on a training batch, cut by removing whole channels.
+    """``macs``: the multiply-accumulates of one forward pass on ``example_input``, cut by removing whole channels.
     The layers are channel groups named by their root layer; a candidate's cost is what its group's channels
     change of the model's MACs (the others where they stand), ``fixed`` the model's MACs as it stands; at the
     end of fit the pruned channels are removed.
