@@ -356,3 +356,20 @@ def test_the_onnx_bytes_objective_leaves_a_graph_of_the_bytes_it_measured(tmp_pa
     assert len(onnx_bytes(module, example)) == (level.measured_cost if level.accepted else dense_bytes)
     if level.accepted:
         assert level.measured_cost < dense_bytes / 1.5  # the level halves the predicted bytes
+
+
+def test_the_app_runs_a_channel_objective_and_its_report_counts_the_macs_kept(compose_config, tmp_path) -> None:
+    cfg = compose_config(
+        "compression=auto",
+        "compression.auto.objective=macs",
+        "compression.auto.recovery_epochs=1",
+        "compression.auto.max_accuracy_drop=0.02",
+        "trainer.max_epochs=2",
+        f"output_dir={tmp_path}",
+        *EAGER_QUICK_REPORT,
+    )
+    dense, _, auto = train(cfg).entries
+    assert auto.note.startswith("AutoCompression (macs): budget 0.02 of val/acc")
+    kept = "no level within the budget" not in auto.note
+    assert (auto.profile.macs < dense.profile.macs / 1.5) if kept else (auto.profile.macs == dense.profile.macs)
+    assert "| MACs (predicted) | MACs (measured) |" in (tmp_path / "auto_compression.md").read_text()
