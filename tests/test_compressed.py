@@ -125,6 +125,60 @@ def test_weights_of_16_distinct_values_take_4_bits_each(tmp_path) -> None:
     assert same_bits(fresh.weight, model.weight) and same_bits(fresh.bias, model.bias)
 
 
+def rewritten(data: bytes, edit, first_line: bytes = MAGIC) -> bytes:
+    """A compressed file with its manifest changed by ``edit`` (in place), stored without xz."""
+    codec, _, payload = data[len(MAGIC) :].partition(b"\n")
+    line, _, blobs = (lzma.decompress(payload) if codec == b"xz" else payload).partition(b"\n")
+    manifest = json.loads(line)
+    edit(manifest)
+    return first_line + b"none\n" + json.dumps(manifest).encode() + b"\n" + blobs
+
+
+def test_skewed_gaps_and_indices_are_stored_by_lzma_in_fewer_bytes_than_their_width_and_load_exactly(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(784, 300)
+    with torch.no_grad():  # the 5% largest of Laplace weights, on 8 values: 2.4 bits of entropy, most near zero
+        weight = torch.distributions.Laplace(0.0, 1.0).sample(model.weight.shape)
+        threshold = weight.abs().reshape(-1).kthvalue(int(0.95 * weight.numel())).values
+        level = torch.floor(weight.abs() - threshold).clamp(max=3) + 1
+        model.weight.copy_(torch.where(weight.abs() > threshold, weight.sign() * level, 0.0))
+    data = compressed_bytes(model)
+    entry = entries(data)["weight"]
+    stored = int(model.weight.count_nonzero())
+    assert entry["values"]["kind"] == "codebook" and entry["values"]["bits"] == 3
+    assert entry["positions"]["packing"] == entry["values"]["packing"] == "lzma"
+    values, positions = entry["values"]["blob"][1], entry["positions"]["blob"][1]
+    gaps = torch.diff(torch.nonzero(model.weight.reshape(-1)).reshape(-1), prepend=torch.tensor([-1])) - 1
+    packed_gaps = min(bits * int((gaps // (2**bits - 1) + 1).sum()) / 8 for bits in range(1, 12))
+    assert values < 0.9 * stored * 3 / 8 and positions < 0.95 * packed_gaps  # than 3-bit indices, the best gap width
+    path = tmp_path / "m.lcz"
+    path.write_bytes(data)
+    fresh = load_compressed(nn.Linear(784, 300), path)
+    assert same_bits(fresh.weight, model.weight) and same_bits(fresh.bias, model.bias)
+
+    def more_gaps(manifest: dict) -> None:
+        manifest["tensors"][0]["positions"]["count"] += 1
+
+    def wider(manifest: dict) -> None:
+        manifest["tensors"][0]["values"]["bits"] = 9
+
+    for edit, reason in [(more_gaps, r"does not hold exactly \d+ values"), (wider, "packing 'lzma' of 9-bit values")]:
+        path.write_bytes(rewritten(data, edit))
+        with pytest.raises(ValueError, match=f"tensor 'weight' cannot be read: ValueError: .*{reason}"):
+            load_compressed(nn.Linear(784, 300), path)
+
+
+def test_a_version_1_file_loads(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(16, 4)
+    data = compressed_bytes(model)
+    assert "packing" not in json.dumps(manifest_of(data)[0])  # bit packing only: what version 1 wrote
+    path = tmp_path / "v1.lcz"
+    path.write_bytes(rewritten(data, lambda manifest: None, first_line=b"lightning_compress.compressed/1\n"))
+    fresh = load_compressed(nn.Linear(16, 4), path)
+    assert same_bits(fresh.weight, model.weight) and same_bits(fresh.bias, model.bias)
+
+
 @pytest.mark.parametrize(
     "config, keep",
     [
@@ -283,12 +337,12 @@ def test_loading_unpickles_nothing_and_the_manifest_is_json(tmp_path, monkeypatc
     prune(model, keep=0.3)
     path = export(model, tmp_path / "model.lcz", torch.zeros(1, *INPUT), format="compressed")
     data = path.read_bytes()
-    assert data.startswith(b"lightning_compress.compressed/1\n") and data[len(MAGIC) :].split(b"\n")[0] in (
+    assert data.startswith(b"lightning_compress.compressed/2\n") and data[len(MAGIC) :].split(b"\n")[0] in (
         b"xz",
         b"none",
     )
     manifest, _ = manifest_of(data)
-    assert manifest["format"] == "lightning_compress.compressed/1" and manifest["quantized_layers"] == {}
+    assert manifest["format"] == "lightning_compress.compressed/2" and manifest["quantized_layers"] == {}
     assert [entry["name"] for entry in manifest["tensors"]] == list(model.state_dict())
 
     def refuse(*args, **kwargs):
