@@ -60,11 +60,11 @@ class Level:
     """One level tried: the method it went further with (or ``"recovery"``, an epoch of the kept level after the
     search), its first epoch, the predicted ratio of the dense model's objective to its own, its objective
     (predicted, and measured: the compressed file's bytes, the MACs, or the microseconds), the monitored metric
-    after recovery, its drop from the dense model's, and whether it was kept (within the budget; for a recovery
-    epoch, better than the kept level).
+    after recovery, its drop from the dense model's, the drop it was allowed (see ``AutoCompression``), and
+    whether it was kept (within that drop; for a recovery epoch, better than the kept level).
 
     Example:
-        >>> Level(1, "pruning", 0, 2.0, 532_000, 498_311, 0.971, 0.002, True).accepted
+        >>> Level(1, "pruning", 0, 2.0, 532_000, 498_311, 0.971, 0.002, 0.0025, True).accepted
         True
     """
 
@@ -76,6 +76,7 @@ class Level:
     measured_cost: int
     metric: float
     drop: float
+    allowed_drop: float
     accepted: bool
 
 
@@ -85,26 +86,28 @@ class AutoCompression(L.Callback):
     At the start of fit the dense model's ``monitor`` is measured on the whole validation set (Lightning's
     sanity check, made full) and a frozen copy is kept: the reference of the budget and the teacher of
     recovery. The methods go one after the other, as Deep Compression's pipeline does: pruning first (what
-    retraining recovers from), then shared values (what it hardly recovers from). Each level of a method
-    starts from the last accepted one: every targeted layer's next settings (higher sparsities, from 50% to
-    99%, every output unit keeping a weight; or fewer shared values, 256 down to 4: 8 to 2 bits) are
-    measured alone on ``calibration_batches`` training batches, the KL divergence of the model's predictions
-    from its own before, and the layer's bytes in the compressed format. The level's plan is the least
-    predicted damage (the sum of its layers') within its byte budget, solved exactly as a multiple-choice
-    knapsack (SciPy's ``milp``). It is applied at the start of an epoch (pruned by magnitude, then clustered)
-    and the model recovers for ``recovery_epochs`` with the dense teacher's soft targets added to its own loss
-    (``kd_weight``, ``temperature``). Its validation metric then decides: within the budget, the next level
-    halves the bytes again; out of it, the model, its masks and clusters and the optimizers' state go back to
-    the last accepted level, and the next level lies halfway (geometrically) between the two (strictly: its
-    bytes are fewer than the accepted level's and more than the rejected one's), until they are within 10%;
-    then the next method. After the last method the methods go round again from the model they left, as long
-    as a round keeps a level, each method's first step in a new round the finest of its last (squared with each
-    level kept, up to halving). The epochs left when the search ends recover the kept level with the
-    teacher, one at a time, each kept only where it validates better (undone otherwise), so at the end of
-    every epoch the model holds the best kept level (and so does the ``last.ckpt`` of a
-    ``ModelCheckpoint(save_last=True)``); with no level within the budget, the dense model comes back
-    unchanged. A resumed fit continues the search where it stopped: the reference, the measurements, the
-    history, the accepted level and the teacher are in the checkpoint.
+    retraining recovers from), then shared values (what it hardly recovers from). Each level of a method starts from
+    the last accepted one: every targeted layer's next settings (higher sparsities, from 50% to 99%, every output
+    unit keeping a weight; or fewer shared values, 256 down to 4: 8 to 2 bits) are measured alone on
+    ``calibration_batches`` training batches, the KL divergence of the model's predictions from its own before, and
+    the layer's bytes in the compressed format. The level's plan is the least predicted damage (the sum of its
+    layers') within its byte budget, solved exactly as a multiple-choice knapsack (SciPy's ``milp``). It is applied
+    at the start of an epoch (pruned by magnitude, then clustered) and the model recovers for ``recovery_epochs``
+    with the dense teacher's soft targets added to its own loss (``kd_weight``, ``temperature``). Its validation
+    metric then decides: within the budget, the next level halves the bytes again; out of it, the model, its masks
+    and clusters and the optimizers' state go back to the last accepted level, and the next level lies halfway
+    (geometrically) between the two (strictly: its bytes are fewer than the accepted level's and more than the
+    rejected one's), until they are within 10%; then the next method. In the first round each method but the last
+    stops at its share of the budget (pruning at half of it, leaving the rest to shared values, which recovery
+    hardly wins back: without that, pruning spends the budget and the validation's noise at its edge rejects even
+    8-bit values). After the last method the methods go round again from the model they left, each with the whole
+    budget, as long as a round keeps a level, each method's first step in a new round the finest of its last
+    (squared with each level kept, up to halving). The epochs left when the search ends recover the kept level with
+    the teacher, one at a time, each kept only where it validates better (undone otherwise), so at the end of every
+    epoch the model holds the best kept level (and so does the ``last.ckpt`` of a
+    ``ModelCheckpoint(save_last=True)``); with no level within the budget, the dense model comes back unchanged. A
+    resumed fit continues the search where it stopped: the reference, the measurements, the history, the accepted
+    level and the teacher are in the checkpoint.
     Measure the test set once, afterwards.
 
     With the channel objectives (``onnx_bytes``, ``macs``, ``latency``) the layers are channel groups (a layer's
@@ -226,6 +229,7 @@ class AutoCompression(L.Callback):
         self._objective: Objective | None = None
         self._batches: list[ModelInputs] = []
         self._stage = 0  # the method whose levels are being tried: an index into methods
+        self._round = 0  # how many rounds of the methods have ended
         self._round_start = 0  # the first level of this round of the methods: an index into history
         self._steps: dict[str, float] = {}  # by method, the factor its next level's bytes shrink by (GROWTH if none)
         self._dense = 0  # the dense model's objective
@@ -360,7 +364,7 @@ class AutoCompression(L.Callback):
             if self._stage == len(self.methods):  # a round of every method: another, from here, if it kept a level
                 if not any(level.accepted for level in self.history[self._round_start :]):
                     return None
-                self._stage, self._round_start = 0, len(self.history)
+                self._stage, self._round, self._round_start = 0, self._round + 1, len(self.history)
 
     def _measure(self, pl_module: L.LightningModule) -> None:
         """Every layer's next settings of the current method, from where the model stands."""
@@ -432,6 +436,14 @@ class AutoCompression(L.Callback):
             + ", ".join(f"{layer} {_described(c.setting)}" for layer, c in plan.items())
         )
 
+    def _allowed_drop(self) -> float:
+        """The drop the current method's levels may reach: in the first round, the share of the budget of the methods
+        up to the current one (the last method's share is the whole budget); the whole budget in later rounds and
+        after the search."""
+        if self._round > 0 or self.done:
+            return self.max_accuracy_drop
+        return self.max_accuracy_drop * (self._stage + 1) / len(self.methods)
+
     def _finish_search(self, trainer: L.Trainer) -> None:
         """The search is over: the kept level recovers in the epochs left, or with none kept the fit stops."""
         self.done = True
@@ -451,11 +463,12 @@ class AutoCompression(L.Callback):
             return
         metric = self._metric(trainer)
         drop = self.reference - metric if self.mode == "max" else metric - self.reference
+        allowed = self._allowed_drop()
         if method == RECOVERY:
             kept = next(level.metric for level in reversed(self.history) if level.accepted)
             accepted = metric > kept if self.mode == "max" else metric < kept
         else:
-            accepted = drop <= self.max_accuracy_drop + 1e-12
+            accepted = drop <= allowed + 1e-12
         measured = self._objective.total(pl_module)
         self.history.append(
             Level(
@@ -467,6 +480,7 @@ class AutoCompression(L.Callback):
                 measured,
                 metric,
                 drop,
+                allowed,
                 accepted,
             )
         )
@@ -534,6 +548,7 @@ class AutoCompression(L.Callback):
             "history": [asdict(level) for level in self.history],
             "done": self.done,
             "stage": self._stage,
+            "round": self._round,
             "round_start": self._round_start,
             "steps": self._steps,
             "accepted": [_candidate_row(c) for c in self._accepted.values()],
@@ -555,7 +570,7 @@ class AutoCompression(L.Callback):
         self._dense, self._fixed = state_dict["dense"], state_dict["fixed"]
         self.history = [Level(**level) for level in state_dict["history"]]
         self.done = state_dict["done"]
-        self._stage, self._round_start = state_dict["stage"], state_dict["round_start"]
+        self._stage, self._round, self._round_start = state_dict["stage"], state_dict["round"], state_dict["round_start"]
         self._steps = dict(state_dict["steps"])
         self._accepted = {row[0]: _candidate(row) for row in state_dict["accepted"]}
         self._rejected_ratio = state_dict["rejected_ratio"]

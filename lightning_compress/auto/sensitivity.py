@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lightning_compress.auto.settings import LayerSetting, compressed_weight
+from lightning_compress.auto.settings import LayerSetting, compressed_weight, prune_mask
 from lightning_compress.batches import ModelInputs, call_model, output_logits
 from lightning_compress.deploy.compressed import tensor_bytes
 from lightning_compress.distillation.losses import kd_loss
@@ -73,9 +73,12 @@ def measure_candidates(
             original = layer.weight.detach().clone()
             current, *further = settings[name]
             table[name] = [Candidate(name, current, 0.0, tensor_bytes(original))]
+            masks: dict[float, torch.Tensor] = {}  # by sparsity: each is ranked once, whatever its bits
             try:
                 for setting in further:
-                    compressed = compressed_weight(original, setting, seed)
+                    if setting.sparsity not in masks:
+                        masks[setting.sparsity] = prune_mask(original, setting.sparsity)
+                    compressed = compressed_weight(original, setting, seed, masks[setting.sparsity])
                     layer.weight.copy_(compressed)
                     table[name].append(Candidate(name, setting, damage(), tensor_bytes(compressed)))
             finally:

@@ -88,9 +88,12 @@ def cluster_labels(weight: torch.Tensor, setting: LayerSetting, estimate: bool, 
 
 
 @torch.no_grad()
-def compressed_weight(weight: torch.Tensor, setting: LayerSetting, seed: int = 0) -> torch.Tensor:
-    """``weight`` as ``setting`` would leave it (clusters estimated): pruned, then each non-zero its centroid."""
-    compressed = weight.detach() * prune_mask(weight, setting.sparsity)
+def compressed_weight(
+    weight: torch.Tensor, setting: LayerSetting, seed: int = 0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``weight`` as ``setting`` would leave it (clusters estimated): pruned (to ``mask``, when given: the
+    setting's :func:`prune_mask`), then each non-zero its centroid."""
+    compressed = weight.detach() * (prune_mask(weight, setting.sparsity) if mask is None else mask)
     labels = cluster_labels(compressed, setting, estimate=True, seed=seed)
     if labels is not None:
         SharedWeights(labels.to(compressed.device), setting.clusters).tie(compressed)
