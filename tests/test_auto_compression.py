@@ -219,6 +219,8 @@ def test_the_search_compresses_within_the_budget_and_the_model_holds_the_plan(tm
         assert int((weight == 0).sum()) == round(layer.sparsity * weight.numel())  # to the element
         if layer.bits is not None:
             assert weight[weight != 0].unique().numel() <= 2**layer.bits
+        # float non-zeros take the bytes predicted exactly; shared values were estimated before recovery
+        assert layer.predicted_cost == layer.cost if layer.bits is None else 0.5 < layer.predicted_cost / layer.cost < 2
         assert layer.cost > 0
     assert len(compressed_bytes(module)) == accepted[-1].measured_cost
 

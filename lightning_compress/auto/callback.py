@@ -39,18 +39,20 @@ RECOVERY = "recovery"
 @dataclass(frozen=True)
 class LayerPlan:
     """How one layer is compressed: its setting (a fraction of its weights pruned, of its output channels pruned,
-    its shared values' bits), its part of the objective as it is in the model (its weight's bytes in the
-    compressed format, or its multiply-accumulates), and the damage predicted when the setting was chosen (the
-    KL divergence the layer alone added to the model's predictions on the calibration batches).
+    its shared values' bits), its part of the objective predicted when the setting was chosen and as it is in the
+    model (its weight's bytes in the compressed format, or its multiply-accumulates), and the damage predicted
+    for the setting (the KL divergence the layer alone added to the model's predictions on the calibration
+    batches).
 
     Example:
-        >>> LayerPlan(sparsity=0.95, channels=0.0, bits=4, cost=9_790, damage=0.031).bits
+        >>> LayerPlan(sparsity=0.95, channels=0.0, bits=4, predicted_cost=9_802, cost=9_790, damage=0.031).bits
         4
     """
 
     sparsity: float
     channels: float
     bits: int | None
+    predicted_cost: int
     cost: int
     damage: float
 
@@ -235,6 +237,7 @@ class AutoCompression(L.Callback):
         self._dense = 0  # the dense model's objective
         self._fixed = 0  # the objective's part that the candidates' costs add to (see objectives)
         self._accepted: dict[str, Candidate] = {}
+        self._predicted: dict[str, int] = {}  # by layer, its part of the objective predicted for its kept setting
         self._rejected_ratio: float | None = None
         #: The level in training: its first epoch, its method (or RECOVERY) and its plan.
         self._phase: tuple[int, str, dict[str, Candidate]] | None = None
@@ -246,13 +249,14 @@ class AutoCompression(L.Callback):
 
     @property
     def plan(self) -> dict[str, LayerPlan]:
-        """The kept plan, by layer name: each layer's setting, its part of the objective as it is in the model, and the
-        damage predicted for the setting when it was chosen."""
+        """The kept plan, by layer name: each layer's setting, its part of the objective predicted when the setting
+        was chosen and as it is in the model, and the damage predicted for the setting."""
         return {
             layer: LayerPlan(
                 candidate.setting.sparsity,
                 candidate.setting.channels,
                 candidate.setting.bits,
+                self._predicted[layer],
                 self._objective.layer_cost(layer),
                 candidate.damage,
             )
@@ -335,6 +339,7 @@ class AutoCompression(L.Callback):
             state = pl_module.state_dict()
             self._teacher_state = {name: value.detach().clone() for name, value in state.items()}
             self._accepted = {name: Candidate(name, LayerSetting(), 0.0, 0) for name in self._objective.layers}
+            self._predicted = {name: self._objective.layer_cost(name) for name in self._objective.layers}
             self._snapshot = self._take_snapshot(trainer, pl_module)
         if self.teacher:
             teacher = model_copy(pl_module)
@@ -488,9 +493,10 @@ class AutoCompression(L.Callback):
         if accepted:
             if method != RECOVERY:  # a layer the level left as it was keeps the candidate it was chosen as
                 self._steps[method] = min(GROWTH, self._steps.get(method, GROWTH) ** 2)
+                changed = {layer for layer, chosen in plan.items() if chosen.setting != self._accepted[layer].setting}
+                self._predicted |= {layer: self._objective.layer_prediction(plan[layer]) for layer in changed}
                 self._accepted = {
-                    layer: chosen if chosen.setting != self._accepted[layer].setting else self._accepted[layer]
-                    for layer, chosen in plan.items()
+                    layer: chosen if layer in changed else self._accepted[layer] for layer, chosen in plan.items()
                 }
                 self.options = {}  # the next level is measured from here
             self._snapshot = self._take_snapshot(trainer, pl_module)
@@ -552,6 +558,7 @@ class AutoCompression(L.Callback):
             "round_start": self._round_start,
             "steps": self._steps,
             "accepted": [_candidate_row(c) for c in self._accepted.values()],
+            "predicted": self._predicted,
             "rejected_ratio": self._rejected_ratio,
             "phase": None
             if self._phase is None
@@ -573,6 +580,7 @@ class AutoCompression(L.Callback):
         self._stage, self._round, self._round_start = state_dict["stage"], state_dict["round"], state_dict["round_start"]
         self._steps = dict(state_dict["steps"])
         self._accepted = {row[0]: _candidate(row) for row in state_dict["accepted"]}
+        self._predicted = dict(state_dict["predicted"])
         self._rejected_ratio = state_dict["rejected_ratio"]
         phase = state_dict["phase"]
         self._phase = None if phase is None else (phase[0], phase[1], {row[0]: _candidate(row) for row in phase[2]})

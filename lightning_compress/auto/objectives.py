@@ -75,6 +75,9 @@ class Objective(Protocol):
     def layer_cost(self, layer: str) -> int:
         """``layer``'s own part of the cost as it stands (its weight's bytes, or its MACs)."""
 
+    def layer_prediction(self, candidate: Candidate) -> int:
+        """The own part of the cost predicted for ``candidate``, just applied to its layer."""
+
     def apply(self, plan: Mapping[str, LayerSetting]) -> None:
         """Compress each named layer to its setting, from where it stands."""
 
@@ -153,6 +156,10 @@ class CompressedBytes(Realized):
     def layer_cost(self, layer: str) -> int:
         return tensor_bytes(self.layers[layer].weight)
 
+    def layer_prediction(self, candidate: Candidate) -> int:
+        """The weight's bytes as measured with its shared values estimated (before recovery)."""
+        return candidate.cost
+
     def finish(self) -> None:
         """Nothing: the compressed format stores the kept zeros and shared values as they are."""
 
@@ -210,6 +217,10 @@ class ChannelMACs(Realized):
 
     def layer_cost(self, layer: str) -> int:
         return pruned_macs({layer: self.macs[0][layer]}, 0, self.channels.masks)
+
+    def layer_prediction(self, candidate: Candidate) -> int:
+        """The layer's MACs with the channels the plan keeps: exact, counted from the masks."""
+        return self.layer_cost(candidate.layer)
 
     def finish(self) -> None:
         """Remove the pruned channels: the model gets smaller layers and the same outputs."""

@@ -47,12 +47,14 @@ def search_markdown(auto: AutoCompression) -> str:
     ]
     lines += [
         "",
-        f"| layer | weights pruned | channels pruned | shared values | {unit} (in the model) | damage at its level (KL) |",
-        "|---|---|---|---|---|---|",
+        f"| layer | weights pruned | channels pruned | shared values | {unit} (predicted) | {unit} (in the model) | "
+        "damage at its level (KL) |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {layer} | {plan.sparsity:.0%} | {plan.channels:.1%} | "
-        f"{'float' if plan.bits is None else f'{2**plan.bits} ({plan.bits} bits)'} | {plan.cost:,} | {plan.damage:.3g} |"
+        f"{'float' if plan.bits is None else f'{2**plan.bits} ({plan.bits} bits)'} | {plan.predicted_cost:,} | "
+        f"{plan.cost:,} | {plan.damage:.3g} |"
         for layer, plan in auto.plan.items()
     ]
     return "\n".join(lines) + "\n"
