@@ -179,9 +179,9 @@ def markdown(runs: list[dict], args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=8, help="the dense training's")
-    parser.add_argument("--hand-epochs", type=int, default=16)
-    parser.add_argument("--auto-epochs", type=int, default=16, help="AutoCompression's most epochs")
+    parser.add_argument("--epochs", type=int, default=12, help="the dense training's")
+    parser.add_argument("--hand-epochs", type=int, default=12)
+    parser.add_argument("--auto-epochs", type=int, default=12, help="AutoCompression's most epochs")
     parser.add_argument("--recovery-epochs", type=int, default=2)
     parser.add_argument("--budget", type=float, default=0.005)
     parser.add_argument("--val-fraction", type=float, default=1 / 6)
