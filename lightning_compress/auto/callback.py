@@ -577,7 +577,8 @@ class AutoCompression(L.Callback):
         self._dense, self._fixed = state_dict["dense"], state_dict["fixed"]
         self.history = [Level(**level) for level in state_dict["history"]]
         self.done = state_dict["done"]
-        self._stage, self._round, self._round_start = state_dict["stage"], state_dict["round"], state_dict["round_start"]
+        self._stage, self._round = state_dict["stage"], state_dict["round"]
+        self._round_start = state_dict["round_start"]
         self._steps = dict(state_dict["steps"])
         self._accepted = {row[0]: _candidate(row) for row in state_dict["accepted"]}
         self._predicted = dict(state_dict["predicted"])
