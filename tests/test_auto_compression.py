@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_compress import AutoCompression, ClassificationModule, compressed_bytes
 from lightning_compress.analysis import count_macs
 from lightning_compress.auto import LayerSetting, least_damage_plan, measure_candidates
-from lightning_compress.auto.objectives import ChannelLatency
+from lightning_compress.auto.integer import Int8Layers
+from lightning_compress.auto.objectives import ChannelLatency, ChannelONNXBytes
 from lightning_compress.auto.settings import next_settings
 from lightning_compress.auto.teacher import TeacherGradient
 from lightning_compress.data import DigitsDataModule
@@ -26,6 +27,7 @@ from lightning_compress.deploy import OnnxRuntimeModel
 from lightning_compress.deploy.onnx import onnx_bytes
 from lightning_compress.distillation.losses import kd_loss
 from lightning_compress.job import train
+from lightning_compress.quantization import QuantConfig, quantize_model, quantized_layers
 
 
 @pytest.fixture(scope="module")
@@ -378,3 +380,80 @@ def test_the_app_runs_a_channel_objective_and_its_report_counts_the_macs_kept(co
     kept = "no level within the budget" not in auto.note
     assert (auto.profile.macs < dense.profile.macs / 1.5) if kept else (auto.profile.macs == dense.profile.macs)
     assert "| MACs (predicted) | MACs (measured) |" in (tmp_path / "auto_compression.md").read_text()
+
+
+def test_the_int8_method_leaves_an_integer_graph_of_the_bytes_it_measured(tmp_path, trained) -> None:
+    """One level, every layer to 8 bits: kept, the model exports the integer graph it measured, to the byte; undone,
+    the model is float again and computes what it did."""
+    module = copy.deepcopy(trained)
+    example = torch.zeros(2, 1, 8, 8)
+    x = torch.randn(16, 1, 8, 8)
+    module.eval()
+    dense_bytes, dense_outputs = len(onnx_bytes(module, example)), module(x)
+    module.train()
+    auto = AutoCompression(objective="onnx_bytes", methods=["int8"], max_accuracy_drop=0.05, recovery_epochs=1)
+    compress(tmp_path, module, auto, max_epochs=1)
+    (level,) = auto.history
+    assert level.method == "int8" and level.accepted == (level.drop <= 0.05)
+    graph = onnx_bytes(module, example)
+    if level.accepted:
+        assert set(quantized_layers(module)) == {
+            "model.features.0",
+            "model.features.4",
+            "model.classifier.1",
+            "model.classifier.4",
+        }
+        assert len(graph) == level.measured_cost < dense_bytes / 2  # int8 weights: a quarter of the float bytes
+        assert {plan.bits for plan in auto.plan.values()} == {8}
+    else:
+        module.eval()
+        assert not quantized_layers(module) and len(graph) == dense_bytes
+        assert torch.equal(module(x), dense_outputs)
+
+
+def test_a_rejected_int8_level_goes_back_to_float_with_the_model_state(trained) -> None:
+    """What AutoCompression does to undo a level (the model's state back) switches 8 bits off; at the end of fit a
+    model that kept none has its float layers back, computing exactly what it did."""
+    module = copy.deepcopy(trained).eval()
+    x = torch.randn(16, 1, 8, 8)
+    before = module(x)
+    layers = {"model.features.0": module.model.features[0], "model.classifier.1": module.model.classifier[1]}
+    objective = ChannelONNXBytes(module, layers, torch.zeros(2, 1, 8, 8), int8=True)
+    assert torch.equal(module(x), before) and not objective.int8_on  # quantized layers, computing in float
+    snapshot = {name: value.clone() for name, value in module.state_dict().items()}
+    objective.apply({name: LayerSetting(bits=8) for name in objective.layers}, [x])
+    assert objective.int8_on and not torch.equal(module(x), before)
+    module.load_state_dict(snapshot)
+    assert not objective.int8_on and torch.equal(module(x), before)
+    objective.finish()
+    assert not quantized_layers(module) and torch.equal(module(x), before)
+
+
+def test_the_int8_method_refuses_a_model_already_quantized(trained) -> None:
+    module = copy.deepcopy(trained)
+    quantize_model(module, QuantConfig())
+    with pytest.raises(ValueError, match=r"int8 method quantizes the model itself, which already has quantized layers"):
+        Int8Layers(module, {"model.features.0": module.model.features[0]})
+
+
+def test_a_search_resumed_inside_its_int8_level_equals_an_uninterrupted_one(tmp_path, trained) -> None:
+    """The checkpoint after the int8 level's first epoch holds fake quantization switched on; a fresh float module
+    resumed from it gets the same quantized layers at setup and ends with the same weights, ranges and history."""
+
+    def fit(folder: str, ckpt_path: str | None = None) -> tuple[AutoCompression, ClassificationModule]:
+        auto = AutoCompression(objective="onnx_bytes", methods=["int8"], max_accuracy_drop=0.05, calibration_batches=2)
+        module = copy.deepcopy(trained)
+        L.seed_everything(0)
+        every_epoch = ModelCheckpoint(dirpath=tmp_path / folder, save_top_k=-1, filename="{epoch}")
+        quiet_trainer(tmp_path / folder, [auto, every_epoch], max_epochs=3).fit(
+            module, datamodule=DigitsDataModule(), ckpt_path=ckpt_path
+        )
+        return auto, module
+
+    straight, whole = fit("straight")
+    resumed, continued = fit("resumed", str(tmp_path / "straight" / "epoch=0.ckpt"))
+    assert [level.method for level in straight.history][:1] == ["int8"] and resumed.history == straight.history
+    assert set(quantized_layers(continued)) == set(quantized_layers(whole))
+    assert whole.state_dict().keys() == continued.state_dict().keys()
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, continued.state_dict()[name]), name

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_compress.arguments import check_argument, is_int, is_number
 from lightning_compress.auto.allocation import cheapest_plan, least_damage_plan, plan_cost
+from lightning_compress.auto.integer import INT8_METHOD
 from lightning_compress.auto.objectives import OBJECTIVE_METHODS, OBJECTIVES, UNITS, Objective, objective_for
 from lightning_compress.auto.sensitivity import Candidate
 from lightning_compress.auto.settings import LayerSetting
@@ -117,23 +118,30 @@ class AutoCompression(L.Callback):
     fractions of the channels (by L2 norm, 12.5% to 87.5%), their costs what the model with those channels
     removed changes: its exported graph's bytes, its multiply-accumulates or its time in ONNX Runtime. A plan's
     own cost, measured with all its groups at once, keeps the budget (the knapsack is solved again below it until
-    it does). The pruned channels are masked during the search and removed at the end of fit.
+    it does). The pruned channels are masked during the search and removed at the end of fit. With ``onnx_bytes`` and
+    ``latency`` a level of the ``int8`` method then takes every targeted convolution and linear layer to 8-bit
+    integers, as ONNX Runtime runs them (int8 weights per output channel, 7 bits for any AVX2 CPU, int8 activations
+    calibrated on the calibration batches), where the model so measured costs less; it recovers with fake
+    quantization on (QAT), and ``export(..., format="onnx")`` then writes the integer graph. Those layers are
+    quantized layers from setup on, computing in float until then, and float again at the end of fit if no such
+    level was kept.
 
     Args:
         objective: what to minimize: ``"compressed_bytes"``, the bytes of ``export(..., format="compressed")``
             (methods ``"pruning"``, ``"clustering"``), or ``"macs"``, the multiply-accumulates of a forward pass
             on the module's ``example_input_array`` (else the first training batch) (method ``"channels"``: whole output channels pruned, removed at the end of fit),
-            ``"onnx_bytes"``, the bytes of its ONNX graph (what a runtime loads; method ``"channels"``, each
-            candidate exported), or ``"latency"``, the microseconds of a forward pass of ``latency_batch_size``
-            samples in ONNX Runtime on this machine, one thread (method ``"channels"``; each candidate exported
-            and timed beside the dense model in interleaved rounds).
+            ``"onnx_bytes"``, the bytes of its ONNX graph (what a runtime loads; methods ``"channels"`` and
+            ``"int8"``, each candidate exported), or ``"latency"``, the microseconds of a forward pass of
+            ``latency_batch_size`` samples in ONNX Runtime on this machine, one thread (methods ``"channels"`` and
+            ``"int8"``; each candidate exported and timed beside the dense model in interleaved rounds).
         max_accuracy_drop: how far ``monitor`` may fall below the dense model's (rise above it for
             ``mode="min"``), in its own units: 0.005 is half a point of an accuracy in [0, 1].
         monitor: a metric the LightningModule logs in validation (``ClassificationModule`` logs ``val/acc``).
         mode: ``"max"`` when higher is better, ``"min"`` when lower is.
         methods: what may be done to a layer (by default all the objective's): ``"pruning"`` (unstructured, by
-            magnitude, every output unit keeps a weight), ``"clustering"`` (shared values, k-means) or
-            ``"channels"`` (fractions of a layer's output channels, by L2 norm, with all they touch).
+            magnitude, every output unit keeps a weight), ``"clustering"`` (shared values, k-means),
+            ``"channels"`` (fractions of a layer's output channels, by L2 norm, with all they touch) or ``"int8"``
+            (every targeted layer in 8-bit integers, see above).
         teacher: distil from the dense model during recovery.
         recovery_epochs: epochs each level trains before its validation decides.
         calibration_batches: training batches the candidate settings are measured on.
@@ -302,7 +310,13 @@ class AutoCompression(L.Callback):
                 "first batch is then traced"
             )
         self._objective = objective_for(
-            self.objective, pl_module, layers, example, seed=self.seed, latency_batch_size=self.latency_batch_size
+            self.objective,
+            pl_module,
+            layers,
+            example,
+            seed=self.seed,
+            latency_batch_size=self.latency_batch_size,
+            int8=INT8_METHOD in self.methods,
         )
         trainer.num_sanity_val_steps = math.inf  # the reference: the dense model on the whole validation set
 
@@ -358,9 +372,12 @@ class AutoCompression(L.Callback):
         """The next level's plan: of the current method, or once its levels are done, of the next one; ``None``
         when the search is over. Measures the current method's settings on the model where they are missing."""
         while True:
-            if not self.options:
-                self._measure(pl_module)
-            plan = self._plan_within_method()
+            if self.methods[self._stage] == INT8_METHOD:
+                plan = self._int8_plan()
+            else:
+                if not self.options:
+                    self._measure(pl_module)
+                plan = self._plan_within_method()
             if plan is not None:
                 return plan
             if self._rejected_ratio is not None:  # the method's next round starts with its finest step
@@ -383,6 +400,15 @@ class AutoCompression(L.Callback):
         self._accepted = {name: replace(c, cost=self.options[name][0].cost) for name, c in self._accepted.items()}
         self._dense = self._dense or self._objective.predicted(self._accepted)
         self.measure_seconds += time.perf_counter() - start
+
+    def _int8_plan(self) -> dict[str, Candidate] | None:
+        """Every layer in 8 bits, its channels as they are: once a round where it pays, unless the model already is."""
+        tried = any(level.method == INT8_METHOD for level in self.history[self._round_start :])
+        if tried or any(candidate.setting.bits == 8 for candidate in self._accepted.values()):
+            return None
+        self._dense = self._dense or self._objective.predicted(self._accepted)
+        plan = {layer: replace(c, setting=replace(c.setting, bits=8)) for layer, c in self._accepted.items()}
+        return plan if self._ratio(plan) > self.accepted_ratio else None
 
     def _plan_within_method(self) -> dict[str, Candidate] | None:
         """The least predicted damage at the next byte budget of the current method, or ``None`` past its last."""
@@ -433,12 +459,14 @@ class AutoCompression(L.Callback):
             for layer, candidate in plan.items()
             if candidate.setting != self._accepted[layer].setting
         }
-        self._objective.apply(changed)
+        self._objective.apply(changed, self._batches)
         self._phase = (trainer.current_epoch, self.methods[self._stage], plan)
         rank_zero_info(
             f"AutoCompression level {len(self.history) + 1} ({self.methods[self._stage]}): {self._ratio(plan):.1f}x "
             f"less {self.objective} (predicted), "
-            + ", ".join(f"{layer} {_described(c.setting)}" for layer, c in plan.items())
+            + ", ".join(
+                f"{layer} {_described(c.setting, self.objective != 'compressed_bytes')}" for layer, c in plan.items()
+            )
         )
 
     def _allowed_drop(self) -> float:
@@ -600,8 +628,8 @@ def _candidate(row: list[Any]) -> Candidate:
     return Candidate(layer, LayerSetting(sparsity, bits, channels), damage, cost)
 
 
-def _described(setting: LayerSetting) -> str:
-    if setting.channels:
-        return f"{setting.channels:.1%} of its channels pruned"
+def _described(setting: LayerSetting, channels: bool) -> str:
+    if channels:
+        return f"{setting.channels:.1%} of its channels pruned" + (", int8" if setting.bits == 8 else "")
     bits = "float" if setting.bits is None else f"{setting.bits}-bit shared values"
     return f"{setting.sparsity:.0%} pruned, {bits}"

@@ -72,7 +72,7 @@ def pruned_macs(macs: Mapping[str, int], other: int, masks: Mapping[str, torch.T
 
 def channel_settings(current: LayerSetting, units: int) -> list[LayerSetting]:
     """``current`` and the larger fractions of :data:`CHANNEL_FRACTIONS` of a group of ``units`` channels, each a
-    different count of whole channels, at least one kept.
+    different count of whole channels, at least one kept (in ``current``'s bits).
 
     Example:
         >>> [s.channels for s in channel_settings(LayerSetting(channels=0.5), units=4)]
@@ -80,7 +80,8 @@ def channel_settings(current: LayerSetting, units: int) -> list[LayerSetting]:
     """
     counts = sorted({round(fraction * units) for fraction in CHANNEL_FRACTIONS})
     pruned = round(current.channels * units)
-    return [current, *(LayerSetting(channels=count / units) for count in counts if pruned < count < units)]
+    further = (LayerSetting(bits=current.bits, channels=count / units) for count in counts if pruned < count < units)
+    return [current, *further]
 
 
 class ChannelMasks:

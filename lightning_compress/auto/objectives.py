@@ -26,6 +26,7 @@ from lightning_compress.auto.channels import (
     measure_channel_candidates,
     pruned_macs,
 )
+from lightning_compress.auto.integer import Int8Layers
 from lightning_compress.auto.realization import CompressedWeights
 from lightning_compress.auto.sensitivity import Candidate, PredictionDamage, measure_candidates
 from lightning_compress.auto.settings import LayerSetting, next_settings
@@ -34,13 +35,15 @@ from lightning_compress.deploy.compressed import compressed_bytes, tensor_bytes
 from lightning_compress.deploy.onnx import OnnxRuntimeModel, onnx_bytes
 from lightning_compress.modules import eval_mode, model_copy
 from lightning_compress.pruning.structured import ChannelGroups
+from lightning_compress.quantization.calibration import calibrate
+from lightning_compress.quantization.layers import set_quantization
 
 #: The methods each objective may use, in the order it applies them (its default ``methods``).
 OBJECTIVE_METHODS = {
     "compressed_bytes": ("pruning", "clustering"),
-    "onnx_bytes": ("channels",),
+    "onnx_bytes": ("channels", "int8"),
     "macs": ("channels",),
-    "latency": ("channels",),
+    "latency": ("channels", "int8"),
 }
 OBJECTIVES = tuple(OBJECTIVE_METHODS)
 #: What each objective's figures count, for people.
@@ -78,8 +81,8 @@ class Objective(Protocol):
     def layer_prediction(self, candidate: Candidate) -> int:
         """The own part of the cost predicted for ``candidate``, just applied to its layer."""
 
-    def apply(self, plan: Mapping[str, LayerSetting]) -> None:
-        """Compress each named layer to its setting, from where it stands."""
+    def apply(self, plan: Mapping[str, LayerSetting], batches: Sequence[ModelInputs]) -> None:
+        """Compress each named layer to its setting, from where it stands (``batches`` calibrate what needs it)."""
 
     def keep(self) -> None:
         """Put what the plan compressed back as it says (after each optimizer step)."""
@@ -103,7 +106,7 @@ class Realized:
 
     realization: CompressedWeights | ChannelMasks
 
-    def apply(self, plan: Mapping[str, LayerSetting]) -> None:
+    def apply(self, plan: Mapping[str, LayerSetting], batches: Sequence[ModelInputs]) -> None:
         self.realization.apply(plan)
 
     def keep(self) -> None:
@@ -191,8 +194,8 @@ class ChannelMACs(Realized):
     def settings(self, method: str, current: LayerSetting, layer: str) -> list[LayerSetting]:
         return channel_settings(current, self.channels.units[layer])
 
-    def costs(self, kept: Sequence[Mapping[str, torch.Tensor]]) -> list[int]:
-        """The model's MACs with each of ``kept`` (the kept channels of every group) removed."""
+    def costs(self, kept: Sequence[Mapping[str, torch.Tensor]], int8: bool = False) -> list[int]:
+        """The model's MACs with each of ``kept`` (the kept channels of every group) removed (8 bits or not)."""
         return [pruned_macs(*self.macs, self.channels.groups.masks(dict(channels))) for channels in kept]
 
     def measure(
@@ -201,7 +204,7 @@ class ChannelMACs(Realized):
         with eval_mode(model):
             table = measure_channel_candidates(self.channels, settings, PredictionDamage(model, batches))
         rows = [(group, setting, damage, kept) for group, found in table.items() for setting, damage, kept in found[1:]]
-        base, *costs = self.costs([self.channels.kept, *(kept for *_, kept in rows)])
+        base, *costs = self.costs([self.channels.kept, *(kept for *_, kept in rows)], int8=self.int8_on)
         options = {group: [Candidate(group, found[0][0], 0.0, 0)] for group, found in table.items()}
         for (group, setting, damage, _), cost in zip(rows, costs):
             options[group].append(Candidate(group, setting, damage, cost - base))
@@ -210,10 +213,15 @@ class ChannelMACs(Realized):
     def predicted(self, plan: Mapping[str, Candidate]) -> int:
         """The model's cost with every group as ``plan`` says, all at once (unlike the summed costs)."""
         kept = {group: self.channels.kept_channels(group, c.setting) for group, c in plan.items()}
-        return self.costs([{**self.channels.kept, **kept}])[0]
+        return self.costs([{**self.channels.kept, **kept}], int8=any(c.setting.bits == 8 for c in plan.values()))[0]
 
     def total(self, model: nn.Module) -> int:
-        return self.costs([self.channels.kept])[0]
+        return self.costs([self.channels.kept], int8=self.int8_on)[0]
+
+    @property
+    def int8_on(self) -> bool:
+        """Whether the model computes in 8 bits (never, for MACs)."""
+        return False
 
     def layer_cost(self, layer: str) -> int:
         return pruned_macs({layer: self.macs[0][layer]}, 0, self.channels.masks)
@@ -229,22 +237,64 @@ class ChannelMACs(Realized):
 
 class RemovedChannels(ChannelMACs):
     """The channel objectives measured on the model with the channels removed for real: a copy on the CPU, cut by
-    Torch-Pruning (:meth:`removed`); what :meth:`costs` measures of it is the subclass's."""
+    Torch-Pruning (:meth:`removed`), in 8 bits where asked; what :meth:`measured` measures of it is the subclass's.
+    With ``int8`` the targeted layers may go to 8 bits (the ``int8`` method, see :class:`Int8Layers`). Each
+    model's cost is measured once (the same channels and bits cost the same)."""
 
-    def __init__(self, model: nn.Module, layers: Mapping[str, nn.Module], example_input: ModelInputs) -> None:
+    def __init__(
+        self, model: nn.Module, layers: Mapping[str, nn.Module], example_input: ModelInputs, int8: bool = False
+    ) -> None:
+        self.int8 = Int8Layers(model, layers) if int8 else None  # before the channel groups trace the layers
         super().__init__(model, layers, example_input)
         self.model, self.layer_names = model, list(layers)
         self.example = map_inputs(example_input, lambda tensor: tensor.cpu())
+        self._known: dict[tuple[Any, ...], int] = {}
 
-    def removed(self, kept: Mapping[str, torch.Tensor]) -> nn.Module:
-        """A copy of the model on the CPU with the channels ``kept`` leaves out removed."""
+    @property
+    def int8_on(self) -> bool:
+        return self.int8 is not None and self.int8.on
+
+    def removed(self, kept: Mapping[str, torch.Tensor], int8: bool = False) -> nn.Module:
+        """A copy of the model on the CPU with the channels ``kept`` leaves out removed, in 8 bits if ``int8`` (ranges
+        the model has not calibrated yet observed on the traced input: what is timed and stored does not depend on
+        them)."""
         with torch.inference_mode(False), torch.enable_grad():  # Torch-Pruning traces with autograd
             smaller = model_copy(self.model).cpu().float()
             modules = dict(smaller.named_modules())
             if kept:
                 layers = {name: modules[name] for name in self.layer_names}
                 ChannelGroups(smaller, self.example, layers).remove(dict(kept))
-            return smaller
+        if int8 and not self.int8_on:
+            calibrate(smaller, [(self.example,)])
+        elif not int8 and self.int8_on:
+            set_quantization(smaller, enabled=False)
+        return smaller
+
+    def costs(self, kept: Sequence[Mapping[str, torch.Tensor]], int8: bool = False) -> list[int]:
+        """The model's cost with each of ``kept`` removed, in 8 bits if ``int8``: measured where not known yet."""
+        keys = [(int8, *sorted((group, channels.numpy().tobytes()) for group, channels in k.items())) for k in kept]
+        missing = {key: channels for key, channels in zip(keys, kept) if key not in self._known}
+        if missing:
+            found = self.measured([self.removed(channels, int8) for channels in missing.values()])
+            self._known |= dict(zip(missing, found))
+        return [self._known[key] for key in keys]
+
+    def measured(self, models: Sequence[nn.Module]) -> list[int]:
+        """What the objective counts of each of ``models``."""
+        raise NotImplementedError
+
+    def apply(self, plan: Mapping[str, LayerSetting], batches: Sequence[ModelInputs]) -> None:
+        """Prune each named group to its setting's channels; switch 8 bits on (calibrated on ``batches``) where the
+        plan first asks for them."""
+        super().apply(plan, batches)
+        if any(setting.bits == 8 for setting in plan.values()) and not self.int8_on:
+            self.int8.switch_on(batches)
+
+    def finish(self) -> None:
+        """Remove the pruned channels; a model that never kept 8 bits gets its float layers back."""
+        super().finish()
+        if self.int8 is not None and not self.int8.on:
+            self.int8.to_float()
 
 
 class ChannelONNXBytes(RemovedChannels):
@@ -262,9 +312,9 @@ class ChannelONNXBytes(RemovedChannels):
         True
     """
 
-    def costs(self, kept: Sequence[Mapping[str, torch.Tensor]]) -> list[int]:
-        """The bytes of the model's ONNX graph with each of ``kept`` removed."""
-        return [len(onnx_bytes(self.removed(channels), self.example)) for channels in kept]
+    def measured(self, models: Sequence[nn.Module]) -> list[int]:
+        """The bytes of each model's ONNX graph."""
+        return [len(onnx_bytes(model, self.example)) for model in models]
 
 
 class ChannelLatency(RemovedChannels):
@@ -292,16 +342,17 @@ class ChannelLatency(RemovedChannels):
         example_input: ModelInputs,
         batch_size: int = 256,
         repeats: int = 20,
+        int8: bool = False,
     ) -> None:
-        super().__init__(model, layers, example_input)
+        super().__init__(model, layers, example_input, int8)
         self.repeats = repeats
         self.example = map_inputs(self.example, lambda tensor: tensor[torch.arange(batch_size) % len(tensor)])
-        self.dense = self._runtime({})
+        self.dense = self._runtime(self.removed({}, int8=False))
         self.dense_microseconds = self._timed({"dense": self.dense})["dense"]
 
-    def _runtime(self, kept: Mapping[str, torch.Tensor]) -> OnnxRuntimeModel:
-        """The model with ``kept``'s pruned channels removed, in an ONNX Runtime session of one thread."""
-        return OnnxRuntimeModel.from_module(self.removed(kept), self.example, num_threads=1)
+    def _runtime(self, model: nn.Module) -> OnnxRuntimeModel:
+        """``model`` in an ONNX Runtime session of one thread."""
+        return OnnxRuntimeModel.from_module(model, self.example, num_threads=1)
 
     def _timed(self, runtimes: Mapping[str, OnnxRuntimeModel]) -> dict[str, float]:
         results = measure_latencies(
@@ -309,12 +360,12 @@ class ChannelLatency(RemovedChannels):
         )
         return {name: 1000.0 * result.median_ms for name, result in results.items()}
 
-    def costs(self, kept: Sequence[Mapping[str, torch.Tensor]]) -> list[int]:
-        """The model's microseconds with each of ``kept`` removed: timed beside the dense model, scaled to it."""
-        runtimes = {str(index): self._runtime(channels) for index, channels in enumerate(kept)}
+    def measured(self, models: Sequence[nn.Module]) -> list[int]:
+        """Each model's microseconds: timed beside the dense model, scaled to its first time."""
+        runtimes = {str(index): self._runtime(model) for index, model in enumerate(models)}
         timed = self._timed({"dense": self.dense, **runtimes})
         scale = self.dense_microseconds / timed["dense"]
-        return [round(timed[str(index)] * scale) for index in range(len(kept))]
+        return [round(timed[str(index)] * scale) for index in range(len(models))]
 
 
 def objective_for(
@@ -324,9 +375,11 @@ def objective_for(
     example_input: ModelInputs | None,
     seed: int = 0,
     latency_batch_size: int = 256,
+    int8: bool = False,
 ) -> Objective:
     """The objective ``name`` of :data:`OBJECTIVES` for ``model``'s ``layers``: the channel objectives trace the model
-    on ``example_input`` (a training batch); ``seed`` is k-means' and ``latency_batch_size`` the timed batch.
+    on ``example_input`` (a training batch); ``seed`` is k-means' and ``latency_batch_size`` the timed batch;
+    ``int8``: the layers may go to 8 bits (the ``int8`` method of ``latency`` and ``onnx_bytes``).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -336,5 +389,7 @@ def objective_for(
     if name == "compressed_bytes":
         return CompressedBytes(model, layers, seed)
     if name == "latency":
-        return ChannelLatency(model, layers, example_input, latency_batch_size)
-    return {"macs": ChannelMACs, "onnx_bytes": ChannelONNXBytes}[name](model, layers, example_input)
+        return ChannelLatency(model, layers, example_input, latency_batch_size, int8=int8)
+    if name == "onnx_bytes":
+        return ChannelONNXBytes(model, layers, example_input, int8)
+    return ChannelMACs(model, layers, example_input)

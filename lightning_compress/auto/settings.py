@@ -17,7 +17,7 @@ from lightning_compress.pruning.criteria import element_scores
 from lightning_compress.pruning.masks import forget_pruned, rank_masks
 
 #: The methods AutoCompression chooses among (each objective its own, see ``OBJECTIVE_METHODS``).
-METHODS = ("pruning", "clustering", "channels")
+METHODS = ("pruning", "clustering", "channels", "int8")
 #: Sparsities a layer may be pruned to (those that would empty an output unit are left out per layer).
 SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 #: Bits of the shared values' indices (``None``: each weight keeps its own float value).
@@ -29,7 +29,8 @@ ESTIMATE_SAMPLES = 4096
 @dataclass(frozen=True)
 class LayerSetting:
     """One layer's compression: ``sparsity`` of its weights pruned, its non-zeros in ``2**bits`` shared values;
-    or, for a channel group, ``channels`` of its output channels pruned.
+    or, for a channel group, ``channels`` of its output channels pruned, and ``bits=8`` where the model's layers
+    compute in 8-bit integers (the ``int8`` method).
 
     Example:
         >>> LayerSetting(sparsity=0.9, bits=4).clusters
