@@ -41,6 +41,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> ClassificationModule:
     return module
 
 
+def fit_saving_every_epoch(
+    folder, auto: AutoCompression, trained: L.LightningModule, max_epochs: int, ckpt_path: str | None
+) -> L.LightningModule:
+    """A copy of ``trained`` compressed by ``auto`` (resumed from ``ckpt_path``), a checkpoint saved every epoch."""
+    module = copy.deepcopy(trained)
+    L.seed_everything(0)
+    every_epoch = ModelCheckpoint(dirpath=folder, save_top_k=-1, filename="{epoch}")
+    quiet_trainer(folder, [auto, every_epoch], max_epochs=max_epochs).fit(
+        module, datamodule=DigitsDataModule(), ckpt_path=ckpt_path
+    )
+    return module
+
+
 def compress(tmp_path, module: L.LightningModule, auto: AutoCompression, max_epochs: int) -> L.Trainer:
     L.seed_everything(0)
     trainer = quiet_trainer(tmp_path, [auto], max_epochs=max_epochs, enable_checkpointing=False)
@@ -232,16 +245,8 @@ def test_a_resumed_search_equals_an_uninterrupted_one_and_its_checkpoint_runs_no
     second."""
 
     def fit(folder: str, ckpt_path: str | None = None) -> tuple[AutoCompression, ClassificationModule]:
-        auto, module = (
-            AutoCompression(max_accuracy_drop=0.02, recovery_epochs=2, calibration_batches=2),
-            copy.deepcopy(trained),
-        )
-        L.seed_everything(0)
-        every_epoch = ModelCheckpoint(dirpath=tmp_path / folder, save_top_k=-1, filename="{epoch}")
-        quiet_trainer(tmp_path / folder, [auto, every_epoch], max_epochs=6).fit(
-            module, datamodule=DigitsDataModule(), ckpt_path=ckpt_path
-        )
-        return auto, module
+        auto = AutoCompression(max_accuracy_drop=0.02, recovery_epochs=2, calibration_batches=2)
+        return auto, fit_saving_every_epoch(tmp_path / folder, auto, trained, max_epochs=6, ckpt_path=ckpt_path)
 
     straight, whole = fit("straight")
     assert len(straight.history) == 3
@@ -442,13 +447,7 @@ def test_a_search_resumed_inside_its_int8_level_equals_an_uninterrupted_one(tmp_
 
     def fit(folder: str, ckpt_path: str | None = None) -> tuple[AutoCompression, ClassificationModule]:
         auto = AutoCompression(objective="onnx_bytes", methods=["int8"], max_accuracy_drop=0.05, calibration_batches=2)
-        module = copy.deepcopy(trained)
-        L.seed_everything(0)
-        every_epoch = ModelCheckpoint(dirpath=tmp_path / folder, save_top_k=-1, filename="{epoch}")
-        quiet_trainer(tmp_path / folder, [auto, every_epoch], max_epochs=3).fit(
-            module, datamodule=DigitsDataModule(), ckpt_path=ckpt_path
-        )
-        return auto, module
+        return auto, fit_saving_every_epoch(tmp_path / folder, auto, trained, max_epochs=3, ckpt_path=ckpt_path)
 
     straight, whole = fit("straight")
     resumed, continued = fit("resumed", str(tmp_path / "straight" / "epoch=0.ckpt"))
