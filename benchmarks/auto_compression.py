@@ -7,7 +7,7 @@ For each seed, LeNet-300-100 trains dense for ``--epochs`` epochs (Adam 1e-3, ba
 
 - the hand recipe (``experiment=deep_compression``): ``Pruning(0.92)`` by global magnitude on an AGP schedule over
   epochs 3-10, ``WeightClustering(16, init="linear")`` from epoch 14, ``--epochs`` epochs in all;
-- ``AutoCompression(objective="compressed_bytes", max_accuracy_drop=--budget, monitor="val/acc")``, which chooses
+- ``AutoCompression(objective="compressed_bytes", max_accuracy_drop=--budget, confidence=--confidence)``, which chooses
   each layer's sparsity and shared values itself and stops when its search ends, within ``--auto-epochs`` epochs.
 
 The test set is used once per model, at the end. Records the test accuracy, the bytes of the compressed file
@@ -75,7 +75,12 @@ def auto_compression(
 ) -> tuple[ClassificationModule, dict]:
     module = copy.deepcopy(dense)
     L.seed_everything(seed)
-    auto = AutoCompression(max_accuracy_drop=args.budget, monitor="val/acc", recovery_epochs=args.recovery_epochs)
+    auto = AutoCompression(
+        max_accuracy_drop=args.budget,
+        monitor="val/acc",
+        recovery_epochs=args.recovery_epochs,
+        confidence=args.confidence,
+    )
     trainer = cpu_trainer(args.auto_epochs, [auto])
     start = time.perf_counter()
     trainer.fit(module, datamodule=data(seed, args))
@@ -138,7 +143,7 @@ def markdown(runs: list[dict], args: argparse.Namespace) -> str:
         f"LeNet-300-100 on Fashion-MNIST ({args.val_fraction:.3g} of the training images held out for validation), "
         f"dense {args.epochs} epochs (test {100 * dense:.2f}%), then from the same weights: "
         f"the hand Deep Compression recipe ({args.epochs} epochs) and AutoCompression (objective compressed_bytes, budget "
-        f"{100 * args.budget:.1f} point of validation accuracy, levels of {args.recovery_epochs} epochs, at most "
+        f"{100 * args.budget:.1f} point of validation accuracy, confidence {args.confidence}, levels of {args.recovery_epochs} epochs, at most "
         f"{args.auto_epochs}); median of seeds {args.seeds}. Ratio: the dense float32 state dict's bytes over the "
         "compressed file's. CPU: " + ", ".join(f"{key} {value}" for key, value in cpu_flags().items()) + ".",
         "",
@@ -163,6 +168,7 @@ def main() -> None:
     parser.add_argument("--auto-epochs", type=int, default=36, help="AutoCompression's most epochs")
     parser.add_argument("--recovery-epochs", type=int, default=2)
     parser.add_argument("--budget", type=float, default=0.005)
+    parser.add_argument("--confidence", type=float, default=None, help="AutoCompression's (None: the drop itself)")
     parser.add_argument(
         "--val-fraction", type=float, default=1 / 6, help="of the training images, held out for validation"
     )

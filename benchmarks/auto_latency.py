@@ -8,9 +8,10 @@ images less ``--val-fraction`` held out for validation. From a copy of those wei
   weights by global magnitude on an AGP schedule; ``compression/quantization=int8_qat``: 8-bit weights and
   activations), over ``--hand-epochs`` epochs with the quantization's epochs scaled as the main job places them
   in its 20 (from the middle, observers and BatchNorm frozen at 80%); exported as an int8 ONNX graph;
-- ``AutoCompression(objective="latency", max_accuracy_drop=--budget)``, which removes whole channels layer by layer
-  where ONNX Runtime's time at batch 256 (one thread) drops the most for the least damage, within
-  ``--auto-epochs``; exported as a float ONNX graph of the smaller model.
+- ``AutoCompression(objective="latency", max_accuracy_drop=--budget, confidence=--confidence)``, which removes whole
+  channels layer by layer where ONNX Runtime's time at batch 256 (one thread) drops the most for the least damage
+  and takes the layers to int8 where that is faster, within ``--auto-epochs``; exported as the ONNX graph of the
+  smaller model (integer where it kept int8).
 
 The test set is used once per model, at the end. The three graphs (dense, hand, auto) are then timed together in a
 new process, in interleaved shuffled rounds (1 and 2 threads, batch 1 and 256). Writes
@@ -87,7 +88,11 @@ def auto_compression(
     module = copy.deepcopy(dense)
     L.seed_everything(seed)
     auto = AutoCompression(
-        objective="latency", max_accuracy_drop=args.budget, monitor="val/acc", recovery_epochs=args.recovery_epochs
+        objective="latency",
+        max_accuracy_drop=args.budget,
+        monitor="val/acc",
+        recovery_epochs=args.recovery_epochs,
+        confidence=args.confidence,
     )
     trainer = cpu_trainer(args.auto_epochs, [auto])
     start = time.perf_counter()
@@ -149,8 +154,8 @@ def markdown(runs: list[dict], args: argparse.Namespace) -> str:
         f"{args.epochs} epochs (test {100 * median('dense', 'test_accuracy'):.2f}%), then from the same weights: the main "
         f"job's hand `pruning+quantization` stage (agp90 + int8_qat, {args.hand_epochs} epochs, int8 ONNX) and "
         f"AutoCompression (objective latency: ONNX Runtime, 1 thread, batch 256; budget {100 * args.budget:.1f} point "
-        f"of validation accuracy, levels of {args.recovery_epochs} epochs, at most {args.auto_epochs}; float ONNX with "
-        f"the channels removed); median of seeds {seeds}. Latency: ONNX Runtime, each graph timed with the others in "
+        f"of validation accuracy, confidence {args.confidence}, levels of {args.recovery_epochs} epochs, at most "
+        f"{args.auto_epochs}; methods channels and int8, ONNX with the channels removed); median of seeds {seeds}. Latency: ONNX Runtime, each graph timed with the others in "
         "interleaved shuffled rounds in a fresh process; ratios to the dense graph. CPU: "
         + ", ".join(f"{key} {value}" for key, value in cpu_flags().items())
         + ".",
@@ -184,6 +189,7 @@ def main() -> None:
     parser.add_argument("--auto-epochs", type=int, default=12, help="AutoCompression's most epochs")
     parser.add_argument("--recovery-epochs", type=int, default=2)
     parser.add_argument("--budget", type=float, default=0.005)
+    parser.add_argument("--confidence", type=float, default=None, help="AutoCompression's (None: the drop itself)")
     parser.add_argument("--val-fraction", type=float, default=1 / 6)
     parser.add_argument("--train-samples", type=int, default=None, help="fewer training images (a quick check)")
     parser.add_argument("--idx-dir", default="/usr/share/datasets/fashion-mnist")

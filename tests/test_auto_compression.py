@@ -19,6 +19,7 @@ from lightning_compress import AutoCompression, ClassificationModule, compressed
 from lightning_compress.analysis import count_macs
 from lightning_compress.auto import LayerSetting, least_damage_plan, measure_candidates
 from lightning_compress.auto.integer import Int8Layers
+from lightning_compress.auto.margin import standard_errors, validation_classes
 from lightning_compress.auto.objectives import ChannelLatency, ChannelONNXBytes
 from lightning_compress.auto.settings import next_settings
 from lightning_compress.auto.teacher import TeacherGradient
@@ -70,6 +71,7 @@ def compress(tmp_path, module: L.LightningModule, auto: AutoCompression, max_epo
         ({"max_accuracy_drop": math.nan}, r"max_accuracy_drop must be a number in \(0, 1\).*got nan"),
         ({"methods": ["pruning", "distillation"]}, r"methods must be a non-empty list of pruning, clustering"),
         ({"methods": []}, r"methods must be a non-empty list"),
+        ({"confidence": 0.3}, r"confidence must be None or a number in \[0.5, 1\)"),
         ({"mode": "maximum"}, r"mode must be one of max, min; got 'maximum'"),
         ({"recovery_epochs": 0}, r"recovery_epochs must be an int >= 1; got 0"),
     ],
@@ -456,3 +458,31 @@ def test_a_search_resumed_inside_its_int8_level_equals_an_uninterrupted_one(tmp_
     assert whole.state_dict().keys() == continued.state_dict().keys()
     for name, value in whole.state_dict().items():
         assert torch.equal(value, continued.state_dict()[name]), name
+
+
+def test_with_confidence_a_level_is_kept_only_where_its_drop_and_margin_fit_the_budget(tmp_path, trained) -> None:
+    """On the digits' 144 validation images each changed prediction adds z / 144 to a level's margin: its square
+    times (144 / z)^2 counts them, a whole number."""
+    module = copy.deepcopy(trained)
+    auto = AutoCompression(max_accuracy_drop=0.02, confidence=0.9, recovery_epochs=1, calibration_batches=2)
+    compress(tmp_path, module, auto, max_epochs=4)
+    levels = [level for level in auto.history if level.method != "recovery"]
+    assert any(level.margin > 0 for level in levels)
+    for level in levels:
+        changed = (level.margin * 144 / standard_errors(0.9)) ** 2
+        assert abs(changed - round(changed)) < 1e-6
+        assert level.accepted == (level.drop + level.margin <= level.allowed_drop + 1e-12)
+
+
+def test_confidence_refuses_a_shuffled_validation_set_and_outputs_that_are_not_class_scores() -> None:
+    images, labels = torch.randn(8, 4), torch.arange(8) % 2
+
+    class Trainer:
+        val_dataloaders = DataLoader(TensorDataset(images, labels), batch_size=4, shuffle=True)
+
+    with pytest.raises(ValueError, match="give a validation dataloader that is not shuffled"):
+        validation_classes(Trainer(), nn.Linear(4, 2))
+    Trainer.val_dataloaders = DataLoader(TensorDataset(images, labels), batch_size=4)
+    assert validation_classes(Trainer(), nn.Linear(4, 2)).shape == (8,)
+    with pytest.raises(ValueError, match=r"class scores of shape \(batch, classes\), got \(4, 2, 1\)"):
+        validation_classes(Trainer(), nn.Sequential(nn.Linear(4, 2), nn.Unflatten(1, (2, 1))))

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_compress.arguments import check_argument, is_int, is_number
 from lightning_compress.auto.allocation import cheapest_plan, least_damage_plan, plan_cost
 from lightning_compress.auto.integer import INT8_METHOD
+from lightning_compress.auto.margin import drop_margin, standard_errors, validation_classes
 from lightning_compress.auto.objectives import OBJECTIVE_METHODS, OBJECTIVES, UNITS, Objective, objective_for
 from lightning_compress.auto.sensitivity import Candidate
 from lightning_compress.auto.settings import LayerSetting
@@ -63,11 +64,12 @@ class Level:
     """One level tried: the method it went further with (or ``"recovery"``, an epoch of the kept level after the
     search), its first epoch, the predicted ratio of the dense model's objective to its own, its objective
     (predicted, and measured: the compressed file's bytes, the MACs, or the microseconds), the monitored metric
-    after recovery, its drop from the dense model's, the drop it was allowed (see ``AutoCompression``), and
-    whether it was kept (within that drop; for a recovery epoch, better than the kept level).
+    after recovery, its drop from the dense model's, the drop it was allowed (see ``AutoCompression``), whether it
+    was kept (its drop plus its margin within that drop; for a recovery epoch, better than the kept level), and
+    the margin of error its drop was given (``confidence``; 0 without).
 
     Example:
-        >>> Level(1, "pruning", 0, 2.0, 532_000, 498_311, 0.971, 0.002, 0.0025, True).accepted
+        >>> Level(1, "pruning", 0, 2.0, 532_000, 498_311, 0.971, 0.002, 0.0025, True, 0.0004).accepted
         True
     """
 
@@ -81,6 +83,7 @@ class Level:
     drop: float
     allowed_drop: float
     accepted: bool
+    margin: float = 0.0
 
 
 class AutoCompression(L.Callback):
@@ -142,6 +145,11 @@ class AutoCompression(L.Callback):
             magnitude, every output unit keeps a weight), ``"clustering"`` (shared values, k-means),
             ``"channels"`` (fractions of a layer's output channels, by L2 norm, with all they touch) or ``"int8"``
             (every targeted layer in 8-bit integers, see above).
+        confidence: keep a level only where its drop is within the budget at this one-sided confidence, for an
+            accuracy ``monitor`` of a classifier: its drop plus that many standard errors, each at most
+            ``sqrt(d) / n`` for the ``d`` of the ``n`` validation samples whose predicted class differs from the
+            dense model's (see ``auto.margin``); ``None``: the drop itself (the validation set's noise then lets
+            a level at the budget's edge lose more on other data).
         teacher: distil from the dense model during recovery.
         recovery_epochs: epochs each level trains before its validation decides.
         calibration_batches: training batches the candidate settings are measured on.
@@ -164,6 +172,7 @@ class AutoCompression(L.Callback):
         monitor: str = "val/acc",
         mode: str = "max",
         methods: Sequence[str] | None = None,
+        confidence: float | None = None,
         teacher: bool = True,
         recovery_epochs: int = 2,
         calibration_batches: int = 8,
@@ -192,6 +201,12 @@ class AutoCompression(L.Callback):
             bool(methods) and not unknown,
             f"a non-empty list of {', '.join(allowed)} for {objective}",
         )
+        check_argument(
+            "confidence",
+            confidence,
+            confidence is None or (is_number(confidence) and 0.5 <= confidence < 1.0),
+            "None or a number in [0.5, 1): the one-sided confidence that a kept level's drop is within the budget",
+        )
         check_argument("teacher", teacher, isinstance(teacher, bool), "True or False")
         check_argument(
             "recovery_epochs", recovery_epochs, is_int(recovery_epochs) and recovery_epochs >= 1, "an int >= 1"
@@ -216,6 +231,7 @@ class AutoCompression(L.Callback):
         self.monitor = monitor
         self.mode = mode
         self.methods = tuple(method for method in allowed if method in methods)  # e.g. pruning first, then clustering
+        self.confidence = None if confidence is None else float(confidence)
         self.teacher = teacher
         self.recovery_epochs = int(recovery_epochs)
         self.calibration_batches = int(calibration_batches)
@@ -251,6 +267,7 @@ class AutoCompression(L.Callback):
         self._phase: tuple[int, str, dict[str, Candidate]] | None = None
         self._snapshot: dict[str, Any] = {}
         self._teacher_state: dict[str, torch.Tensor] | None = None
+        self._reference_classes: torch.Tensor | None = None  # the dense model's on validation (confidence)
         self._handles: list[Any] = []
 
     # --- what the user reads -------------------------------------------------------------------------
@@ -355,6 +372,8 @@ class AutoCompression(L.Callback):
             self._accepted = {name: Candidate(name, LayerSetting(), 0.0, 0) for name in self._objective.layers}
             self._predicted = {name: self._objective.layer_cost(name) for name in self._objective.layers}
             self._snapshot = self._take_snapshot(trainer, pl_module)
+        if self.confidence is not None and self._reference_classes is None:
+            self._reference_classes = validation_classes(trainer, pl_module)
         if self.teacher:
             teacher = model_copy(pl_module)
             teacher.load_state_dict(self._teacher_state)
@@ -497,11 +516,15 @@ class AutoCompression(L.Callback):
         metric = self._metric(trainer)
         drop = self.reference - metric if self.mode == "max" else metric - self.reference
         allowed = self._allowed_drop()
+        margin = 0.0
         if method == RECOVERY:
             kept = next(level.metric for level in reversed(self.history) if level.accepted)
             accepted = metric > kept if self.mode == "max" else metric < kept
         else:
-            accepted = drop <= allowed + 1e-12
+            if self.confidence is not None:
+                errors = standard_errors(self.confidence)
+                margin = drop_margin(self._reference_classes, validation_classes(trainer, pl_module), errors)
+            accepted = drop + margin <= allowed + 1e-12
         measured = self._objective.total(pl_module)
         self.history.append(
             Level(
@@ -515,6 +538,7 @@ class AutoCompression(L.Callback):
                 drop,
                 allowed,
                 accepted,
+                margin,
             )
         )
         self._phase = None
@@ -594,6 +618,7 @@ class AutoCompression(L.Callback):
             "weights": self._objective.state_dict(),
             "snapshot": self._snapshot,
             "teacher": self._teacher_state,
+            "reference_classes": self._reference_classes,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -616,6 +641,7 @@ class AutoCompression(L.Callback):
         self._objective.load_state_dict(state_dict["weights"])
         self._snapshot = state_dict["snapshot"]
         self._teacher_state = state_dict["teacher"]
+        self._reference_classes = state_dict.get("reference_classes")
 
 
 def _candidate_row(candidate: Candidate) -> list[Any]:

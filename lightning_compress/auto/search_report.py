@@ -37,12 +37,12 @@ def search_markdown(auto: AutoCompression) -> str:
         search_summary(auto),
         "",
         f"| level | method | first epoch | ratio (predicted) | {unit} (predicted) | {unit} (measured) | {auto.monitor} | "
-        "drop | allowed drop | kept |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "drop | margin | allowed drop | kept |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {level.level} | {level.method} | {level.epoch} | {level.ratio:.1f}x | {level.predicted_cost:,} | "
-        f"{level.measured_cost:,} | {level.metric:.4g} | {level.drop:.4g} | {level.allowed_drop:.4g} | {'yes' if level.accepted else 'no'} |"
+        f"{level.measured_cost:,} | {level.metric:.4g} | {level.drop:.4g} | {level.margin:.4g} | {level.allowed_drop:.4g} | {'yes' if level.accepted else 'no'} |"
         for level in auto.history
     ]
     lines += [
