@@ -372,12 +372,12 @@ class AutoCompression(L.Callback):
             self._accepted = {name: Candidate(name, LayerSetting(), 0.0, 0) for name in self._objective.layers}
             self._predicted = {name: self._objective.layer_cost(name) for name in self._objective.layers}
             self._snapshot = self._take_snapshot(trainer, pl_module)
+        dense = model_copy(pl_module)
+        dense.load_state_dict(self._teacher_state)
         if self.confidence is not None and self._reference_classes is None:
-            self._reference_classes = validation_classes(trainer, pl_module)
+            self._reference_classes = validation_classes(trainer, dense)
         if self.teacher:
-            teacher = model_copy(pl_module)
-            teacher.load_state_dict(self._teacher_state)
-            self._handles.append(TeacherGradient(teacher, self.temperature, self.kd_weight).attach(pl_module))
+            self._handles.append(TeacherGradient(dense, self.temperature, self.kd_weight).attach(pl_module))
         self._handles += [
             optimizer.register_step_post_hook(lambda *_: self._objective.keep()) for optimizer in trainer.optimizers
         ]
