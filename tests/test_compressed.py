@@ -1,18 +1,22 @@
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import lzma
 import math
 import pickle
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from lightning_compress.deploy import compressed_bytes, export, load_compressed
-from lightning_compress.deploy.compressed import MAGIC
+from lightning_compress.deploy.compressed import HEADER_BYTES, MAGIC, most_payload_bytes
 from lightning_compress.quantization import QuantConfig, quantize_model, quantized_layers, set_quantization
 
 INPUT = (3, 8, 8)
@@ -41,12 +45,26 @@ def torch_save_bytes(model: nn.Module) -> int:
     return len(buffer.getvalue())
 
 
+def payload_of(data: bytes) -> bytes:
+    """The payload of a compressed file (its manifest's line and its blobs), checked against its header."""
+    assert data.startswith(MAGIC)
+    header, _, body = data[len(MAGIC) :].partition(b"\n")
+    codec, length, digest = header.split(b" ")
+    payload = lzma.decompress(body) if codec == b"xz" else body
+    assert len(payload) == int(length) and hashlib.sha256(payload).hexdigest() == digest.decode()
+    return payload
+
+
+def with_header(first_line: bytes, payload: bytes) -> bytes:
+    """A file of ``payload`` stored without xz: with its length and checksum, or only the codec before version 3."""
+    if first_line != MAGIC:
+        return first_line + b"none\n" + payload
+    return first_line + b"none %d %s\n" % (len(payload), hashlib.sha256(payload).hexdigest().encode()) + payload
+
+
 def manifest_of(data: bytes) -> tuple[dict, int]:
     """The manifest of a compressed file, and its length in bytes."""
-    assert data.startswith(MAGIC)
-    codec, _, payload = data[len(MAGIC) :].partition(b"\n")
-    payload = lzma.decompress(payload) if codec == b"xz" else payload
-    line = payload.partition(b"\n")[0]
+    line = payload_of(data).partition(b"\n")[0]
     return json.loads(line), len(line)
 
 
@@ -95,7 +113,7 @@ def test_a_90_percent_sparse_model_round_trips_exactly_in_an_eighth_of_torch_sav
     nonzeros, elements = sum(int(w.count_nonzero()) for w in weights), sum(w.numel() for w in weights)
     others = sum(t.numel() * t.element_size() for name, t in original.items() if name not in WEIGHTS)
     # float32 values of the non-zeros and at most a bitmask (1 bit per weight) for their positions; the rest as it is
-    bound = 4 * nonzeros + math.ceil(elements / 8) * len(weights) + others + manifest_bytes + len(MAGIC) + 64
+    bound = 4 * nonzeros + math.ceil(elements / 8) * len(weights) + others + manifest_bytes + len(MAGIC) + HEADER_BYTES
     assert len(data) <= bound
     assert all(entries(data)[name]["positions"]["kind"] in ("bitmask", "gaps") for name in WEIGHTS)
     # torch.save holds 4 bytes a weight; here 0.1 * 4 bytes of values and, at their entropy H(0.1) = 0.47 bits, 0.06 bytes
@@ -118,7 +136,9 @@ def test_weights_of_16_distinct_values_take_4_bits_each(tmp_path) -> None:
         entry["positions"] == {"kind": "all"} and entry["values"]["kind"] == "codebook" and entry["values"]["bits"] == 4
     )
     weight_bytes = model.weight.numel() * 4 // 8  # 8192
-    rest = 16 * 4 + model.bias.numel() * 4 + manifest_of(data)[1] + len(MAGIC) + 64  # the codebook, the float32 bias
+    rest = (
+        16 * 4 + model.bias.numel() * 4 + manifest_of(data)[1] + len(MAGIC) + HEADER_BYTES
+    )  # the codebook, the float32 bias
     assert 0.97 * weight_bytes <= len(data) <= weight_bytes + rest, len(data)
     fresh = nn.Linear(128, 128)
     load_compressed(fresh, export(model, tmp_path / "m.lcz", torch.zeros(1, 128), format="compressed"))
@@ -126,12 +146,11 @@ def test_weights_of_16_distinct_values_take_4_bits_each(tmp_path) -> None:
 
 
 def rewritten(data: bytes, edit, first_line: bytes = MAGIC) -> bytes:
-    """A compressed file with its manifest changed by ``edit`` (in place), stored without xz."""
-    codec, _, payload = data[len(MAGIC) :].partition(b"\n")
-    line, _, blobs = (lzma.decompress(payload) if codec == b"xz" else payload).partition(b"\n")
+    """A compressed file with its manifest changed by ``edit`` (in place), stored without xz, its checksum anew."""
+    line, _, blobs = payload_of(data).partition(b"\n")
     manifest = json.loads(line)
     edit(manifest)
-    return first_line + b"none\n" + json.dumps(manifest).encode() + b"\n" + blobs
+    return with_header(first_line, json.dumps(manifest).encode() + b"\n" + blobs)
 
 
 def test_skewed_gaps_and_indices_are_stored_by_lzma_in_fewer_bytes_than_their_width_and_load_exactly(tmp_path) -> None:
@@ -162,19 +181,25 @@ def test_skewed_gaps_and_indices_are_stored_by_lzma_in_fewer_bytes_than_their_wi
     def wider(manifest: dict) -> None:
         manifest["tensors"][0]["values"]["bits"] = 9
 
-    for edit, reason in [(more_gaps, r"does not hold exactly \d+ values"), (wider, "packing 'lzma' of 9-bit values")]:
+    for edit, reason in [
+        (more_gaps, r"does not hold exactly \d+ values"),
+        (wider, "bits=9: an int from 0 to 8 is allowed"),
+    ]:
         path.write_bytes(rewritten(data, edit))
         with pytest.raises(ValueError, match=f"tensor 'weight' cannot be read: ValueError: .*{reason}"):
             load_compressed(nn.Linear(784, 300), path)
 
 
-def test_a_version_1_file_loads(tmp_path) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_file_of_an_earlier_version_loads(tmp_path, version: int) -> None:
+    """Version 1 packed bits only; version 2 had no length and checksum in its header."""
     torch.manual_seed(0)
     model = nn.Linear(16, 4)
     data = compressed_bytes(model)
     assert "packing" not in json.dumps(manifest_of(data)[0])  # bit packing only: what version 1 wrote
-    path = tmp_path / "v1.lcz"
-    path.write_bytes(rewritten(data, lambda manifest: None, first_line=b"lightning_compress.compressed/1\n"))
+    path = tmp_path / "earlier.lcz"
+    first_line = b"lightning_compress.compressed/%d\n" % version
+    path.write_bytes(rewritten(data, lambda manifest: None, first_line=first_line))
     fresh = load_compressed(nn.Linear(16, 4), path)
     assert same_bits(fresh.weight, model.weight) and same_bits(fresh.bias, model.bias)
 
@@ -232,7 +257,7 @@ def test_a_quantized_model_stores_its_integer_codes_and_computes_the_same_output
     stored = sum(int(w.count_nonzero()) if keep < 1 else w.numel() for w in weights)
     positions = sum(w.numel() for w in weights) if keep < 1 else 0  # a bitmask, incompressible at half density
     others = sum(t.numel() * t.element_size() for name, t in model.state_dict().items() if name not in fake_quantized)
-    upper = (stored * bits + positions) / 8 + others + manifest_of(data)[1] + len(MAGIC) + 64
+    upper = (stored * bits + positions) / 8 + others + manifest_of(data)[1] + len(MAGIC) + HEADER_BYTES
     lower = 0.95 * (stored * math.log2(levels) + positions) / 8
     assert lower <= len(data) <= upper, (lower, len(data), upper)
     ratio = len(data) / torch_save_bytes(model)
@@ -337,12 +362,10 @@ def test_loading_unpickles_nothing_and_the_manifest_is_json(tmp_path, monkeypatc
     prune(model, keep=0.3)
     path = export(model, tmp_path / "model.lcz", torch.zeros(1, *INPUT), format="compressed")
     data = path.read_bytes()
-    assert data.startswith(b"lightning_compress.compressed/2\n") and data[len(MAGIC) :].split(b"\n")[0] in (
-        b"xz",
-        b"none",
-    )
+    assert data.startswith(b"lightning_compress.compressed/3\n")
+    assert re.fullmatch(rb"(xz|none) \d+ [0-9a-f]{64}", data[len(MAGIC) :].split(b"\n")[0])
     manifest, _ = manifest_of(data)
-    assert manifest["format"] == "lightning_compress.compressed/2" and manifest["quantized_layers"] == {}
+    assert manifest["format"] == "lightning_compress.compressed/3" and manifest["quantized_layers"] == {}
     assert [entry["name"] for entry in manifest["tensors"]] == list(model.state_dict())
 
     def refuse(*args, **kwargs):
@@ -369,3 +392,47 @@ def test_other_files_and_format_names_are_refused(tmp_path) -> None:
     truncated.write_bytes(compressed_bytes(model)[:-10])
     with pytest.raises(ValueError, match=f"^{re.escape(str(truncated))} is not a file written by export"):
         load_compressed(model, truncated)
+
+
+def test_thousands_of_damaged_or_edited_files_load_exactly_or_fail_clearly_in_bounded_memory() -> None:
+    """Byte flips, truncations and hostile manifest fields (checksum made anew) of a real file, and three memory
+    bombs, in a process of its own (see fuzz_compressed.py): each loads the original exactly or raises ValueError,
+    the model unchanged, and the process's peak memory grows by less than 64 MiB."""
+    script = Path(__file__).with_name("fuzz_compressed.py")
+    result = subprocess.run(
+        [sys.executable, str(script), "2000", "0"], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["loaded"] + outcome["refused"] == 2000 + 3 and outcome["refused"] > 1000
+    assert outcome["peak_growth_mib"] < 64
+
+
+def test_a_damaged_or_oversized_file_is_refused_before_it_is_decoded(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(64, 16)
+    data = compressed_bytes(model)
+    payload = payload_of(data)
+    path = tmp_path / "m.lcz"
+    sealed = with_header(MAGIC, payload)
+    flipped = bytearray(sealed)
+    flipped[-5] ^= 1  # a weight's byte: without a checksum this loaded, one weight changed
+    edited = sealed.replace(b'"float32"', b'"float16"', 1)  # as long as before: only the checksum can tell
+    cases = [
+        (bytes(flipped), "its payload's SHA-256 differs from the one its header holds: the file is damaged"),
+        (edited, "its payload's SHA-256 differs from the one its header holds"),
+        (MAGIC + b"xz %d %s\n" % (10**12, b"0" * 64), r"declares a payload of 1,000,000,000,000 bytes, more than"),
+        (MAGIC + b"none 3 abc\n", r"its header line b'none 3 abc' is not a codec, a length and a SHA-256"),
+        (with_header(MAGIC, payload + bytes(most_payload_bytes(model))), r"holds [\d,]+ bytes, more than a compressed"),
+    ]
+    for content, reason in cases:
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=reason):
+            load_compressed(nn.Linear(64, 16), path)
+
+    def bomb(manifest: dict) -> None:  # 13.7 KB that once asked for gigabytes
+        manifest["tensors"][0]["values"] = {"kind": "codebook", "bits": 100_000_000, "table": [0, 4], "blob": [0, 4]}
+
+    path.write_bytes(rewritten(data, bomb))
+    with pytest.raises(ValueError, match=r"tensor 'weight' cannot be read: ValueError: bits=100000000: an int from 0"):
+        load_compressed(nn.Linear(64, 16), path)

@@ -1,9 +1,9 @@
 """``export(..., format="compressed")``: a state dict in the fewest bytes that restore it exactly, and ``load_compressed``.
 
-The file is the line ``lightning_compress.compressed/2``, a line naming the codec of the rest (``xz``
-or ``none``, whichever is smaller), then the payload: a JSON manifest on one line and the binary blobs
-it points into by ``[offset, length]``. Nothing in it is pickled: loading parses JSON and unpacks
-integers. For each tensor of the state dict, in order, the manifest holds its name, dtype, shape and
+The file is the line ``lightning_compress.compressed/3``, a line naming the codec of the rest (``xz``
+or ``none``, whichever is smaller), the payload's length in bytes and its SHA-256 (``xz 18342 9f86d0...``), then
+the payload: a JSON manifest on one line and the binary blobs it points into by ``[offset, length]``. Nothing in
+it is pickled: loading parses JSON and unpacks integers. For each tensor of the state dict, in order, the manifest holds its name, dtype, shape and
 encoding, chosen as the fewest bytes among:
 
 - positions: ``all`` (every element stored), or only the elements that are not zero, marked by a
@@ -20,13 +20,20 @@ Each stream of small integers (gap codes, codebook indices, integer codes) is st
 packed at its bit width, little-endian (first value in the lowest bits), or, for at most 8 bits, one byte each
 compressed by LZMA2 on its own (``"packing": "lzma"``: a raw stream, no header, the filter
 :data:`SYMBOL_FILTERS`), whose adaptive coding comes near the stream's entropy where its values are skewed (most
-gaps short, most shared values near zero), which a fixed width cannot. Bytes are little-endian. Version 1 files
-(bit packing only) load as they are.
+gaps short, most shared values near zero), which a fixed width cannot. Bytes are little-endian.
+
+A file is read as untrusted input, within bounds set by the model it loads into (:func:`most_payload_bytes`):
+the file's size, the payload it decompresses to (never more than its declared length is inflated), and every
+field of the manifest (bit widths of at most 32, counts of at most what the tensor's shape allows, codebooks of at
+most ``2**bits`` entries) are checked before anything is allocated for them, and the payload's SHA-256 before
+anything is decoded, so a flipped byte or an edited field fails with a ``ValueError`` that names what is wrong.
+Version 2 files (no length and checksum) and version 1 files (bit packing only) load within the same bounds.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import lzma
 import math
@@ -44,9 +51,15 @@ from lightning_compress.deploy.integer_layers import IntegerLayer
 from lightning_compress.modules import eval_mode, model_copy
 from lightning_compress.quantization.layers import QuantizedLayer, quantized_layers
 
-MAGIC = b"lightning_compress.compressed/2\n"
-#: The first lines of the files :func:`load_compressed` reads: this version's, and version 1's (no ``packing``).
-READABLE = (MAGIC, b"lightning_compress.compressed/1\n")
+MAGIC = b"lightning_compress.compressed/3\n"
+#: The first lines of the files :func:`load_compressed` reads: this version's, version 2's (no length and checksum)
+#: and version 1's (no ``packing`` either).
+READABLE = (MAGIC, b"lightning_compress.compressed/2\n", b"lightning_compress.compressed/1\n")
+#: The widest integers a stream of the manifest may declare (integer codes of int32 grids at most).
+MOST_BITS = 32
+_CODECS = (b"xz", b"none")
+#: The longest header line a file may have: a codec, a length and a SHA-256 in hex.
+HEADER_BYTES = 4 + 1 + 20 + 1 + 64 + 1
 CODEBOOK_SIZE = 256  # the most distinct values a codebook holds (indices of at most 8 bits)
 _SIGNED_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _ENTRY_FIELDS = frozenset({"name", "dtype", "shape", "positions", "values"})
@@ -118,7 +131,8 @@ def compressed_bytes(model: nn.Module) -> bytes:
     manifest = {"format": MAGIC.decode().strip(), "quantized_layers": quantizer_settings(model), "tensors": tensors}
     payload = json.dumps(manifest, separators=(",", ":")).encode() + b"\n" + b"".join(blobs.parts)
     packed = lzma.compress(payload, format=lzma.FORMAT_XZ, preset=XZ_PRESET)
-    return MAGIC + (b"xz\n" + packed if len(packed) < len(payload) else b"none\n" + payload)
+    codec, body = (b"xz", packed) if len(packed) < len(payload) else (b"none", payload)
+    return MAGIC + b"%s %d %s\n" % (codec, len(payload), hashlib.sha256(payload).hexdigest().encode()) + body
 
 
 def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -141,7 +155,7 @@ def load_compressed(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         >>> all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.state_dict().items())
         True
     """
-    manifest, blobs = _read(Path(path))
+    manifest, blobs = _read(Path(path), most_payload_bytes(model))
     mismatch = _mismatch(model, manifest)
     if mismatch:
         raise ValueError(f"{path} does not fit {type(model).__name__}: {mismatch}")
@@ -302,7 +316,7 @@ def _symbols_plan(symbols: torch.Tensor, bits: int) -> _Plan:
 def _symbols(field: dict[str, Any], blobs: memoryview, count: int) -> torch.Tensor:
     """The ``count`` integers a manifest field with ``bits``, ``blob`` and optional ``packing`` stores, as int64; never
     more than ``count`` are decompressed."""
-    data, bits = _blob(blobs, field["blob"]), field["bits"]
+    data, bits = _blob(blobs, field["blob"]), _bits(field)
     packing = field.get("packing", "bits")
     if packing == "bits":
         return _unpack(data, bits, count)
@@ -322,6 +336,14 @@ def _symbols(field: dict[str, Any], blobs: memoryview, count: int) -> torch.Tens
     return symbols
 
 
+def _bits(field: dict[str, Any], most: int = MOST_BITS) -> int:
+    """The ``bits`` of a manifest field: an int from 0 to ``most``, else ``ValueError``."""
+    bits = field["bits"]
+    if not _is_int(bits) or not 0 <= bits <= most:
+        raise ValueError(f"bits={str(bits)[:20]}: an int from 0 to {most} is allowed")
+    return bits
+
+
 def _gap_codes(gaps: torch.Tensor, bits: int) -> torch.Tensor:
     """``gaps`` as codes of ``bits`` bits: the all-ones code ``m`` skips ``m`` zeros, any other code ``g`` skips ``g`` and marks the next."""
     skip = 2**bits - 1
@@ -338,8 +360,11 @@ def _marked(positions: dict[str, Any], blobs: memoryview, length: int) -> torch.
         return torch.nonzero(_unpack(_blob(blobs, positions["blob"]), 1, length)).reshape(-1)
     if positions["kind"] != "gaps":
         raise ValueError(f"unknown positions kind {positions['kind']!r}")
-    skip = 2 ** positions["bits"] - 1
-    codes = _symbols(positions, blobs, positions["count"])
+    count, most = positions["count"], 2 * length + 1  # a code for each kept element and at most one per skipped zero
+    if not _is_int(count) or not 0 <= count <= most:
+        raise ValueError(f"gaps count={str(count)[:20]}: at most {most} codes mark {length} elements")
+    skip = 2 ** _bits(positions) - 1
+    codes = _symbols(positions, blobs, count)
     marks = codes != skip
     indices = (torch.cumsum(codes + marks, 0) - 1)[marks]
     if indices.numel() and int(indices[-1]) >= length:
@@ -404,28 +429,115 @@ def _blob(blobs: memoryview, reference: list[int]) -> memoryview:
     return blobs[offset : offset + length]
 
 
-def _read(path: Path) -> tuple[dict[str, Any], memoryview]:
-    """The manifest and the blobs of a compressed file; ``ValueError`` for any other file."""
+def most_payload_bytes(model: nn.Module) -> int:
+    """The most bytes the payload of a compressed file that loads into ``model`` may hold: twice the bytes of its
+    state dict (the quantizers a file may add to a float model's layers hold far less than their weights), 4 KiB
+    of manifest a tensor and 1 MiB more. Larger files are refused before they are read.
+
+    Example:
+        >>> most_payload_bytes(torch.nn.Linear(1000, 100)) == 2 * 4 * (100_000 + 100) + 2 * 4096 + (1 << 20)
+        True
+    """
+    tensors = model.state_dict().values()
+    return 2 * sum(t.numel() * t.element_size() for t in tensors) + 4096 * len(tensors) + (1 << 20)
+
+
+def _read(path: Path, most: int) -> tuple[dict[str, Any], memoryview]:
+    """The manifest and the blobs of a compressed file whose payload may hold at most ``most`` bytes; ``ValueError``
+    for any other file, a damaged one, or one larger than that."""
     not_ours = f"{path} is not a file written by export(..., format='compressed')"
+    size = path.stat().st_size
+    if size > most + len(MAGIC) + HEADER_BYTES:
+        raise ValueError(
+            f"{path} holds {size:,} bytes, more than a compressed file of the model's tensors can (a payload of at "
+            f"most {most:,} bytes)"
+        )
     data = path.read_bytes()
     first_line = next((line for line in READABLE if data.startswith(line)), None)
     if first_line is None:
         raise ValueError(not_ours)
-    codec, _, payload = data[len(first_line) :].partition(b"\n")
+    header, _, body = data[len(first_line) :].partition(b"\n")
     try:
-        if codec == b"xz":
-            payload = lzma.decompress(payload, format=lzma.FORMAT_XZ)
-        elif codec != b"none":
-            raise ValueError(f"unknown codec {codec[:20]!r}")
+        codec, length, digest = _header(header, first_line == MAGIC, most)
+        payload = _inflated(codec, body, length, exact=digest is not None)
+        if digest is not None and hashlib.sha256(payload).hexdigest() != digest:
+            raise ValueError("its payload's SHA-256 differs from the one its header holds: the file is damaged")
         line, _, blobs = payload.partition(b"\n")
         manifest = json.loads(line)
-        if not isinstance(manifest, dict) or not {"quantized_layers", "tensors"} <= manifest.keys():
-            raise ValueError("its manifest lacks quantized_layers or tensors")
-        if not all(isinstance(entry, dict) and _ENTRY_FIELDS <= entry.keys() for entry in manifest["tensors"]):
-            raise ValueError(f"a tensor of its manifest lacks one of {', '.join(sorted(_ENTRY_FIELDS))}")
-    except (lzma.LZMAError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        _check_manifest(manifest)
+    except (lzma.LZMAError, ValueError, RecursionError) as error:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"{not_ours}: {error}") from error
     return manifest, memoryview(blobs)
+
+
+def _header(header: bytes, versioned: bool, most: int) -> tuple[bytes, int, str | None]:
+    """The codec, the payload's length and its SHA-256 that a header line holds (a version 1 or 2 header, the codec
+    alone: at most ``most`` bytes, no checksum)."""
+    if not versioned:
+        if header not in _CODECS:
+            raise ValueError(f"unknown codec {header[:20]!r}")
+        return header, most, None
+    fields = header.split(b" ")
+    if (
+        len(fields) != 3
+        or fields[0] not in _CODECS
+        or not fields[1].isdigit()
+        or len(fields[1]) > 20
+        or len(fields[2]) != 64
+        or fields[2].strip(b"0123456789abcdef")
+    ):
+        raise ValueError(f"its header line {header[:HEADER_BYTES]!r} is not a codec, a length and a SHA-256")
+    length = int(fields[1])
+    if length > most:
+        raise ValueError(
+            f"it declares a payload of {length:,} bytes, more than the model's tensors can need ({most:,})"
+        )
+    return fields[0], length, fields[2].decode()
+
+
+def _inflated(codec: bytes, body: bytes, length: int, exact: bool) -> bytes:
+    """The payload of ``body``: never more than ``length`` bytes inflated; exactly that many if ``exact``."""
+    payload = body
+    if codec == b"xz":
+        decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+        payload = decompressor.decompress(body, max_length=length)
+        if not decompressor.eof and decompressor.decompress(b"", max_length=1):
+            raise ValueError(f"its xz stream holds more than {length:,} bytes")
+        if not decompressor.eof:
+            raise ValueError("its xz stream is cut short")
+        if decompressor.unused_data:
+            raise ValueError("bytes follow its xz stream")
+    if len(payload) > length or exact and len(payload) != length:
+        raise ValueError(f"its payload has {len(payload):,} bytes where its header says {length:,}")
+    return payload
+
+
+def _check_manifest(manifest: Any) -> None:
+    """Fail unless ``manifest`` has the form of one: its quantized layers' settings by name, and its tensors' entries
+    with a name, a dtype, a shape of non-negative ints, and their positions and values as objects."""
+    if not isinstance(manifest, dict) or not {"quantized_layers", "tensors"} <= manifest.keys():
+        raise ValueError("its manifest lacks quantized_layers or tensors")
+    layers, tensors = manifest["quantized_layers"], manifest["tensors"]
+    if not isinstance(layers, dict) or not all(isinstance(settings, dict) for settings in layers.values()):
+        raise ValueError("its manifest's quantized_layers is not an object of settings by layer name")
+    if not isinstance(tensors, list) or not all(isinstance(e, dict) and _ENTRY_FIELDS <= e.keys() for e in tensors):
+        raise ValueError(f"a tensor of its manifest lacks one of {', '.join(sorted(_ENTRY_FIELDS))}")
+    for entry in tensors:
+        shape = entry["shape"]
+        well_formed = (
+            isinstance(entry["name"], str)
+            and isinstance(entry["dtype"], str)
+            and isinstance(shape, list)
+            and all(_is_int(size) and size >= 0 for size in shape)
+            and isinstance(entry["positions"], dict)
+            and isinstance(entry["values"], dict)
+        )
+        if not well_formed:
+            raise ValueError(f"its manifest's entry {str(entry.get('name'))[:80]!r} is not a tensor's")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _mismatch(model: nn.Module, manifest: dict[str, Any]) -> str:
@@ -448,7 +560,7 @@ def _mismatch(model: nn.Module, manifest: dict[str, Any]) -> str:
     trial = model_copy(model) if manifest["quantized_layers"] else model
     try:
         quantize_as_saved(trial, manifest["quantized_layers"])
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
         return f"its quantized layers are not the model's: {next(iter(str(error).splitlines()), type(error).__name__)}"
     ours = {
         name: (str(tensor.dtype).removeprefix("torch."), list(tensor.shape))
@@ -477,7 +589,7 @@ def _decode_all(entries: list[dict[str, Any]], blobs: memoryview, path: str | os
     ):  # stable: the file's order otherwise
         try:
             tensors[entry["name"]] = _decode(entry, blobs, tensors)
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError, ZeroDivisionError) as error:
             raise ValueError(
                 f"{path} is damaged: tensor {entry['name']!r} cannot be read: {type(error).__name__}: {error}"
             ) from error
@@ -516,11 +628,15 @@ def _values(
     if values["kind"] == "raw":
         return _from_raw(_blob(blobs, values["blob"]), storage, count)
     if values["kind"] == "codebook":
-        table = _from_raw(
-            _blob(blobs, values["table"]), storage, len(_blob(blobs, values["table"])) // storage.itemsize
-        )
+        entries = len(_blob(blobs, values["table"])) // storage.itemsize
+        most = min(2 ** _bits(values, most=8), CODEBOOK_SIZE)
+        if entries > most:
+            raise ValueError(f"a codebook of {entries} entries: at most {most} for {values['bits']}-bit indices")
+        table = _from_raw(_blob(blobs, values["table"]), storage, entries)
         return table[_symbols(values, blobs, count)]
     if values["kind"] == "codes":
+        if not _is_int(values["low"]) or not -(2**MOST_BITS) <= values["low"] < 2**MOST_BITS:
+            raise ValueError(f"low={str(values['low'])[:20]}: an int of at most {MOST_BITS} bits is allowed")
         codes = _symbols(values, blobs, count)
         weight = _dequantize(
             codes, positions, values["low"], decoded[values["scale"]], decoded[values["zero_point"]], numel
