@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
-import re
 import tempfile
 import warnings
 import zipfile
@@ -21,9 +20,8 @@ from lightning.fabric.utilities.cloud_io import _load as load_checkpoint_file
 from omegaconf import DictConfig
 
 from lightning_compress.arguments import is_int
+from lightning_compress.safe_loading import refusal
 
-_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
-_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)\n")
 #: Lightning's keys of a checkpoint that ``trainer.fit(ckpt_path=...)`` resumes from.
 CHECKPOINT_KEYS = ("epoch", "global_step", "state_dict", "loops")
 
@@ -160,16 +158,7 @@ def _read_checkpoint(path: str) -> Any:
     try:
         return load_checkpoint_file(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        code = _UNSAFE_GLOBAL.search(str(error))
-        if code is not None:
-            raise ValueError(
-                f"ckpt_path={path!r} refers to {code[1]}, code that loading it would run; checkpoints are loaded with "
-                "weights_only=True, which refuses it: use a checkpoint of tensors and plain values"
-            ) from None
-        reason = _UNPICKLER_REASON.search(str(error))
-        raise ValueError(
-            f"ckpt_path={path!r} is not a checkpoint torch can read: {reason[1] if reason else error}"
-        ) from None
+        raise ValueError(f"ckpt_path={path!r}: {refusal(error)}") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
         raise ValueError(
             f"ckpt_path={path!r} is not a checkpoint torch can read: {str(error).splitlines()[0]}"

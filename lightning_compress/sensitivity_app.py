@@ -23,6 +23,7 @@ from lightning_compress.analysis.sensitivity import (
 )
 from lightning_compress.files import write_atomically
 from lightning_compress.run import build
+from lightning_compress.safe_loading import load_weights
 
 
 def analyse(cfg: DictConfig) -> dict[str, float]:
@@ -45,7 +46,7 @@ def analyse(cfg: DictConfig) -> dict[str, float]:
                 f"{output_dir} holds an analysis of other data, model, trainer or seed settings (its analysis.yaml); "
                 "resume it with the overrides it was started with, or start a new analysis in another folder"
             )
-        module.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        module.load_state_dict(load_weights(weights, str(weights)))
     else:
         trainer: L.Trainer = build(cfg.trainer, logger=False)
         trainer.fit(module, datamodule=datamodule)

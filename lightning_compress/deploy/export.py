@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from lightning_compress.files import write_atomically
 from lightning_compress.modules import model_copy
 from lightning_compress.quantization.config import QuantConfig
 from lightning_compress.quantization.layers import quantize_layer, quantize_model, quantized_layers
+from lightning_compress.safe_loading import load_weights
 
 # format -> the modules it needs and the pip install that brings them
 EXPORT_FORMATS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -145,10 +145,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         >>> type(fresh[0]).__name__, fresh[0].quant_config.weight_bits
         ('QuantizedLinear', 4)
     """
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as error:
-        raise ValueError(f"{path} is not a file written by export(..., format='torch'): {error}") from error
+    saved = load_weights(path, f"{path} is not a file written by export(..., format='torch')")
     if not isinstance(saved, dict) or saved.get("format") != _TORCH_FORMAT:
         raise ValueError(f"{path} is not a file written by export(..., format='torch')")
     trial = model_copy(model)

@@ -42,6 +42,7 @@ from lightning_compress.models.classifier import (
     labelled_cross_entropy,
 )
 from lightning_compress.modules import eval_mode
+from lightning_compress.safe_loading import load_weights
 
 LOGIT_LOSSES = ("kd", "dkd")
 
@@ -377,7 +378,7 @@ def _frozen_teacher(teacher: nn.Module | str | os.PathLike[str], teacher_model: 
             raise ValueError(
                 f"teacher={str(teacher)!r} is a checkpoint path: pass teacher_model=, the architecture to load it into"
             )
-        checkpoint = torch.load(teacher, map_location="cpu", weights_only=True)
+        checkpoint = load_weights(teacher, f"teacher={str(teacher)!r}")
         weights = {
             key.removeprefix("model."): value
             for key, value in checkpoint["state_dict"].items()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import IO, Any
@@ -17,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import Self
 
 from lightning_compress.batches import UNLABELED, Batch, batch_targets, call_model, model_inputs, output_logits
+from lightning_compress.safe_loading import refusal
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
@@ -88,10 +90,14 @@ class ClassificationModule(L.LightningModule):
         **kwargs: Any,
     ) -> Self:
         """Lightning's ``load_from_checkpoint`` with ``weights_only=True`` by default, local and ``http(s)`` paths
-        alike (Lightning's own default loads remote files with ``weights_only=False``): no code runs from the file."""
-        return super().load_from_checkpoint(
-            checkpoint_path, map_location, hparams_file, strict, weights_only=weights_only, **kwargs
-        )
+        alike (Lightning's own default loads remote files with ``weights_only=False``): no code runs from the file,
+        and a file that would run some raises ``ValueError`` saying which global it refers to."""
+        try:
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location, hparams_file, strict, weights_only=weights_only, **kwargs
+            )
+        except pickle.UnpicklingError as error:
+            raise ValueError(f"checkpoint_path={str(checkpoint_path)!r}: {refusal(error)}") from None
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The wrapped model's logits (of a Hugging Face ``ModelOutput`` too, see :func:`~lightning_compress.batches.output_logits`)."""
