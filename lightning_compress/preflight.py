@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
 import tempfile
 import warnings
@@ -67,9 +68,10 @@ def check_settings(cfg: DictConfig, key_prefix: str = "") -> None:
         ValueError: trainer.max_epochs=0 is not allowed: use a whole number >= 1: the epochs each run trains
     """
     seed = cfg.get("seed")
-    if seed is not None and not is_int(seed):
+    if seed is not None and not (is_int(seed) and 0 <= seed < 2**32):
         raise ValueError(
-            f"{key_prefix}seed={seed!r} is not allowed: use a whole number, or null to leave randomness unseeded"
+            f"{key_prefix}seed={seed!r} is not allowed: use a whole number from 0 to 4294967295 (what numpy seeds), "
+            "or null to leave randomness unseeded"
         )
     trainer = cfg.get("trainer") or {}
     for key, (allowed, description) in TRAINER_SETTINGS.items():
@@ -132,15 +134,19 @@ def _finished_epochs(checkpoint: Mapping[str, Any]) -> int | None:
 
 
 def local_checkpoint(path: str, folder: Path) -> str:
-    """``path``, or for an ``http(s)://`` address the file downloaded to ``folder/resume-from.ckpt`` (once:
-    torch's hub cache would keep the first file of a name for every later address that ends in it).
+    """``path`` made absolute, or for an ``http(s)://`` address the file downloaded to ``folder/resume-from.ckpt``
+    (once: torch's hub cache would keep the first file of a name for every later address that ends in it). Only
+    ``http://`` and ``https://`` are addresses: Lightning takes any path that starts with ``http`` (a folder
+    ``httpx/``) for one, and would read a file of the same base name from torch's hub cache instead.
 
     Example:
-        >>> local_checkpoint("outputs/run/checkpoints/last.ckpt", Path("outputs/new"))
-        'outputs/run/checkpoints/last.ckpt'
+        >>> local_checkpoint("outputs/run/checkpoints/last.ckpt", Path("outputs/new")) == os.path.abspath(
+        ...     "outputs/run/checkpoints/last.ckpt"
+        ... )
+        True
     """
     if not path.startswith(("http://", "https://")):
-        return path
+        return os.path.abspath(path)
     target = folder / "resume-from.ckpt"
     target.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -196,3 +196,26 @@ def test_a_safe_checkpoint_on_a_loopback_server_resumes(compose_config, loopback
     assert (resumed / "resume-from.ckpt").read_bytes() == (folder / "last.ckpt").read_bytes()
     last = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (1, 2 * 21)  # epoch 1 trained on top of epoch 0: 21 batches each
+
+
+def test_a_local_ckpt_path_that_starts_with_http_resumes_from_the_local_file(
+    compose_config, tmp_path, monkeypatch
+) -> None:
+    """Lightning takes ``httpx/last.ckpt`` for an address, and torch's hub cache held a file of that base name: the
+    run resumed from it, silently. A local path is a local path."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.chdir(tmp_path)
+    common = ["~compression/pruning", "~compression/quantization", "test=false", *QUICK_REPORT]
+    job.train(compose_config("trainer.max_epochs=1", f"output_dir={tmp_path / 'first'}", *common))
+    local = tmp_path / "httpx" / "last.ckpt"
+    local.parent.mkdir()
+    local.write_bytes((tmp_path / "first" / "checkpoints" / "last.ckpt").read_bytes())
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / "last.ckpt"
+    cached.parent.mkdir(parents=True)
+    stale = torch.load(local, weights_only=True)  # another run's checkpoint of the same name, 2 epochs trained
+    stale["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] = 2
+    torch.save(stale, cached)
+    resumed = tmp_path / "resumed"
+    job.train(compose_config("trainer.max_epochs=2", "ckpt_path=httpx/last.ckpt", f"output_dir={resumed}", *common))
+    last = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (1, 2 * 21)  # epoch 1 on top of the local file's epoch 0

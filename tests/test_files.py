@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
+
+import pytest
 
 from lightning_compress.files import write_atomically
 
@@ -25,3 +28,14 @@ def test_a_write_removes_the_temporaries_of_dead_writers_and_keeps_a_live_ones(t
     write_atomically(target, lambda temporary: temporary.write_bytes(b"second"))
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted([name, other_target.name, "report.png"])
     assert target.read_bytes() == b"second"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_a_file_written_atomically_has_the_mode_the_umask_gives(tmp_path, umask: int) -> None:
+    """As ``open()`` would make it (0644 under umask 022), not the 0600 of a temporary file."""
+    previous = os.umask(umask)
+    try:
+        write_atomically(tmp_path / "model.onnx", lambda temporary: temporary.write_bytes(b"graph"))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "model.onnx").stat().st_mode) == 0o666 & ~umask

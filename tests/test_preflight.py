@@ -47,7 +47,8 @@ def save_checkpoint(module: L.LightningModule, path) -> None:
         (["trainer.limit_train_batches=0"], r"trainer.limit_train_batches=0 is not allowed: .*0 trains nothing"),
         (["trainer.limit_train_batches=0.0"], r"trainer.limit_train_batches=0.0 is not allowed"),
         (["+trainer.max_steps=0"], r"trainer.max_steps=0 is not allowed: use -1 \(no limit\) or a whole number >= 1"),
-        (["seed=abc"], r"seed='abc' is not allowed: use a whole number, or null"),
+        (["seed=abc"], r"seed='abc' is not allowed: use a whole number from 0 to 4294967295 .*, or null"),
+        (["seed=-1"], r"seed=-1 is not allowed: use a whole number from 0 to 4294967295"),
         (
             ["+compression/distillation=kd", "teacher_run={trainer: {max_epochs: -1}}"],
             r"teacher_run.trainer.max_epochs=-1 is not allowed",
@@ -87,7 +88,7 @@ def test_a_checkpoint_that_does_not_fit_fails_before_any_run_trains(compose_conf
         job.train(compose_config("ckpt_path=/nonexistent.ckpt", f"output_dir={tmp_path / 'run'}"))
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(ValueError, match=r"ckpt_path='.*garbage.ckpt' is not a checkpoint torch can read: "):
+    with pytest.raises(ValueError, match=r"ckpt_path='.*garbage.ckpt': it is not a file of tensors and plain values"):
         job.train(compose_config(f"ckpt_path={garbage}", f"output_dir={tmp_path / 'run'}"))
     not_lightning = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(2)}, not_lightning)
