@@ -4,6 +4,7 @@ clusters or calibrates weights runs before it does, so that NaN never turns sile
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -42,3 +43,23 @@ def require_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
         f"{what}, so they must be finite, but {', '.join(parts)}{more} {verb} NaN or infinite: training diverged or "
         "the model was loaded broken (the FiniteCheck callback stops a fit where it happens)"
     )
+
+
+def require_finite_batch(inputs: Any, index: int, what: str) -> None:
+    """Raise ``ValueError`` naming calibration batch ``index`` when a floating tensor of its ``inputs`` (a tensor, a
+    tuple of them, or tensors by keyword) holds NaN or infinity; ``what`` says who reads it.
+
+    Example:
+        >>> require_finite_batch({"x": torch.tensor([1.0, float("nan")])}, 3, "Calibration observes the ranges")
+        Traceback (most recent call last):
+        ...
+        ValueError: Calibration observes the ranges of its batches, but calibration batch 3 holds 1 NaN or infinite input value: every range and layer it reaches would be NaN; drop or clean that batch
+    """
+    tensors = inputs.values() if isinstance(inputs, Mapping) else inputs if isinstance(inputs, tuple) else [inputs]
+    floating = {str(i): t for i, t in enumerate(tensors) if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    count = sum(non_finite_counts(floating).values())
+    if count:
+        raise ValueError(
+            f"{what} of its batches, but calibration batch {index} holds {count} NaN or infinite input "
+            f"value{'s' if count > 1 else ''}: every range and layer it reaches would be NaN; drop or clean that batch"
+        )

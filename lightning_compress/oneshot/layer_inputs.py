@@ -14,6 +14,7 @@ from rich.progress import Progress
 from torch import nn
 
 from lightning_compress.batches import ModelInputs, call_model, model_inputs, placed_like
+from lightning_compress.finiteness import require_finite_batch
 from lightning_compress.modules import eval_mode
 from lightning_compress.oneshot.hessian import InputGram
 
@@ -135,14 +136,24 @@ def compress_layer_by_layer(
         for group in groups:
             first = layers[group.names[0]]
             gram = InputGram(first.in_features, first.weight.device, cross=reference_weights is not None)
-            for inputs in batches:
+            for index, inputs in enumerate(batches):
                 reads = _layer_inputs(model, first, inputs, group.calls)
+                if not all(bool(torch.isfinite(read).all()) for read in reads):
+                    raise ValueError(
+                        f"the inputs of layer {group.names[0]!r} on calibration batch {index} are NaN or infinite, "
+                        "though the batch is finite: the layers before it overflow on it; drop or scale that batch"
+                    )
                 references: list[torch.Tensor | None] = [None] * len(reads)
                 if reference_weights is not None:
                     with _weights_swapped(layers, reference_weights):
                         references = _layer_inputs(model, first, inputs, group.calls)
                 for read, reference_read in zip(reads, references, strict=True):
                     gram.add(read, reference_read)
+                if not bool(torch.isfinite(gram.matrix).all()):
+                    raise ValueError(
+                        f"the products of the inputs of layer {group.names[0]!r} overflow on calibration batch {index} "
+                        f"(inputs up to {max(float(read.abs().max()) for read in reads):.3g}): drop or scale that batch"
+                    )
             compress({name: layers[name] for name in group.names}, gram)
             bar.advance(task)
 
@@ -192,4 +203,6 @@ def calibration_inputs(
     inputs = [placed_like(model_inputs(batch), device, dtype) for batch in islice(batches, count)]
     if not inputs:
         raise ValueError("one-shot compression got no calibration batches")
+    for index, batch in enumerate(inputs):
+        require_finite_batch(batch, index, "One-shot compression computes each layer's inputs")
     return inputs

@@ -16,6 +16,7 @@ from lightning_compress.finiteness import require_finite
 from lightning_compress.oneshot.hessian import BLOCK_SIZE, DAMPING, InputGram, inverse_hessian_factor
 from lightning_compress.oneshot.layer_inputs import calibration_inputs, compress_layer_by_layer
 from lightning_compress.oneshot.reconstruction import RECONSTRUCTION_DAMPING, reconstruct_surviving_weights
+from lightning_compress.oneshot.rollback import restored_on_error
 from lightning_compress.oneshot.sparsegpt import sparsegpt_prune
 from lightning_compress.oneshot.wanda import row_masks, wanda_scores
 from lightning_compress.pruning.config import PruningConfig
@@ -144,41 +145,42 @@ def one_shot_prune(
         (0.5, 64)
     """
     require_finite(dict(model.named_parameters()), f"One-shot pruning ({config.method}) ranks and runs the parameters")
-    pruner = linear_pruner(model, config, warn)
-    layers = {name.removesuffix(".weight"): pruner.layers[name] for name in pruner.parameters}
-    masks: dict[str, torch.Tensor] = {}
-    dense = {name: layer.weight.detach().clone() for name, layer in layers.items()} if config.reconstruct else None
+    with restored_on_error(model):  # a failure leaves the model as it was
+        pruner = linear_pruner(model, config, warn)
+        layers = {name.removesuffix(".weight"): pruner.layers[name] for name in pruner.parameters}
+        masks: dict[str, torch.Tensor] = {}
+        dense = {name: layer.weight.detach().clone() for name, layer in layers.items()} if config.reconstruct else None
 
-    def prune_group(group: Mapping[str, nn.Linear], gram: InputGram | None) -> None:
-        factor = None
-        if config.method == "sparsegpt":
-            factor = inverse_hessian_factor(gram.matrix, config.damping, next(iter(group)))
-        for name, layer in group.items():
-            keep = _prune_layer(name, layer, config, gram, factor)
-            if dense is not None:
-                solved = reconstruct_surviving_weights(
-                    dense[name], keep, gram.matrix, config.reconstruction_damping, gram.cross
-                )
-                layer.weight.copy_(solved)
-            masks[f"{name}.weight"] = keep
+        def prune_group(group: Mapping[str, nn.Linear], gram: InputGram | None) -> None:
+            factor = None
+            if config.method == "sparsegpt":
+                factor = inverse_hessian_factor(gram.matrix, config.damping, next(iter(group)))
+            for name, layer in group.items():
+                keep = _prune_layer(name, layer, config, gram, factor)
+                if dense is not None:
+                    solved = reconstruct_surviving_weights(
+                        dense[name], keep, gram.matrix, config.reconstruction_damping, gram.cross
+                    )
+                    layer.weight.copy_(solved)
+                masks[f"{name}.weight"] = keep
 
-    if not config.calibrated:
-        for name, layer in layers.items():
-            prune_group({name: layer}, None)
-    else:
-        if batches is None:
-            what = "reconstruct=True" if config.method == "magnitude" else f"method={config.method!r}"
-            raise ValueError(f"{what} learns from calibration batches: give some")
-        weight = next(iter(layers.values())).weight
-        inputs = calibration_inputs(batches, calibration_batches, weight.device, weight.dtype)
-        compress_layer_by_layer(model, layers, inputs, prune_group, progress, reference_weights=dense)
-    if share is not None:
-        shared = share({"masks": masks, "weights": {name: layer.weight.detach() for name, layer in layers.items()}})
-        masks = shared["masks"]
-        for name, layer in layers.items():
-            layer.weight.copy_(shared["weights"][name])
-    pruner.load_state_dict({"masks": masks, "channel_keep": {}})
-    pruner.apply()
+        if not config.calibrated:
+            for name, layer in layers.items():
+                prune_group({name: layer}, None)
+        else:
+            if batches is None:
+                what = "reconstruct=True" if config.method == "magnitude" else f"method={config.method!r}"
+                raise ValueError(f"{what} learns from calibration batches: give some")
+            weight = next(iter(layers.values())).weight
+            inputs = calibration_inputs(batches, calibration_batches, weight.device, weight.dtype)
+            compress_layer_by_layer(model, layers, inputs, prune_group, progress, reference_weights=dense)
+        if share is not None:
+            shared = share({"masks": masks, "weights": {name: layer.weight.detach() for name, layer in layers.items()}})
+            masks = shared["masks"]
+            for name, layer in layers.items():
+                layer.weight.copy_(shared["weights"][name])
+        pruner.load_state_dict({"masks": masks, "channel_keep": {}})
+        pruner.apply()
     return pruner
 
 

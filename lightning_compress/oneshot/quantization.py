@@ -18,6 +18,7 @@ from lightning_compress.finiteness import require_finite
 from lightning_compress.oneshot.gptq import WeightGrid, gptq_quantize
 from lightning_compress.oneshot.hessian import BLOCK_SIZE, DAMPING, InputGram
 from lightning_compress.oneshot.layer_inputs import calibration_inputs, compress_layer_by_layer
+from lightning_compress.oneshot.rollback import restored_on_error
 from lightning_compress.quantization.calibration import calibrate
 from lightning_compress.quantization.config import QuantConfig
 from lightning_compress.quantization.fake_quant import FakeQuantizer
@@ -123,30 +124,31 @@ def one_shot_quantize(
     require_finite(
         dict(model.named_parameters()), f"One-shot quantization ({config.method}) rounds and runs the parameters"
     )
-    layers = quantize_targets(model, config, warn)
-    weight = next(iter(layers.values())).weight
-    inputs = calibration_inputs(batches, calibration_batches, weight.device, weight.dtype)
-    grids: dict[str, WeightGrid] = {}
-    if config.method == "gptq":
+    with restored_on_error(model):  # a failure leaves the model as it was
+        layers = quantize_targets(model, config, warn)
+        weight = next(iter(layers.values())).weight
+        inputs = calibration_inputs(batches, calibration_batches, weight.device, weight.dtype)
+        grids: dict[str, WeightGrid] = {}
+        if config.method == "gptq":
 
-        def round_group(group: Mapping[str, QuantizedLayer], gram: InputGram | None) -> None:
-            for name, layer in group.items():
-                rounded, grids[name] = rounded_weight(layer.weight, layer.quant_config, config, gram, name)
-                layer.weight.copy_(rounded)
+            def round_group(group: Mapping[str, QuantizedLayer], gram: InputGram | None) -> None:
+                for name, layer in group.items():
+                    rounded, grids[name] = rounded_weight(layer.weight, layer.quant_config, config, gram, name)
+                    layer.weight.copy_(rounded)
 
-        set_quantization(model, enabled=False)
-        tables = {name: layer for name, layer in layers.items() if isinstance(layer, nn.Embedding)}
-        round_group(tables, None)
-        linear = {name: layer for name, layer in layers.items() if name not in tables}
-        if linear:
-            compress_layer_by_layer(model, linear, inputs, round_group, progress)
-        if share is not None:
-            shared = share({name: layer.weight.detach() for name, layer in layers.items()})
-            for name, layer in layers.items():
-                layer.weight.copy_(shared[name])
-    calibrate(model, inputs)
-    for name, grid in grids.items():
-        _keep_grid(layers[name].weight_quantizer, grid)
+            set_quantization(model, enabled=False)
+            tables = {name: layer for name, layer in layers.items() if isinstance(layer, nn.Embedding)}
+            round_group(tables, None)
+            linear = {name: layer for name, layer in layers.items() if name not in tables}
+            if linear:
+                compress_layer_by_layer(model, linear, inputs, round_group, progress)
+            if share is not None:
+                shared = share({name: layer.weight.detach() for name, layer in layers.items()})
+                for name, layer in layers.items():
+                    layer.weight.copy_(shared[name])
+        calibrate(model, inputs)
+        for name, grid in grids.items():
+            _keep_grid(layers[name].weight_quantizer, grid)
     return layers
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_compress.batches import call_model, model_inputs, placed_like
-from lightning_compress.finiteness import require_finite
+from lightning_compress.finiteness import require_finite, require_finite_batch
 from lightning_compress.modules import eval_mode
 from lightning_compress.quantization.fake_quant import FakeQuantizer
 from lightning_compress.quantization.layers import quantizers, set_quantization
@@ -45,7 +45,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
         for batch in batches:
             if num_batches is not None and used >= num_batches:
                 break
-            call_model(model, placed_like(model_inputs(batch), first.device, first.dtype))
+            inputs = placed_like(model_inputs(batch), first.device, first.dtype)
+            require_finite_batch(inputs, used, "Calibration observes the ranges")
+            call_model(model, inputs)
             used += 1
     if used == 0:
         raise ValueError("calibration got no batches")
