@@ -153,7 +153,7 @@ def merged_report(finished: dict[str, Run], first_planned: str) -> Report | None
     if "dense" in finished:
         dense = finished["dense"].reporter
         half = {
-            f"dense {entry.name}": (entry, dense.models.get(entry.name))
+            f"dense {entry.name}": (dataclasses.replace(entry, derived_from="dense"), dense.models.get(entry.name))
             for entry in dense.report.entries
             if entry.name not in ("before", "after")
         }

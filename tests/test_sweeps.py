@@ -10,11 +10,14 @@ import pytest
 import torch
 import yaml
 from commands import EAGER_QUICK_REPORT, QUICK_REPORT, run_command
+from omegaconf import OmegaConf
 
 from lightning_compress.analysis import Report, ReportEntry, profile_model
 from lightning_compress.analysis.plots import new_figure
+from lightning_compress.job import train
 from lightning_compress.sweeps import collect, pareto, write_summary
 from lightning_compress.sweeps.commands import main as summary_command
+from lightning_compress.sweeps.objectives import objectives
 from lightning_compress.sweeps.summary import to_markdown
 
 # One epoch of 4 batches of the digits, pruned once at its start (the job's one run), no ONNX export: a sweep job
@@ -256,3 +259,33 @@ def test_a_search_optimizes_validation_accuracy_and_its_summary_shows_both_accur
     returned = {tuple(solution["values"]) for solution in results["solutions"]}
     assert returned and returned <= {(float(row["val_accuracy"]), float(row["deployed_bytes"])) for row in rows}
     assert "Optimized: `val_accuracy, deployed_bytes`." in markdown and markdown in done.stdout  # printed at the end
+
+
+def test_a_job_s_result_is_its_last_trained_run_never_a_converted_copy(tmp_path) -> None:
+    """`runs=[dense]` with a half-precision row: the summary and the objective read the dense run (its test accuracy,
+    its latency in the reference's runtime), not the bfloat16 copy the report adds after it."""
+    profile = profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=())
+    dense = ReportEntry("dense", profile, val_accuracy=0.9, test_accuracy=0.88)
+    half = ReportEntry("dense bfloat16", profile, val_accuracy=0.89, derived_from="dense")
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)
+    (tmp_path / "0" / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
+    (tmp_path / "0" / "report.json").write_text(json.dumps(Report(entries=[dense, half]).to_dict()))
+    write_summary(tmp_path)
+    (row,) = read_csv(tmp_path / "summary.csv")
+    assert (row["stage"], row["val_accuracy"], row["test_accuracy"]) == ("dense", "0.9", "0.88")
+    stored = Report.from_dict(json.loads((tmp_path / "0" / "report.json").read_text()))
+    assert stored.entries[1].derived_from == "dense" and stored.final_trained().name == "dense"
+    assert objectives(OmegaConf.create({"optimized_metrics": ["test_accuracy"]}), stored) == 0.88
+
+
+def test_the_job_marks_its_half_precision_rows_as_converted_copies(compose_config, tmp_path) -> None:
+    report = train(
+        compose_config(
+            "runs=[dense]", "trainer.max_epochs=1", "trainer.limit_train_batches=4", f"output_dir={tmp_path}"
+        )
+    )
+    assert [(entry.name, entry.derived_from) for entry in report.entries] == [
+        ("dense", None),
+        ("dense bfloat16", "dense"),
+    ]
+    assert report.final_trained().name == "dense" and report.final_trained().test_accuracy is not None

@@ -41,6 +41,9 @@ class ReportEntry:
     #: Integer layers whose 8-bit weights the ONNX export stores as uint8 (full 8-bit weights for
     #: ``target_cpu="avx2"``), which ONNX Runtime multiplies by uint8 inputs in its uint8 x uint8 kernels.
     uint8_weight_layers: int = 0
+    #: The stage this one is a converted copy of (a half-precision model), never trained itself; ``None`` for a
+    #: trained stage.
+    derived_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +52,7 @@ class ReportEntry:
             "test_accuracy": self.test_accuracy,
             "note": self.note,
             "uint8_weight_layers": self.uint8_weight_layers,
+            "derived_from": self.derived_from,
             **self.profile.to_dict(),
         }
 
@@ -76,6 +80,7 @@ class Report:
         val_accuracy: float | None = None,
         note: str | None = None,
         uint8_weight_layers: int = 0,
+        derived_from: str | None = None,
     ) -> None:
         """Add a stage, replacing an earlier one of the same name."""
         self.entries = [entry for entry in self.entries if entry.name != name]
@@ -86,8 +91,24 @@ class Report:
                 val_accuracy=val_accuracy,
                 note=note,
                 uint8_weight_layers=uint8_weight_layers,
+                derived_from=derived_from,
             )
         )
+
+    def final_trained(self) -> ReportEntry:
+        """The last stage that was trained (a sweep job's result), not a copy converted from another.
+
+        Example:
+            >>> import torch
+            >>> from lightning_compress.analysis import profile_model
+            >>> profile = profile_model(torch.nn.Linear(4, 2), (4,), latency_batch_sizes=())
+            >>> report = Report()
+            >>> report.add("dense", profile)
+            >>> report.add("dense bfloat16", profile, derived_from="dense")
+            >>> report.final_trained().name
+            'dense'
+        """
+        return next(entry for entry in reversed(self.entries) if entry.derived_from is None)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
@@ -100,6 +121,7 @@ class Report:
                 test_accuracy=stage["test_accuracy"],
                 note=stage.get("note"),
                 uint8_weight_layers=stage.get("uint8_weight_layers", 0),
+                derived_from=stage.get("derived_from"),
             )
             for stage in data["stages"]
         ]

@@ -205,6 +205,7 @@ class CompressionReport(L.Callback):
                 self._profile(half, timed=False),
                 val_accuracy=_validation_accuracy(trainer, half),
                 note=note,
+                derived_from="after",
             )
             self.models[self.half_precision] = half
         self._time_stages_together()

@@ -86,5 +86,5 @@ def objectives(cfg: DictConfig, report: Report | None) -> float | list[float] | 
     names = cfg.get("optimized_metrics")
     if not names or report is None:
         return None
-    values = stage_metrics(report.entries[-1], list(names))
+    values = stage_metrics(report.final_trained(), list(names))
     return values[0] if len(values) == 1 else values

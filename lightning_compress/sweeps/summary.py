@@ -102,10 +102,10 @@ class JobResult:
 
     @property
     def accuracy(self) -> float | None:
-        """The accuracy the fronts rank the job by (:data:`SELECTION_ACCURACY`) of its final run."""
+        """The accuracy the fronts rank the job by (:data:`SELECTION_ACCURACY`) of its final trained run."""
         if self.report is None or not self.report.entries:
             return None
-        return METRICS[SELECTION_ACCURACY](self.report.entries[-1])
+        return METRICS[SELECTION_ACCURACY](self.report.final_trained())
 
     def row(self, sweep_dir: Path) -> dict[str, Any]:
         """The job as one row of :data:`COLUMNS` (a completed job's metrics, a failed job's error)."""
@@ -116,7 +116,7 @@ class JobResult:
             "optimized_metrics": " ".join(self.optimized),
         }
         if self.report is not None and self.report.entries:
-            final, first = self.report.entries[-1], self.report.entries[0]
+            final, first = self.report.final_trained(), self.report.entries[0]
             row["stage"] = final.name
             row.update({name: get(final) for name, get in METRICS.items()})
             for name in ("deployed_bytes", "latency_ms"):
@@ -192,7 +192,7 @@ def _mark_pareto(jobs: list[JobResult]) -> None:
     split) and at least as small (fast), and better in one."""
     for axis, metric in PARETO_AXES.items():
         points = {
-            id(job): (job.accuracy, METRICS[metric](job.report.entries[-1])) for job in jobs if job.report.entries
+            id(job): (job.accuracy, METRICS[metric](job.report.final_trained())) for job in jobs if job.report.entries
         }
         for job in jobs:
             point = points.get(id(job))
@@ -233,11 +233,15 @@ def pareto_points(jobs: list[JobResult]) -> dict[str, list[ParetoPoint]]:
     for axis, metric in PARETO_AXES.items():
         panels[axis] = [
             ParetoPoint(
-                cost, job.accuracy, job.report.entries[-1].test_accuracy, job.folder.name, job.pareto.get(axis, False)
+                cost,
+                job.accuracy,
+                job.report.final_trained().test_accuracy,
+                job.folder.name,
+                job.pareto.get(axis, False),
             )
             for job in jobs
             if job.report is not None and job.report.entries and job.accuracy is not None
-            for cost in [METRICS[metric](job.report.entries[-1])]
+            for cost in [METRICS[metric](job.report.final_trained())]
             if cost is not None
         ]
     return panels
