@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from lightning_compress.distributed import exit_with_launcher
 from lightning_compress.job import train
 from lightning_compress.run_folder import RunFolderError
-from lightning_compress.sweeps.job import one_job_of_a_sweep, record_failure
+from lightning_compress.sweeps.job import finished_report, one_job_of_a_sweep, record_failure, record_finished
 from lightning_compress.sweeps.objectives import objectives
 
 
@@ -25,9 +25,17 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     exit_with_launcher()  # a further DDP rank goes when the rank that launched it goes
     for exporter in ("onnx_ir", "onnxscript"):  # the ONNX exporter reports each pass at INFO
         logging.getLogger(exporter).setLevel(logging.WARNING)
-    with one_job_of_a_sweep():
+    with one_job_of_a_sweep() as overrides:
+        if overrides is not None:  # the same sweep run again keeps the jobs it finished
+            finished = finished_report(cfg.output_dir, overrides)
+            if finished is not None:
+                logging.getLogger(__name__).info("%s: finished earlier with these overrides, kept", cfg.output_dir)
+                return objectives(cfg, finished)
         try:
-            return objectives(cfg, train(cfg))
+            result = objectives(cfg, train(cfg, continue_interrupted=overrides is not None))
+            if overrides is not None:
+                record_finished(cfg.output_dir, overrides)
+            return result
         except RunFolderError:
             raise  # the folder is another run's: write nothing into it
         except Exception as error:

@@ -38,7 +38,7 @@ RUNS = ("dense", "each", "combined")
 TEACHER_RUN_KEYS = ("trainer", "data", "seed")
 
 
-def train(cfg: DictConfig) -> Report | None:
+def train(cfg: DictConfig, continue_interrupted: bool = False) -> Report | None:
     """The main job. Without compression: one run, reported before and after fit. With compression recipes:
     the ``runs`` (a subset of :data:`RUNS`) with the same epochs and seed, each in its own folder
     under ``output_dir``: ``dense``, ``each`` recipe alone, and all recipes ``combined``, named like
@@ -54,14 +54,32 @@ def train(cfg: DictConfig) -> Report | None:
     trainer's and the seed, each recipe set up on the model, ``ckpt_path`` against the last run's model, and the
     ``optimized_metrics`` a search selects on (:func:`~lightning_compress.sweeps.objectives.check_optimized_metrics`:
     never test accuracy).
-    The job holds ``output_dir`` while it runs (:func:`~lightning_compress.run_folder.claim_run_folder`): a
-    folder that another live run holds, or that holds a finished run (unless resuming or ``overwrite``), is refused.
+    The job holds ``output_dir`` while it runs (:func:`~lightning_compress.run_folder.claim_run_folder`), claimed
+    before anything slow: a folder that another live run holds, or that holds a finished run (unless resuming or
+    ``overwrite``), is refused. ``continue_interrupted`` (a sweep job run again) resumes the job's last run from its
+    ``last.ckpt`` where it has one, and otherwise starts the job over in its folder.
     """
     if cfg.get("export"):
         check_export_format(cfg.export)
     check_optimized_metrics(cfg)
     check_settings(cfg)
+    check_writable(cfg.output_dir, "output_dir")
     recipes = {name: node for name, node in (cfg.get("compression") or {}).items() if node is not None}
+    runs = plan_runs(list(RUNS if cfg.get("runs") is None else cfg.runs), list(recipes)) if recipes else {"": []}
+    resuming = cfg.get("ckpt_path") is not None
+    if continue_interrupted and not resuming:
+        last = Path(cfg.output_dir) / list(runs)[-1] / "checkpoints" / "last.ckpt"
+        resuming = last.is_file()
+        cfg.ckpt_path = str(last) if resuming else None
+    overwrite = bool(cfg.get("overwrite")) or continue_interrupted
+    with claim_run_folder(cfg.output_dir, resuming=resuming, overwrite=overwrite):
+        return _checked_and_trained(cfg, recipes, runs, resuming)
+
+
+def _checked_and_trained(
+    cfg: DictConfig, recipes: dict[str, DictConfig], runs: dict[str, list[str]], resuming: bool
+) -> Report | None:
+    """Check every setting against the model, then train the job's runs (in its claimed folder)."""
     for node in recipes.values():
         build(node)  # each recipe checks its settings now, before the first run trains; each run builds its own
     if "distillation" in recipes and cfg.get("teacher") is None:
@@ -71,18 +89,14 @@ def train(cfg: DictConfig) -> Report | None:
     teacher_cfg = _teacher_config(cfg) if "distillation" in recipes else None
     if teacher_cfg is not None:
         check_settings(teacher_cfg, key_prefix="teacher_run.")
-    runs = plan_runs(list(RUNS if cfg.get("runs") is None else cfg.runs), list(recipes)) if recipes else {"": []}
     if "auto" in recipes:
         _check_auto(list(recipes), runs)
     final_module = _check_runs_on_model(cfg, recipes, runs)
-    resuming = cfg.get("ckpt_path") is not None
-    check_writable(cfg.output_dir, "output_dir")
-    with claim_run_folder(cfg.output_dir, resuming=resuming, overwrite=bool(cfg.get("overwrite"))):
-        if resuming:
-            cfg.ckpt_path = local_checkpoint(str(cfg.ckpt_path), Path(cfg.output_dir))
-            if not cfg.trainer.get("fast_dev_run"):
-                check_resume_checkpoint(cfg.ckpt_path, final_module, cfg.trainer.max_epochs)
-        return _train_runs(cfg, recipes, runs, teacher_cfg)
+    if resuming:
+        cfg.ckpt_path = local_checkpoint(str(cfg.ckpt_path), Path(cfg.output_dir))
+        if not cfg.trainer.get("fast_dev_run"):
+            check_resume_checkpoint(cfg.ckpt_path, final_module, cfg.trainer.max_epochs)
+    return _train_runs(cfg, recipes, runs, teacher_cfg)
 
 
 def plan_runs(selected: list[str], recipes: list[str]) -> dict[str, list[str]]:

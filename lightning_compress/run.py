@@ -17,6 +17,7 @@ from lightning_compress.callbacks import CompressionReport
 from lightning_compress.deploy import FILE_SUFFIXES, export
 from lightning_compress.distributed import launched_processes
 from lightning_compress.models import ClassificationModule
+from lightning_compress.run_folder import clear_earlier_run, is_global_zero
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:
@@ -103,4 +104,7 @@ def run_in_folder(
         report.half_precision = cfg.get("half_precision")
     if not resume:
         run_cfg.ckpt_path = None
+        folder = Path(run_cfg.output_dir)
+        if folder.is_dir() and is_global_zero():  # trained again from the start: nothing of an earlier run stays
+            clear_earlier_run(folder)  # (its last.ckpt would make this run's last-v1.ckpt)
     return fit_and_test(run_cfg, compression, wrap)

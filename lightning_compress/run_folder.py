@@ -5,7 +5,12 @@ Two runs started with the same ``hydra.run.dir`` would otherwise both succeed an
 report, ONNX file and checkpoints come from different runs. :func:`claim_run_folder` makes the second one
 fail at once while the first is alive, takes over the lock of a run that died (with a warning), and
 refuses a new run into a folder that already holds an earlier run's ``report.json`` or ``checkpoints/``
-unless the run resumes or overwrites. Locks are checked with ``os.kill(pid, 0)``: POSIX systems only.
+unless the run resumes or overwrites (which empties the folder of the earlier run's files first). Locks are
+checked with ``os.kill(pid, 0)``: POSIX systems only.
+
+Hydra writes a run's ``.hydra/`` files before the application starts, so a run refused because another holds the
+folder has already written over the holder's: the holder keeps a copy (:data:`HELD_HYDRA`) while it runs, and a
+refused run puts it back.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -29,6 +35,10 @@ LOCK_FILE = ".lightning-compress.lock"
 EARLIER_RUN_OUTPUTS = ("report.json", "checkpoints")
 #: How long a claim waits for a lock file being written, or for another process taking over a stale lock.
 WAIT_S = 1.0
+#: Where the holder of a folder keeps a copy of its ``.hydra/`` files while it runs (see the module).
+HELD_HYDRA = ".lightning-compress.hydra"
+#: What a run writes before it claims its folder (Hydra's), and so what ``overwrite`` leaves.
+WRITTEN_BEFORE_THE_CLAIM = (".hydra",)
 
 
 class RunFolderError(RuntimeError):
@@ -67,7 +77,9 @@ def claim_run_folder(
     the winner's lock); a lock from another host, whose process cannot be checked, raises, naming the lock
     file to delete if that run is gone. Holding the lock, the claim refuses a folder with an earlier run's
     outputs (:data:`EARLIER_RUN_OUTPUTS`, in the folder or in a sub-folder: Hydra's ``.hydra/`` and log
-    files do not count) unless ``resuming`` (the run resumes from a checkpoint) or ``overwrite`` (warned).
+    files do not count) unless ``resuming`` (the run resumes from a checkpoint) or ``overwrite`` (warned: the
+    earlier run's files are removed, :func:`clear_earlier_run`). While it holds the folder, the run keeps a copy
+    of its ``.hydra/`` files, which a run refused for it puts back.
 
     Only global rank 0 claims: Lightning starts the DDP ranks > 0 with the same command line into the same
     folder, and there the block runs without a lock or a check. ``enabled`` makes that decision: ``None``
@@ -75,21 +87,25 @@ def claim_run_folder(
     (``NODE_RANK`` or ``GROUP_RANK``, where set) is 0; ``True`` or ``False`` overrides it.
     """
     folder = Path(path).absolute()
-    if not (_is_global_zero() if enabled is None else enabled):
+    if not (is_global_zero() if enabled is None else enabled):
         yield folder
         return
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
     mine = _acquire(folder, lock)
+    held = folder / HELD_HYDRA
     try:
         _check_earlier_run(folder, resuming=resuming, overwrite=overwrite)
+        if (folder / ".hydra").is_dir():
+            shutil.copytree(folder / ".hydra", held, dirs_exist_ok=True)
         yield folder
     finally:
         if _read_lock(lock) == mine:
+            shutil.rmtree(held, ignore_errors=True)
             lock.unlink(missing_ok=True)
 
 
-def _is_global_zero() -> bool:
+def is_global_zero() -> bool:
     """Whether this process is global rank 0, before any trainer exists: by Lightning's rank from the
     environment (``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``, ...) and the node rank, where set."""
     return rank_zero_only.rank == 0 and all(os.environ.get(key, "0") == "0" for key in ("NODE_RANK", "GROUP_RANK"))
@@ -156,6 +172,7 @@ def _refuse_live_owner(folder: Path, lock: Path, owner: dict[str, Any]) -> None:
     """Raise unless ``owner``'s process is known to have ended: it runs on this host, or on another one."""
     pid, started = owner["pid"], owner["started"]
     if owner["host"] != socket.gethostname():
+        _give_back_hydra_files(folder)
         raise RunFolderError(
             f"run folder {folder} is locked by pid {pid} on host {owner['host']} (started {started}), which this host cannot check: "
             f"wait for that run to end or choose another hydra.run.dir; if that run is gone, delete {lock}"
@@ -166,10 +183,18 @@ def _refuse_live_owner(folder: Path, lock: Path, owner: dict[str, Any]) -> None:
         return
     except PermissionError:  # alive, under another user
         pass
+    _give_back_hydra_files(folder)
     raise RunFolderError(
         f"run folder {folder} is in use by pid {pid} (started {started}): wait for that run to end or choose another "
         f"hydra.run.dir; if pid {pid} is no lightning-compress run, delete {lock}"
     )
+
+
+def _give_back_hydra_files(folder: Path) -> None:
+    """Put the holder's ``.hydra/`` files back where this refused run's Hydra wrote over them."""
+    held = folder / HELD_HYDRA
+    if held.is_dir():
+        shutil.copytree(held, folder / ".hydra", dirs_exist_ok=True)
 
 
 def _marker(lock: Path) -> Path:
@@ -202,6 +227,28 @@ def _take_over(lock: Path, stale: dict[str, Any], mine: dict[str, Any]) -> bool:
         draft.unlink(missing_ok=True)
 
 
+def clear_earlier_run(folder: Path) -> None:
+    """Remove everything an earlier run left in ``folder``, but the lock and what this run wrote before its claim.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> for name in ("report.json", "model.onnx", ".hydra/config.yaml", "dense/checkpoints/last.ckpt"):
+        ...     (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        ...     _ = (folder / name).write_text("earlier")
+        >>> clear_earlier_run(folder)
+        >>> sorted(path.name for path in folder.iterdir())
+        ['.hydra']
+    """
+    for entry in folder.iterdir():
+        if entry.name.startswith(LOCK_FILE) or entry.name in WRITTEN_BEFORE_THE_CLAIM or entry.suffix == ".log":
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def _check_earlier_run(folder: Path, *, resuming: bool, overwrite: bool) -> None:
     """Refuse a folder with an earlier run's outputs, unless this run resumes, or overwrites them (warned)."""
     folders = [folder, *sorted(sub for sub in folder.iterdir() if sub.is_dir() and not sub.name.startswith("."))]
@@ -212,8 +259,10 @@ def _check_earlier_run(folder: Path, *, resuming: bool, overwrite: bool) -> None
     listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     if overwrite:
         rank_zero_warn(
-            f"run folder {folder} holds {listed} from an earlier run; overwrite=true: this run writes over them"
+            f"run folder {folder} holds {listed} from an earlier run; removing its files (overwrite=true, or a sweep "
+            "job run again that has no checkpoint to resume)"
         )
+        clear_earlier_run(folder)
         return
     in_runs = not (folder / "checkpoints").exists() and any(
         path.name == "checkpoints" for path in found

@@ -225,9 +225,49 @@ def test_a_finished_folder_is_refused_unless_resuming_or_overwriting(tmp_path: P
         warnings.simplefilter("error")
         with claim_run_folder(tmp_path, resuming=True, enabled=True):
             pass
-    overwriting = rf"^run folder {re.escape(str(tmp_path))} holds checkpoints/, report\.json from an earlier run; overwrite=true: this run writes over them$"
+    overwriting = rf"^run folder {re.escape(str(tmp_path))} holds checkpoints/, report\.json from an earlier run; removing its files"
     with pytest.warns(UserWarning, match=overwriting), claim_run_folder(tmp_path, overwrite=True, enabled=True):
         pass
+
+
+def test_overwrite_leaves_the_folder_holding_only_what_the_new_run_writes(tmp_path: Path) -> None:
+    """Before, the earlier run's last.ckpt stayed (the new one became last-v1.ckpt), and its runs and ONNX file."""
+    earlier = ["report.json", "model.onnx", "checkpoints/last.ckpt", "dense/checkpoints/last.ckpt", "dense/report.json"]
+    for name in [*earlier, ".hydra/config.yaml", "train.log"]:  # the last two: the new run's, written before its claim
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("earlier")
+    with pytest.warns(UserWarning, match="removing its files"):
+        with claim_run_folder(tmp_path, overwrite=True, enabled=True):
+            held = sorted([".hydra", LOCK_FILE, run_folder.HELD_HYDRA, "train.log"])
+            assert sorted(path.name for path in tmp_path.iterdir()) == held
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".hydra", "train.log"]
+
+
+def test_a_run_refused_for_a_live_holder_puts_the_holder_s_hydra_files_back(tmp_path: Path) -> None:
+    """Hydra writes a run's .hydra/ files before the application starts: the refused run wrote over the holder's."""
+    folder = tmp_path / "run"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    with live_holder(folder):
+        deadline = time.monotonic() + 10
+        while not (folder / run_folder.HELD_HYDRA / "config.yaml").exists():
+            assert time.monotonic() < deadline, "the holder kept no copy of its .hydra files within 10 s"
+            time.sleep(0.01)
+        (folder / ".hydra" / "config.yaml").write_text("seed: 2\n")  # what the refused run's Hydra wrote
+        assert_claim_refused(folder, "is in use by pid")
+        assert (folder / ".hydra" / "config.yaml").read_text() == "seed: 1\n"
+
+
+def test_a_job_claims_its_folder_before_it_sets_anything_up(
+    compose_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run refused for a folder another run holds fails before building models and recipes (it took 23 s)."""
+    from lightning_compress import job
+
+    monkeypatch.setattr(job, "_check_runs_on_model", lambda *args: pytest.fail("set up before the claim"))
+    with live_holder(tmp_path / "run"):
+        with pytest.raises(RunFolderError, match="is in use by pid"):
+            job.train(compose_config(f"output_dir={tmp_path / 'run'}"))
 
 
 def test_a_finished_job_with_runs_in_sub_folders_is_refused(tmp_path: Path) -> None:

@@ -289,3 +289,31 @@ def test_the_job_marks_its_half_precision_rows_as_converted_copies(compose_confi
         ("dense bfloat16", "dense"),
     ]
     assert report.final_trained().name == "dense" and report.final_trained().test_accuracy is not None
+
+
+def test_a_sweep_run_again_keeps_its_finished_jobs_and_resumes_the_interrupted_one(tmp_path) -> None:
+    """Job 1 as a kill after its first epoch leaves it (a checkpoint of epoch 0, no report): the sweep run again
+    resumes it, trains job 0, and run once more keeps both as they are and writes the summary again."""
+    sweep = tmp_path / "sweep"
+    job = [*QUICK_JOB, "trainer.max_epochs=2"]
+    interrupted = run_command(
+        "lightning-compress", "seed=2", *QUICK_JOB, "trainer.max_epochs=1", f"hydra.run.dir={sweep / '1'}", cwd=tmp_path
+    )
+    assert interrupted.returncode == 0, interrupted.stderr[-3000:]
+    for report in (sweep / "1").rglob("report.json"):
+        report.unlink()
+    sentinel = sweep / "1" / "pruning" / "checkpoints" / "kept-if-resumed"  # a fresh start would empty the folder
+    sentinel.write_text("")
+    sweep_command = ("lightning-compress", "-m", "seed=1,2", *job, f"hydra.sweep.dir={sweep}")
+    again = run_command(*sweep_command, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    last = torch.load(sweep / "1" / "pruning" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1 and sentinel.exists()  # resumed from epoch 0, its folder as it was
+    assert not (sweep / "1" / "pruning" / "checkpoints" / "last-v1.ckpt").exists()
+    assert [job.status for job in collect(sweep)] == ["completed", "completed"]
+    reports = {number: (sweep / number / "report.json").stat().st_mtime_ns for number in ("0", "1")}
+    (sweep / "summary.csv").unlink()
+    once_more = run_command(*sweep_command, cwd=tmp_path)
+    assert once_more.returncode == 0, once_more.stderr[-3000:]
+    assert {number: (sweep / number / "report.json").stat().st_mtime_ns for number in ("0", "1")} == reports
+    assert [row["status"] for row in read_csv(sweep / "summary.csv")] == ["completed", "completed"]
