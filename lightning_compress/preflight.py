@@ -134,7 +134,7 @@ def _finished_epochs(checkpoint: Mapping[str, Any]) -> int | None:
 
 
 def local_checkpoint(path: str, folder: Path) -> str:
-    """``path`` made absolute, or for an ``http(s)://`` address the file downloaded to ``folder/resume-from.ckpt``
+    """``path`` made absolute (an fsspec address such as ``file://`` as it is), or for an ``http(s)://`` address the file downloaded to ``folder/resume-from.ckpt``
     (once: torch's hub cache would keep the first file of a name for every later address that ends in it). Only
     ``http://`` and ``https://`` are addresses: Lightning takes any path that starts with ``http`` (a folder
     ``httpx/``) for one, and would read a file of the same base name from torch's hub cache instead.
@@ -144,9 +144,11 @@ def local_checkpoint(path: str, folder: Path) -> str:
         ...     "outputs/run/checkpoints/last.ckpt"
         ... )
         True
+        >>> local_checkpoint("file:///runs/run/checkpoints/last.ckpt", Path("outputs/new"))
+        'file:///runs/run/checkpoints/last.ckpt'
     """
     if not path.startswith(("http://", "https://")):
-        return os.path.abspath(path)
+        return path if "://" in path else os.path.abspath(path)  # file://, s3://...: fsspec's, as they are
     target = folder / "resume-from.ckpt"
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
