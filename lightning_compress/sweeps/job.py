@@ -75,7 +75,8 @@ def finished_report(output_dir: str, overrides: list[str]) -> Report | None:
         report = json.loads((folder / "report.json").read_text())
     except (FileNotFoundError, ValueError):
         return None
-    return Report.from_dict(report) if recorded.get("overrides") == overrides else None
+    same = isinstance(recorded, dict) and recorded.get("overrides") == overrides
+    return Report.from_dict(report) if same else None
 
 
 def record_failure(output_dir: str, error: BaseException) -> None:
