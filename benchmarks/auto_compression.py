@@ -14,7 +14,7 @@ The test set is used once per model, at the end. Records the test accuracy, the 
 (``export(format="compressed")``) and its ratio to the dense float32 state dict, the validation drop the search
 reached, and the search's cost: its epochs, the seconds of its measurements (also in dense epochs' time) and its
 wall time. The order of the two contenders alternates from seed to seed. Writes ``results/auto_compression.json``
-and ``.md`` after every seed.
+and ``.md`` after every seed (``auto_compression_confidence90.*`` with ``--confidence 0.9``).
 
     apt-get install dataset-fashion-mnist
     python benchmarks/auto_compression.py --seeds 0 1 2
@@ -177,7 +177,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    measure_seeds("auto_compression", args, measure, markdown)
+    suffix = "" if args.confidence is None else f"_confidence{round(100 * args.confidence)}"
+    measure_seeds(f"auto_compression{suffix}", args, measure, markdown)
 
 
 if __name__ == "__main__":
