@@ -63,23 +63,7 @@ def train(cfg: DictConfig, continue_interrupted: bool = False) -> Report | None:
         check_export_format(cfg.export)
     check_optimized_metrics(cfg)
     check_settings(cfg)
-    check_writable(cfg.output_dir, "output_dir")
     recipes = {name: node for name, node in (cfg.get("compression") or {}).items() if node is not None}
-    runs = plan_runs(list(RUNS if cfg.get("runs") is None else cfg.runs), list(recipes)) if recipes else {"": []}
-    resuming = cfg.get("ckpt_path") is not None
-    if continue_interrupted and not resuming:
-        last = Path(cfg.output_dir) / list(runs)[-1] / "checkpoints" / "last.ckpt"
-        resuming = last.is_file()
-        cfg.ckpt_path = str(last) if resuming else None
-    overwrite = bool(cfg.get("overwrite")) or continue_interrupted
-    with claim_run_folder(cfg.output_dir, resuming=resuming, overwrite=overwrite):
-        return _checked_and_trained(cfg, recipes, runs, resuming)
-
-
-def _checked_and_trained(
-    cfg: DictConfig, recipes: dict[str, DictConfig], runs: dict[str, list[str]], resuming: bool
-) -> Report | None:
-    """Check every setting against the model, then train the job's runs (in its claimed folder)."""
     for node in recipes.values():
         build(node)  # each recipe checks its settings now, before the first run trains; each run builds its own
     if "distillation" in recipes and cfg.get("teacher") is None:
@@ -89,14 +73,32 @@ def _checked_and_trained(
     teacher_cfg = _teacher_config(cfg) if "distillation" in recipes else None
     if teacher_cfg is not None:
         check_settings(teacher_cfg, key_prefix="teacher_run.")
+    runs = plan_runs(list(RUNS if cfg.get("runs") is None else cfg.runs), list(recipes)) if recipes else {"": []}
     if "auto" in recipes:
         _check_auto(list(recipes), runs)
-    final_module = _check_runs_on_model(cfg, recipes, runs)
-    if resuming:
-        cfg.ckpt_path = local_checkpoint(str(cfg.ckpt_path), Path(cfg.output_dir))
-        if not cfg.trainer.get("fast_dev_run"):
-            check_resume_checkpoint(cfg.ckpt_path, final_module, cfg.trainer.max_epochs)
-    return _train_runs(cfg, recipes, runs, teacher_cfg)
+    resuming = cfg.get("ckpt_path") is not None
+    if continue_interrupted and not resuming:
+        last = Path(cfg.output_dir) / list(runs)[-1] / "checkpoints" / "last.ckpt"
+        resuming = last.is_file()
+        cfg.ckpt_path = str(last) if resuming else None
+    created = not Path(cfg.output_dir).exists()
+    check_writable(cfg.output_dir, "output_dir")
+    try:
+        # claimed before anything slow (the models the checks build): a folder another run holds fails at once
+        with claim_run_folder(
+            cfg.output_dir, resuming=resuming, overwrite=bool(cfg.get("overwrite")) or continue_interrupted
+        ):
+            final_module = _check_runs_on_model(cfg, recipes, runs)
+            if resuming:
+                cfg.ckpt_path = local_checkpoint(str(cfg.ckpt_path), Path(cfg.output_dir))
+                if not cfg.trainer.get("fast_dev_run"):
+                    check_resume_checkpoint(cfg.ckpt_path, final_module, cfg.trainer.max_epochs)
+            return _train_runs(cfg, recipes, runs, teacher_cfg)
+    except BaseException:
+        if created:  # a job refused before it wrote anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                Path(cfg.output_dir).rmdir()
+        raise
 
 
 def plan_runs(selected: list[str], recipes: list[str]) -> dict[str, list[str]]:
